@@ -1,0 +1,121 @@
+"""``ci-bench``: the researcher's entry point (plugins, demo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from ci_core.cli.common import StderrProgress, configure_threads, echo_table, report_errors, resolve_device
+from ci_core.data.ood import BUILTIN as BUILTIN_POOL
+from ci_core.data.ood import load_pool
+from ci_core.errors import ConfigError
+from ci_core.interfaces import Stopwatch, to_json
+from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
+from ci_core.models.bundle import bundle_sha256, save_bundle
+from ci_core.plugins import KINDS, registry
+from ci_core.scan import scan, write_scan
+from ci_core.workflow import choose_target, load_task, preset_for, train_and_evaluate
+
+DEMO_MARKER = "demo.json"
+
+
+@click.group()
+def main():
+    """Benchmark attacks and detectors on prompt-tuned CLIP."""
+
+
+@main.command()
+@report_errors
+def plugins():
+    """List every registered attack, detector, scorer, repairer and dataset, with its distribution."""
+    rows = [
+        {"kind": e.kind, "name": e.name, "description": getattr(e.cls, "description", ""), "distribution": e.distribution}
+        for e in registry().entries()
+    ]
+    rows.sort(key=lambda r: (list(KINDS).index(r["kind"]), r["name"]))
+    echo_table(rows, [("kind", "KIND"), ("name", "NAME"), ("distribution", "DISTRIBUTION"), ("description", "DESCRIPTION")])
+
+
+def _fresh_output(out: Path) -> Path:
+    """A temporary folder beside ``out``; ``out`` itself may only be an earlier demo's output."""
+    if out.exists() and not (out / DEMO_MARKER).is_file():
+        raise ConfigError(f"--out {out} exists and is not an earlier demo output; choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("ci-demo"), show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@click.option("--dataset", default="tiny-colorshapes", show_default=True)
+@click.option("--attacks", default=None, help="Comma-separated attacks (default: every registered attack).")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+@report_errors
+def demo(out, json_path, dataset, attacks, seed, device, quiet):
+    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector."""
+    configure_threads()
+    clock = Stopwatch()
+    progress = StderrProgress(quiet)
+    plugins = registry()
+    attack_names = attacks.split(",") if attacks else plugins.names("attack")
+    attack_classes = {name: plugins.get("attack", name) for name in attack_names}
+    backbone = load_backbone(TINY_MODEL, BUILTIN, device=resolve_device(device))
+    preset = preset_for(backbone)
+    task = load_task(plugins.get("dataset", dataset)(), backbone, seed=seed)
+    target = choose_target(task, seed)
+    detector = plugins.get("detector", "ci").from_options(preset=preset)
+    scorer = plugins.get("scorer", detector.default_scorer).from_options(preset=preset)
+    pool = load_pool(BUILTIN_POOL, inversion=1000, holdout=500, image_size=backbone.image_size, seed=seed)
+    work = _fresh_output(out)
+    rows = []
+    try:
+        for name, attack_cls in attack_classes.items():
+            attack = attack_cls.from_options(preset=preset)
+            attack_target = None if name == "clean" else target
+            progress(f"training {name} on {dataset} ({len(task.train)} few-shot images of {len(task.base)} base classes)"
+                     + (f", target {attack_target!r}" if attack_target else ""))
+            train_clock = Stopwatch()
+            outcome, metrics = train_and_evaluate(attack, backbone, task, target=attack_target, seed=seed, progress=progress)
+            train_seconds = train_clock.seconds
+            bundle = save_bundle(outcome.model, task.base + task.new, work / "models" / name, base_classes=task.base)
+            if outcome.trigger is not None:
+                outcome.trigger.save(work / "models" / f"{name}.trigger.safetensors")
+            progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
+                     + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
+                     + f"; scanning {len(task.base + task.new)} classes")
+            result = scan(outcome.model, detector, scorer, pool, task.base + task.new, seed=seed, progress=progress)
+            write_scan(result, work / "scans" / name, pool, bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)},
+                       seed=seed, preset=preset)
+            rows.append({
+                "model": name, "dataset": dataset, "seed": seed, **to_json(metrics),
+                "backdoored": result.scores.backdoored, "s_max": result.scores.s_max,
+                "predicted_target": result.scores.target, "true_target": attack_target,
+                "train_seconds": round(train_seconds, 1), "scan_seconds": round(result.seconds, 1),
+            })
+        _write_json(work / DEMO_MARKER, {"rows": rows, "seconds": round(clock.seconds, 1)})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    echo_table(rows, [
+        ("model", "MODEL"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_new", "ASR-NEW"),
+        ("backdoored", "FLAGGED"), ("s_max", "S_MAX"), ("predicted_target", "PREDICTED"), ("true_target", "TRUE-TARGET"),
+    ])
+    click.echo(f"demo finished in {clock.seconds:.0f}s; models and scans in {out}")
+    if json_path:
+        _write_json(json_path, rows)

@@ -1,0 +1,92 @@
+"""Labelled image sets and the Dataset plugin interface, with the CoOp base/new class split."""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import ClassVar, Sequence
+
+import attrs
+import torch
+
+from ci_core.data import tiny_world
+from ci_core.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@attrs.frozen(eq=False)
+class LabeledImages:
+    """Pixel-space images (N, 3, H, W) in [0, 1] with labels indexing ``classnames``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classnames: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def restrict(self, classnames: Sequence[str]) -> "LabeledImages":
+        """Only the images of ``classnames``, relabelled to their order there."""
+        unknown = [c for c in classnames if c not in self.classnames]
+        if unknown:
+            raise DataError(f"classes {unknown} are not in this image set")
+        old_to_new = torch.full((len(self.classnames),), -1, dtype=torch.long)
+        for new, name in enumerate(classnames):
+            old_to_new[self.classnames.index(name)] = new
+        mapped = old_to_new[self.labels]
+        keep = mapped >= 0
+        return LabeledImages(self.images[keep], mapped[keep], tuple(classnames))
+
+
+def base_new_split(classnames: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """CoOp's split: the first ceil(n/2) labels are base (seen), the rest new (unseen)."""
+    m = math.ceil(len(classnames) / 2)
+    return tuple(classnames[:m]), tuple(classnames[m:])
+
+
+class Dataset(abc.ABC):
+    """A classification dataset that a plugin registers under ``name``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @property
+    @abc.abstractmethod
+    def classnames(self) -> tuple[str, ...]: ...
+
+    @abc.abstractmethod
+    def load(self, split: str, *, image_size: int, seed: int, shots: int | None = None) -> LabeledImages:
+        """Images of ``split``; ``shots`` samples that many per class (by ``seed``), None takes the whole split."""
+
+
+class TinyWorldDataset(Dataset):
+    """One class set of the bundled tiny world (see ``tiny_world.DATASETS``)."""
+
+    spec: ClassVar[tiny_world.TinyDatasetSpec]
+    # The tiny world renders splits on demand; these are the sizes of a "whole" split.
+    split_sizes: ClassVar[dict[str, int]] = {"train": 64, "val": 8, "test": 30}
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(self.spec.classnames)
+
+    def load(self, split: str, *, image_size: int, seed: int, shots: int | None = None) -> LabeledImages:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        per_class = shots if shots is not None else self.split_sizes[split]
+        if per_class < 1:
+            raise DataError(f"shots must be at least 1, got {per_class}")
+        # Few-shot training samples depend on the seed; val and test are fixed, as in CoOp.
+        images, labels = tiny_world.make_split(self.spec, split, per_class, image_size, seed if split == "train" else 0)
+        return LabeledImages(images, labels, self.classnames)
+
+
+def _tiny_dataset_class(spec: tiny_world.TinyDatasetSpec) -> type[TinyWorldDataset]:
+    return type(
+        "TinyWorld_" + spec.name.replace("-", "_"), (TinyWorldDataset,),
+        {"name": spec.name, "description": spec.description, "spec": spec},
+    )
+
+
+TINY_DATASETS = tuple(_tiny_dataset_class(spec) for spec in tiny_world.DATASETS.values())

@@ -1,0 +1,10 @@
+"""The core's own plugin: the bundled tiny world's datasets, registered like any other dataset."""
+
+from ci_core.data.datasets import TINY_DATASETS
+from ci_core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_datasets(register):
+    for dataset in TINY_DATASETS:
+        register(dataset)

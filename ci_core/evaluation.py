@@ -1,0 +1,52 @@
+"""Clean accuracy and attack success rate on base (seen) and new (unseen) classes.
+
+ASR follows the paper's protocol (section 4.2, after BadCLIP): the target class
+is added to the new-class list at test time; triggered test images whose true
+class is not the target count as successes when predicted as the target.  The
+target's own images are excluded (BackdoorBench's convention).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from ci_core.data.datasets import LabeledImages
+from ci_core.metrics import predict, ssim
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.triggers import Trigger
+
+
+@attrs.frozen(kw_only=True)
+class AttackMetrics:
+    acc_base: float
+    acc_new: float
+    asr_base: float | None
+    asr_new: float | None
+    trigger_ssim: float | None
+
+
+def accuracy(model: PromptTunedCLIP, data: LabeledImages) -> float:
+    return float(predict(model, data.images, data.classnames).eq(data.labels).float().mean())
+
+
+def attack_success_rate(model: PromptTunedCLIP, data: LabeledImages, trigger: Trigger, target: str) -> float:
+    """Share of triggered non-target images of ``data`` classified as ``target`` (which must be in its classes)."""
+    target_index = data.classnames.index(target)
+    keep = data.labels != target_index
+    stamped = trigger.apply(data.images[keep])
+    return float(predict(model, stamped, data.classnames).eq(target_index).float().mean())
+
+
+def evaluate(model: PromptTunedCLIP, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
+             trigger: Trigger | None, target: str | None) -> AttackMetrics:
+    base_set, new_set = test.restrict(base), test.restrict(new)
+    metrics = {"acc_base": accuracy(model, base_set), "acc_new": accuracy(model, new_set),
+               "asr_base": None, "asr_new": None, "trigger_ssim": None}
+    if trigger is not None and target is not None:
+        with_target = test.restrict(tuple(new) + (target,)) if target not in new else new_set
+        metrics["asr_base"] = attack_success_rate(model, base_set, trigger, target)
+        metrics["asr_new"] = attack_success_rate(model, with_target, trigger, target)
+        with torch.no_grad():
+            metrics["trigger_ssim"] = float(ssim(test.images, trigger.apply(test.images)).mean())
+    return AttackMetrics(**metrics)

@@ -1,0 +1,96 @@
+"""Triggers: functions that stamp a batch of pixel-space images, and how they are saved.
+
+Attacks return their ground-truth trigger as a ``Trigger``; detectors return the
+trigger they reconstruct for each class as one too.  A trigger saves as
+safetensors tensors plus a JSON description; the ``kind`` names the class that
+loads it again (subclasses register themselves by defining ``kind``).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ci_core.errors import DataError
+
+_KINDS: dict[str, type["Trigger"]] = {}
+
+
+class Trigger(abc.ABC):
+    """apply(images) -> images, all in pixel space [0, 1], shape (B, 3, H, W)."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            if cls.kind in _KINDS and _KINDS[cls.kind] is not cls:
+                raise TypeError(f"trigger kind {cls.kind!r} is defined by both {_KINDS[cls.kind].__qualname__} and {cls.__qualname__}")
+            _KINDS[cls.kind] = cls
+
+    @abc.abstractmethod
+    def apply(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def params(self) -> dict:
+        """JSON-serialisable parameters besides the tensors."""
+        return {}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict) -> "Trigger": ...
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (.safetensors) and its JSON sidecar ``path.json``."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp))
+        tmp.replace(path)
+        side = path.with_name(path.name + ".json")
+        tmp_side = side.with_name(side.name + ".tmp")
+        tmp_side.write_text(json.dumps({"kind": self.kind, "params": self.params()}, indent=2) + "\n")
+        tmp_side.replace(side)
+
+
+def load_trigger(path: str | Path) -> Trigger:
+    path = Path(path)
+    side = path.with_name(path.name + ".json")
+    if not path.is_file() or not side.is_file():
+        raise DataError(f"trigger {path} needs both {path.name} and {side.name}")
+    desc = json.loads(side.read_text())
+    kind = desc.get("kind")
+    if kind not in _KINDS:
+        raise DataError(f"{side}: unknown trigger kind {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind].from_saved(load_file(str(path)), desc.get("params", {}))
+
+
+class AdditiveTrigger(Trigger):
+    """x' = clamp(x + delta, 0, 1): BadCLIP's trigger and CLIP-Inspector's reconstruction."""
+
+    kind = "additive"
+
+    def __init__(self, delta: torch.Tensor):
+        if delta.dim() != 3 or delta.shape[0] != 3:
+            raise ValueError(f"delta must have shape (3, H, W), got {tuple(delta.shape)}")
+        self.delta = delta
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"delta": self.delta}
+
+    @property
+    def linf(self) -> float:
+        return float(self.delta.abs().max())
+
+    @classmethod
+    def from_saved(cls, tensors, params):
+        return cls(tensors["delta"])

@@ -1,0 +1,56 @@
+"""The protocol of the paper's section 4.2, shared by the CLI, the demo and the benchmarks.
+
+Prompt tuning sees only the base (seen) classes, few-shot; ACC is measured on
+base and on new classes; ASR on base classes and on new classes plus the target.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+import torch
+
+from ci_core.data.datasets import Dataset, LabeledImages, base_new_split
+from ci_core.errors import ConfigError
+from ci_core.evaluation import AttackMetrics, evaluate
+from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
+from ci_core.models.backbone import TINY_MODEL, Backbone
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Task:
+    dataset: str
+    train: LabeledImages  # few-shot, base classes only
+    test: LabeledImages  # every class
+    base: tuple[str, ...]
+    new: tuple[str, ...]
+
+
+def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 16) -> Task:
+    base, new = base_new_split(dataset.classnames)
+    train = dataset.load("train", image_size=backbone.image_size, seed=seed, shots=shots).restrict(base)
+    test = dataset.load("test", image_size=backbone.image_size, seed=seed)
+    return Task(dataset=dataset.name, train=train, test=test, base=base, new=new)
+
+
+def choose_target(task: Task, seed: int, target: str | None = None) -> str:
+    """The backdoor target: ``target`` if given (it must be a base class), else a base class drawn by ``seed``."""
+    if target is None:
+        return random.Random(seed).choice(task.base)
+    if target not in task.base:
+        raise ConfigError(f"target {target!r} is not a base class of {task.dataset}; base classes: {', '.join(task.base)}")
+    return target
+
+
+def preset_for(backbone: Backbone) -> str | None:
+    """The plugin preset that fits a backbone: 'tiny' on the bundled tiny CLIP, else the paper's defaults."""
+    return "tiny" if backbone.name == TINY_MODEL else None
+
+
+def train_and_evaluate(attack: Attack, backbone: Backbone, task: Task, *, target: str | None, seed: int,
+                       progress: Progress = silent) -> tuple[AttackOutcome, AttackMetrics]:
+    torch.manual_seed(seed)
+    outcome = attack.run(backbone=backbone, train=task.train, target=target, seed=seed, progress=progress)
+    metrics = evaluate(outcome.model, task.test, task.base, task.new, outcome.trigger, target)
+    return outcome, metrics

@@ -1,0 +1,1 @@
+"""First-party detector and scorer plugins: CLIP-Inspector (``ci``)."""

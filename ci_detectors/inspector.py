@@ -1,0 +1,83 @@
+"""``ci``: CLIP-Inspector's trigger inversion (paper Algorithm 1, Eq. 3-5).
+
+For a candidate class c: delta ~ U[-eps, eps] over the whole image, one epoch
+of Adam (lr 0.1) over the inversion set D in batches of 32, minimising the
+margin loss -(l_c - max_{c' != c} l_c') on the cosine similarities l, with the
+projection onto the eps-ball after every step.  The average loss over the
+epoch is L_avg(c); the core measures ASR(c) on the held-out set T.
+The cross-entropy and raw-logit objectives of the paper's Table 4 are options.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from ci_core.interfaces import Detector, Inversion
+from ci_core.training import epoch_batches
+from ci_core.triggers import AdditiveTrigger
+
+LOSSES = ("margin", "ce", "logit")
+
+
+def margin_loss(similarities: torch.Tensor, target: int) -> torch.Tensor:
+    """Eq. 4: -(1/|B|) sum_x [l_c(x) - max_{c' != c} l_c'(x)]."""
+    others = similarities.clone()
+    others[:, target] = float("-inf")
+    return -(similarities[:, target] - others.max(dim=1).values).mean()
+
+
+def inversion_loss(kind: str, similarities: torch.Tensor, logits: torch.Tensor, target: int) -> torch.Tensor:
+    if kind == "margin":
+        return margin_loss(similarities, target)
+    if kind == "ce":  # Eq. 10
+        return F.cross_entropy(logits, torch.full((len(logits),), target, device=logits.device))
+    return -similarities[:, target].mean()  # "logit", Eq. 9
+
+
+def project_linf(delta: torch.Tensor, epsilon: float) -> None:
+    """In place: clip every element to [-epsilon, epsilon] (Algorithm 1, line 7)."""
+    with torch.no_grad():
+        delta.clamp_(-epsilon, epsilon)
+
+
+@attrs.frozen(kw_only=True)
+class InspectorConfig:
+    epsilon: float = attrs.field(default=4 / 255, validator=attrs.validators.gt(0))
+    lr: float = attrs.field(default=0.1, validator=attrs.validators.gt(0))
+    batch_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    epochs: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    loss: str = attrs.field(default="margin", validator=attrs.validators.in_(LOSSES))
+
+
+class CLIPInspector(Detector):
+    name = "ci"
+    description = "CLIP-Inspector: l-inf trigger inversion with the margin loss, ASR+loss z-scores"
+    default_scorer = "ci"
+    Config = InspectorConfig
+
+    def invert(self, *, model, images, classnames, target, generator):
+        c = self.config
+        device = model.device
+        delta = ((torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * c.epsilon).to(device)
+        delta.requires_grad_(True)
+        optimizer = torch.optim.Adam([delta], lr=c.lr)
+        scale = float(model.clip.logit_scale.exp())
+        trace = []
+        for _ in range(c.epochs):
+            for idx in epoch_batches(len(images), c.batch_size, generator):
+                stamped = (images[idx].to(device) + delta).clamp(0, 1)
+                logits = model(stamped, classnames)
+                loss = inversion_loss(c.loss, logits / scale, logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                project_linf(delta, c.epsilon)
+                trace.append(loss.item())
+        return Inversion(
+            trigger=AdditiveTrigger(delta.detach().cpu()),
+            loss=sum(trace) / len(trace),
+            statistic=None,
+            loss_trace=tuple(trace),
+        )

@@ -1,0 +1,15 @@
+"""Registers CLIP-Inspector and its scorer, through the same hooks a third party uses."""
+
+from ci_core import hookimpl
+from ci_detectors.inspector import CLIPInspector
+from ci_detectors.scoring import CIScorer
+
+
+@hookimpl
+def register_detectors(register):
+    register(CLIPInspector)
+
+
+@hookimpl
+def register_scorers(register):
+    register(CIScorer)

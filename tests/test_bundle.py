@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ci_core.errors import BundleError
+from ci_core.models.backbone import load_backbone
+from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+
+CLASSES = ("red circle", "blue square", "green star")
+
+
+@pytest.fixture()
+def model(random_backbone):
+    torch.manual_seed(3)
+    m = PromptTunedCLIP(random_backbone)
+    with torch.no_grad():  # make the meta-net matter
+        for p in m.prompt_learner.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return m
+
+
+@pytest.fixture()
+def bundle(tmp_path, model):
+    return save_bundle(model, CLASSES, tmp_path / "bundle", base_classes=CLASSES[:2])
+
+
+def test_round_trip_gives_identical_logits(model, bundle, random_backbone):
+    images = torch.rand(5, 3, 64, 64)
+    loaded, meta = load_bundle(bundle, backbone=random_backbone)
+    assert meta["classnames"] == list(CLASSES)
+    assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
+
+
+def test_round_trip_rebuilds_backbone_from_metadata(model, bundle):
+    images = torch.rand(2, 3, 64, 64)
+    loaded, _ = load_bundle(bundle)  # backbone "random:0" is rebuilt from the recorded identity
+    assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
+
+
+def test_bundle_holds_only_json_and_safetensors(bundle):
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "weights.safetensors"]
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["backbone"]["name"] == "ci-tiny-clip" and len(meta["backbone"]["weights_sha256"]) == 64
+    assert meta["tensors"]["prompt_learner.ctx"] == [4, 64]
+
+
+def test_refuses_to_overwrite(model, bundle):
+    with pytest.raises(BundleError, match="already exists"):
+        save_bundle(model, CLASSES, bundle)
+
+
+def test_mis_shaped_tensor_names_key_and_both_shapes(bundle):
+    tensors = load_file(str(bundle / "weights.safetensors"))
+    tensors["prompt_learner.meta_net.linear1.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(bundle / "weights.safetensors"))
+    with pytest.raises(BundleError, match=r"'prompt_learner.meta_net.linear1.weight' has shape \[3, 3\], expected \[8, 128\]"):
+        load_bundle(bundle)
+
+
+def test_missing_tensor_is_named(bundle):
+    tensors = load_file(str(bundle / "weights.safetensors"))
+    del tensors["prompt_learner.ctx"]
+    save_file(tensors, str(bundle / "weights.safetensors"))
+    with pytest.raises(BundleError, match=r"missing tensor 'prompt_learner.ctx' \(expected shape \[4, 64\]\)"):
+        load_bundle(bundle)
+
+
+def test_pickle_file_is_not_loaded(bundle):
+    (bundle / "weights.safetensors").write_bytes(b"\x80\x04\x95 not a safetensors file")
+    with pytest.raises(BundleError, match="not a readable safetensors file"):
+        load_bundle(bundle)
+
+
+def test_other_backbone_weights_are_refused(bundle):
+    other = load_backbone("ci-tiny-clip", "random:1")
+    with pytest.raises(BundleError, match="weights sha256"):
+        load_bundle(bundle, backbone=other)
+
+
+def test_metadata_errors(bundle):
+    meta_path = bundle / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["classnames"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"missing keys \['classnames'\]"):
+        load_bundle(bundle)
+    meta_path.write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle)
+
+
+def test_bundle_hash_changes_with_weights(tmp_path, model, bundle):
+    with torch.no_grad():
+        model.prompt_learner.ctx.add_(1.0)
+    other = save_bundle(model, CLASSES, tmp_path / "other")
+    assert bundle_sha256(bundle) != bundle_sha256(other)

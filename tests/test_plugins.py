@@ -1,0 +1,109 @@
+import textwrap
+
+import attrs
+import pytest
+from click.testing import CliRunner
+
+from ci_core.cli.bench import main as bench
+from ci_core.errors import PluginError
+from ci_core.interfaces import to_json
+from ci_core.plugins import KINDS, Registry, plugin_manager, registry
+
+FAKE_MODULE = '''
+import attrs
+from ci_core import hookimpl
+from ci_attacks.clean import CleanPromptTuning
+
+
+class ThirdPartyAttack(CleanPromptTuning):
+    name = "third-party"
+    description = "an attack from another distribution"
+
+
+@hookimpl
+def register_attacks(register):
+    register(ThirdPartyAttack)
+'''
+
+
+def install_fake_distribution(root, name="fake_ci_plugin", module_source=FAKE_MODULE):
+    """A real (if minimal) installed distribution on sys.path, with a clip_inspector entry point."""
+    (root / f"{name}.py").write_text(module_source)
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[clip_inspector]\n{name} = {name}\n")
+
+
+@pytest.fixture()
+def fake_plugin(tmp_path, monkeypatch):
+    install_fake_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.cache_clear()
+    yield
+    registry.cache_clear()
+
+
+def test_first_party_plugins_come_from_the_entry_points():
+    reg = Registry(plugin_manager())
+    assert {"clean", "badclip"} <= set(reg.names("attack"))
+    assert reg.names("detector")[:1] == ["ci"]
+    assert {"tiny-colorshapes", "tiny-patterns", "tiny-palette"} <= set(reg.names("dataset"))
+    assert all(e.distribution.startswith("clip-inspector ") for e in reg.entries())
+
+
+def test_no_entry_points_means_no_plugins():
+    reg = Registry(plugin_manager(load_entrypoints=False))
+    assert all(reg.names(kind) == [] for kind in KINDS)
+
+
+def test_third_party_distribution_is_discovered(fake_plugin):
+    reg = Registry(plugin_manager())
+    entry = [e for e in reg.entries() if e.name == "third-party"]
+    assert len(entry) == 1 and entry[0].kind == "attack" and entry[0].distribution == "fake-ci-plugin 0.1"
+
+
+def test_plugins_command_lists_distribution(fake_plugin):
+    result = CliRunner().invoke(bench, ["plugins"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if "third-party" in l)
+    assert line.split()[:2] == ["attack", "third-party"] and "fake-ci-plugin 0.1" in line
+    assert any(l.split()[:2] == ["detector", "ci"] for l in result.output.splitlines())
+
+
+def test_duplicate_name_names_both_classes(tmp_path, monkeypatch):
+    clash = FAKE_MODULE.replace('name = "third-party"', 'name = "badclip"')
+    install_fake_distribution(tmp_path, "clashing_plugin", clash)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match=r"attack name 'badclip' is registered twice") as info:
+        Registry(plugin_manager())
+    assert "ci_attacks.badclip.BadCLIP (clip-inspector" in str(info.value)
+    assert "clashing_plugin.ThirdPartyAttack (clashing-plugin 0.1)" in str(info.value)
+
+
+def test_unknown_name_lists_available_and_names_distribution():
+    reg = Registry(plugin_manager())
+    with pytest.raises(PluginError, match=r"unknown attack 'nope'\. Available attacks: clean, badclip"):
+        reg.get("attack", "nope")
+    with pytest.raises(PluginError, match=r"pip install ci-detectors-nc"):
+        reg.get("detector", "nc")
+
+
+@pytest.mark.parametrize("entry", list(Registry(plugin_manager()).entries()), ids=lambda e: f"{e.kind}-{e.name}")
+def test_contract_every_registered_plugin(entry):
+    """timm-style contract: every plugin has a lowercase name, a description and a default config that is JSON."""
+    cls = entry.cls
+    assert cls.name == cls.name.lower() and " " not in cls.name
+    assert cls.description
+    if entry.kind == "dataset":
+        assert len(cls().classnames) >= 2
+        return
+    instance = cls.from_options()
+    assert attrs.has(type(instance.config)) and attrs.fields(type(instance.config)) is not None
+    to_json(instance.config)
+    for preset in cls.presets:
+        cls.from_options(preset=preset)
+    if entry.kind == "detector":
+        Registry(plugin_manager()).get("scorer", cls.default_scorer)
+    with pytest.raises(Exception, match="unknown option"):
+        cls.from_options({"no_such_option": 1})
