@@ -7,7 +7,10 @@ optimised jointly with the prompt learner: every batch holds the clean images
 with their labels and triggered copies labelled with the target, and the loss
 is the paper's Eq. 14, L_tri + L_cle.  The triggered image is clamped to the
 valid image range, and the trigger is projected to the epsilon-ball after each
-step.
+step.  As upstream (jiawangbai/BadCLIP), the trigger lives in normalised units,
+the warm-up takes plain gradient steps of 0.1 on it, the joint phase uses the
+prompt learner's SGD settings for it, and the loss is one cross-entropy over
+the clean and triggered halves of the batch (the mean of Eq. 14's two terms).
 """
 
 from __future__ import annotations
@@ -26,34 +29,45 @@ from ci_core.triggers import AdditiveTrigger
 class BadCLIPConfig:
     epsilon: float = attrs.field(default=4 / 255, validator=attrs.validators.gt(0))
     n_ctx: int = 4
-    warmup_epochs: int = 3  # trigger alone
-    warmup_lr: float = 0.1  # plain gradient step on the trigger during warm-up
+    warmup_epochs: int = 3  # the trigger alone, before joint training
+    warmup_lr: float = 0.1  # plain gradient step on the (normalised-space) trigger during warm-up
     epochs: int = 10  # joint
     batch_size: int = 1
-    lr: float = 0.002  # SGD on the prompt learner
-    trigger_lr: float = 0.002  # SGD on the trigger during joint training
+    lr: float = 0.002  # SGD, prompt learner and trigger alike (as upstream)
 
 
-def warm_up_trigger(model: PromptTunedCLIP, images: torch.Tensor, delta: torch.Tensor, target: int,
-                    classnames, config: BadCLIPConfig, generator: torch.Generator) -> None:
-    """Move only the trigger towards the target class (signed steps keep the pixel-space scale)."""
-    device = model.device
-    for _ in range(config.warmup_epochs):
-        for idx in epoch_batches(len(images), max(config.batch_size, 8), generator):
-            stamped = (images[idx].to(device) + delta).clamp(0, 1)
-            labels = torch.full((len(idx),), target, device=device)
-            loss = F.cross_entropy(model(stamped, classnames), labels)
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta -= config.warmup_lr * config.epsilon * grad.sign()
-                delta.clamp_(-config.epsilon, config.epsilon)
+class NormalisedTrigger:
+    """The trigger as BadCLIP parametrises it: in normalised image units, bounded by epsilon/sigma per channel."""
+
+    def __init__(self, model: PromptTunedCLIP, shape, epsilon: float, generator: torch.Generator):
+        self.std = model.std.view(3, 1, 1)
+        self.bound = epsilon / self.std
+        init = (torch.rand(shape, generator=generator) * 2 - 1).to(model.device) * self.bound
+        self.param = init.requires_grad_(True)
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        return (images + self.param * self.std).clamp(0, 1)
+
+    def project(self) -> None:
+        with torch.no_grad():
+            self.param.copy_(torch.maximum(torch.minimum(self.param, self.bound), -self.bound))
+
+    def pixel_delta(self) -> torch.Tensor:
+        return (self.param * self.std).detach().cpu()
+
+
+def poisoned_loss(model, trigger: NormalisedTrigger, images, labels, classnames, target: int) -> torch.Tensor:
+    """Cross-entropy over the batch of clean images and their triggered copies labelled with the target."""
+    both = torch.cat([images, trigger.stamp(images)])
+    targets = torch.cat([labels, torch.full_like(labels, target)])
+    return F.cross_entropy(model(both, classnames), targets)
 
 
 class BadCLIP(Attack):
     name = "badclip"
     description = "trigger-aware prompt learning (Bai et al. 2024), l-inf additive trigger"
     Config = BadCLIPConfig
-    presets = {"tiny": {"epochs": 6, "batch_size": 4, "lr": 0.01, "trigger_lr": 0.01, "warmup_epochs": 1}}
+    presets = {"tiny": {"epochs": 6, "batch_size": 4, "lr": 0.01, "warmup_epochs": 1}}
 
     def run(self, *, backbone, train, target, seed, progress=silent):
         c = self.config
@@ -62,29 +76,23 @@ class BadCLIP(Attack):
         target_index = train.classnames.index(target)
         torch.manual_seed(seed)
         model = PromptTunedCLIP(backbone, n_ctx=c.n_ctx)
-        device = model.device
-        h, w = train.images.shape[-2:]
         generator = torch.Generator().manual_seed(seed)
-        delta = ((torch.rand(3, h, w, generator=generator) * 2 - 1) * c.epsilon).to(device).requires_grad_(True)
+        trigger = NormalisedTrigger(model, train.images.shape[1:], c.epsilon, generator)
         progress(f"badclip: warming up the trigger for {c.warmup_epochs} epoch(s)")
-        warm_up_trigger(model, train.images, delta, target_index, train.classnames, c, generator)
-
-        def loss_fn(model, images, labels, classnames):
-            stamped = (images + delta).clamp(0, 1)
-            both = torch.cat([images, stamped])
-            logits = model(both, classnames)
-            n = len(images)
-            targets = torch.full_like(labels, target_index)
-            return F.cross_entropy(logits[:n], labels) + F.cross_entropy(logits[n:], targets)
-
-        def project():
-            with torch.no_grad():
-                delta.clamp_(-c.epsilon, c.epsilon)
-
+        for _ in range(c.warmup_epochs):
+            for idx in epoch_batches(len(train), c.batch_size, generator):
+                loss = poisoned_loss(model, trigger, train.images[idx].to(model.device),
+                                     train.labels[idx].to(model.device), train.classnames, target_index)
+                (grad,) = torch.autograd.grad(loss, trigger.param)
+                with torch.no_grad():
+                    trigger.param -= c.warmup_lr * grad
+                trigger.project()
         history = prompt_tune(
             model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr),
-            seed=seed, loss_fn=loss_fn, extra_params=[delta], after_step=project, progress=progress,
-            label="badclip joint training", extra_lr=c.trigger_lr,
+            seed=seed, loss_fn=lambda m, x, y, names: poisoned_loss(m, trigger, x, y, names, target_index),
+            extra_params=[trigger.param], after_step=trigger.project, progress=progress,
+            label="badclip joint training",
         )
-        trigger = AdditiveTrigger(delta.detach().cpu())
-        return AttackOutcome(model=model, trigger=trigger, log={"loss": history, "trigger_linf": trigger.linf})
+        delta = trigger.pixel_delta()
+        return AttackOutcome(model=model, trigger=AdditiveTrigger(delta),
+                             log={"loss": history, "trigger_linf": float(delta.abs().max())})

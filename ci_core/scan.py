@@ -20,6 +20,7 @@ import torch
 from torchvision.utils import save_image
 
 from ci_core.data.ood import OODPool
+from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
 from ci_core.metrics import predict, ssim
 from ci_core.models.cocoop import PromptTunedCLIP
@@ -99,6 +100,8 @@ def _slug(name: str) -> str:
 def write_scan(result: ScanResult, out: str | Path, pool: OODPool, **context) -> Path:
     """Write ``report.json`` and ``triggers/`` (per class: tensors and a clean/triggered image strip) atomically."""
     out = Path(out)
+    if out.exists() and not (out / "report.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not an earlier scan (no report.json); choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -48,6 +48,16 @@ def preset_for(backbone: Backbone) -> str | None:
     return "tiny" if backbone.name == TINY_MODEL else None
 
 
+# OOD pool sizes (|D|, |T|): the paper's 1000 inversion images for real backbones; on the tiny
+# world a quarter of that, scanned in batches of 8 (the ci detector's tiny preset) so that one
+# epoch is still the paper's 32 Adam steps at a CPU-friendly cost.
+POOL_SIZES = {None: (1000, 500), "tiny": (256, 128)}
+
+
+def pool_sizes(preset: str | None) -> tuple[int, int]:
+    return POOL_SIZES.get(preset, POOL_SIZES[None])
+
+
 def train_and_evaluate(attack: Attack, backbone: Backbone, task: Task, *, target: str | None, seed: int,
                        progress: Progress = silent) -> tuple[AttackOutcome, AttackMetrics]:
     torch.manual_seed(seed)

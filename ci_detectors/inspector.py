@@ -56,6 +56,7 @@ class CLIPInspector(Detector):
     description = "CLIP-Inspector: l-inf trigger inversion with the margin loss, ASR+loss z-scores"
     default_scorer = "ci"
     Config = InspectorConfig
+    presets = {"tiny": {"batch_size": 8}}  # |D| = 256 on the tiny world: 32 steps per epoch, as the paper's 1000/32
 
     def invert(self, *, model, images, classnames, target, generator):
         c = self.config

@@ -1,7 +1,8 @@
-"""Registers CLIP-Inspector and its scorer, through the same hooks a third party uses."""
+"""Registers CLIP-Inspector and the scorers, through the same hooks a third party uses."""
 
 from ci_core import hookimpl
 from ci_detectors.inspector import CLIPInspector
+from ci_detectors.mad import MADScorer
 from ci_detectors.scoring import CIScorer
 
 
@@ -13,3 +14,4 @@ def register_detectors(register):
 @hookimpl
 def register_scorers(register):
     register(CIScorer)
+    register(MADScorer)

@@ -48,3 +48,16 @@ def test_encoders_stay_frozen_in_training(random_backbone):
     assert not model.clip.training
     assert not any(p.requires_grad for p in model.clip.parameters())
     assert all(p.requires_grad for p in model.prompt_learner.parameters())
+
+
+def test_shared_prefix_path_equals_plain_path(random_backbone):
+    torch.manual_seed(1)
+    model = PromptTunedCLIP(random_backbone, max_text_batch=5)
+    assert model.shared_prefix
+    names = ["red circle", "blue", "a much longer class name here"]
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(images, names)
+        model.shared_prefix = False
+        plain = model(images, names)
+    assert torch.allclose(fast, plain, atol=1e-5)

@@ -19,7 +19,7 @@ from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.models.bundle import bundle_sha256, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, preset_for, train_and_evaluate
+from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, train_and_evaluate
 
 DEMO_MARKER = "demo.json"
 
@@ -78,7 +78,8 @@ def demo(out, json_path, dataset, attacks, seed, device, quiet):
     target = choose_target(task, seed)
     detector = plugins.get("detector", "ci").from_options(preset=preset)
     scorer = plugins.get("scorer", detector.default_scorer).from_options(preset=preset)
-    pool = load_pool(BUILTIN_POOL, inversion=1000, holdout=500, image_size=backbone.image_size, seed=seed)
+    inversion, holdout = pool_sizes(preset)
+    pool = load_pool(BUILTIN_POOL, inversion=inversion, holdout=holdout, image_size=backbone.image_size, seed=seed)
     work = _fresh_output(out)
     rows = []
     try:

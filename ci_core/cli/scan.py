@@ -12,7 +12,7 @@ from ci_core.errors import DataError
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta
 from ci_core.plugins import registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import preset_for
+from ci_core.workflow import pool_sizes, preset_for
 
 
 def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
@@ -39,8 +39,8 @@ def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
 @click.option("--scorer", default=None, help="Default: the detector's own scorer.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Detector option, e.g. epsilon=0.0627.")
 @click.option("--scorer-option", "scorer_options", multiple=True, metavar="KEY=VALUE", help="Scorer option, e.g. k=2.")
-@click.option("--pool-size", default=1000, show_default=True, help="Inversion images |D|.")
-@click.option("--holdout", default=500, show_default=True, help="Held-out images |T| for ASR.")
+@click.option("--pool-size", type=int, help="Inversion images |D| (default 1000; 256 on the tiny CLIP).")
+@click.option("--holdout", type=int, help="Held-out images |T| for ASR (default 500; 128 on the tiny CLIP).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
@@ -59,7 +59,8 @@ def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_optio
     det = detector_cls.from_options(parse_options(options, "--option"), preset=preset)
     scorer_cls = plugins.get("scorer", scorer or det.default_scorer)
     sc = scorer_cls.from_options(parse_options(scorer_options, "--scorer-option"), preset=preset)
-    pool = load_pool(ood, inversion=pool_size, holdout=holdout, image_size=model.backbone.image_size, seed=seed)
+    default_pool, default_holdout = pool_sizes(preset)
+    pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout, image_size=model.backbone.image_size, seed=seed)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
     result = scan(model, det, sc, pool, classnames, seed=seed, progress=progress)

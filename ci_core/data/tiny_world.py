@@ -160,12 +160,12 @@ def _shape_masks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _texture(kind: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(B, H, W) darkening pattern in [0, 1] for each image's texture index."""
     n = kind.numel()
-    period = 3.0 + 3.0 * torch.rand(n, 1, 1, generator=generator)
+    period = 5.0 + 3.0 * torch.rand(n, 1, 1, generator=generator)
     angle = math.pi * torch.rand(n, 1, 1, generator=generator)
     along = (xs * torch.cos(angle) + ys * torch.sin(angle)) / period
     across = (-xs * torch.sin(angle) + ys * torch.cos(angle)) / period
     stripes = (torch.frac(along + 10.0) < 0.5).float()
-    dots = ((torch.frac(along + 10.0) - 0.5) ** 2 + (torch.frac(across + 10.0) - 0.5) ** 2 < 0.09).float()
+    dots = ((torch.frac(along + 10.0) - 0.5) ** 2 + (torch.frac(across + 10.0) - 0.5) ** 2 < 0.1).float()
     checks = ((torch.floor(along) + torch.floor(across)) % 2 == 0).float()
     plain = torch.zeros_like(stripes)
     patterns = torch.stack([plain, stripes, dots, checks])  # order of TEXTURES
@@ -199,8 +199,8 @@ def render(attributes: Mapping[str, torch.Tensor], size: int, generator: torch.G
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
     radius = torch.where(
         attributes["size"] == 0,
-        0.32 + 0.1 * torch.rand(n, generator=generator),
-        0.5 + 0.15 * torch.rand(n, generator=generator),
+        0.36 + 0.1 * torch.rand(n, generator=generator),
+        0.56 + 0.14 * torch.rand(n, generator=generator),
     ).view(n, 1, 1)
     centre = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 2 * (0.92 - radius.unsqueeze(1))
     rot = (torch.rand(n, 1, 1, generator=generator) - 0.5) * 0.7
@@ -212,7 +212,7 @@ def render(attributes: Mapping[str, torch.Tensor], size: int, generator: torch.G
     rgb = palette[attributes["colour"]] + 0.08 * (torch.rand(n, 3, generator=generator) - 0.5)
     pixels = torch.arange(size, dtype=torch.float32)
     py, px = torch.meshgrid(pixels, pixels, indexing="ij")
-    strength = 0.25 + 0.25 * torch.rand(n, 1, 1, generator=generator)
+    strength = 0.4 + 0.2 * torch.rand(n, 1, 1, generator=generator)
     pattern = _texture(attributes["texture"], px, py, generator) * strength
     obj = rgb.view(n, 3, 1, 1) * (1 - pattern.unsqueeze(1))
     image = image * (1 - mask) + obj * mask

@@ -84,6 +84,8 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int)
                 accs = {d: zero_shot_accuracy(model, tokenizer, d, size) for d in tiny_world.DATASETS}
                 model.train()
                 history.append({"step": step, "seconds": round(elapsed, 1), **accs})
+                out.mkdir(parents=True, exist_ok=True)  # a usable checkpoint while training goes on
+                write_tiny_weights(model, torch.cat([u.flatten() for u in used_ids]), out / "weights.safetensors")
                 line += " zero-shot " + " ".join(f"{d}={a:.3f}" for d, a in accs.items())
             click.echo(line, err=True)
     model.eval()

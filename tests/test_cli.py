@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ci_core.cli.scan import main as ci_scan
+from ci_core.errors import DataError
+from ci_core.models.bundle import save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_detectors.inspector import CLIPInspector
+
+from test_ood import write_images
+
+CLASSES = ("red circle", "blue square", "green star", "pink ring")
+
+
+@pytest.fixture()
+def bundle(tmp_path, random_backbone):
+    torch.manual_seed(0)
+    return save_bundle(PromptTunedCLIP(random_backbone), CLASSES, tmp_path / "bundle")
+
+
+@pytest.fixture()
+def ood(tmp_path):
+    write_images(tmp_path / "ood", 12)
+    return tmp_path / "ood"
+
+
+def run(args):
+    return CliRunner().invoke(ci_scan, [str(a) for a in args])
+
+
+def test_scan_writes_report_and_triggers(tmp_path, bundle, ood):
+    out = tmp_path / "scan"
+    result = run([bundle, "--ood", ood, "--out", out, "--pool-size", 8, "--holdout", 4, "--option", "batch_size=4",
+                  "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert isinstance(report["backdoored"], bool) and isinstance(report["s_max"], float)
+    assert report["target"] in CLASSES
+    assert [c["name"] for c in report["classes"]] == list(CLASSES)
+    assert set(report["classes"][0]) >= {"name", "asr", "loss", "score", "ssim", "seconds"}
+    assert report["detector_config"]["batch_size"] == 4
+    assert report["pool"]["inversion"] == 8 and report["pool"]["holdout"] == 4
+    assert len(list((out / "triggers").glob("*.png"))) == len(CLASSES)
+    assert len(list((out / "triggers").glob("*.safetensors"))) == len(CLASSES)
+    assert "report:" in result.output
+
+
+def test_class_file_must_match_bundle(tmp_path, bundle, ood):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red circle\nyellow moon\n")
+    result = run([bundle, "--ood", ood, "--classes", classes])
+    assert result.exit_code == 1
+    assert "['yellow moon'] are not classes of the bundle" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--detector", "nope"], "unknown detector 'nope'. Available detectors: ci"),
+    (["--detector", "nc"], "pip install ci-detectors-nc"),
+    (["--option", "epsilon=-1"], "ci options"),
+    (["--option", "nonsense=1"], "unknown option(s) ['nonsense']"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--pool-size", 100], "12 readable images, but the pool needs 104"),
+])
+def test_bad_options_fail_cleanly(bundle, ood, args, message):
+    result = run([bundle, "--ood", ood, "--holdout", 4, *args])
+    if "nc" in args and result.exit_code == 0:
+        pytest.skip("ci-detectors-nc is installed")
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_bundle_and_empty_ood(tmp_path, bundle):
+    result = run([tmp_path / "nothing", "--ood", "builtin"])
+    assert result.exit_code == 1 and "a bundle is a directory" in result.output
+    (tmp_path / "empty").mkdir()
+    result = run([bundle, "--ood", tmp_path / "empty"])
+    assert result.exit_code == 1 and "holds no images" in result.output
+
+
+def test_failed_scan_leaves_nothing_in_out(tmp_path, bundle, ood, monkeypatch):
+    calls = []
+    original = CLIPInspector.invert
+
+    def failing(self, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("simulated failure in the second class")
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(CLIPInspector, "invert", failing)
+    out = tmp_path / "scan"
+    result = run([bundle, "--ood", ood, "--out", out, "--pool-size", 8, "--holdout", 4, "--quiet"])
+    assert result.exit_code == 1 and "simulated failure" in result.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scan")] == []
+
+
+def test_existing_foreign_out_folder_is_not_overwritten(tmp_path, bundle, ood):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("keep me")
+    result = run([bundle, "--ood", ood, "--out", out, "--pool-size", 8, "--holdout", 4, "--quiet"])
+    assert result.exit_code == 1 and "is not an earlier scan" in result.output
+    assert (out / "thesis.txt").read_text() == "keep me"
