@@ -110,9 +110,12 @@ class Registry:
         return entry.cls
 
 
-def plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+def plugin_manager(load_entrypoints: bool = True, blocked: Iterable[str] = ()) -> pluggy.PluginManager:
+    """A plugin manager with every installed plugin, except the entry-point names in ``blocked``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    for name in blocked:
+        pm.set_blocked(name)
     if load_entrypoints:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
