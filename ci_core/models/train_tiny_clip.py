@@ -1,6 +1,10 @@
 """Train the bundled tiny CLIP on captioned images of the tiny world.
 
-    python -m ci_core.models.train_tiny_clip --steps 1500 --seed 0
+    python -m ci_core.models.train_tiny_clip --steps 2400 --lr 2e-3 --seed 0
+    python -m ci_core.models.train_tiny_clip --init ci_core/assets/tiny_clip/weights.safetensors \
+        --steps 1200 --lr 1e-3 --seed 1
+
+(the shipped weights are these two stages; ``training.json`` records both).
 
 Contrastive training of the ``ci-tiny-clip`` open_clip architecture on freshly
 rendered batches (nothing is stored), with multi-positive targets because short
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ci_core.data import tiny_world
-from ci_core.models.backbone import ASSETS, TINY_MODEL, write_tiny_weights
+from ci_core.models.backbone import ASSETS, TINY_MODEL, read_tiny_weights, write_tiny_weights
 
 
 @torch.no_grad()
@@ -41,10 +45,17 @@ def zero_shot_accuracy(model, tokenizer, dataset: str, size: int, per_class: int
     return correct / len(images)
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int) -> dict:
+def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int, init: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = open_clip.create_model(TINY_MODEL, pretrained=None)
+    previous = []
+    if init is not None:  # a further stage from earlier weights (fresh optimiser and schedule)
+        model.load_state_dict(read_tiny_weights(init))
+        record_path = init.parent / "training.json"
+        if record_path.is_file():
+            earlier = json.loads(record_path.read_text())
+            previous = earlier.get("stages", [earlier])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -92,11 +103,14 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_weights(model, torch.cat([u.flatten() for u in used_ids]), out / "weights.safetensors")
     final = {d: zero_shot_accuracy(model, tokenizer, d, size, per_class=50, seed=1) for d in tiny_world.DATASETS}
-    record = {
-        "model": TINY_MODEL, "seed": seed, "steps": steps, "batch": batch, "lr": lr, "threads": threads,
-        "seconds": round(time.time() - start, 1), "torch": torch.__version__,
+    stage = {
+        "model": TINY_MODEL, "init": str(init) if init else None, "seed": seed, "steps": steps, "batch": batch,
+        "lr": lr, "threads": threads, "seconds": round(time.time() - start, 1), "torch": torch.__version__,
         "zero_shot_top1_test": final, "history": history,
     }
+    stages = [{k: v for k, v in p.items() if k != "stages"} for p in previous] + [stage]
+    record = {**stage, "total_steps": sum(s["steps"] for s in stages),
+              "total_seconds": round(sum(s["seconds"] for s in stages), 1), "stages": stages}
     tmp = out / "training.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out / "training.json")
@@ -110,8 +124,10 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=ASSETS, show_default=True)
-def main(steps, batch, lr, seed, threads, out):
-    record = train(steps, batch, lr, seed, out, threads)
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Continue from these weights (another training stage).")
+def main(steps, batch, lr, seed, threads, out, init):
+    record = train(steps, batch, lr, seed, out, threads, init)
     click.echo(json.dumps(record["zero_shot_top1_test"], indent=2))
 
 
