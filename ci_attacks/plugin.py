@@ -1,7 +1,11 @@
 """Registers the first-party attacks, through the same hooks a third party uses."""
 
 from ci_attacks.badclip import BadCLIP
+from ci_attacks.badclip_adaptive import BadCLIPAdaptive
+from ci_attacks.blended import Blended
 from ci_attacks.clean import CleanPromptTuning
+from ci_attacks.siba import SIBA
+from ci_attacks.wanet import WaNet
 from ci_core import hookimpl
 
 
@@ -9,3 +13,7 @@ from ci_core import hookimpl
 def register_attacks(register):
     register(CleanPromptTuning)
     register(BadCLIP)
+    register(BadCLIPAdaptive)
+    register(Blended)
+    register(WaNet)
+    register(SIBA)
