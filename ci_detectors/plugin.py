@@ -3,6 +3,7 @@
 from ci_core import hookimpl
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.mad import MADScorer
+from ci_detectors.repair import REPAIRERS
 from ci_detectors.scoring import CIScorer
 
 
@@ -15,3 +16,9 @@ def register_detectors(register):
 def register_scorers(register):
     register(CIScorer)
     register(MADScorer)
+
+
+@hookimpl
+def register_repairers(register):
+    for repairer in REPAIRERS:
+        register(repairer)

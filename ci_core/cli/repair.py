@@ -1,0 +1,204 @@
+"""``ci-repair``: fine-tune a flagged model with a scan's trigger, and write the repaired model as a new bundle.
+
+The defender's labelled clean set comes from ``--data``: ``builtin`` takes the
+registered dataset whose class names are the bundle's (the tiny world's), a
+folder is read as ``DIR/train/<class>/`` and ``DIR/test/<class>/`` image
+folders.  The repair uses ``--shots`` training images per base class; ACC and
+ASR are measured before and after on the test images, ASR with the scan's
+trigger for ĉ (and with a ground-truth trigger, given ``--trigger``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import click
+import torch
+
+from ci_core.cli.common import StderrProgress, configure_threads, echo_table, parse_options, report_errors, resolve_device
+from ci_core.data.datasets import LabeledImages, base_new_split
+from ci_core.data.ood import IMAGE_SUFFIXES, read_image
+from ci_core.errors import ConfigError, DataError
+from ci_core.evaluation import accuracy, attack_success_rate
+from ci_core.interfaces import to_json
+from ci_core.models.bundle import load_bundle, read_meta, save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.plugins import registry
+from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.triggers import Trigger, load_trigger
+from ci_core.workflow import preset_for
+
+BUILTIN = "builtin"
+
+
+# --------------------------------------------------------------------------- the clean data
+
+
+def builtin_dataset(classnames: Sequence[str]):
+    """The registered dataset whose class names are exactly ``classnames`` (in order)."""
+    plugins = registry()
+    for name in plugins.names("dataset"):
+        dataset = plugins.get("dataset", name)()
+        if tuple(dataset.classnames) == tuple(classnames):
+            return dataset
+    raise DataError(f"no registered dataset has the bundle's {len(classnames)} classes ({', '.join(classnames[:5])}"
+                    f"{', ...' if len(classnames) > 5 else ''}); pass --data DIR with the labelled images")
+
+
+def _class_folder(split_dir: Path, name: str) -> Path:
+    for candidate in (name, name.replace(" ", "_")):
+        if (split_dir / candidate).is_dir():
+            return split_dir / candidate
+    raise DataError(f"{split_dir}: no folder for class {name!r} (looked for {name!r} and {name.replace(' ', '_')!r})")
+
+
+def load_class_folders(root: Path, split: str, classnames: Sequence[str], *, image_size: int,
+                       per_class: int | None, seed: int) -> LabeledImages:
+    """Images of ``root/split/<class>/`` for every class of ``classnames``; ``per_class`` samples that many by ``seed``."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"--data {root}: expected a folder {split}/ holding one folder of images per class")
+    images, labels = [], []
+    for label, name in enumerate(classnames):
+        folder = _class_folder(split_dir, name)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if per_class is not None:
+            if len(files) < per_class:
+                raise DataError(f"{folder}: {len(files)} images, but {per_class} per class were asked for")
+            random.Random(f"{seed}:{name}").shuffle(files)
+            files = files[:per_class]
+        if not files:
+            raise DataError(f"{folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
+        for path in files:
+            try:
+                images.append(read_image(path, image_size))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: unreadable image ({exc})") from exc
+            labels.append(label)
+    return LabeledImages(torch.stack(images), torch.tensor(labels), tuple(classnames))
+
+
+def load_data(data: str, classnames: Sequence[str], base: Sequence[str], *, image_size: int, shots: int,
+              test_images: int | None, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """(the few-shot clean training set of the base classes, the test images of every class)."""
+    if data == BUILTIN:
+        dataset = builtin_dataset(classnames)
+        clean = dataset.load("train", image_size=image_size, seed=seed, shots=shots).restrict(base)
+        test = dataset.load("test", image_size=image_size, seed=seed, shots=test_images)
+        return clean, test
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"--data {data}: not a folder (and not 'builtin')")
+    clean = load_class_folders(root, "train", base, image_size=image_size, per_class=shots, seed=seed)
+    test = load_class_folders(root, "test", classnames, image_size=image_size, per_class=test_images, seed=seed)
+    return clean, test
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], new: Sequence[str],
+            triggers: dict[str, tuple[Trigger, str]]) -> dict:
+    """ACC on base and new classes; for each named (trigger, target), ASR on base and on new classes plus the target."""
+    base, new = tuple(base), tuple(new)
+    row = {"acc_base": accuracy(model, test.restrict(base)),
+           "acc_new": accuracy(model, test.restrict(new)) if new else None}
+    for label, (trigger, target) in triggers.items():
+        row[f"asr_base_{label}"] = attack_success_rate(model, test.restrict(base), trigger, target) if target in base else None
+        with_target = new if target in new else new + (target,)
+        row[f"asr_new_{label}"] = attack_success_rate(model, test.restrict(with_target), trigger, target)
+    return row
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--report", required=True, type=click.Path(path_type=Path),
+              help="The ci-scan output folder of BUNDLE (or its report.json).")
+@click.option("--data", required=True,
+              help="'builtin' (the tiny world's dataset with the bundle's classes) or DIR with train/<class>/ and test/<class>/.")
+@click.option("--repairer", default="ci-trigger", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The repaired bundle (must not exist).")
+@click.option("--shots", default=4, show_default=True, help="Labelled clean images per base class for the fine-tuning.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Repairer option, e.g. epochs=2.")
+@click.option("--trigger", "true_trigger", type=click.Path(dir_okay=False, path_type=Path),
+              help="A ground-truth trigger (.safetensors with its .json sidecar): also measure its ASR.")
+@click.option("--trigger-target", help="The ground-truth trigger's target class (default: the scan's target).")
+@click.option("--test-images", type=int, help="Test images per class (default: the whole test split).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@report_errors
+def main(bundle, report, data, repairer, out, shots, seed, options, true_trigger, trigger_target, test_images,
+         json_path, device, quiet):
+    """Repair the model in BUNDLE with a trigger from its scan REPORT; writes the repaired model to OUT."""
+    configure_threads()
+    progress = StderrProgress(quiet)
+    repairer_cls = registry().get("repairer", repairer)
+    if shots < 1:
+        raise ConfigError(f"--shots must be at least 1, got {shots}")
+    meta = read_meta(bundle)
+    scan = ScanTriggers.read(report)
+    check_same_bundle(scan, bundle)
+    classnames = list(meta["classnames"])
+    unknown = [c for c in scan.classnames if c not in classnames]
+    if unknown:
+        raise DataError(f"{scan.source}: classes {unknown[:5]} are not classes of the bundle")
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists; the repaired model goes to a new bundle")
+    if meta.get("base_classes"):
+        base = tuple(meta["base_classes"])
+        new = tuple(c for c in classnames if c not in base)
+    else:
+        base, new = base_new_split(classnames)
+        progress(f"{bundle} does not record its base classes; using the CoOp split (the first {len(base)} classes)")
+    if trigger_target is not None and trigger_target not in classnames:
+        raise ConfigError(f"--trigger-target {trigger_target!r} is not a class of the bundle")
+    if trigger_target is not None and true_trigger is None:
+        raise ConfigError("--trigger-target needs --trigger")
+    truth = load_trigger(true_trigger) if true_trigger is not None else None
+
+    model, meta = load_bundle(bundle, device=resolve_device(device))
+    fixer = repairer_cls.from_options(parse_options(options, "--option"), preset=preset_for(model.backbone))
+    clean, test = load_data(data, classnames, base, image_size=model.backbone.image_size, shots=shots,
+                            test_images=test_images, seed=seed)
+    picked = choose_trigger(fixer, scan)
+    top = scan.pick("top")
+    progress(f"{fixer.name}: {len(clean)} clean images of {len(base)} base classes; scan target {scan.target!r}"
+             + (f"; {fixer.name} takes the scan's trigger for {picked.name!r}" if picked is not None
+                else f"; {fixer.name} takes no trigger"))
+    probes = {"scan": (top.trigger, top.name)}
+    if truth is not None:
+        probes["true"] = (truth, trigger_target or scan.target)
+    before = measure(model, test, base, new, probes)
+    repaired = fixer.repair(model=model, trigger=picked.trigger if picked is not None else None,
+                            target=picked.name if picked is not None else scan.target, clean=clean, seed=seed,
+                            progress=progress)
+    after = measure(repaired, test, base, new, probes)
+    save_bundle(repaired, classnames, out, base_classes=meta.get("base_classes"), template=meta["template"])
+
+    labels = {"acc_base": "ACC base", "acc_new": "ACC new"}
+    for key, (_, target) in probes.items():
+        what = "scan trigger" if key == "scan" else "true trigger"
+        labels[f"asr_base_{key}"] = f"ASR base ({what} -> {target!r})"
+        labels[f"asr_new_{key}"] = f"ASR new+target ({what} -> {target!r})"
+    echo_table([{"metric": label, "before": before[key], "after": after[key]} for key, label in labels.items()],
+               [("metric", "METRIC"), ("before", "BEFORE"), ("after", "AFTER")])
+    click.echo(f"repaired with {fixer.name}; new bundle: {out}")
+    if json_path:
+        record = {
+            "bundle": str(bundle), "report": scan.source, "out": str(out), "repairer": fixer.name,
+            "repairer_config": to_json(fixer.config), "scan_target": scan.target,
+            "repair_trigger_class": picked.name if picked is not None else None,
+            "true_trigger": str(true_trigger) if true_trigger else None, "shots": shots, "seed": seed,
+            "before": before, "after": after,
+        }
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(json_path)

@@ -1,0 +1,193 @@
+"""Repairers: fine-tune a flagged model's prompt learner until a trigger stops working (paper 5.3 and 15).
+
+``ci-trigger`` is the paper's repair: CoCoOp-style fine-tuning of the prompt
+learner on a small labelled clean set (base classes, a few shots per class),
+every batch holding the clean images and their copies stamped with CI's
+trigger for the most anomalous class ĉ, all with their *true* labels, so that
+the model re-learns to classify triggered images by their content.  The
+encoders stay frozen and the input model is left as it was: the repair trains
+a copy of the prompt learner.
+
+The three controls of the paper's Table 19 run exactly the same fine-tuning and
+differ only in the perturbation: ``clean-only`` uses none (clean images only),
+``random-delta`` a random δ in the ℓ∞ ball of the scan's trigger, and
+``wrong-class-delta`` the trigger CI reconstructed for a class other than ĉ.
+
+Which reconstructed trigger a repairer gets is its own choice
+(``PromptRepairer.choose``, see ``ci_core.repair``): ĉ's for ``ci-trigger`` and
+``random-delta`` (whose ball it copies), the lowest-scoring class's for
+``wrong-class-delta``, none for ``clean-only``.  ``Repairer.repair`` then
+receives that trigger, and the class it was reconstructed for as ``target``.
+
+The paper gives no fine-tuning numbers beyond "a small number of gradient
+steps"; the defaults are CoCoOp's SGD settings (lr 0.002, momentum 0.9, weight
+decay 5e-4, batch size 1) without the warm-up, for one epoch over the clean set.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, ClassVar, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from ci_core.data.datasets import LabeledImages
+from ci_core.errors import ConfigError, DataError
+from ci_core.interfaces import Progress, Repairer, silent
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.repair import PickedTrigger, ScanTriggers
+from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.triggers import AdditiveTrigger, Trigger
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
+    """A model sharing ``model``'s frozen backbone, with its own copy of the prompt learner."""
+    with torch.random.fork_rng(devices=[]):  # building a learner draws random initial values; leave the RNG be
+        copy = PromptTunedCLIP(model.backbone, n_ctx=model.n_ctx, ctx_init=None, max_text_batch=model.max_text_batch)
+    copy.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
+    copy.ctx_init = model.ctx_init
+    return copy.eval()
+
+
+def stamped_loss(stamp: Trigger | None) -> Callable:
+    """Cross-entropy over the clean batch and, with a ``stamp``, its stamped copies, all with their true labels."""
+
+    def loss(model, images, labels, classnames):
+        if stamp is not None:
+            images, labels = torch.cat([images, stamp.apply(images)]), torch.cat([labels, labels])
+        return F.cross_entropy(model(images, classnames), labels)
+
+    return loss
+
+
+@attrs.frozen(kw_only=True)
+class RepairConfig:
+    epochs: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    batch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    lr: float = attrs.field(default=0.002, validator=attrs.validators.gt(0))
+    momentum: float = attrs.field(default=0.9, validator=attrs.validators.ge(0))
+    weight_decay: float = attrs.field(default=5e-4, validator=attrs.validators.ge(0))
+
+
+# Tiny world: the attacks' tiny batch size and learning rate.
+TINY = {"epochs": 2, "batch_size": 4, "lr": 0.01}
+
+
+class PromptRepairer(Repairer):
+    """CoCoOp-style fine-tuning of a copy of the prompt learner on clean and stamped images with true labels."""
+
+    Config = RepairConfig
+    presets = {"tiny": TINY}
+    trigger_rule: ClassVar[str | None] = "top"  # which scan trigger ``choose`` takes (a PICK_RULES entry); None: none
+
+    def choose(self, triggers: ScanTriggers) -> PickedTrigger | None:
+        return triggers.pick(self.trigger_rule) if self.trigger_rule is not None else None
+
+    def stamp_description(self, target: str) -> str:
+        return f"the scan's trigger for {target!r}"
+
+    @abc.abstractmethod
+    def perturbation(self, *, trigger: Trigger | None, clean: LabeledImages, seed: int) -> Trigger | None:
+        """What the clean images are stamped with during fine-tuning (None: clean images only)."""
+
+    def repair(self, *, model: PromptTunedCLIP, trigger: Trigger | None, target: str, clean: LabeledImages,
+               seed: int, progress: Progress = silent) -> PromptTunedCLIP:
+        c = self.config
+        if len(clean) == 0:
+            raise DataError(f"{self.name}: the clean set is empty")
+        stamp = self.perturbation(trigger=trigger, clean=clean, seed=seed)
+        repaired = copy_model(model)
+        progress(f"{self.name}: fine-tuning the prompt learner on {len(clean)} clean images"
+                 + (f" and their copies stamped with {self.stamp_description(target)}" if stamp is not None else ""))
+        prompt_tune(repaired, clean, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                                                        momentum=c.momentum, weight_decay=c.weight_decay,
+                                                        warmup_epochs=0),
+                    seed=seed, loss_fn=stamped_loss(stamp), progress=progress, label=f"{self.name} repair")
+        return repaired
+
+
+def _require(trigger: Trigger | None, name: str) -> Trigger:
+    if trigger is None:
+        raise ConfigError(f"{name} needs a reconstructed trigger (from a scan report)")
+    return trigger
+
+
+class CITriggerRepair(PromptRepairer):
+    name = "ci-trigger"
+    description = "fine-tune the prompt learner on clean + CI-triggered images (the top class's trigger), true labels"
+
+    def perturbation(self, *, trigger, clean, seed):
+        return _require(trigger, self.name)
+
+
+class CleanOnlyRepair(PromptRepairer):
+    name = "clean-only"
+    description = "control: the same fine-tuning on the clean images only"
+    trigger_rule = None
+
+    def perturbation(self, *, trigger, clean, seed):
+        return None
+
+
+NOISES = ("sign", "uniform")
+
+
+@attrs.frozen(kw_only=True)
+class RandomDeltaConfig(RepairConfig):
+    # None: the l-inf radius of the scan's trigger for the top class.
+    epsilon: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
+    # sign: every pixel +-epsilon (as saturated as CI's own triggers); uniform: U(-epsilon, epsilon).
+    noise: str = attrs.field(default="sign", validator=attrs.validators.in_(NOISES))
+
+
+class RandomDeltaRepair(PromptRepairer):
+    name = "random-delta"
+    description = "control: the same fine-tuning with a random delta in the l-inf ball of the scan's trigger"
+    Config = RandomDeltaConfig
+
+    def stamp_description(self, target):
+        return f"{self.config.noise} noise in the l-inf ball of the scan's trigger for {target!r}"
+
+    def perturbation(self, *, trigger, clean, seed):
+        c = self.config
+        epsilon = c.epsilon
+        if isinstance(trigger, AdditiveTrigger):
+            shape = tuple(trigger.delta.shape)
+            epsilon = epsilon if epsilon is not None else trigger.linf
+        else:
+            shape = tuple(clean.images.shape[1:])
+        if epsilon is None or epsilon <= 0:
+            raise ConfigError(f"{self.name}: give epsilon=... (the scan's trigger is "
+                              f"{'missing' if trigger is None else 'not additive or zero'}, so it fixes no l-inf ball)")
+        generator = torch.Generator().manual_seed(seed)
+        if c.noise == "sign":
+            delta = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * epsilon
+        else:
+            delta = (torch.rand(shape, generator=generator) * 2 - 1) * epsilon
+        return AdditiveTrigger(delta)
+
+
+@attrs.frozen(kw_only=True)
+class WrongClassConfig(RepairConfig):
+    # Whose trigger: the class with the lowest score, or the most anomalous class after the top one.
+    wrong_class: str = attrs.field(default="lowest", validator=attrs.validators.in_(("lowest", "runner-up")))
+
+
+class WrongClassDeltaRepair(PromptRepairer):
+    name = "wrong-class-delta"
+    description = "control: the same fine-tuning with CI's trigger for a non-target class (lowest score by default)"
+    Config = WrongClassConfig
+
+    def choose(self, triggers: ScanTriggers) -> PickedTrigger:
+        return triggers.pick(self.config.wrong_class)
+
+    def perturbation(self, *, trigger, clean, seed):
+        return _require(trigger, self.name)
+
+
+REPAIRERS: Sequence[type[PromptRepairer]] = (CITriggerRepair, CleanOnlyRepair, RandomDeltaRepair, WrongClassDeltaRepair)

@@ -1,0 +1,321 @@
+"""Repair (paper 5.3 and 15): the repairers, the choice of trigger from a scan, and ``ci-repair``.
+
+The mechanics run on the tiny CLIP with random weights; the last tests plant a
+BadCLIP backdoor with the shipped tiny CLIP and check that repairing with the
+true and with CI's reconstructed trigger removes it, and clean-only does not.
+"""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision.utils import save_image
+
+from ci_core.cli.repair import main as ci_repair
+from ci_core.data.datasets import base_new_split
+from ci_core.data.ood import load_pool
+from ci_core.errors import BundleError, ConfigError, DataError
+from ci_core.evaluation import accuracy, attack_success_rate
+from ci_core.interfaces import ClassEvidence, Scores
+from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.plugins import registry
+from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scan import ScanResult, scan, write_scan
+from ci_core.triggers import AdditiveTrigger
+from ci_core.workflow import choose_target, load_task
+from ci_detectors.inspector import CLIPInspector
+from ci_detectors.repair import (
+    CITriggerRepair,
+    CleanOnlyRepair,
+    RandomDeltaRepair,
+    WrongClassDeltaRepair,
+)
+from ci_detectors.scoring import CIScorer
+
+EPS = 4 / 255
+DATASET = "tiny-palette"  # 24 classes, 12 base
+QUICK = {"epochs": 1, "batch_size": 4, "lr": 0.01}
+ALL = (CITriggerRepair, CleanOnlyRepair, RandomDeltaRepair, WrongClassDeltaRepair)
+
+
+def saturated_delta(seed: int, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (3, size, size), generator=g) * 2 - 1).float() * EPS
+
+
+def fake_scan(classnames, scores) -> ScanResult:
+    """A scan result with the given per-class scores and a distinct saturated trigger per class."""
+    evidence = tuple(ClassEvidence(name=n, asr=0.5, loss=-0.1, statistic=None, ssim=0.95, seconds=0.1,
+                                   trigger=AdditiveTrigger(saturated_delta(i))) for i, n in enumerate(classnames))
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    return ScanResult(detector="ci", detector_config={}, scorer="ci", scorer_config={}, classes=evidence,
+                      scores=Scores(scores=tuple(scores), s_max=scores[best], target=classnames[best],
+                                    backdoored=True, flagged=(classnames[best],)), seconds=1.0)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return registry().get("dataset", DATASET)()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, random_backbone, dataset):
+    """A random-weight model as a bundle, and a scan folder of that bundle (class 2 most anomalous, class 5 least)."""
+    root = tmp_path_factory.mktemp("repair")
+    names = dataset.classnames
+    base, _ = base_new_split(names)
+    torch.manual_seed(0)
+    model = PromptTunedCLIP(random_backbone)
+    bundle = save_bundle(model, names, root / "bundle", base_classes=base)
+    scores = [0.1 * (i % 7) for i in range(len(names))]
+    scores[2], scores[5] = 4.0, -3.0
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=64, seed=0)
+    result = fake_scan(names, scores)
+    write_scan(result, root / "scan", pool, bundle={"path": str(bundle), "sha256": bundle_sha256(bundle)})
+    clean = dataset.load("train", image_size=64, seed=0, shots=1).restrict(base)
+    return {"root": root, "model": model, "bundle": bundle, "scan": root / "scan", "result": result, "clean": clean,
+            "names": names}
+
+
+# --------------------------------------------------------------------------- choosing the trigger
+
+
+def test_scan_triggers_read_from_folder_json_or_memory_agree(world):
+    folder = ScanTriggers.read(world["scan"])
+    by_json = ScanTriggers.read(world["scan"] / "report.json")
+    memory = ScanTriggers.from_result(world["result"])
+    for triggers in (folder, by_json, memory):
+        assert triggers.target == world["names"][2]
+        assert triggers.classnames == tuple(world["names"])
+        assert torch.equal(triggers.pick("top").trigger.delta, saturated_delta(2))
+    assert folder.bundle_sha256 == bundle_sha256(world["bundle"])
+
+
+def test_each_repairer_gets_the_trigger_it_needs(world):
+    triggers = ScanTriggers.read(world["scan"])
+    top = choose_trigger(CITriggerRepair.from_options(), triggers)
+    assert (top.name, top.index) == (world["names"][2], 2)
+    assert choose_trigger(RandomDeltaRepair.from_options(), triggers).index == 2  # its ball is that trigger's
+    assert choose_trigger(CleanOnlyRepair.from_options(), triggers) is None
+    wrong = choose_trigger(WrongClassDeltaRepair.from_options(), triggers)
+    assert (wrong.name, wrong.index) == (world["names"][5], 5)  # the lowest score
+    assert not torch.equal(wrong.trigger.delta, top.trigger.delta)
+    runner_up = choose_trigger(WrongClassDeltaRepair.from_options({"wrong_class": "runner-up"}), triggers)
+    assert runner_up.index == 6 and runner_up.name != top.name  # score 0.6, the highest after the top
+
+
+def test_wrong_class_is_never_the_top_class_even_when_all_scores_tie(world):
+    names = world["names"][:3]
+    triggers = ScanTriggers.from_result(fake_scan(names, [1.0, 1.0, 1.0]))
+    assert triggers.pick("top").index == 0
+    assert triggers.pick("lowest").index == 1 and triggers.pick("runner-up").index == 1
+    with pytest.raises(ConfigError, match="unknown trigger choice"):
+        triggers.pick("nope")
+
+
+def test_scan_folder_errors_name_the_problem(world, tmp_path):
+    with pytest.raises(DataError, match="not a scan report"):
+        ScanTriggers.read(tmp_path)
+    broken = tmp_path / "scan"
+    broken.mkdir()
+    (broken / "report.json").write_text(world["scan"].joinpath("report.json").read_text())
+    triggers = ScanTriggers.read(broken)
+    with pytest.raises(DataError, match=r"expected one trigger file 002_\*\.safetensors"):
+        triggers.pick("top")
+
+
+# --------------------------------------------------------------------------- the controls' perturbations
+
+
+def test_random_delta_is_random_inside_the_scan_triggers_ball(world):
+    scan_trigger = AdditiveTrigger(saturated_delta(2) * 0.5)  # l-inf radius EPS / 2
+    repairer = RandomDeltaRepair.from_options()
+    delta = repairer.perturbation(trigger=scan_trigger, clean=world["clean"], seed=0).delta
+    assert delta.shape == scan_trigger.delta.shape
+    assert torch.allclose(delta.abs(), torch.full_like(delta, EPS / 2))  # sign noise: every pixel on the sphere
+    assert not torch.equal(delta, scan_trigger.delta)
+    assert (delta.sign() == scan_trigger.delta.sign()).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(delta, repairer.perturbation(trigger=scan_trigger, clean=world["clean"], seed=0).delta)
+    assert not torch.equal(delta, repairer.perturbation(trigger=scan_trigger, clean=world["clean"], seed=1).delta)
+    uniform = RandomDeltaRepair.from_options({"noise": "uniform"}).perturbation(
+        trigger=scan_trigger, clean=world["clean"], seed=0).delta
+    assert uniform.abs().max() <= EPS / 2 and uniform.abs().mean() < 0.6 * EPS / 2
+    fixed = RandomDeltaRepair.from_options({"epsilon": 1 / 255}).perturbation(trigger=None, clean=world["clean"], seed=0)
+    assert fixed.linf == pytest.approx(1 / 255) and fixed.delta.shape == world["clean"].images.shape[1:]
+    with pytest.raises(ConfigError, match="give epsilon"):
+        repairer.perturbation(trigger=None, clean=world["clean"], seed=0)
+
+
+def test_trigger_repairers_use_the_given_trigger_and_clean_only_none(world):
+    given = AdditiveTrigger(saturated_delta(5))
+    for cls in (CITriggerRepair, WrongClassDeltaRepair):
+        assert cls.from_options().perturbation(trigger=given, clean=world["clean"], seed=0) is given
+        with pytest.raises(ConfigError, match="needs a reconstructed trigger"):
+            cls.from_options().perturbation(trigger=None, clean=world["clean"], seed=0)
+    assert CleanOnlyRepair.from_options().perturbation(trigger=given, clean=world["clean"], seed=0) is None
+
+
+# --------------------------------------------------------------------------- the repair itself
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.name)
+def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls):
+    model = world["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.prompt_learner.parameters()]
+    rng = torch.get_rng_state()
+    repaired = cls.from_options(QUICK).repair(model=model, trigger=AdditiveTrigger(saturated_delta(2)),
+                                              target=world["names"][2], clean=world["clean"], seed=0)
+    assert repaired is not model and repaired.prompt_learner is not model.prompt_learner
+    assert repaired.backbone is model.backbone  # the frozen encoders are shared, not copied
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.prompt_learner.parameters()] == grads
+    assert torch.equal(torch.get_rng_state(), rng)
+    moved = [not torch.equal(a, b) for a, b in zip(repaired.prompt_learner.parameters(), model.prompt_learner.parameters())]
+    assert any(moved) and not repaired.training
+
+
+# --------------------------------------------------------------------------- ci-repair
+
+
+def run(args):
+    return CliRunner().invoke(ci_repair, [str(a) for a in args])
+
+
+def test_cli_writes_a_new_bundle_and_never_touches_the_input(world, tmp_path):
+    bundle, sha = world["bundle"], bundle_sha256(world["bundle"])
+    out, record = tmp_path / "repaired", tmp_path / "repair.json"
+    AdditiveTrigger(saturated_delta(9)).save(tmp_path / "true.safetensors")
+    result = run([bundle, "--report", world["scan"], "--data", "builtin", "--repairer", "wrong-class-delta",
+                  "--out", out, "--shots", 1, "--test-images", 2, "--option", "epochs=1", "--json", record, "--quiet",
+                  "--trigger", tmp_path / "true.safetensors", "--trigger-target", world["names"][0]])
+    assert result.exit_code == 0, result.output
+    assert bundle_sha256(bundle) == sha
+    repaired, meta = load_bundle(out)
+    assert meta["classnames"] == list(world["names"]) and meta["base_classes"] == list(base_new_split(world["names"])[0])
+    assert bundle_sha256(out) != sha
+    data = json.loads(record.read_text())
+    assert data["repair_trigger_class"] == world["names"][5] and data["scan_target"] == world["names"][2]
+    assert data["repairer_config"]["epochs"] == 1 and data["repairer_config"]["batch_size"] == 4  # tiny preset + option
+    assert set(data["before"]) == set(data["after"]) == {"acc_base", "acc_new", "asr_base_scan", "asr_new_scan",
+                                                         "asr_base_true", "asr_new_true"}
+    assert all(0 <= v <= 1 for v in data["after"].values())
+    assert f"ASR new+target (scan trigger -> {world['names'][2]!r})" in result.output  # the scan's target
+    assert f"ASR base (true trigger -> {world['names'][0]!r})" in result.output
+
+
+def test_cli_refuses_a_report_of_another_model(world, tmp_path, random_backbone):
+    torch.manual_seed(1)
+    other = save_bundle(PromptTunedCLIP(random_backbone), world["names"], tmp_path / "other",
+                        base_classes=base_new_split(world["names"])[0])
+    out = tmp_path / "repaired"
+    result = run([other, "--report", world["scan"], "--data", "builtin", "--out", out, "--quiet"])
+    assert result.exit_code == 1
+    assert "belongs to a different model" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    with pytest.raises(BundleError, match="belongs to a different model"):
+        check_same_bundle(ScanTriggers.read(world["scan"]), other)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repairer", "nope"], "unknown repairer 'nope'. Available repairers: ci-trigger, clean-only"),
+    (["--option", "noise=gaussian", "--repairer", "random-delta"], "random-delta options"),
+    (["--trigger-target", "red stripes"], "--trigger-target needs --trigger"),
+    (["--data", "nowhere"], "not a folder (and not 'builtin')"),
+])
+def test_cli_bad_arguments_fail_cleanly(world, tmp_path, args, message):
+    result = run([world["bundle"], "--report", world["scan"], "--data", "builtin", "--out", tmp_path / "r", "--quiet",
+                  "--test-images", 1, "--shots", 1, *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_refuses_an_existing_out(world, tmp_path):
+    (tmp_path / "taken").mkdir()
+    result = run([world["bundle"], "--report", world["scan"], "--data", "builtin", "--out", tmp_path / "taken"])
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_cli_reads_class_folders(world, dataset, tmp_path):
+    names = world["names"]
+    base, _ = base_new_split(names)
+    for split, classes in (("train", base), ("test", names)):
+        images = dataset.load(split, image_size=64, seed=3, shots=1)
+        for image, label in zip(images.images, images.labels):
+            name = images.classnames[int(label)]
+            if name in classes:
+                folder = tmp_path / "data" / split / name.replace(" ", "_")
+                folder.mkdir(parents=True)
+                save_image(image, folder / "0.png")
+    result = run([world["bundle"], "--report", world["scan"], "--data", tmp_path / "data", "--repairer", "clean-only",
+                  "--out", tmp_path / "r", "--shots", 1, "--option", "epochs=1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "weights.safetensors").is_file()
+    too_many = run([world["bundle"], "--report", world["scan"], "--data", tmp_path / "data", "--out", tmp_path / "r2",
+                    "--shots", 2, "--quiet"])
+    assert too_many.exit_code == 1 and "1 images, but 2 per class were asked for" in too_many.output
+
+
+# --------------------------------------------------------------------------- removing a planted backdoor
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_backbone):
+    """A BadCLIP model on the shipped tiny CLIP (tiny preset, 4 shots, seed 1) and the defender's clean set."""
+    ds = registry().get("dataset", "tiny-colorshapes")()
+    task = load_task(ds, tiny_backbone, seed=1, shots=4)
+    target = choose_target(task, 1)
+    outcome = registry().get("attack", "badclip").from_options(preset="tiny").run(
+        backbone=tiny_backbone, train=task.train, target=target, seed=1)
+    clean = ds.load("train", image_size=64, seed=2, shots=4).restrict(task.base)  # not the attacker's own shots
+    test = ds.load("test", image_size=64, seed=0, shots=8)
+    planted = {"model": outcome.model, "trigger": outcome.trigger, "target": target, "task": task, "clean": clean,
+               "test": test}
+    planted["before"] = measured(outcome.model, planted)
+    return planted
+
+
+def measured(model, planted):
+    """(ACC on the base classes, ASR of the true trigger on new classes plus the target: the paper's ASR)."""
+    task, test = planted["task"], planted["test"]
+    with_target = test.restrict(task.new + (planted["target"],))
+    return (accuracy(model, test.restrict(task.base)),
+            attack_success_rate(model, with_target, planted["trigger"], planted["target"]))
+
+
+def repaired_metrics(cls, planted, trigger):
+    repaired = cls.from_options(preset="tiny").repair(model=planted["model"], trigger=trigger,
+                                                       target=planted["target"], clean=planted["clean"], seed=0)
+    return measured(repaired, planted)
+
+
+def require_backdoor(planted):
+    acc, asr = planted["before"]
+    assert asr >= 0.8, (f"precondition: BadCLIP (tiny preset, 4 shots, seed 1) did not implant a backdoor on the "
+                        f"shipped tiny CLIP (ASR {asr:.3f}, ACC {acc:.3f}), so there is nothing to repair")
+
+
+@pytest.mark.slow
+def test_repair_with_the_true_trigger_removes_the_backdoor_and_clean_only_does_not(planted):
+    require_backdoor(planted)
+    acc, asr = planted["before"]
+    acc_fixed, asr_fixed = repaired_metrics(CITriggerRepair, planted, planted["trigger"])
+    acc_clean, asr_clean = repaired_metrics(CleanOnlyRepair, planted, None)
+    assert asr_fixed <= 0.15 and acc_fixed >= acc - 0.05
+    assert asr_clean >= asr_fixed + 0.3
+
+
+@pytest.mark.slow
+def test_repair_with_cis_reconstructed_trigger_removes_the_backdoor(planted):
+    require_backdoor(planted)
+    model, task = planted["model"], planted["task"]
+    pool = load_pool("builtin", inversion=32, holdout=32, image_size=64, seed=1)
+    result = scan(model, CLIPInspector.from_options(preset="tiny"), CIScorer(), pool, task.base, seed=1)
+    picked = ScanTriggers.from_result(result).pick("top")
+    assert picked.name == planted["target"]
+    acc, asr = planted["before"]
+    acc_fixed, asr_fixed = repaired_metrics(CITriggerRepair, planted, picked.trigger)
+    assert asr_fixed <= 0.25 and asr_fixed <= asr - 0.5 and acc_fixed >= acc - 0.05
