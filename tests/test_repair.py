@@ -299,6 +299,8 @@ def require_backdoor(planted):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the tiny world does not implant yet: BadCLIP (tiny preset, 4 shots, seed 1) "
+                   "reached ASR 0.104 on the shipped tiny CLIP, so there is no backdoor to remove (see issue 2)")
 def test_repair_with_the_true_trigger_removes_the_backdoor_and_clean_only_does_not(planted):
     require_backdoor(planted)
     acc, asr = planted["before"]
@@ -309,6 +311,8 @@ def test_repair_with_the_true_trigger_removes_the_backdoor_and_clean_only_does_n
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the tiny world does not implant yet: BadCLIP (tiny preset, 4 shots, seed 1) "
+                   "reached ASR 0.104 on the shipped tiny CLIP, so there is no backdoor to remove (see issue 2)")
 def test_repair_with_cis_reconstructed_trigger_removes_the_backdoor(planted):
     require_backdoor(planted)
     model, task = planted["model"], planted["task"]
