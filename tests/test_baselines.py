@@ -28,6 +28,7 @@ from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import Registry, plugin_manager, registry
 from ci_core.triggers import AdditiveTrigger, load_trigger
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_detectors.mad import MADScorer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ def planted(random_backbone):
 @pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(0)
-    return torch.rand(48, 3, 64, 64, generator=g), torch.rand(32, 3, 64, 64, generator=g)  # D, T
+    return torch.rand(48, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=g), torch.rand(32, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=g)  # D, T
 
 
 def test_planted_model_needs_its_trigger(planted, images):

@@ -8,6 +8,7 @@ from ci_core.errors import BundleError
 from ci_core.models.backbone import load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 
 CLASSES = ("red circle", "blue square", "green star")
 
@@ -28,14 +29,14 @@ def bundle(tmp_path, model):
 
 
 def test_round_trip_gives_identical_logits(model, bundle, random_backbone):
-    images = torch.rand(5, 3, 64, 64)
+    images = torch.rand(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     loaded, meta = load_bundle(bundle, backbone=random_backbone)
     assert meta["classnames"] == list(CLASSES)
     assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
 
 
 def test_round_trip_rebuilds_backbone_from_metadata(model, bundle):
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     loaded, _ = load_bundle(bundle)  # backbone "random:0" is rebuilt from the recorded identity
     assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
 

@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 
 
 def reference_logits(model: PromptTunedCLIP, images, classnames):
@@ -29,7 +30,7 @@ def test_truncated_batched_prompts_equal_reference(random_backbone):
         for p in model.prompt_learner.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     names = ["red circle", "a much longer class name here", "star"]
-    images = torch.rand(4, 3, 64, 64)
+    images = torch.rand(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
         assert torch.allclose(model(images, names), reference_logits(model, images, names), atol=1e-5)
 
@@ -55,7 +56,7 @@ def test_shared_prefix_path_equals_plain_path(random_backbone):
     model = PromptTunedCLIP(random_backbone, max_text_batch=5)
     assert model.shared_prefix
     names = ["red circle", "blue", "a much longer class name here"]
-    images = torch.rand(3, 3, 64, 64)
+    images = torch.rand(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
         fast = model(images, names)
         model.shared_prefix = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from pathlib import Path
 
 import attrs
@@ -24,6 +25,7 @@ BUILTIN = "builtin"
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip"
 TINY_CONFIG = ASSETS / f"{TINY_MODEL}.json"
 TINY_WEIGHTS = ASSETS / "weights.safetensors"
+TINY_IMAGE_SIZE = int(json.loads(TINY_CONFIG.read_text())["vision_cfg"]["image_size"])
 
 open_clip.add_model_config(TINY_CONFIG)
 
