@@ -27,10 +27,18 @@ class Task:
     new: tuple[str, ...]
 
 
-def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 16) -> Task:
+def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 16, test_per_class: int | None = None,
+              progress: Progress = silent) -> Task:
+    """Few-shot training images of the base classes (by ``seed``) and the test images of every class.
+
+    ``test_per_class`` caps the test images per class (the same sample for every seed), so that CPU
+    runs on large datasets evaluate a subset; None takes the whole test split.
+    """
     base, new = base_new_split(dataset.classnames)
-    train = dataset.load("train", image_size=backbone.image_size, seed=seed, shots=shots).restrict(base)
-    test = dataset.load("test", image_size=backbone.image_size, seed=seed)
+    train = dataset.load("train", image_size=backbone.image_size, seed=seed, shots=shots,
+                         progress=progress).restrict(base)
+    test = dataset.load("test", image_size=backbone.image_size, seed=seed, max_per_class=test_per_class,
+                        progress=progress)
     return Task(dataset=dataset.name, train=train, test=test, base=base, new=new)
 
 
