@@ -20,7 +20,7 @@ from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.models.bundle import bundle_sha256, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, train_and_evaluate
+from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, sample_candidates, train_and_evaluate
 
 DEMO_MARKER = "demo.json"
 
@@ -80,7 +80,11 @@ def _write_json(path: Path, data) -> None:
 @click.option("--quiet", is_flag=True)
 @report_errors
 def demo(out, json_path, dataset, data_root, attacks, seed, device, quiet):
-    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector."""
+    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector.
+
+    Each scan inverts triggers for the paper's benchmark candidates: 50 classes drawn by --seed with the
+    backdoor's target among them, or every class of a dataset with at most 50.
+    """
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
@@ -110,10 +114,11 @@ def demo(out, json_path, dataset, data_root, attacks, seed, device, quiet):
             bundle = save_bundle(outcome.model, task.base + task.new, work / "models" / name, base_classes=task.base)
             if outcome.trigger is not None:
                 outcome.trigger.save(work / "models" / f"{name}.trigger.safetensors")
+            candidates = sample_candidates(task.base + task.new, seed=seed, target=attack_target)
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
                      + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
-                     + f"; scanning {len(task.base + task.new)} classes")
-            result = scan(outcome.model, detector, scorer, pool, task.base + task.new, seed=seed, progress=progress)
+                     + f"; scanning {len(candidates)} classes")
+            result = scan(outcome.model, detector, scorer, pool, candidates, seed=seed, progress=progress)
             write_scan(result, work / "scans" / name, pool, bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)},
                        seed=seed, preset=preset)
             rows.append({
