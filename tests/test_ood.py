@@ -175,3 +175,19 @@ def test_d_and_t_are_disjoint_samples_of_the_folder(tmp_path):
     assert len(set(colours)) == 10  # ten different files, none in both D and T
     again = load_pool(tmp_path, inversion=6, holdout=4, image_size=8, seed=4)
     assert torch.equal(pool.holdout, again.holdout)
+
+
+def test_read_progress_lines():
+    from ci_core.data.images import ReadProgress
+
+    lines = []
+    every_step = ReadProgress(lines.append, "pool", 3, every=0.0)
+    for done in (1, 2, 3):
+        every_step.step(done)
+    assert [line.split(" (")[0] for line in lines] == [f"pool: {n}/3 images read" for n in (1, 2, 3)]
+    lines.clear()
+    quiet = ReadProgress(lines.append, "pool", 3, every=1e9)  # a fast read prints nothing
+    for done in (1, 2, 3):
+        quiet.step(done)
+    assert lines == []
+    ReadProgress(None, "pool", 3, every=0.0).step(1)  # no callback: nothing to call

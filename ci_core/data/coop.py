@@ -84,9 +84,6 @@ class SplitFiles:
             by_label[label].append(relative)
         return cls(base, tuple(tuple(sorted(files)) for files in by_label))
 
-    def __len__(self) -> int:
-        return sum(len(files) for files in self.by_label)
-
 
 def _require(dataset: str, paths: Sequence[Path], what: str, hint: str = "") -> None:
     """Fail on missing ``paths``, naming the first missing one and how many are missing."""
@@ -184,7 +181,7 @@ class CoopDataset(Dataset):
         chosen: list[tuple[Path, int]] = []
         for label, names in enumerate(files.by_label):
             if counts and len(names) > min(counts):
-                # One generator per class: a class's draw does not depend on which other classes exist.
+                # One generator per class, so that one class's draw never shifts another's.
                 rng = random.Random(f"{self.name}/{split}/{draw}/{label}")
                 names = sorted(rng.sample(names, min(counts)))
             chosen.extend((files.base / name, label) for name in names)
