@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import (StderrProgress, configure_threads, echo_table, parse_options, report_errors,
-                                resolve_device)
+from ci_core.cli.common import (StderrProgress, configure_threads, data_root_option, echo_table, open_dataset,
+                                parse_options, report_errors, resolve_device)
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
@@ -20,7 +20,7 @@ from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.models.bundle import bundle_sha256, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, train_and_evaluate
+from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, sample_candidates, train_and_evaluate
 
 DEMO_MARKER = "demo.json"
 
@@ -72,23 +72,29 @@ def _write_json(path: Path, data) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ci-demo"), show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @click.option("--dataset", default="tiny-colorshapes", show_default=True)
+@data_root_option
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @report_errors
-def demo(out, json_path, dataset, attacks, seed, device, quiet):
-    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector."""
+def demo(out, json_path, dataset, data_root, attacks, seed, device, quiet):
+    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector.
+
+    Each scan inverts triggers for the paper's benchmark candidates: 50 classes drawn by --seed with the
+    backdoor's target among them, or every class of a dataset with at most 50.
+    """
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
     plugins = registry()
     attack_names = plugins.names("attack") if attacks == "all" else attacks.split(",")
     attack_classes = {name: plugins.get("attack", name) for name in attack_names}
+    dataset_obj = open_dataset(dataset, data_root)
     backbone = load_backbone(TINY_MODEL, BUILTIN, device=resolve_device(device))
     preset = preset_for(backbone)
-    task = load_task(plugins.get("dataset", dataset)(), backbone, seed=seed)
+    task = load_task(dataset_obj, backbone, seed=seed, progress=progress)
     target = choose_target(task, seed)
     detector = plugins.get("detector", "ci").from_options(preset=preset)
     scorer = plugins.get("scorer", detector.default_scorer).from_options(preset=preset)
@@ -108,10 +114,11 @@ def demo(out, json_path, dataset, attacks, seed, device, quiet):
             bundle = save_bundle(outcome.model, task.base + task.new, work / "models" / name, base_classes=task.base)
             if outcome.trigger is not None:
                 outcome.trigger.save(work / "models" / f"{name}.trigger.safetensors")
+            candidates = sample_candidates(task.base + task.new, seed=seed, target=attack_target)
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
                      + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
-                     + f"; scanning {len(task.base + task.new)} classes")
-            result = scan(outcome.model, detector, scorer, pool, task.base + task.new, seed=seed, progress=progress)
+                     + f"; scanning {len(candidates)} classes")
+            result = scan(outcome.model, detector, scorer, pool, candidates, seed=seed, progress=progress)
             write_scan(result, work / "scans" / name, pool, bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)},
                        seed=seed, preset=preset)
             rows.append({
@@ -141,6 +148,10 @@ ATTACK_WHAT = "`ci-bench attack`"
 @main.command()
 @click.argument("name")
 @click.option("--dataset", required=True, help="A registered dataset (see `ci-bench plugins`).")
+@data_root_option
+@click.option("--test-per-class", type=int, default=None,
+              help="Test images per class for ACC and ASR (default: the whole test split); the same sample for "
+                   "every seed, to keep CPU runs on large datasets short.")
 @click.option("--target", default=None, help="The backdoor's target class (a base class; default: drawn by --seed).")
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
@@ -151,7 +162,7 @@ ATTACK_WHAT = "`ci-bench attack`"
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @report_errors
-def attack(name, dataset, target, seed, shots, options, out, device, quiet):
+def attack(name, dataset, data_root, test_per_class, target, seed, shots, options, out, device, quiet):
     """Train one model with attack NAME on the tiny CLIP and record its ACC, ASR and trigger SSIM.
 
     Writes OUT/bundle (the model), OUT/trigger.safetensors with its JSON sidecar (unless the attack
@@ -162,16 +173,18 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     progress = StderrProgress(quiet)
     plugins = registry()
     attack_cls = plugins.get("attack", name)
-    dataset_cls = plugins.get("dataset", dataset)
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
+    if test_per_class is not None and test_per_class < 1:
+        raise ConfigError(f"--test-per-class must be at least 1, got {test_per_class}")
+    dataset_obj = open_dataset(dataset, data_root)
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
     _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
     backbone = load_backbone(device=resolve_device(device))
     preset = preset_for(backbone)
     attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
-    task = load_task(dataset_cls(), backbone, seed=seed, shots=shots)
+    task = load_task(dataset_obj, backbone, seed=seed, shots=shots, test_per_class=test_per_class, progress=progress)
     attack_target = None if name == "clean" else choose_target(task, seed, target)
     work = _fresh_output(out, ATTACK_MARKER, ATTACK_WHAT)
     try:
@@ -184,7 +197,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
             outcome.trigger.save(work / "trigger.safetensors")
         record = {
             "attack": name, "dataset": dataset, **to_json(metrics),
-            "target": attack_target, "seed": seed, "shots": shots, "preset": preset,
+            "target": attack_target, "seed": seed, "shots": shots, "test_per_class": test_per_class, "preset": preset,
             "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
             "config": to_json(attack_obj.config), "backbone": backbone.identity(), "log": to_json(outcome.log),
             "seconds": round(clock.seconds, 1),
@@ -197,3 +210,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
+
+
+if __name__ == "__main__":
+    main()

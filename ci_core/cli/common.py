@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 
 import click
 import torch
 
+from ci_core.data.coop import DATA_ROOT_ENV
+from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
+from ci_core.plugins import registry
 
 
 def report_errors(func):
@@ -35,6 +39,20 @@ class StderrProgress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             click.echo(f"[{time.perf_counter() - self.start:7.1f}s] {message}", err=True)
+
+
+def data_root_option(func):
+    """``--data-root DIR``, defaulting to the environment variable CI_DATA_ROOT."""
+    return click.option(
+        "--data-root", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_ROOT_ENV, show_envvar=True,
+        help="Folder holding the CoOp-layout datasets (imagenet/, caltech-101/, oxford_pets/, ...); "
+             "needed by every dataset that is not built in.",
+    )(func)
+
+
+def open_dataset(name: str, data_root: Path | None) -> Dataset:
+    """The registered dataset ``name``, reading its files under ``data_root`` if it has any."""
+    return registry().get("dataset", name).open(data_root)
 
 
 def resolve_device(name: str) -> str:

@@ -16,7 +16,15 @@ from ci_core.workflow import pool_sizes, preset_for
 
 
 def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    """Candidate classes from ``path``: one per line, blank lines and lines starting with '#' skipped.
+
+    Every name must be a class of the bundle, and none may repeat.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc}); expected one class name per line") from exc
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if len(names) < 2:
         raise DataError(f"{path}: needs at least two class names, one per line (found {len(names)})")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -33,7 +41,7 @@ def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--ood", required=True, help="Folder of unlabelled OOD images, or 'builtin' for the tiny world's pool.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Candidate classes, one per line (default: every class of the bundle).")
+              help="Candidate classes, one per line, each a class of the bundle (default: every class of the bundle).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: scan-<bundle name>).")
 @click.option("--detector", default="ci", show_default=True)
 @click.option("--scorer", default=None, help="Default: the detector's own scorer.")
@@ -60,7 +68,8 @@ def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_optio
     scorer_cls = plugins.get("scorer", scorer or det.default_scorer)
     sc = scorer_cls.from_options(parse_options(scorer_options, "--scorer-option"), preset=preset)
     default_pool, default_holdout = pool_sizes(preset)
-    pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout, image_size=model.backbone.image_size, seed=seed)
+    pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
+                     image_size=model.backbone.image_size, seed=seed, progress=progress)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
     result = scan(model, det, sc, pool, classnames, seed=seed, progress=progress)
@@ -70,3 +79,7 @@ def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_optio
     verdict = "BACKDOORED" if result.scores.backdoored else "clean"
     click.echo(f"{verdict}: s_max {result.scores.s_max:.2f} (k = {sc.config.k if hasattr(sc.config, 'k') else '?'}), "
                f"most anomalous class {result.scores.target!r}; report: {report_path}")
+
+
+if __name__ == "__main__":
+    main()
