@@ -185,7 +185,7 @@ def test_bad_options_are_named(nc, pixb):
             cls.from_options({"epochs": 2.5})
         with pytest.raises(ConfigError, match="unknown option"):
             cls.from_options({"cost": 1})
-        assert cls.from_options(preset="tiny").config.batch_size == 8
+        assert cls.from_options(preset="tiny").config.batch_size == 4
     with pytest.raises(ConfigError, match="asr_threshold"):
         nc.NeuralCleanse.from_options({"asr_threshold": 1.5})
     with pytest.raises(ConfigError, match="cost_multiplier"):
