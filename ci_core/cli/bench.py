@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import (StderrProgress, configure_threads, echo_table, parse_options, report_errors,
-                                resolve_device)
+from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, echo_table,
+                                parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
@@ -75,18 +75,21 @@ def _write_json(path: Path, data) -> None:
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
 @click.option("--seed", default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@backbone_options(f"the bundled tiny CLIP ({TINY_MODEL}, {BUILTIN})")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def demo(out, json_path, dataset, attacks, seed, device, quiet):
+def demo(out, json_path, dataset, attacks, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector."""
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_names = plugins.names("attack") if attacks == "all" else attacks.split(",")
     attack_classes = {name: plugins.get("attack", name) for name in attack_names}
-    backbone = load_backbone(TINY_MODEL, BUILTIN, device=resolve_device(device))
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, (TINY_MODEL, BUILTIN)), device=runtime.device,
+                             text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     task = load_task(plugins.get("dataset", dataset)(), backbone, seed=seed)
     target = choose_target(task, seed)
@@ -148,10 +151,12 @@ ATTACK_WHAT = "`ci-bench attack`"
               help="Override one field of the attack's config (repeatable); VALUE is read as JSON when it parses.")
 @click.option("--out", required=True, type=click.Path(file_okay=True, path_type=Path),
               help="Folder to write bundle/, trigger.safetensors and metrics.json into.")
-@click.option("--device", default="auto", show_default=True)
+@backbone_options("the dataset's (the tiny CLIP on the tiny world, ViT-B-16 with openai weights otherwise)")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def attack(name, dataset, target, seed, shots, options, out, device, quiet):
+def attack(name, dataset, target, seed, shots, options, out, backbone, pretrained, device, max_text_batch, bf16,
+           quiet):
     """Train one model with attack NAME on the tiny CLIP and record its ACC, ASR and trigger SSIM.
 
     Writes OUT/bundle (the model), OUT/trigger.safetensors with its JSON sidecar (unless the attack
@@ -160,6 +165,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_cls = plugins.get("attack", name)
     dataset_cls = plugins.get("dataset", dataset)
@@ -168,7 +174,8 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
     _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    backbone = load_backbone(device=resolve_device(device))
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_cls.default_backbone),
+                             device=runtime.device, text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
     task = load_task(dataset_cls(), backbone, seed=seed, shots=shots)
@@ -197,3 +204,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
+
+
+if __name__ == "__main__":
+    main()

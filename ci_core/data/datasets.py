@@ -11,6 +11,7 @@ import torch
 
 from ci_core.data import tiny_world
 from ci_core.errors import DataError
+from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL
 
 SPLITS = ("train", "val", "test")
 
@@ -50,6 +51,8 @@ class Dataset(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # (open_clip name, pretrained) that commands use on this dataset unless told otherwise.
+    default_backbone: ClassVar[tuple[str, str]] = DEFAULT_REAL
 
     @property
     @abc.abstractmethod
@@ -64,6 +67,7 @@ class TinyWorldDataset(Dataset):
     """One class set of the bundled tiny world (see ``tiny_world.DATASETS``)."""
 
     spec: ClassVar[tiny_world.TinyDatasetSpec]
+    default_backbone: ClassVar[tuple[str, str]] = (TINY_MODEL, BUILTIN)
     # The tiny world renders splits on demand; these are the sizes of a "whole" split.
     split_sizes: ClassVar[dict[str, int]] = {"train": 64, "val": 8, "test": 30}
 
