@@ -125,8 +125,9 @@ def test_weights_of_another_architecture_are_named(tmp_path):
     weights["visual.proj"] = torch.zeros(3, 3)
     del weights["ln_final.bias"]
     save_file(weights, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ConfigError, match=r"does not fit ci-tiny-clip: 1 missing tensors \['ln_final.bias'\], 1 unexpected "
-                                          r"\['bogus.weight'\], 1 of another shape \['visual.proj \[3, 3\] \(expected"):
+    with pytest.raises(ConfigError, match=r"does not fit ci-tiny-clip: 1 missing tensors \['ln_final.bias'\], "
+                                          r"1 unexpected \['bogus.weight'\], "
+                                          r"1 of another shape \['visual.proj \[3, 3\] \(expected"):
         load_backbone(TINY_MODEL, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_backbone(TINY_MODEL, str(tmp_path / "missing.safetensors"))

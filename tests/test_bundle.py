@@ -81,8 +81,9 @@ def test_other_backbone_weights_are_refused_showing_both(bundle, random_backbone
         with pytest.raises(BundleError) as caught:
             load_bundle(bundle, **kwargs)
         message = str(caught.value)
-        assert f"trained on backbone ci-tiny-clip (random:0, GELU) with weights sha256 {random_backbone.weights_sha256}" in message
-        assert f"the backbone given is ci-tiny-clip (random:1, GELU) with weights sha256 {other.weights_sha256}" in message
+        trained, given = random_backbone.weights_sha256, other.weights_sha256
+        assert f"trained on backbone ci-tiny-clip (random:0, GELU) with weights sha256 {trained}" in message
+        assert f"the backbone given is ci-tiny-clip (random:1, GELU) with weights sha256 {given}" in message
 
 
 def test_same_weights_from_a_local_file_are_accepted(tmp_path, model, bundle, random_backbone):
@@ -105,8 +106,9 @@ def test_unloadable_recorded_backbone_says_how_to_pass_its_weights(bundle):
     meta = json.loads(meta_path.read_text())
     meta["backbone"]["pretrained"] = "/elsewhere/backbone.safetensors"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip \(/elsewhere/backbone.safetensors\)"
-                                          r".*does not exist.*pass it with --pretrained FILE"):
+    with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip "
+                                          r"\(/elsewhere/backbone.safetensors\).*does not exist.*"
+                                          r"pass it with --pretrained FILE"):
         load_bundle(bundle)
 
 

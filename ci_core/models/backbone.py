@@ -155,6 +155,11 @@ LOCAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -164,9 +169,9 @@ def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         # weights_only refuses pickled code and TorchScript archives (OpenAI's original .pt files) alike.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"weights file {path}: not readable as plain tensors ({first}); give a .safetensors "
-                          "file, or a state dict saved with torch.save (read with torch.load(weights_only=True))") from exc
+        raise ConfigError(f"weights file {path}: not readable as plain tensors ({_first_line(exc)}); give a "
+                          ".safetensors file, or a state dict saved with torch.save (read with "
+                          "torch.load(weights_only=True))") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -204,7 +209,7 @@ class _NoRandomInitNote(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_random_init():
-    """open_clip warns that a model built without a checkpoint is random; here the weights are loaded next (or meant)."""
+    """Drop open_clip's note that a model built without a checkpoint is random: here weights follow, or are meant."""
     note = _NoRandomInitNote()
     root = logging.getLogger()
     root.addFilter(note)
@@ -291,8 +296,9 @@ def _hub_offline() -> bool:
 
 def _local_file_hint(name: str, cfg: dict) -> str:
     arch = name
-    if cfg.get("quick_gelu") and not name.endswith(QUICKGELU_SUFFIX) and name + QUICKGELU_SUFFIX in open_clip.list_models():
-        arch = name + QUICKGELU_SUFFIX  # these weights were trained with QuickGELU, which a file does not record
+    quick_name = name + QUICKGELU_SUFFIX
+    if cfg.get("quick_gelu") and not name.endswith(QUICKGELU_SUFFIX) and quick_name in open_clip.list_models():
+        arch = quick_name  # these weights were trained with QuickGELU, which a file does not record
     return (f"pass a local weights file instead: --backbone {arch} --pretrained /path/to/weights.safetensors "
             "(a .pt/.pth/.bin state dict is read with torch.load(weights_only=True))")
 
@@ -307,7 +313,7 @@ def _create_from_tag(name: str, tag: str, cache_dir: str | None) -> torch.nn.Mod
             return open_clip.create_model(name, pretrained=cached, force_quick_gelu=bool(cfg.get("quick_gelu")),
                                           force_preprocess_cfg=preprocess, cache_dir=cache_dir)
         source = download_source(cfg)
-        if _hub_offline() and source.startswith("http") and "huggingface" in source:
+        if _hf_repo_and_files(cfg) is not None and _hub_offline():
             raise ConfigError(f"pretrained {tag!r} for {name} is not in the open_clip cache and HF_HUB_OFFLINE is set, "
                               f"so it cannot be downloaded from {source}; {_local_file_hint(name, cfg)}")
         if not reachable(source):
@@ -320,7 +326,7 @@ def _create_from_tag(name: str, tag: str, cache_dir: str | None) -> torch.nn.Mod
     except ConfigError:
         raise
     except Exception as exc:  # open_clip raises RuntimeError/OSError/hub errors on failed downloads
-        raise ConfigError(f"could not load pretrained {tag!r} for {name} ({str(exc).splitlines()[0]}); "
+        raise ConfigError(f"could not load pretrained {tag!r} for {name} ({_first_line(exc)}); "
                           f"{_local_file_hint(name, cfg)}") from exc
 
 
