@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import (StderrProgress, configure_threads, data_root_option, echo_table, open_dataset,
-                                parse_options, report_errors, resolve_device)
+from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
+                                echo_table, open_dataset, parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
@@ -76,10 +76,11 @@ def _write_json(path: Path, data) -> None:
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
 @click.option("--seed", default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@backbone_options(f"the bundled tiny CLIP ({TINY_MODEL}, {BUILTIN})")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def demo(out, json_path, dataset, data_root, attacks, seed, device, quiet):
+def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector.
 
     Each scan inverts triggers for the paper's benchmark candidates: 50 classes drawn by --seed with the
@@ -88,11 +89,13 @@ def demo(out, json_path, dataset, data_root, attacks, seed, device, quiet):
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_names = plugins.names("attack") if attacks == "all" else attacks.split(",")
     attack_classes = {name: plugins.get("attack", name) for name in attack_names}
     dataset_obj = open_dataset(dataset, data_root)
-    backbone = load_backbone(TINY_MODEL, BUILTIN, device=resolve_device(device))
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, (TINY_MODEL, BUILTIN)), device=runtime.device,
+                             text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     task = load_task(dataset_obj, backbone, seed=seed, progress=progress)
     target = choose_target(task, seed)
@@ -159,10 +162,12 @@ ATTACK_WHAT = "`ci-bench attack`"
               help="Override one field of the attack's config (repeatable); VALUE is read as JSON when it parses.")
 @click.option("--out", required=True, type=click.Path(file_okay=True, path_type=Path),
               help="Folder to write bundle/, trigger.safetensors and metrics.json into.")
-@click.option("--device", default="auto", show_default=True)
+@backbone_options("the dataset's (the tiny CLIP on the tiny world, ViT-B-16 with openai weights otherwise)")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def attack(name, dataset, data_root, test_per_class, target, seed, shots, options, out, device, quiet):
+def attack(name, dataset, data_root, test_per_class, target, seed, shots, options, out, backbone, pretrained, device,
+           max_text_batch, bf16, quiet):
     """Train one model with attack NAME on the tiny CLIP and record its ACC, ASR and trigger SSIM.
 
     Writes OUT/bundle (the model), OUT/trigger.safetensors with its JSON sidecar (unless the attack
@@ -171,6 +176,7 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_cls = plugins.get("attack", name)
     if shots < 1:
@@ -181,7 +187,8 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
     _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    backbone = load_backbone(device=resolve_device(device))
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_cls.default_backbone),
+                             device=runtime.device, text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
     task = load_task(dataset_obj, backbone, seed=seed, shots=shots, test_per_class=test_per_class, progress=progress)

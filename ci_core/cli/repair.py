@@ -19,8 +19,8 @@ from typing import Sequence
 import click
 import torch
 
-from ci_core.cli.common import (StderrProgress, configure_threads, data_root_option, echo_table, parse_options,
-                                report_errors, resolve_device)
+from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, data_root_option, echo_table,
+                                parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.datasets import LabeledImages, base_new_split
 from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, read_image
 from ci_core.errors import ConfigError, DataError
@@ -149,14 +149,16 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.option("--trigger-target", help="The ground-truth trigger's target class (default: the scan's target).")
 @click.option("--test-images", type=int, help="Test images per class (default: the whole test split).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@backbone_options("the one the bundle records (its weights must be the same)")
+@runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
 def main(bundle, report, data, data_root, repairer, out, shots, seed, options, true_trigger, trigger_target, test_images,
-         json_path, device, quiet):
+         json_path, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Repair the model in BUNDLE with a trigger from its scan REPORT; writes the repaired model to OUT."""
     configure_threads()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     repairer_cls = registry().get("repairer", repairer)
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
@@ -181,7 +183,8 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
         raise ConfigError("--trigger-target needs --trigger")
     truth = load_trigger(true_trigger) if true_trigger is not None else None
 
-    model, meta = load_bundle(bundle, device=resolve_device(device))
+    model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
+                              text_encoding=runtime.text_encoding)
     fixer = repairer_cls.from_options(parse_options(options, "--option"), preset=preset_for(model.backbone))
     clean, test = load_data(data, classnames, base, image_size=model.backbone.image_size, shots=shots,
                             test_images=test_images, seed=seed, data_root=data_root)

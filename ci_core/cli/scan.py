@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import StderrProgress, configure_threads, parse_options, report_errors, resolve_device
+from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
+                                resolve_runtime, runtime_options)
 from ci_core.data.ood import load_pool
 from ci_core.errors import DataError
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta
@@ -50,19 +51,23 @@ def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
 @click.option("--pool-size", type=int, help="Inversion images |D| (default 1000; 256 on the tiny CLIP).")
 @click.option("--holdout", type=int, help="Held-out images |T| for ASR (default 500; 128 on the tiny CLIP).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@backbone_options("the one the bundle records (its weights must be the same)")
+@runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
 def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_options, pool_size, holdout, seed,
-         device, quiet):
+         backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model in BUNDLE for a backdoor; writes OUT/report.json and OUT/triggers/."""
     configure_threads()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     detector_cls = plugins.get("detector", detector)
     meta = read_meta(bundle)
     classnames = read_class_file(classes_file, meta["classnames"]) if classes_file else meta["classnames"]
-    model, meta = load_bundle(bundle, device=resolve_device(device))
+    progress(f"loading {bundle} on {runtime.device}")
+    model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
+                              text_encoding=runtime.text_encoding)
     preset = preset_for(model.backbone)
     det = detector_cls.from_options(parse_options(options, "--option"), preset=preset)
     scorer_cls = plugins.get("scorer", scorer or det.default_scorer)
@@ -75,7 +80,7 @@ def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_optio
     result = scan(model, det, sc, pool, classnames, seed=seed, progress=progress)
     out = out or Path(f"scan-{Path(bundle).resolve().name}")
     report_path = write_scan(result, out, pool, bundle={"path": str(bundle), "sha256": bundle_sha256(bundle)},
-                             seed=seed, preset=preset)
+                             backbone=model.backbone.identity(), device=runtime.device, seed=seed, preset=preset)
     verdict = "BACKDOORED" if result.scores.backdoored else "clean"
     click.echo(f"{verdict}: s_max {result.scores.s_max:.2f} (k = {sc.config.k if hasattr(sc.config, 'k') else '?'}), "
                f"most anomalous class {result.scores.target!r}; report: {report_path}")

@@ -12,6 +12,7 @@ import torch
 
 from ci_core.data import tiny_world
 from ci_core.errors import DataError
+from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL
 
 SPLITS = ("train", "val", "test")
 
@@ -73,6 +74,8 @@ class Dataset(abc.ABC):
     def present(cls, data_root: str | Path) -> bool:
         """Whether this dataset's folder is under ``data_root`` (always, for datasets that need no files)."""
         return True
+    # (open_clip name, pretrained) that commands use on this dataset unless told otherwise.
+    default_backbone: ClassVar[tuple[str, str]] = DEFAULT_REAL
 
     @property
     @abc.abstractmethod
@@ -94,6 +97,7 @@ class TinyWorldDataset(Dataset):
     """One class set of the bundled tiny world (see ``tiny_world.DATASETS``)."""
 
     spec: ClassVar[tiny_world.TinyDatasetSpec]
+    default_backbone: ClassVar[tuple[str, str]] = (TINY_MODEL, BUILTIN)
     # The tiny world renders splits on demand; these are the sizes of a "whole" split.
     split_sizes: ClassVar[dict[str, int]] = {"train": 64, "val": 8, "test": 30}
 
