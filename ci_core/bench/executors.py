@@ -168,7 +168,7 @@ class RayExecutor:
 
     def run(self, store: Store, cells: Sequence[Cell], options: CellOptions, status: SweepStatus) -> list[dict]:
         ray = self.ray
-        gpus = self._gpus()
+        gpus = self._gpus() if options.device != "cpu" else 0
         task = ray.remote(num_cpus=self.cpus_per_cell, num_gpus=1 if gpus else 0)(execute)
         device = options.device if options.device != "auto" else ("cuda" if gpus else "cpu")
         threads = options.threads or self.cpus_per_cell

@@ -24,8 +24,8 @@ from ci_core.workflow import pool_sizes, preset_for
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 INVERSION_DATA = ("ood", "id")
-# Detector config fields the ablation options sweep over: (option, field).
-ABLATION_FIELDS = (("--batch-sizes", "batch_size"), ("--losses", "loss"))
+# Detector config fields the ablation options sweep over: (option, SweepSettings attribute, config field).
+ABLATION_FIELDS = (("--batch-sizes", "batch_sizes", "batch_size"), ("--losses", "losses", "loss"))
 
 
 def _slug(text: str) -> str:
@@ -171,8 +171,8 @@ def _check_option_targets(flag: str, options: Mapping[str, Mapping], selected: S
 def _detector_variants(cls: type, options: Mapping[str, Any], settings: SweepSettings, preset: str | None) -> list:
     fields = attrs.fields_dict(cls.Config)
     axes = []
-    for flag, field in ABLATION_FIELDS:
-        values = getattr(settings, flag.removeprefix("--").replace("-", "_"))
+    for flag, attribute, field in ABLATION_FIELDS:
+        values = getattr(settings, attribute)
         if values and field in fields:
             if field in options:
                 raise ConfigError(f"--detector-option {cls.name}.{field} and {flag} both set {field}; give one of them")
@@ -195,8 +195,8 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     attacks = {name: plugins.get("attack", name).from_options(settings.attack_options.get(name), preset=preset)
                for name in settings.attacks}
     detector_classes = {name: plugins.get("detector", name) for name in settings.detectors}
-    for flag, field in ABLATION_FIELDS:
-        if getattr(settings, flag.removeprefix("--").replace("-", "_")) and not any(
+    for flag, attribute, field in ABLATION_FIELDS:
+        if getattr(settings, attribute) and not any(
                 field in attrs.fields_dict(cls.Config) for cls in detector_classes.values()):
             raise ConfigError(f"{flag}: none of the detectors ({', '.join(settings.detectors)}) has a {field!r} option")
     detectors = {name: _detector_variants(cls, settings.detector_options.get(name, {}), settings, preset)

@@ -139,6 +139,12 @@ def _group_label(groups: dict[str, list[dict]]) -> dict[str, str]:
     return {gid: (f"{label} #{gid[:6]}" if counts[label] > 1 else label) for gid, label in labels.items()}
 
 
+def _group_order(row: dict) -> tuple:
+    v = row["variant"]
+    return (row["detector"], v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
+            v["inversion_data"], spec_hash(row["spec"]["detector_config"]))
+
+
 def _group_summary(label: str, rows: list[dict]) -> dict:
     first = rows[0]
     truth = [row["true_target"] is not None for row in rows]
@@ -154,7 +160,9 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
         roc = roc_curve(truth, s_max)
         best = youden_threshold(truth, s_max)
         model_level.update(auroc=auroc(truth, s_max),
-                           youden={"threshold": _finite(best.threshold), "j": best.j, "tpr": best.tpr, "fpr": best.fpr},
+                           # +inf: no finite threshold does better than flagging nothing
+                           youden={"threshold": best.threshold if math.isfinite(best.threshold) else "+inf",
+                                   "j": best.j, "tpr": best.tpr, "fpr": best.fpr},
                            roc={"thresholds": [_finite(t) for t in roc.thresholds], "fpr": list(roc.fpr),
                                 "tpr": list(roc.tpr)})
 
@@ -193,7 +201,8 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
 def _attack_rows(models: Sequence[dict]) -> list[dict]:
     rows = []
     for attack, part in _by(models, "attack", _attack_order).items():
-        for dataset, cells in [*_by(part, "dataset").items(), ("all", part)]:
+        per_dataset = list(_by(part, "dataset").items())
+        for dataset, cells in per_dataset + ([("all", part)] if len(per_dataset) > 1 else []):
             metric = lambda name: mean_std(c["metrics"][name] for c in cells)  # noqa: E731
             rows.append({"attack": attack, "dataset": dataset, "models": len(cells),
                          "acc_seen": metric("acc_base"), "acc_unseen": metric("acc_new"),
@@ -212,7 +221,7 @@ def build_report(store: Store) -> dict:
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         groups[spec_hash({f: row["spec"][f] for f in GROUP_FIELDS})].append(row)
-    groups = dict(sorted(groups.items(), key=lambda item: (item[1][0]["detector"], variant_label(item[1][0]["variant"]))))
+    groups = dict(sorted(groups.items(), key=lambda item: _group_order(item[1][0])))
     labels = _group_label(groups)
     return {
         "store": str(store.root),
@@ -276,10 +285,9 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
         out += ["![ROC curves of s_max](roc.png)", ""]
 
     out += ["## Class-level target detection (Tables 2-3)", "", DEFINITIONS["class_level"], ""]
-    for by, title in (("dataset", "per dataset"), ("attack", "per attack")):
-        for g in groups:
-            out += [f"### {g['label']}, {title}", "",
-                    md_table(g["class_level"][by], [("name", by)] + COUNT_COLUMNS), ""]
+    for by in ("dataset", "attack"):
+        rows = [{"label": g["label"], **row} for g in groups for row in g["class_level"][by]]
+        out += [f"### Per {by}", "", md_table(rows, [("label", "detector"), ("name", by)] + COUNT_COLUMNS), ""]
 
     out += ["## Anomaly score per attack (Figure 5)", "", DEFINITIONS["anomaly"], ""]
     rows = [{"label": g["label"], **a} for g in groups for a in g["anomaly_by_attack"]]

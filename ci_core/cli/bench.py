@@ -311,6 +311,8 @@ def run(out, attacks, detectors, datasets, seeds, shots, ood, pool_sizes, holdou
         raise ConfigError(f"--threads must be at least 1, got {threads}")
     if ray_address and executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
+    if executor == "local":
+        resolve_device(device)  # a bad --device fails here, not once per cell
     backbone_obj = load_backbone(backbone, pretrained, device="cpu")
     plan = plan_sweep(settings, backbone_obj, plugins)
     if dry_run:
