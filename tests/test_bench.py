@@ -399,7 +399,7 @@ REAL_SWEEP = ["run", "--attacks", "clean", "--detectors", "ci", "--datasets", "t
 def comparable(store_dir):
     """Every stored result without its timings and paths."""
     def strip(cell):
-        return {k: v for k, v in cell.items() if k not in ("seconds", "scan_seconds", "log")}
+        return {k: v for k, v in cell.items() if k not in ("seconds", "scan_seconds", "cpu_seconds")}
     out = {}
     for kind in ("model", "scan"):
         for name in finished(store_dir, kind):
