@@ -1,4 +1,4 @@
-"""``ci-bench``: the researcher's entry point (plugins, attack, demo)."""
+"""``ci-bench``: the researcher's entry point (plugins, attack, demo, run, report)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import click
 
+from ci_core.bench import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
-                                echo_table, open_dataset, parse_options, report_errors, resolve_runtime, runtime_options)
+                                echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
+                                runtime_options)
+from ci_core.data.datasets import TINY_DATASETS
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
@@ -217,6 +220,142 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _split(value: str | None, flag: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in (value or "").split(",") if item.strip())
+    if value is not None and not items:
+        raise ConfigError(f"{flag}: expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _ints(value: str | None, flag: str) -> tuple[int, ...]:
+    items = _split(value, flag)
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated whole numbers, got {value!r}") from None
+
+
+def _names(value: str, flag: str, registered: list[str]) -> tuple[str, ...]:
+    return tuple(registered) if value == "all" else _split(value, flag)
+
+
+def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
+    """NAME.KEY=VALUE pairs grouped by plugin NAME; VALUE is read as JSON when it parses."""
+    grouped: dict[str, dict] = {}
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not name or not key:
+            raise ConfigError(f"{flag} {pair!r}: expected NAME.KEY=VALUE, e.g. clean.epochs=2")
+        grouped.setdefault(name, {}).update(parse_options((f"{key}={value}",), flag))
+    return grouped
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The store: results are filed here by the hash of their config; rerun to resume.")
+@click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks, or 'all' registered.")
+@click.option("--detectors", default="all", show_default=True, help="Comma-separated detectors, or 'all' registered.")
+@click.option("--datasets", default="tiny", show_default=True,
+              help="Comma-separated datasets; 'tiny' = the tiny world's, 'all' = every registered one.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds (one model per seed).")
+@click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
+@click.option("--ood", default=BUILTIN_POOL, show_default=True, help="OOD image folder, or 'builtin' (the tiny world's).")
+@click.option("--pool-sizes", help="Ablation: comma-separated inversion-set sizes |D| (default: 1000; 256 on the tiny CLIP).")
+@click.option("--holdout", type=int, help="Held-out OOD images |T| for ASR (default 500; 128 on the tiny CLIP).")
+@click.option("--batch-sizes", help="Ablation: comma-separated inversion batch sizes (detectors with a batch_size option).")
+@click.option("--losses", help="Ablation: comma-separated inversion losses, e.g. margin,ce,logit (detectors with a loss option).")
+@click.option("--inversion-data", default="ood", show_default=True,
+              help="Ablation: 'ood', 'id' (the dataset's own validation images) or 'ood,id'.")
+@click.option("--attack-option", "attack_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of attack NAME's config (repeatable), e.g. clean.epochs=2.")
+@click.option("--detector-option", "detector_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of detector NAME's config (repeatable), e.g. ci.epsilon=0.0314.")
+@click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of scorer NAME's config (repeatable), e.g. ci.k=2.5.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", help="An existing Ray cluster (default: start a local one for this run).")
+@click.option("--ray-cpus", default=1, show_default=True, type=int, help="CPUs of the local Ray cluster.")
+@click.option("--cpus-per-cell", default=1, show_default=True, type=int, help="CPUs each Ray task reserves.")
+@click.option("--threads", type=int, help="Torch threads inside each cell (default: local = this process's, "
+                                          "Ray = --cpus-per-cell).")
+@click.option("--backbone", default=TINY_MODEL, show_default=True, help="open_clip architecture.")
+@click.option("--pretrained", default=BUILTIN, show_default=True, help="Its weights: builtin, an open_clip tag or a file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the cells and whether the store holds them; run nothing.")
+@click.option("--verbose", is_flag=True, help="Also print each cell's own progress (epochs, classes).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@report_errors
+def run(out, attacks, detectors, datasets, seeds, shots, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
+        attack_options, detector_options, scorer_options, executor, ray_address, ray_cpus, cpus_per_cell, threads,
+        backbone, pretrained, device, dry_run, verbose, quiet):
+    """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
+
+    Finished cells are never redone: rerunning the same command after an
+    interruption runs only what is missing (and retries failed cells).  Then
+    `ci-bench report OUT` writes the tables and figures.
+    """
+    configure_threads()
+    progress = StderrProgress(quiet)
+    plugins = registry()
+    tiny = [cls.name for cls in TINY_DATASETS if cls.name in plugins.names("dataset")]
+    settings = SweepSettings(
+        attacks=_names(attacks, "--attacks", plugins.names("attack")),
+        detectors=_names(detectors, "--detectors", plugins.names("detector")),
+        datasets=tuple(tiny) if datasets == "tiny" else _names(datasets, "--datasets", plugins.names("dataset")),
+        seeds=_ints(seeds, "--seeds"), shots=shots, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
+        holdout=holdout, batch_sizes=_ints(batch_sizes, "--batch-sizes"), losses=_split(losses, "--losses"),
+        inversion_data=_split(inversion_data, "--inversion-data"),
+        attack_options=_plugin_options(attack_options, "--attack-option"),
+        detector_options=_plugin_options(detector_options, "--detector-option"),
+        scorer_options=_plugin_options(scorer_options, "--scorer-option"),
+    )
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if ray_address and executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    if executor == "local":
+        resolve_device(device)  # a bad --device fails here, not once per cell
+    backbone_obj = load_backbone(backbone, pretrained, device="cpu")
+    plan = plan_sweep(settings, backbone_obj, plugins)
+    if dry_run:
+        store = Store.open(out) if (out / "store.json").exists() else None
+        rows = [{"kind": c.kind, "label": c.label, "key": c.key,
+                 "stored": bool(store and store.is_done(c.kind, c.key))} for c in plan.cells()]
+        echo_table(rows, [("kind", "KIND"), ("label", "CELL"), ("stored", "STORED"), ("key", "KEY")])
+        click.echo(f"{len(rows)} cells, {sum(r['stored'] for r in rows)} already stored in {out}")
+        return
+    store = Store.open(out, create=True)
+    clock = Stopwatch()
+    runner = (RayExecutor(ray_address, local_cpus=ray_cpus, cpus_per_cell=cpus_per_cell) if executor == "ray"
+              else LocalExecutor())
+    options = CellOptions(device=device, threads=threads, verbose=verbose and not quiet)
+    with runner:
+        summary = run_sweep(store, plan, runner, options, progress)
+    click.echo(f"sweep finished in {clock.seconds:.0f}s: {summary.done} cells run, {summary.reused} reused from the "
+               f"store, {len(summary.failed)} failed; `ci-bench report {out}` writes the tables")
+    if summary.failed:
+        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (recorded under {out}/failed): "
+                                   + "; ".join(f"{o['label']}: {o['error']}" for o in summary.failed[:5]))
+
+
+@main.command()
+@click.argument("store_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write report.md, report.json and the PNG figures (default: STORE_DIR/report).")
+@click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
+@report_errors
+def report(store_dir, out, quiet):
+    """Tables and figures (Markdown, JSON, PNG) from the finished cells of the store STORE_DIR."""
+    folder, markdown = write_report(Store.open(store_dir), out)
+    if not quiet:
+        click.echo(markdown)
+    click.echo(f"report written to {folder}")
 
 
 if __name__ == "__main__":
