@@ -79,10 +79,10 @@ def test_pixel_budget_is_the_papers_1600_at_224_and_scales_with_area():
 def test_warp_moves_pixels_without_changing_colours():
     trigger = warp(1.0)
     flat = torch.full((2, 3, SIZE, SIZE), 0.3)
-    torch.testing.assert_close(trigger.apply(flat), flat)  # a warp adds no colour
+    torch.testing.assert_close(trigger.apply(flat), flat, atol=1e-4, rtol=0)  # a warp adds no colour
     assert trigger.grid(SIZE, SIZE).abs().max() <= 1
     x = random_images(2)
-    torch.testing.assert_close(warp(0.0).apply(x), x)  # no strength, no warp
+    torch.testing.assert_close(warp(0.0).apply(x), x, atol=1e-4, rtol=0)  # no strength, no warp (grid_sample rounding)
     assert (trigger.apply(x) - x).abs().max() > 0.05
 
 
@@ -117,7 +117,7 @@ def test_control_grid_has_unit_mean_absolute_value():
 def test_identity_grid_returns_the_image():
     x = random_images(2)
     out = torch.nn.functional.grid_sample(x, identity_grid(SIZE, SIZE).expand(2, -1, -1, -1), align_corners=True)
-    torch.testing.assert_close(out, x)
+    torch.testing.assert_close(out, x, atol=1e-4, rtol=0)  # grid_sample's own rounding reaches ~1e-5
 
 
 def test_wanet_modes_follow_their_rates_and_labels():

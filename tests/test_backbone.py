@@ -122,12 +122,12 @@ def test_pickled_objects_in_a_torch_file_are_refused(tmp_path):
 def test_weights_of_another_architecture_are_named(tmp_path):
     weights = weights_of(load_backbone(TINY_MODEL, "random:0"))
     weights["bogus.weight"] = torch.zeros(2)
-    weights["visual.proj"] = torch.zeros(3, 3)
+    weights["text_projection"] = torch.zeros(3, 3)
     del weights["ln_final.bias"]
     save_file(weights, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match=r"does not fit ci-tiny-clip: 1 missing tensors \['ln_final.bias'\], "
                                           r"1 unexpected \['bogus.weight'\], "
-                                          r"1 of another shape \['visual.proj \[3, 3\] \(expected"):
+                                          r"1 of another shape \['text_projection \[3, 3\] \(expected"):
         load_backbone(TINY_MODEL, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_backbone(TINY_MODEL, str(tmp_path / "missing.safetensors"))

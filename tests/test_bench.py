@@ -109,7 +109,7 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         "shots": settings(shots=3),
         "seed": settings(seeds=(2,)),
         "pool size": settings(pool_sizes=(100,)),
-        "holdout": settings(holdout=64),
+        "holdout": settings(holdout=48),
         "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
         "scorer option": settings(scorer_options={"ci": {"k": 2.5}}),
         "loss": settings(losses=("ce",)),
@@ -182,7 +182,7 @@ class FakeDataset(Dataset):
     def classnames(self):
         return ("red circle", "blue square", "green star", "pink ring")
 
-    def load(self, split, *, image_size, seed, shots=None):
+    def load(self, split, *, image_size, seed, shots=None, max_per_class=None, progress=None):
         per_class = shots or 2
         generator = torch.Generator().manual_seed(seed * 10 + ("train", "val", "test").index(split))
         labels = torch.arange(4).repeat_interleave(per_class)

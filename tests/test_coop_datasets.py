@@ -328,6 +328,7 @@ def test_ci_bench_attack_trains_on_a_coop_layout_from_the_environment(tmp_path):
     out = tmp_path / "out"
     result = CliRunner(env={"CI_DATA_ROOT": str(tmp_path / "data")}).invoke(bench, [
         "attack", "clean", "--dataset", "dtd", "--shots", "1", "--test-per-class", "2", "--option", "epochs=1",
+        "--backbone", "ci-tiny-clip", "--pretrained", "builtin",  # real datasets default to ViT-B/16 (not offline)
         "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "metrics.json").read_text())

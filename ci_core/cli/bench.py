@@ -190,7 +190,7 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
     _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_cls.default_backbone),
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_obj.default_backbone),
                              device=runtime.device, text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
