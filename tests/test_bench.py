@@ -18,6 +18,7 @@ from ci_core.bench.metrics import auroc, class_counts, confusion, roc_curve, you
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
+from ci_core.workflow import pool_sizes, preset_for
 
 from test_plugins import install_fake_distribution
 
@@ -105,11 +106,13 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
     assert keys(base) == keys(plan_sweep(settings(), tiny_backbone, plugins))
     assert len(set(keys(base))) == 4
     model_keys = {c.key for c in base.models}
+    inversion, holdout = pool_sizes(preset_for(tiny_backbone))  # whatever the preset's are, change them
     variants = {
         "shots": settings(shots=3),
+        "test images": settings(test_per_class=5),
         "seed": settings(seeds=(2,)),
-        "pool size": settings(pool_sizes=(100,)),
-        "holdout": settings(holdout=48),
+        "pool size": settings(pool_sizes=(inversion + 1,)),
+        "holdout": settings(holdout=holdout + 1),
         "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
         "scorer option": settings(scorer_options={"ci": {"k": 2.5}}),
         "loss": settings(losses=("ce",)),
@@ -118,13 +121,15 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
     for what, changed in variants.items():
         plan = plan_sweep(changed, tiny_backbone, plugins)
         assert not set(c.key for c in plan.scans) & set(c.key for c in base.scans), what
-        scan_only = what not in ("shots", "seed")
+        scan_only = what not in ("shots", "test images", "seed")
         assert ({c.key for c in plan.models} == model_keys) is scan_only, what
     # Only badclip's option changed: the clean model and its scan are reused, badclip's model and scan are new.
     plan = plan_sweep(settings(attack_options={"badclip": {"epochs": 3}}), tiny_backbone, plugins)
     assert [c.key for c in plan.cells()][:2] == keys(base)[:2]
     assert not set(keys(plan)[2:]) & set(keys(base))
     assert plan.scans[1].spec["model"] == plan.models[1].key  # the scan's key follows its model's
+    # Where the files are is not what they are: a data root leaves every key alone.
+    assert keys(plan_sweep(settings(data_root="/elsewhere"), tiny_backbone, plugins)) == keys(base)
     # Other backbone weights: everything is new.
     assert not set(keys(plan_sweep(settings(), random_backbone, plugins))) & set(keys(base))
 
@@ -184,6 +189,8 @@ class FakeDataset(Dataset):
 
     def load(self, split, *, image_size, seed, shots=None, max_per_class=None, progress=None):
         per_class = shots or 2
+        if max_per_class is not None:
+            per_class = min(per_class, max_per_class)
         generator = torch.Generator().manual_seed(seed * 10 + ("train", "val", "test").index(split))
         labels = torch.arange(4).repeat_interleave(per_class)
         return LabeledImages(torch.rand(len(labels), 3, image_size, image_size, generator=generator), labels,

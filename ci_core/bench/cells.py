@@ -31,7 +31,7 @@ from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.plugins import registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, train_and_evaluate
+from ci_core.workflow import choose_target, load_task, sample_candidates, train_and_evaluate
 
 BUNDLE = "bundle"
 TRIGGER = "trigger.safetensors"
@@ -59,7 +59,8 @@ def _ood_pool(source: str, inversion: int, holdout: int, image_size: int, seed: 
     return load_pool(source, inversion=inversion, holdout=holdout, image_size=image_size, seed=seed)
 
 
-def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, image_size: int, seed: int) -> OODPool:
+def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, data_root: str | None, image_size: int,
+                   seed: int) -> OODPool:
     """D and T of a scan: T is always the OOD held-out set; D is OOD images or, for 'id', the dataset's own.
 
     In-distribution D (the paper's Table 17) takes the dataset's validation images
@@ -69,12 +70,12 @@ def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, image_size: 
     ood = _ood_pool(pool_spec["source"], pool_spec["inversion"], pool_spec["holdout"], image_size, seed)
     if pool_spec["inversion_data"] == "ood":
         return ood
-    dataset = registry().get("dataset", dataset_name)()
+    dataset = registry().get("dataset", dataset_name).open(data_root)
     per_class = math.ceil(pool_spec["inversion"] / len(dataset.classnames))
     images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool_spec["inversion"]]
     return OODPool(inversion=images[order], holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
-                   f"held-out {ood.source}", skipped=ood.skipped)
+                   f"held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
 
 
 def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Progress) -> dict:
@@ -84,7 +85,9 @@ def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Prog
     attack = plugins.get("attack", spec["attack"]).from_options(spec["attack_config"])
     with store.writing("model", cell.key) as work:
         clock, cpu = time.perf_counter(), time.process_time()
-        task = load_task(plugins.get("dataset", spec["dataset"])(), backbone, seed=spec["seed"], shots=spec["shots"])
+        dataset = plugins.get("dataset", spec["dataset"]).open(cell.data_root)
+        task = load_task(dataset, backbone, seed=spec["seed"], shots=spec["shots"],
+                         test_per_class=spec["test_per_class"], progress=progress)
         target = choose_target(task, spec["seed"]) if spec["backdoor"] else None
         outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=spec["seed"],
                                               progress=progress)
@@ -118,8 +121,11 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
         clock, cpu = time.perf_counter(), time.process_time()
         bundle = store.cell_dir("model", cell.model_key) / BUNDLE
         model, meta = load_bundle(bundle, backbone)
-        pool = inversion_pool(spec["pool"], model_record["dataset"], backbone.image_size, spec["seed"])
-        result = scan(model, detector, scorer, pool, meta["classnames"], seed=spec["seed"], progress=progress)
+        pool = inversion_pool(spec["pool"], model_record["dataset"], cell.data_root, backbone.image_size, spec["seed"])
+        # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them.
+        candidates = sample_candidates(meta["classnames"], seed=spec["seed"], target=model_record["target"],
+                                       count=spec["candidates"])
+        result = scan(model, detector, scorer, pool, candidates, seed=spec["seed"], progress=progress)
         write_scan(result, work / SCAN, pool, seed=spec["seed"],
                    bundle={"model_cell": cell.model_key, "sha256": bundle_sha256(bundle)})
         record = {

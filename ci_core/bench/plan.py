@@ -20,7 +20,7 @@ from ci_core.errors import ConfigError
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
 from ci_core.plugins import Registry
-from ci_core.workflow import pool_sizes, preset_for
+from ci_core.workflow import BENCHMARK_CANDIDATES, pool_sizes, preset_for
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 INVERSION_DATA = ("ood", "id")
@@ -53,6 +53,8 @@ class SweepSettings:
     datasets: tuple[str, ...]
     seeds: tuple[int, ...]
     shots: int = 16
+    test_per_class: int | None = None  # test images per class for ACC/ASR; None = the whole test split
+    data_root: str | None = None  # where datasets that read files find them (not part of any key)
     ood: str = BUILTIN_POOL
     pool_sizes: tuple[int, ...] = ()  # |D|; () = the preset's
     holdout: int | None = None  # |T|; None = the preset's
@@ -77,6 +79,8 @@ class SweepSettings:
         _positive("--shots", [self.shots])
         if self.holdout is not None:
             _positive("--holdout", [self.holdout])
+        if self.test_per_class is not None:
+            _positive("--test-per-class", [self.test_per_class])
         if any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds):
             raise ConfigError(f"--seeds: expected whole numbers, got {list(self.seeds)}")
         if not self.inversion_data or not set(self.inversion_data) <= set(INVERSION_DATA):
@@ -90,11 +94,14 @@ class ModelCell:
     key: str
     spec: dict  # everything the result depends on; hashed into the key
     label: str
-    backbone_source: str  # where the worker loads the backbone from (its weights hash is in the spec)
+    # Where the worker finds the backbone weights and the dataset files: not part of the key, which
+    # holds the weights hash and the dataset name instead.
+    backbone_source: str
+    data_root: str | None = None
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
-                "backbone_source": self.backbone_source}
+                "backbone_source": self.backbone_source, "data_root": self.data_root}
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -106,10 +113,12 @@ class ScanCell:
     backbone_source: str
     model_key: str
     variant: dict  # the ablation values of this scan (pool size, batch size, loss, inversion data)
+    data_root: str | None = None
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
-                "backbone_source": self.backbone_source, "model_key": self.model_key, "variant": self.variant}
+                "backbone_source": self.backbone_source, "model_key": self.model_key, "variant": self.variant,
+                "data_root": self.data_root}
 
 
 Cell = ModelCell | ScanCell
@@ -191,7 +200,9 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     for flag, options, selected in (("--attack-option", settings.attack_options, settings.attacks),
                                     ("--detector-option", settings.detector_options, settings.detectors)):
         _check_option_targets(flag, options, selected)
-    datasets = {name: plugins.get("dataset", name) for name in settings.datasets}
+    for name in settings.datasets:  # fails now, naming the missing folder or file, rather than in every cell
+        plugins.get("dataset", name).open(settings.data_root)
+    datasets = settings.datasets
     attacks = {name: plugins.get("attack", name).from_options(settings.attack_options.get(name), preset=preset)
                for name in settings.attacks}
     detector_classes = {name: plugins.get("detector", name) for name in settings.detectors}
@@ -210,12 +221,13 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     for seed, dataset, (attack_name, attack) in itertools.product(settings.seeds, datasets, attacks.items()):
         model_spec = {
             "kind": "model", "store_version": VERSION, "dataset": dataset, "seed": seed, "shots": settings.shots,
+            "test_per_class": settings.test_per_class,
             "attack": attack_name, "attack_config": to_json(attack.config),
             "backdoor": attack_name != CLEAN_ATTACK, "backbone": ident,
         }
         model_key = f"{_slug(attack_name)}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
         models.append(ModelCell(key=model_key, spec=model_spec, label=f"{attack_name}/{dataset}/seed {seed}",
-                                backbone_source=backbone.pretrained))
+                                backbone_source=backbone.pretrained, data_root=settings.data_root))
         for detector_name, variants in detectors.items():
             several = len(variants) * len(inversion_sizes) * len(settings.inversion_data) > 1
             for detector, inversion, data in itertools.product(variants, inversion_sizes, settings.inversion_data):
@@ -225,6 +237,7 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                         "inversion_data": data}
                 scan_spec = {
                     "kind": "scan", "store_version": VERSION, "model": model_key, "seed": seed,
+                    "candidates": BENCHMARK_CANDIDATES,
                     "detector": detector_name, "detector_config": detector_config,
                     "scorer": scorer.name, "scorer_config": to_json(scorer.config),
                     "pool": pool, "backbone": ident,
@@ -234,5 +247,6 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                 key = f"{_slug(detector_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(scan_spec)[:20]}"
                 shown = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
                 scans.append(ScanCell(key=key, spec=scan_spec, label=f"{shown} on {attack_name}/{dataset}/seed {seed}",
-                                      backbone_source=backbone.pretrained, model_key=model_key, variant=variant))
+                                      backbone_source=backbone.pretrained, model_key=model_key, variant=variant,
+                                      data_root=settings.data_root))
     return Plan(models=tuple(models), scans=tuple(scans))

@@ -265,6 +265,9 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
               help="Comma-separated datasets; 'tiny' = the tiny world's, 'all' = every registered one.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds (one model per seed).")
 @click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
+@click.option("--test-per-class", type=int, default=None,
+              help="Test images per class for ACC and ASR (default: the whole test split).")
+@data_root_option
 @click.option("--ood", default=BUILTIN_POOL, show_default=True, help="OOD image folder, or 'builtin' (the tiny world's).")
 @click.option("--pool-sizes", help="Ablation: comma-separated inversion-set sizes |D| (default: 1000; 256 on the tiny CLIP).")
 @click.option("--holdout", type=int, help="Held-out OOD images |T| for ASR (default 500; 128 on the tiny CLIP).")
@@ -291,7 +294,7 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--verbose", is_flag=True, help="Also print each cell's own progress (epochs, classes).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def run(out, attacks, detectors, datasets, seeds, shots, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
+def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
         attack_options, detector_options, scorer_options, executor, ray_address, ray_cpus, cpus_per_cell, threads,
         backbone, pretrained, device, dry_run, verbose, quiet):
     """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
@@ -308,7 +311,8 @@ def run(out, attacks, detectors, datasets, seeds, shots, ood, pool_sizes, holdou
         attacks=_names(attacks, "--attacks", plugins.names("attack")),
         detectors=_names(detectors, "--detectors", plugins.names("detector")),
         datasets=tuple(tiny) if datasets == "tiny" else _names(datasets, "--datasets", plugins.names("dataset")),
-        seeds=_ints(seeds, "--seeds"), shots=shots, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
+        seeds=_ints(seeds, "--seeds"), shots=shots, test_per_class=test_per_class,
+        data_root=str(data_root) if data_root is not None else None, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
         holdout=holdout, batch_sizes=_ints(batch_sizes, "--batch-sizes"), losses=_split(losses, "--losses"),
         inversion_data=_split(inversion_data, "--inversion-data"),
         attack_options=_plugin_options(attack_options, "--attack-option"),
