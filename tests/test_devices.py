@@ -106,3 +106,15 @@ def test_offline_pretrained_tag_fails_in_the_cli_with_the_way_out(tmp_path, monk
     assert "unreachable" in result.output and "--pretrained /path/to/weights.safetensors" in result.output
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("device, message", [
+    pytest.param("cuda", "--device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
+    ("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_ci_bench_run_rejects_an_impossible_device_before_creating_its_store(tmp_path, device, message):
+    result = invoke(ci_bench, ["run", "--out", tmp_path / "store", "--attacks", "clean", "--detectors", "ci",
+                               "--seeds", "1", "--device", device, "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "store").exists()

@@ -171,7 +171,7 @@ ATTACK_WHAT = "`ci-bench attack`"
 @report_errors
 def attack(name, dataset, data_root, test_per_class, target, seed, shots, options, out, backbone, pretrained, device,
            max_text_batch, bf16, quiet):
-    """Train one model with attack NAME on the tiny CLIP and record its ACC, ASR and trigger SSIM.
+    """Train one model with attack NAME on DATASET's backbone and record its ACC, ASR and trigger SSIM.
 
     Writes OUT/bundle (the model), OUT/trigger.safetensors with its JSON sidecar (unless the attack
     is clean) and OUT/metrics.json; OUT appears only once everything is written.
