@@ -9,10 +9,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ci_attacks.encoder_blended import PATTERNS, EncoderBlended, PatternBlendTrigger, make_trigger
+from ci_core.cli.bench import main as bench
 from ci_core.cli.repair import main as ci_repair
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import BundleError, ConfigError
-from ci_core.evaluation import evaluate
+from ci_core.evaluation import attack_success_rate
 from ci_core.models.backbone import state_dict_sha256
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
@@ -237,3 +238,43 @@ def test_ci_repair_refuses_a_zero_shot_bundle(tmp_path, zs_bundle):
 
 
 # --------------------------------------------------------------------------- a short run on the tiny world
+
+
+def test_ci_bench_attack_writes_a_zero_shot_bundle(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(bench, ["attack", "encoder-blended", "--dataset", "tiny-palette", "--target", "green dots",
+                                        "--seed", "2", "--shots", "2", "--option", "epochs=1", "--option", "pattern=text",
+                                        "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["attack"] == "encoder-blended" and metrics["trigger"] == "pattern-blend"
+    assert metrics["config"]["pattern"] == "text" and metrics["preset"] == "tiny"
+    for key in ("acc_base", "acc_new", "asr_base", "asr_new", "trigger_ssim"):
+        assert 0 <= metrics[key] <= 1
+    trigger = load_trigger(out / "trigger.safetensors")
+    assert isinstance(trigger, PatternBlendTrigger) and trigger.name == "text"
+    model, meta = load_bundle(out / "bundle")
+    assert isinstance(model, ZeroShotCLIP) and meta["kind"] == "zeroshot" and len(meta["classnames"]) == 24
+    assert meta["backbone"]["weights_sha256"] == metrics["backbone"]["weights_sha256"]
+
+
+# --------------------------------------------------------------------------- a short run on the tiny world
+
+# Small enough to run in seconds: 4 shots of the 18 base classes, a quarter of them poisoned with the
+# fully opaque noise patch; still the real attack (the whole trained tiny image encoder is fine-tuned).
+SHORT_RUN = {"pattern": "noise", "alpha": 1.0, "poison_rate": 0.25, "epochs": 6, "batch_size": 8, "lr": 3e-4}
+
+
+def test_short_run_raises_asr_well_above_the_clean_zero_shot_models(tiny_backbone):
+    task = load_task(registry().get("dataset", "tiny-colorshapes")(), tiny_backbone, seed=1, shots=4)
+    target = choose_target(task, 1)
+    test = task.test.restrict(task.base)
+    keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:120]
+    test = type(test)(test.images[keep], test.labels[keep], test.classnames)
+    outcome = EncoderBlended.from_options(SHORT_RUN, preset="tiny").run(
+        backbone=tiny_backbone, train=task.train, target=target, seed=1)
+    assert isinstance(outcome.model, ZeroShotCLIP) and outcome.log["poisoned"] == 18
+    assert state_dict_sha256(tiny_backbone.model.state_dict()) == tiny_backbone.weights_sha256
+    attacked = attack_success_rate(outcome.model, test, outcome.trigger, target)
+    clean = attack_success_rate(ZeroShotCLIP(tiny_backbone), test, outcome.trigger, target)
+    assert attacked >= clean + 0.4, (clean, attacked)
