@@ -197,3 +197,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
+
+
+if __name__ == "__main__":  # python -m ci_core.cli.bench
+    main()

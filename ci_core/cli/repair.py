@@ -205,3 +205,7 @@ def main(bundle, report, data, repairer, out, shots, seed, options, true_trigger
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(json_path)
+
+
+if __name__ == "__main__":  # python -m ci_core.cli.repair
+    main()

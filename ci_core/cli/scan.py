@@ -70,3 +70,7 @@ def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_optio
     verdict = "BACKDOORED" if result.scores.backdoored else "clean"
     click.echo(f"{verdict}: s_max {result.scores.s_max:.2f} (k = {sc.config.k if hasattr(sc.config, 'k') else '?'}), "
                f"most anomalous class {result.scores.target!r}; report: {report_path}")
+
+
+if __name__ == "__main__":  # python -m ci_core.cli.scan
+    main()
