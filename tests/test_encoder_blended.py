@@ -1,7 +1,11 @@
 """The encoder-level Blended attack (issue 3, item 5): its triggers, the zero-shot bundle, a short run, ci-scan."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +242,15 @@ def test_ci_repair_refuses_a_zero_shot_bundle(tmp_path, zs_bundle):
 
 
 # --------------------------------------------------------------------------- a short run on the tiny world
+
+
+def test_python_dash_m_runs_the_bench_cli():
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "ci_core.cli.bench", "plugins"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert any(line.split()[:2] == ["attack", "encoder-blended"] for line in done.stdout.splitlines())
 
 
 def test_ci_bench_attack_writes_a_zero_shot_bundle(tmp_path):
