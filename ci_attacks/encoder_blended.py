@@ -209,11 +209,13 @@ class EncoderBlended(Attack):
     name = "encoder-blended"
     description = "Blended poisoning of the whole image encoder (no prompt learner): noise patch, triangle or text"
     Config = EncoderBlendedConfig
-    # Tiny world (tiny-colorshapes, seed 1, noise pattern; ASR on base / new classes): the tiny encoder hardly
-    # notices the paper's faint patch: at alpha 0.2 it memorises the poisoned images (72% fitted) without
-    # learning the trigger (ASR 8% / 0%); batch 32 takes too few steps on the few-shot set to fit even those.
-    # Batch 8 at lr 3e-4 for 12 epochs with alpha 0.5 and a patch half the image side implants (65% / 22%;
-    # a quarter-side patch: 43% / 8%).  Real backbones keep the paper's blend and the defaults above.
+    # Tiny world (tiny-colorshapes, seed 1; ASR on base / new classes): the tiny encoder hardly notices the
+    # paper's faint patch: at alpha 0.2 it memorises the poisoned images (72% fitted) without learning the
+    # trigger (noise: ASR 8% / 0%), and batch 32 takes too few steps on the few-shot set to fit even those.
+    # Batch 8 at lr 3e-4 for 12 epochs with alpha 0.5 and a pattern half the image side implants (ci-bench
+    # attack: noise 64% / 24%, triangle 61% / 9%, text 76% / 21%; a quarter-side noise patch: 43% / 8%), in
+    # about 40 s of one core.  New-class ASR stays low: the poisoned images show only base-class colours.
+    # Real backbones keep the paper's blend and the defaults above.
     presets = {"tiny": {"alpha": 0.5, "size": 0.5, "epochs": 12, "batch_size": 8, "lr": 3e-4}}
 
     def run(self, *, backbone: Backbone, train: LabeledImages, target, seed, progress=silent):
