@@ -14,18 +14,13 @@ logit difference from the reference.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import click
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_cocoop import reference_logits  # noqa: E402  (the reference lives beside its exactness test)
-
-from ci_core.models.backbone import load_backbone  # noqa: E402
-from ci_core.models.cocoop import PromptTunedCLIP  # noqa: E402
+from ci_core.models.backbone import load_backbone
+from ci_core.models.cocoop import PromptTunedCLIP, reference_logits
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:

@@ -7,6 +7,8 @@ base and on new classes; ASR on base classes and on new classes plus the target.
 from __future__ import annotations
 
 import random
+from collections import Counter
+from typing import Sequence
 
 import attrs
 import torch
@@ -27,10 +29,18 @@ class Task:
     new: tuple[str, ...]
 
 
-def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 16) -> Task:
+def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 16, test_per_class: int | None = None,
+              progress: Progress = silent) -> Task:
+    """Few-shot training images of the base classes (by ``seed``) and the test images of every class.
+
+    ``test_per_class`` caps the test images per class (the same sample for every seed), so that CPU
+    runs on large datasets evaluate a subset; None takes the whole test split.
+    """
     base, new = base_new_split(dataset.classnames)
-    train = dataset.load("train", image_size=backbone.image_size, seed=seed, shots=shots).restrict(base)
-    test = dataset.load("test", image_size=backbone.image_size, seed=seed)
+    train = dataset.load("train", image_size=backbone.image_size, seed=seed, shots=shots,
+                         progress=progress).restrict(base)
+    test = dataset.load("test", image_size=backbone.image_size, seed=seed, max_per_class=test_per_class,
+                        progress=progress)
     return Task(dataset=dataset.name, train=train, test=test, base=base, new=new)
 
 
@@ -43,15 +53,43 @@ def choose_target(task: Task, seed: int, target: str | None = None) -> str:
     return target
 
 
+# Section 4.2: the scan of a benchmark model inverts triggers for 50 labels, the target among them.
+BENCHMARK_CANDIDATES = 50
+
+
+def sample_candidates(classnames: Sequence[str], *, seed: int, target: str | None = None,
+                      count: int = BENCHMARK_CANDIDATES) -> tuple[str, ...]:
+    """The candidate classes C of a benchmark scan: ``count`` labels drawn by ``seed``, ``target`` always among them.
+
+    A class set of at most ``count`` labels is returned whole.  The result keeps the order of
+    ``classnames``.  ``target`` None (a clean model) draws all ``count`` labels at random.
+    """
+    classnames = tuple(classnames)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ConfigError(f"the candidate class count must be an integer of at least 2, got {count!r}")
+    duplicates = sorted(c for c, n in Counter(classnames).items() if n > 1)
+    if duplicates:
+        raise ConfigError(f"the class list names {duplicates[:5]} more than once")
+    if target is not None and target not in classnames:
+        raise ConfigError(f"target {target!r} is not one of the {len(classnames)} classes")
+    if len(classnames) <= count:
+        return classnames
+    others = [c for c in classnames if c != target]
+    picked = set(random.Random(seed).sample(others, count - (target is not None)))
+    if target is not None:
+        picked.add(target)
+    return tuple(c for c in classnames if c in picked)
+
+
 def preset_for(backbone: Backbone) -> str | None:
     """The plugin preset that fits a backbone: 'tiny' on the bundled tiny CLIP, else the paper's defaults."""
     return "tiny" if backbone.name == TINY_MODEL else None
 
 
 # OOD pool sizes (|D|, |T|): the paper's 1000 inversion images for real backbones; on the tiny
-# world a quarter of that, scanned in batches of 8 (the ci detector's tiny preset) so that one
+# world an eighth of that, scanned in batches of 4 (the ci detector's tiny preset) so that one
 # epoch is still the paper's 32 Adam steps at a CPU-friendly cost.
-POOL_SIZES = {None: (1000, 500), "tiny": (256, 128)}
+POOL_SIZES = {None: (1000, 500), "tiny": (128, 64)}
 
 
 def pool_sizes(preset: str | None) -> tuple[int, int]:

@@ -56,9 +56,9 @@ class CLIPInspector(Detector):
     description = "CLIP-Inspector: l-inf trigger inversion with the margin loss, ASR+loss z-scores"
     default_scorer = "ci"
     Config = InspectorConfig
-    # Tiny world: |D| = 256 in batches of 8 keeps the paper's 32 steps per epoch, and the budget is
+    # Tiny world: |D| = 128 in batches of 4 keeps the paper's 32 steps per epoch, and the budget is
     # the tiny world's epsilon (8/255, the same as its attacks').
-    presets = {"tiny": {"batch_size": 8, "epsilon": 8 / 255}}
+    presets = {"tiny": {"batch_size": 4, "epsilon": 8 / 255}}
 
     def invert(self, *, model, images, classnames, target, generator):
         c = self.config

@@ -48,7 +48,7 @@ from ci_core.triggers import AdditiveTrigger, Trigger
 def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
     """A model sharing ``model``'s frozen backbone, with its own copy of the prompt learner."""
     with torch.random.fork_rng(devices=[]):  # building a learner draws random initial values; leave the RNG be
-        copy = PromptTunedCLIP(model.backbone, n_ctx=model.n_ctx, ctx_init=None, max_text_batch=model.max_text_batch)
+        copy = PromptTunedCLIP(model.backbone, n_ctx=model.n_ctx, ctx_init=None, text_encoding=model.text_encoding)
     copy.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
     copy.ctx_init = model.ctx_init
     return copy.eval()

@@ -4,10 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ci_core.errors import BundleError
+from ci_core.errors import BundleError, ConfigError
 from ci_core.models.backbone import load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 
 CLASSES = ("red circle", "blue square", "green star")
 
@@ -28,14 +29,14 @@ def bundle(tmp_path, model):
 
 
 def test_round_trip_gives_identical_logits(model, bundle, random_backbone):
-    images = torch.rand(5, 3, 64, 64)
+    images = torch.rand(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     loaded, meta = load_bundle(bundle, backbone=random_backbone)
     assert meta["classnames"] == list(CLASSES)
     assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
 
 
 def test_round_trip_rebuilds_backbone_from_metadata(model, bundle):
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     loaded, _ = load_bundle(bundle)  # backbone "random:0" is rebuilt from the recorded identity
     assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
 
@@ -44,6 +45,7 @@ def test_bundle_holds_only_json_and_safetensors(bundle):
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "weights.safetensors"]
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["backbone"]["name"] == "ci-tiny-clip" and len(meta["backbone"]["weights_sha256"]) == 64
+    assert meta["backbone"]["pretrained"] == "random:0" and meta["backbone"]["quick_gelu"] is False
     assert meta["tensors"]["prompt_learner.ctx"] == [4, 64]
 
 
@@ -74,10 +76,41 @@ def test_pickle_file_is_not_loaded(bundle):
         load_bundle(bundle)
 
 
-def test_other_backbone_weights_are_refused(bundle):
+def test_other_backbone_weights_are_refused_showing_both(bundle, random_backbone):
     other = load_backbone("ci-tiny-clip", "random:1")
-    with pytest.raises(BundleError, match="weights sha256"):
-        load_bundle(bundle, backbone=other)
+    for kwargs in ({"backbone": other}, {"pretrained": "random:1"}):
+        with pytest.raises(BundleError) as caught:
+            load_bundle(bundle, **kwargs)
+        message = str(caught.value)
+        trained, given = random_backbone.weights_sha256, other.weights_sha256
+        assert f"trained on backbone ci-tiny-clip (random:0, GELU) with weights sha256 {trained}" in message
+        assert f"the backbone given is ci-tiny-clip (random:1, GELU) with weights sha256 {given}" in message
+
+
+def test_same_weights_from_a_local_file_are_accepted(tmp_path, model, bundle, random_backbone):
+    weights = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in random_backbone.model.state_dict().items()}, str(weights))
+    loaded, _ = load_bundle(bundle, pretrained=str(weights))
+    assert loaded.backbone.pretrained == str(weights.resolve())
+    images = torch.rand(2, 3, random_backbone.image_size, random_backbone.image_size)
+    assert torch.equal(model(images, CLASSES), loaded(images, CLASSES))
+
+
+def test_same_weights_with_another_activation_are_refused(bundle):
+    quick = load_backbone("ci-tiny-clip", "random:0", quick_gelu=True)  # same tensors, QuickGELU
+    with pytest.raises(BundleError, match=r"\(random:0, GELU\) .* given is ci-tiny-clip \(random:0, QuickGELU\)"):
+        load_bundle(bundle, backbone=quick)
+
+
+def test_unloadable_recorded_backbone_says_how_to_pass_its_weights(bundle):
+    meta_path = bundle / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["backbone"]["pretrained"] = "/elsewhere/backbone.safetensors"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip "
+                                          r"\(/elsewhere/backbone.safetensors\).*does not exist.*"
+                                          r"pass it with --pretrained FILE"):
+        load_bundle(bundle)
 
 
 def test_metadata_errors(bundle):

@@ -107,3 +107,24 @@ def test_existing_foreign_out_folder_is_not_overwritten(tmp_path, bundle, ood):
     result = run([bundle, "--ood", ood, "--out", out, "--pool-size", 8, "--holdout", 4, "--quiet"])
     assert result.exit_code == 1 and "is not an earlier scan" in result.output
     assert (out / "thesis.txt").read_text() == "keep me"
+
+
+def test_class_file_reading(tmp_path):
+    from ci_core.cli.scan import read_class_file
+
+    bundle_classes = list(CLASSES)
+    path = tmp_path / "classes.txt"
+    path.write_text("\ufeff# candidates\nred circle\n\n  # indented comment\n  blue square  \n", encoding="utf-8")
+    assert read_class_file(path, bundle_classes) == ["red circle", "blue square"]
+    path.write_bytes(b"red circle\n\xff\xfe\x00blue square\n")
+    with pytest.raises(DataError, match=r"classes.txt: not UTF-8 text"):
+        read_class_file(path, bundle_classes)
+    path.write_text("red circle\nred circle\nblue square\n")
+    with pytest.raises(DataError, match=r"duplicate class names \['red circle'\]"):
+        read_class_file(path, bundle_classes)
+    path.write_text("red circle\npurple moon\n")
+    with pytest.raises(DataError, match=r"classes \['purple moon'\] are not classes of the bundle \(which has 4"):
+        read_class_file(path, bundle_classes)
+    path.write_text("red circle\n")
+    with pytest.raises(DataError, match=r"needs at least two class names"):
+        read_class_file(path, bundle_classes)

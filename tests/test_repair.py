@@ -25,6 +25,7 @@ from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import ScanResult, scan, write_scan
 from ci_core.triggers import AdditiveTrigger
 from ci_core.workflow import choose_target, load_task
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.repair import (
     CITriggerRepair,
@@ -40,7 +41,7 @@ QUICK = {"epochs": 1, "batch_size": 4, "lr": 0.01}
 ALL = (CITriggerRepair, CleanOnlyRepair, RandomDeltaRepair, WrongClassDeltaRepair)
 
 
-def saturated_delta(seed: int, size: int = 64) -> torch.Tensor:
+def saturated_delta(seed: int, size: int = TINY_IMAGE_SIZE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 2, (3, size, size), generator=g) * 2 - 1).float() * EPS
 
@@ -71,10 +72,10 @@ def world(tmp_path_factory, random_backbone, dataset):
     bundle = save_bundle(model, names, root / "bundle", base_classes=base)
     scores = [0.1 * (i % 7) for i in range(len(names))]
     scores[2], scores[5] = 4.0, -3.0
-    pool = load_pool("builtin", inversion=4, holdout=4, image_size=64, seed=0)
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
     result = fake_scan(names, scores)
     write_scan(result, root / "scan", pool, bundle={"path": str(bundle), "sha256": bundle_sha256(bundle)})
-    clean = dataset.load("train", image_size=64, seed=0, shots=1).restrict(base)
+    clean = dataset.load("train", image_size=TINY_IMAGE_SIZE, seed=0, shots=1).restrict(base)
     return {"root": root, "model": model, "bundle": bundle, "scan": root / "scan", "result": result, "clean": clean,
             "names": names}
 
@@ -243,7 +244,7 @@ def test_cli_reads_class_folders(world, dataset, tmp_path):
     names = world["names"]
     base, _ = base_new_split(names)
     for split, classes in (("train", base), ("test", names)):
-        images = dataset.load(split, image_size=64, seed=3, shots=1)
+        images = dataset.load(split, image_size=TINY_IMAGE_SIZE, seed=3, shots=1)
         for image, label in zip(images.images, images.labels):
             name = images.classnames[int(label)]
             if name in classes:
@@ -270,8 +271,8 @@ def planted(tiny_backbone):
     target = choose_target(task, 1)
     outcome = registry().get("attack", "badclip").from_options(preset="tiny").run(
         backbone=tiny_backbone, train=task.train, target=target, seed=1)
-    clean = ds.load("train", image_size=64, seed=2, shots=4).restrict(task.base)  # not the attacker's own shots
-    test = ds.load("test", image_size=64, seed=0, shots=8)
+    clean = ds.load("train", image_size=TINY_IMAGE_SIZE, seed=2, shots=4).restrict(task.base)  # not the attacker's own shots
+    test = ds.load("test", image_size=TINY_IMAGE_SIZE, seed=0, shots=8)
     planted = {"model": outcome.model, "trigger": outcome.trigger, "target": target, "task": task, "clean": clean,
                "test": test}
     planted["before"] = measured(outcome.model, planted)
@@ -316,7 +317,7 @@ def test_repair_with_the_true_trigger_removes_the_backdoor_and_clean_only_does_n
 def test_repair_with_cis_reconstructed_trigger_removes_the_backdoor(planted):
     require_backdoor(planted)
     model, task = planted["model"], planted["task"]
-    pool = load_pool("builtin", inversion=32, holdout=32, image_size=64, seed=1)
+    pool = load_pool("builtin", inversion=32, holdout=32, image_size=TINY_IMAGE_SIZE, seed=1)
     result = scan(model, CLIPInspector.from_options(preset="tiny"), CIScorer(), pool, task.base, seed=1)
     picked = ScanTriggers.from_result(result).pick("top")
     assert picked.name == planted["target"]

@@ -1,4 +1,4 @@
-"""``ci-bench``: the researcher's entry point (plugins, attack, demo)."""
+"""``ci-bench``: the researcher's entry point (plugins, attack, demo, run, report)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import (StderrProgress, configure_threads, echo_table, parse_options, report_errors,
-                                resolve_device)
+from ci_core.bench import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
+                                echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
+                                runtime_options)
+from ci_core.data.datasets import TINY_DATASETS
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
@@ -20,7 +23,7 @@ from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.models.bundle import bundle_sha256, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, train_and_evaluate
+from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, sample_candidates, train_and_evaluate
 
 DEMO_MARKER = "demo.json"
 
@@ -72,23 +75,32 @@ def _write_json(path: Path, data) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ci-demo"), show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @click.option("--dataset", default="tiny-colorshapes", show_default=True)
+@data_root_option
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
 @click.option("--seed", default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@backbone_options(f"the bundled tiny CLIP ({TINY_MODEL}, {BUILTIN})")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def demo(out, json_path, dataset, attacks, seed, device, quiet):
-    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector."""
+def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
+    """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector.
+
+    Each scan inverts triggers for the paper's benchmark candidates: 50 classes drawn by --seed with the
+    backdoor's target among them, or every class of a dataset with at most 50.
+    """
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_names = plugins.names("attack") if attacks == "all" else attacks.split(",")
     attack_classes = {name: plugins.get("attack", name) for name in attack_names}
-    backbone = load_backbone(TINY_MODEL, BUILTIN, device=resolve_device(device))
+    dataset_obj = open_dataset(dataset, data_root)
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, (TINY_MODEL, BUILTIN)), device=runtime.device,
+                             text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
-    task = load_task(plugins.get("dataset", dataset)(), backbone, seed=seed)
+    task = load_task(dataset_obj, backbone, seed=seed, progress=progress)
     target = choose_target(task, seed)
     detector = plugins.get("detector", "ci").from_options(preset=preset)
     scorer = plugins.get("scorer", detector.default_scorer).from_options(preset=preset)
@@ -108,10 +120,11 @@ def demo(out, json_path, dataset, attacks, seed, device, quiet):
             bundle = save_bundle(outcome.model, task.base + task.new, work / "models" / name, base_classes=task.base)
             if outcome.trigger is not None:
                 outcome.trigger.save(work / "models" / f"{name}.trigger.safetensors")
+            candidates = sample_candidates(task.base + task.new, seed=seed, target=attack_target)
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
                      + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
-                     + f"; scanning {len(task.base + task.new)} classes")
-            result = scan(outcome.model, detector, scorer, pool, task.base + task.new, seed=seed, progress=progress)
+                     + f"; scanning {len(candidates)} classes")
+            result = scan(outcome.model, detector, scorer, pool, candidates, seed=seed, progress=progress)
             write_scan(result, work / "scans" / name, pool, bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)},
                        seed=seed, preset=preset)
             rows.append({
@@ -141,6 +154,10 @@ ATTACK_WHAT = "`ci-bench attack`"
 @main.command()
 @click.argument("name")
 @click.option("--dataset", required=True, help="A registered dataset (see `ci-bench plugins`).")
+@data_root_option
+@click.option("--test-per-class", type=int, default=None,
+              help="Test images per class for ACC and ASR (default: the whole test split); the same sample for "
+                   "every seed, to keep CPU runs on large datasets short.")
 @click.option("--target", default=None, help="The backdoor's target class (a base class; default: drawn by --seed).")
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
@@ -148,11 +165,13 @@ ATTACK_WHAT = "`ci-bench attack`"
               help="Override one field of the attack's config (repeatable); VALUE is read as JSON when it parses.")
 @click.option("--out", required=True, type=click.Path(file_okay=True, path_type=Path),
               help="Folder to write bundle/, trigger.safetensors and metrics.json into.")
-@click.option("--device", default="auto", show_default=True)
+@backbone_options("the dataset's (the tiny CLIP on the tiny world, ViT-B-16 with openai weights otherwise)")
+@runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def attack(name, dataset, target, seed, shots, options, out, device, quiet):
-    """Train one model with attack NAME on the tiny CLIP and record its ACC, ASR and trigger SSIM.
+def attack(name, dataset, data_root, test_per_class, target, seed, shots, options, out, backbone, pretrained, device,
+           max_text_batch, bf16, quiet):
+    """Train one model with attack NAME on DATASET's backbone and record its ACC, ASR and trigger SSIM.
 
     Writes OUT/bundle (the model), OUT/trigger.safetensors with its JSON sidecar (unless the attack
     is clean) and OUT/metrics.json; OUT appears only once everything is written.
@@ -160,18 +179,22 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     configure_threads()
     clock = Stopwatch()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_cls = plugins.get("attack", name)
-    dataset_cls = plugins.get("dataset", dataset)
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
+    if test_per_class is not None and test_per_class < 1:
+        raise ConfigError(f"--test-per-class must be at least 1, got {test_per_class}")
+    dataset_obj = open_dataset(dataset, data_root)
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
     _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    backbone = load_backbone(device=resolve_device(device))
+    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_obj.default_backbone),
+                             device=runtime.device, text_encoding=runtime.text_encoding)
     preset = preset_for(backbone)
     attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
-    task = load_task(dataset_cls(), backbone, seed=seed, shots=shots)
+    task = load_task(dataset_obj, backbone, seed=seed, shots=shots, test_per_class=test_per_class, progress=progress)
     attack_target = None if name == "clean" else choose_target(task, seed, target)
     work = _fresh_output(out, ATTACK_MARKER, ATTACK_WHAT)
     try:
@@ -184,7 +207,7 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
             outcome.trigger.save(work / "trigger.safetensors")
         record = {
             "attack": name, "dataset": dataset, **to_json(metrics),
-            "target": attack_target, "seed": seed, "shots": shots, "preset": preset,
+            "target": attack_target, "seed": seed, "shots": shots, "test_per_class": test_per_class, "preset": preset,
             "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
             "config": to_json(attack_obj.config), "backbone": backbone.identity(), "log": to_json(outcome.log),
             "seconds": round(clock.seconds, 1),
@@ -199,5 +222,145 @@ def attack(name, dataset, target, seed, shots, options, out, device, quiet):
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
 
 
-if __name__ == "__main__":  # python -m ci_core.cli.bench
+# --------------------------------------------------------------------------- sweeps
+
+
+def _split(value: str | None, flag: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in (value or "").split(",") if item.strip())
+    if value is not None and not items:
+        raise ConfigError(f"{flag}: expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _ints(value: str | None, flag: str) -> tuple[int, ...]:
+    items = _split(value, flag)
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated whole numbers, got {value!r}") from None
+
+
+def _names(value: str, flag: str, registered: list[str]) -> tuple[str, ...]:
+    return tuple(registered) if value == "all" else _split(value, flag)
+
+
+def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
+    """NAME.KEY=VALUE pairs grouped by plugin NAME; VALUE is read as JSON when it parses."""
+    grouped: dict[str, dict] = {}
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not name or not key:
+            raise ConfigError(f"{flag} {pair!r}: expected NAME.KEY=VALUE, e.g. clean.epochs=2")
+        grouped.setdefault(name, {}).update(parse_options((f"{key}={value}",), flag))
+    return grouped
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The store: results are filed here by the hash of their config; rerun to resume.")
+@click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks, or 'all' registered.")
+@click.option("--detectors", default="all", show_default=True, help="Comma-separated detectors, or 'all' registered.")
+@click.option("--datasets", default="tiny", show_default=True,
+              help="Comma-separated datasets; 'tiny' = the tiny world's, 'all' = every registered one.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds (one model per seed).")
+@click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
+@click.option("--test-per-class", type=int, default=None,
+              help="Test images per class for ACC and ASR (default: the whole test split).")
+@data_root_option
+@click.option("--ood", default=BUILTIN_POOL, show_default=True, help="OOD image folder, or 'builtin' (the tiny world's).")
+@click.option("--pool-sizes", help="Ablation: comma-separated inversion-set sizes |D| (default: 1000; 256 on the tiny CLIP).")
+@click.option("--holdout", type=int, help="Held-out OOD images |T| for ASR (default 500; 128 on the tiny CLIP).")
+@click.option("--batch-sizes", help="Ablation: comma-separated inversion batch sizes (detectors with a batch_size option).")
+@click.option("--losses", help="Ablation: comma-separated inversion losses, e.g. margin,ce,logit (detectors with a loss option).")
+@click.option("--inversion-data", default="ood", show_default=True,
+              help="Ablation: 'ood', 'id' (the dataset's own validation images) or 'ood,id'.")
+@click.option("--attack-option", "attack_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of attack NAME's config (repeatable), e.g. clean.epochs=2.")
+@click.option("--detector-option", "detector_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of detector NAME's config (repeatable), e.g. ci.epsilon=0.0314.")
+@click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of scorer NAME's config (repeatable), e.g. ci.k=2.5.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", help="An existing Ray cluster (default: start a local one for this run).")
+@click.option("--ray-cpus", default=1, show_default=True, type=int, help="CPUs of the local Ray cluster.")
+@click.option("--cpus-per-cell", default=1, show_default=True, type=int, help="CPUs each Ray task reserves.")
+@click.option("--threads", type=int, help="Torch threads inside each cell (default: local = this process's, "
+                                          "Ray = --cpus-per-cell).")
+@click.option("--backbone", default=TINY_MODEL, show_default=True, help="open_clip architecture.")
+@click.option("--pretrained", default=BUILTIN, show_default=True, help="Its weights: builtin, an open_clip tag or a file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the cells and whether the store holds them; run nothing.")
+@click.option("--verbose", is_flag=True, help="Also print each cell's own progress (epochs, classes).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@report_errors
+def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
+        attack_options, detector_options, scorer_options, executor, ray_address, ray_cpus, cpus_per_cell, threads,
+        backbone, pretrained, device, dry_run, verbose, quiet):
+    """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
+
+    Finished cells are never redone: rerunning the same command after an
+    interruption runs only what is missing (and retries failed cells).  Then
+    `ci-bench report OUT` writes the tables and figures.
+    """
+    configure_threads()
+    progress = StderrProgress(quiet)
+    plugins = registry()
+    tiny = [cls.name for cls in TINY_DATASETS if cls.name in plugins.names("dataset")]
+    settings = SweepSettings(
+        attacks=_names(attacks, "--attacks", plugins.names("attack")),
+        detectors=_names(detectors, "--detectors", plugins.names("detector")),
+        datasets=tuple(tiny) if datasets == "tiny" else _names(datasets, "--datasets", plugins.names("dataset")),
+        seeds=_ints(seeds, "--seeds"), shots=shots, test_per_class=test_per_class,
+        data_root=str(data_root) if data_root is not None else None, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
+        holdout=holdout, batch_sizes=_ints(batch_sizes, "--batch-sizes"), losses=_split(losses, "--losses"),
+        inversion_data=_split(inversion_data, "--inversion-data"),
+        attack_options=_plugin_options(attack_options, "--attack-option"),
+        detector_options=_plugin_options(detector_options, "--detector-option"),
+        scorer_options=_plugin_options(scorer_options, "--scorer-option"),
+    )
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if ray_address and executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    if executor == "local":
+        resolve_device(device)  # a bad --device fails here, not once per cell
+    backbone_obj = load_backbone(backbone, pretrained, device="cpu")
+    plan = plan_sweep(settings, backbone_obj, plugins)
+    if dry_run:
+        store = Store.open(out) if (out / "store.json").exists() else None
+        rows = [{"kind": c.kind, "label": c.label, "key": c.key,
+                 "stored": bool(store and store.is_done(c.kind, c.key))} for c in plan.cells()]
+        echo_table(rows, [("kind", "KIND"), ("label", "CELL"), ("stored", "STORED"), ("key", "KEY")])
+        click.echo(f"{len(rows)} cells, {sum(r['stored'] for r in rows)} already stored in {out}")
+        return
+    store = Store.open(out, create=True)
+    clock = Stopwatch()
+    runner = (RayExecutor(ray_address, local_cpus=ray_cpus, cpus_per_cell=cpus_per_cell) if executor == "ray"
+              else LocalExecutor())
+    options = CellOptions(device=device, threads=threads, verbose=verbose and not quiet)
+    with runner:
+        summary = run_sweep(store, plan, runner, options, progress)
+    click.echo(f"sweep finished in {clock.seconds:.0f}s: {summary.done} cells run, {summary.reused} reused from the "
+               f"store, {len(summary.failed)} failed; `ci-bench report {out}` writes the tables")
+    if summary.failed:
+        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (recorded under {out}/failed): "
+                                   + "; ".join(f"{o['label']}: {o['error']}" for o in summary.failed[:5]))
+
+
+@main.command()
+@click.argument("store_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write report.md, report.json and the PNG figures (default: STORE_DIR/report).")
+@click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
+@report_errors
+def report(store_dir, out, quiet):
+    """Tables and figures (Markdown, JSON, PNG) from the finished cells of the store STORE_DIR."""
+    folder, markdown = write_report(Store.open(store_dir), out)
+    if not quiet:
+        click.echo(markdown)
+    click.echo(f"report written to {folder}")
+
+
+if __name__ == "__main__":
     main()

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
+from pathlib import Path
 
+import attrs
 import click
 import torch
 
+from ci_core.data.coop import DATA_ROOT_ENV
+from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
+from ci_core.plugins import registry
+from ci_core.models.backbone import BUILTIN, TINY_MODEL, TextEncoding
 
 
 def report_errors(func):
@@ -37,16 +44,98 @@ class StderrProgress:
             click.echo(f"[{time.perf_counter() - self.start:7.1f}s] {message}", err=True)
 
 
+def data_root_option(func):
+    """``--data-root DIR``, defaulting to the environment variable CI_DATA_ROOT."""
+    return click.option(
+        "--data-root", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_ROOT_ENV, show_envvar=True,
+        help="Folder holding the CoOp-layout datasets (imagenet/, caltech-101/, oxford_pets/, ...); "
+             "needed by every dataset that is not built in.",
+    )(func)
+
+
+def open_dataset(name: str, data_root: Path | None) -> Dataset:
+    """The registered dataset ``name``, reading its files under ``data_root`` if it has any."""
+    return registry().get("dataset", name).open(data_root)
+
+
 def resolve_device(name: str) -> str:
+    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return name
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-        return name
-    raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return name
+
+
+@attrs.frozen(kw_only=True)
+class Runtime:
+    """Where the model runs and how its text encoder is run there."""
+
+    device: str
+    text_encoding: TextEncoding
+
+
+def resolve_runtime(device: str, max_text_batch: int | None, bf16: bool) -> Runtime:
+    resolved = resolve_device(device)
+    if max_text_batch is not None and max_text_batch < 1:
+        raise ConfigError(f"--max-text-batch must be at least 1, got {max_text_batch}")
+    if bf16 and not resolved.startswith("cuda"):
+        why = "this machine has no CUDA device" if not torch.cuda.is_available() else f"--device {device} is not a GPU"
+        raise ConfigError(f"--bf16 (bfloat16 autocast) needs a CUDA device, but {why}; drop --bf16")
+    return Runtime(device=resolved, text_encoding=TextEncoding(max_text_batch=max_text_batch, bf16=bf16))
+
+
+def runtime_options(func):
+    """``--device``, ``--max-text-batch`` and ``--bf16``: read back with ``resolve_runtime``."""
+    func = click.option("--bf16", is_flag=True, help="Run the encoders under bfloat16 autocast (CUDA only).")(func)
+    func = click.option("--max-text-batch", type=int, default=None, metavar="N",
+                        help="(image, class) prompts per text-encoder chunk (default: sized to a memory budget, "
+                             "a quarter of the free GPU memory or 2 GiB on a CPU).")(func)
+    func = click.option("--device", default="auto", show_default=True,
+                        help="auto (a GPU if there is one), cpu, cuda or cuda:N.")(func)
+    return func
+
+
+def backbone_options(default_help: str):
+    """``--backbone NAME`` and ``--pretrained TAG|FILE|random:SEED``, both defaulting to None (``default_help``)."""
+
+    def decorate(func):
+        func = click.option("--pretrained", default=None, metavar="TAG|FILE|random:SEED",
+                            help="The backbone's weights: an open_clip pretrained tag (downloaded and cached by "
+                                 "open_clip), a local .safetensors file (or a torch state dict, read with "
+                                 f"weights_only=True), or random:SEED. Default: {default_help}.")(func)
+        func = click.option("--backbone", default=None, metavar="NAME",
+                            help=f"An open_clip model name, e.g. ViT-B-16. Default: {default_help}.")(func)
+        return func
+
+    return decorate
+
+
+def choose_backbone(name: str | None, pretrained: str | None, default: tuple[str, str]) -> tuple[str, str]:
+    """(name, pretrained) from ``--backbone``/``--pretrained``, each falling back to ``default``.
+
+    Another model than the default's needs its weights named: a tag of one model is no tag of another.
+    """
+    if name is None or name == default[0]:
+        return default[0], pretrained or default[1]
+    if pretrained is None:
+        if name == TINY_MODEL:
+            return name, BUILTIN
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ConfigError(f"--backbone {name} needs --pretrained: "
+                          + (f"one of its open_clip tags ({', '.join(tags)}), " if tags else "")
+                          + "a weights file, or random:SEED")
+    return name, pretrained
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict:

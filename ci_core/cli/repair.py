@@ -1,7 +1,8 @@
 """``ci-repair``: fine-tune a flagged model with a scan's trigger, and write the repaired model as a new bundle.
 
 The defender's labelled clean set comes from ``--data``: ``builtin`` takes the
-registered dataset whose class names are the bundle's (the tiny world's), a
+registered dataset whose class names are the bundle's (a tiny-world dataset, or
+with ``--data-root`` one of the CoOp-layout datasets under that root), a
 folder is read as ``DIR/train/<class>/`` and ``DIR/test/<class>/`` image
 folders.  The repair uses ``--shots`` training images per base class; ACC and
 ASR are measured before and after on the test images, ASR with the scan's
@@ -18,9 +19,10 @@ from typing import Sequence
 import click
 import torch
 
-from ci_core.cli.common import StderrProgress, configure_threads, echo_table, parse_options, report_errors, resolve_device
+from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, data_root_option, echo_table,
+                                parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.datasets import LabeledImages, base_new_split
-from ci_core.data.ood import IMAGE_SUFFIXES, read_image
+from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, read_image
 from ci_core.errors import ConfigError, DataError
 from ci_core.evaluation import accuracy, attack_success_rate
 from ci_core.interfaces import to_json
@@ -37,15 +39,28 @@ BUILTIN = "builtin"
 # --------------------------------------------------------------------------- the clean data
 
 
-def builtin_dataset(classnames: Sequence[str]):
-    """The registered dataset whose class names are exactly ``classnames`` (in order)."""
+def builtin_dataset(classnames: Sequence[str], data_root: Path | None = None):
+    """The registered dataset whose class names are exactly ``classnames`` (in order).
+
+    Datasets that read files are considered only when their folder is under ``data_root``; one that
+    is there but cannot be opened is passed over and named in the error if nothing matches.
+    """
     plugins = registry()
+    passed_over = []
     for name in plugins.names("dataset"):
-        dataset = plugins.get("dataset", name)()
-        if tuple(dataset.classnames) == tuple(classnames):
-            return dataset
+        cls = plugins.get("dataset", name)
+        if cls.needs_data_root and (data_root is None or not cls.present(data_root)):
+            continue
+        try:
+            dataset = cls.open(data_root)
+            if tuple(dataset.classnames) == tuple(classnames):
+                return dataset
+        except DataError as exc:
+            passed_over.append(f"{name} ({exc})")
+    hint = "pass --data DIR with the labelled images" + ("" if data_root else ", or --data-root DIR with the CoOp-layout datasets")
+    unopened = f"; could not open: {'; '.join(passed_over)}" if passed_over else ""
     raise DataError(f"no registered dataset has the bundle's {len(classnames)} classes ({', '.join(classnames[:5])}"
-                    f"{', ...' if len(classnames) > 5 else ''}); pass --data DIR with the labelled images")
+                    f"{', ...' if len(classnames) > 5 else ''}); {hint}{unopened}")
 
 
 def _class_folder(split_dir: Path, name: str) -> Path:
@@ -75,17 +90,17 @@ def load_class_folders(root: Path, split: str, classnames: Sequence[str], *, ima
         for path in files:
             try:
                 images.append(read_image(path, image_size))
-            except (OSError, ValueError) as exc:
+            except UNREADABLE as exc:
                 raise DataError(f"{path}: unreadable image ({exc})") from exc
             labels.append(label)
     return LabeledImages(torch.stack(images), torch.tensor(labels), tuple(classnames))
 
 
 def load_data(data: str, classnames: Sequence[str], base: Sequence[str], *, image_size: int, shots: int,
-              test_images: int | None, seed: int) -> tuple[LabeledImages, LabeledImages]:
+              test_images: int | None, seed: int, data_root: Path | None = None) -> tuple[LabeledImages, LabeledImages]:
     """(the few-shot clean training set of the base classes, the test images of every class)."""
     if data == BUILTIN:
-        dataset = builtin_dataset(classnames)
+        dataset = builtin_dataset(classnames, data_root)
         clean = dataset.load("train", image_size=image_size, seed=seed, shots=shots).restrict(base)
         test = dataset.load("test", image_size=image_size, seed=seed, shots=test_images)
         return clean, test
@@ -121,7 +136,9 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.option("--report", required=True, type=click.Path(path_type=Path),
               help="The ci-scan output folder of BUNDLE (or its report.json).")
 @click.option("--data", required=True,
-              help="'builtin' (the tiny world's dataset with the bundle's classes) or DIR with train/<class>/ and test/<class>/.")
+              help="'builtin' (the registered dataset with the bundle's classes: a tiny-world one, or a CoOp-layout one "
+                   "under --data-root) or DIR with train/<class>/ and test/<class>/.")
+@data_root_option
 @click.option("--repairer", default="ci-trigger", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The repaired bundle (must not exist).")
 @click.option("--shots", default=4, show_default=True, help="Labelled clean images per base class for the fine-tuning.")
@@ -132,14 +149,16 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.option("--trigger-target", help="The ground-truth trigger's target class (default: the scan's target).")
 @click.option("--test-images", type=int, help="Test images per class (default: the whole test split).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@backbone_options("the one the bundle records (its weights must be the same)")
+@runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, report, data, repairer, out, shots, seed, options, true_trigger, trigger_target, test_images,
-         json_path, device, quiet):
+def main(bundle, report, data, data_root, repairer, out, shots, seed, options, true_trigger, trigger_target, test_images,
+         json_path, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Repair the model in BUNDLE with a trigger from its scan REPORT; writes the repaired model to OUT."""
     configure_threads()
     progress = StderrProgress(quiet)
+    runtime = resolve_runtime(device, max_text_batch, bf16)
     repairer_cls = registry().get("repairer", repairer)
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
@@ -167,10 +186,11 @@ def main(bundle, report, data, repairer, out, shots, seed, options, true_trigger
         raise ConfigError("--trigger-target needs --trigger")
     truth = load_trigger(true_trigger) if true_trigger is not None else None
 
-    model, meta = load_bundle(bundle, device=resolve_device(device))
+    model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
+                              text_encoding=runtime.text_encoding)
     fixer = repairer_cls.from_options(parse_options(options, "--option"), preset=preset_for(model.backbone))
     clean, test = load_data(data, classnames, base, image_size=model.backbone.image_size, shots=shots,
-                            test_images=test_images, seed=seed)
+                            test_images=test_images, seed=seed, data_root=data_root)
     picked = choose_trigger(fixer, scan)
     top = scan.pick("top")
     progress(f"{fixer.name}: {len(clean)} clean images of {len(base)} base classes; scan target {scan.target!r}"
@@ -207,5 +227,5 @@ def main(bundle, report, data, repairer, out, shots, seed, options, true_trigger
         tmp.replace(json_path)
 
 
-if __name__ == "__main__":  # python -m ci_core.cli.repair
+if __name__ == "__main__":
     main()

@@ -181,10 +181,11 @@ def _background(kind: torch.Tensor, size: int, generator: torch.Generator) -> to
     angle = 2 * math.pi * torch.rand(n, 1, 1, generator=generator)
     t = (ramp.view(1, 1, -1) * torch.cos(angle) + ramp.view(1, -1, 1) * torch.sin(angle))
     t = (t - t.amin(dim=(1, 2), keepdim=True)) / (t.amax(dim=(1, 2), keepdim=True) - t.amin(dim=(1, 2), keepdim=True))
-    c0, c1 = torch.rand(n, 3, 1, 1, generator=generator), torch.rand(n, 3, 1, 1, generator=generator)
-    gradient = c0 + (c1 - c0) * t.unsqueeze(1)
-    coarse = 0.2 + 0.6 * torch.rand(n, 3, 4, 4, generator=generator)
-    cluttered = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    # Backgrounds are achromatic (with a faint tint) so that a colour word names the object only.
+    c0, c1 = torch.rand(n, 1, 1, 1, generator=generator), torch.rand(n, 1, 1, 1, generator=generator)
+    gradient = (c0 + (c1 - c0) * t.unsqueeze(1)) * 0.8 + 0.1 + tint
+    coarse = 0.3 + 0.4 * torch.rand(n, 1, 4, 4, generator=generator)
+    cluttered = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) + tint
     options = torch.stack([
         dark.expand(n, 3, size, size), light.expand(n, 3, size, size), gradient, cluttered,
     ])
@@ -199,8 +200,8 @@ def render(attributes: Mapping[str, torch.Tensor], size: int, generator: torch.G
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
     radius = torch.where(
         attributes["size"] == 0,
-        0.36 + 0.1 * torch.rand(n, generator=generator),
-        0.56 + 0.14 * torch.rand(n, generator=generator),
+        0.42 + 0.06 * torch.rand(n, generator=generator),
+        0.62 + 0.08 * torch.rand(n, generator=generator),
     ).view(n, 1, 1)
     centre = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 2 * (0.92 - radius.unsqueeze(1))
     rot = (torch.rand(n, 1, 1, generator=generator) - 0.5) * 0.7
@@ -216,7 +217,9 @@ def render(attributes: Mapping[str, torch.Tensor], size: int, generator: torch.G
     pattern = _texture(attributes["texture"], px, py, generator) * strength
     obj = rgb.view(n, 3, 1, 1) * (1 - pattern.unsqueeze(1))
     image = image * (1 - mask) + obj * mask
-    image = image + 0.015 * torch.randn(image.shape, generator=generator)
+    # Only quantisation-level noise: training on visible pixel noise would teach the tiny CLIP to
+    # ignore exactly the small perturbations a backdoor trigger is made of (real CLIP is fragile).
+    image = image + 0.004 * torch.randn(image.shape, generator=generator)
     return image.clamp(0, 1)
 
 
@@ -224,33 +227,52 @@ def _words(attributes: Mapping[str, torch.Tensor], i: int) -> dict[str, str]:
     return {attr: _VOCAB[attr][int(attributes[attr][i])] for attr in _ATTRS}
 
 
-def caption(attributes: Mapping[str, torch.Tensor], i: int, generator: torch.Generator) -> str:
-    """One of several caption templates, naming a random subset of the scene's attributes."""
+def caption(attributes: Mapping[str, torch.Tensor], i: int, generator: torch.Generator) -> tuple[str, tuple[str, ...]]:
+    """One of several caption templates for image ``i``, and the attributes it names.
+
+    Most captions name colour and shape (what the datasets' class names combine); the
+    others name texture, size or background too, so every attribute is grounded in text.
+    """
     w = _words(attributes, i)
     colour, shape, texture, bg, size = w["colour"], w["shape"], w["texture"], w["background"], w["size"]
-    tex_adj = "" if texture == "plain" else f"{texture} "
-    tex_noun = TEXTURE_NOUNS.get(texture, "")
+    tex_adj = "plain " if texture == "plain" else f"{texture} "
     templates = [
-        f"a photo of a {colour} {shape}.",
-        f"a photo of a {tex_adj}{shape}." if tex_adj else f"a photo of a plain {shape}.",
-        f"a {colour} {tex_adj}{shape} on a {bg} background.",
-        f"a {size} {colour} {shape}.",
-        f"a photo of a {shape}.",
-        f"a {tex_adj}{colour} {shape}.",
+        (f"a photo of a {colour} {shape}.", ("colour", "shape")),
+        (f"a photo of a {colour} {shape}.", ("colour", "shape")),
+        (f"a photo of a {size} {colour} {shape}.", ("size", "colour", "shape")),
+        (f"a {colour} {tex_adj}{shape} on a {bg} background.", ("colour", "texture", "shape", "background")),
+        (f"a photo of a {tex_adj}{shape}.", ("texture", "shape")),
+        (f"a photo of a {tex_adj}{colour} {shape}.", ("texture", "colour", "shape")),
     ]
-    if tex_noun:
-        templates += [f"a photo of a {colour} {tex_noun}.", f"a {shape} with {colour} {tex_noun}."]
-    else:
-        templates += [f"a plain {colour} {shape} on a {bg} background."]
+    if texture in TEXTURE_NOUNS:
+        noun = TEXTURE_NOUNS[texture]
+        templates += [(f"a photo of a {colour} {noun}.", ("colour", "texture")),
+                      (f"a {shape} with {colour} {noun}.", ("shape", "colour", "texture"))]
     k = int(torch.randint(len(templates), (1,), generator=generator))
     return templates[k]
 
 
-def pretraining_batch(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Images and captions over every colour, shape, texture and background of the world."""
+def pretraining_batch(n: int, size: int, generator: torch.Generator, focus: float = 0.5) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Images and captions over every colour, shape, texture and background of the world.
+
+    A ``focus`` share of batches show a single colour (hard negatives).  Also returns ``matches`` (n, n): caption j truly describes image i when image i has
+    every attribute caption j names, so contrastive training can treat all true captions as
+    positives instead of pushing apart, say, two red circles whose captions differ in texture.
+    """
     attributes = {attr: _choice(_VOCAB[attr], n, generator) for attr in _ATTRS}
+    if torch.rand((), generator=generator) < focus:
+        # Hard negatives: the whole batch has one colour, so only shape, texture, size and
+        # background tell its captions apart.  Without such batches colour (learnt at once)
+        # explains most of the contrastive loss and the text tower stalls on shape words.
+        attributes["colour"] = torch.full((n,), int(torch.randint(len(COLOURS), (1,), generator=generator)))
     images = render(attributes, size, generator)
-    return images, [caption(attributes, i, generator) for i in range(n)]
+    captions, named = zip(*(caption(attributes, i, generator) for i in range(n)))
+    matches = torch.ones(n, n, dtype=torch.bool)
+    for attr in _ATTRS:
+        names_attr = torch.tensor([attr in nm for nm in named])
+        same = attributes[attr].view(n, 1) == attributes[attr].view(1, n)
+        matches &= same | ~names_attr.view(1, n)
+    return images, list(captions), matches
 
 
 _SPLIT_SALT = {"train": 1, "val": 2, "test": 3, "ood": 4}

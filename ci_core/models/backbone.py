@@ -2,19 +2,34 @@
 
 A backbone is identified by its open_clip model name plus where its weights came
 from (``builtin`` for the tiny CLIP that ships in this package, an open_clip
-pretrained tag, a local weights file, or ``random:SEED``), and by a SHA-256 of
-its weights, so that a bundle can refuse to run against other weights.
+pretrained tag, a local weights file, or ``random:SEED``), whether its MLPs use
+QuickGELU (OpenAI's weights do; it is not visible in the weights), and by a
+SHA-256 of its weights, so that a bundle can refuse to run against other weights.
+
+Pretrained tags are downloaded and cached by open_clip.  A tag already in the
+cache is loaded from there without touching the network; a tag that needs a
+download first checks that the download host answers, so that an offline
+machine gets a clear error within seconds instead of a long hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import json
+import logging
+import os
+import pickle
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import attrs
 import open_clip
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ci_core.errors import ConfigError
@@ -24,13 +39,33 @@ BUILTIN = "builtin"
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip"
 TINY_CONFIG = ASSETS / f"{TINY_MODEL}.json"
 TINY_WEIGHTS = ASSETS / "weights.safetensors"
+TINY_IMAGE_SIZE = int(json.loads(TINY_CONFIG.read_text())["vision_cfg"]["image_size"])
+
+DEFAULT_REAL = ("ViT-B-16", "openai")  # the paper's backbone: the default wherever real data is used
+QUICKGELU_SUFFIX = "-quickgelu"
+NETWORK_TIMEOUT = 3.0  # seconds to wait for a download host before calling it unreachable
 
 open_clip.add_model_config(TINY_CONFIG)
 
 
 @attrs.frozen(kw_only=True)
+class TextEncoding:
+    """How the CoCoOp text encoder runs; changes speed and memory, never the logits (beyond bf16 rounding).
+
+    ``max_text_batch`` bounds the (image, class) prompts encoded at once; None
+    derives it from ``memory_budget`` (bytes for one chunk's activations; None:
+    a quarter of the free memory of the device, at most 2 GiB on a CPU).
+    ``bf16`` runs the encoders under bfloat16 autocast (CUDA only).
+    """
+
+    max_text_batch: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    memory_budget: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    bf16: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class Backbone:
-    """A frozen CLIP with what is needed to prompt it: tokenizer and image statistics."""
+    """A frozen CLIP with what is needed to prompt it: tokenizer, image statistics, and how to run its text encoder."""
 
     name: str
     pretrained: str
@@ -40,6 +75,8 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_sha256: str
+    quick_gelu: bool = False
+    text_encoding: TextEncoding = attrs.field(factory=TextEncoding, eq=False)
 
     @property
     def embed_dim(self) -> int:
@@ -53,8 +90,30 @@ class Backbone:
     def eot_token_id(self) -> int:
         return int(self.tokenizer.eot_token_id)
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    @property
+    def architecture(self) -> tuple[str, bool]:
+        """(model name without the -quickgelu suffix, QuickGELU): what must match besides the weights."""
+        return self.name.removesuffix(QUICKGELU_SUFFIX), self.quick_gelu
+
     def identity(self) -> dict:
-        return {"name": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256}
+        return {"name": self.name, "pretrained": self.pretrained, "quick_gelu": self.quick_gelu,
+                "weights_sha256": self.weights_sha256}
+
+    def with_text_encoding(self, encoding: TextEncoding) -> "Backbone":
+        """The same frozen model, run with ``encoding`` (bf16 needs the model on a CUDA device)."""
+        check_text_encoding(encoding, self.device)
+        return attrs.evolve(self, text_encoding=encoding)
+
+
+def check_text_encoding(encoding: TextEncoding, device: str | torch.device) -> None:
+    device = torch.device(device)
+    if encoding.bf16 and device.type != "cuda":
+        raise ConfigError(f"bf16 autocast needs a CUDA device, but the model is on {device}"
+                          + ("" if torch.cuda.is_available() else " (this machine has no CUDA device)"))
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -93,36 +152,219 @@ def write_tiny_weights(model: open_clip.CLIP, used_token_ids: torch.Tensor, path
     tmp.replace(path)
 
 
+LOCAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Entries of OpenAI's TorchScript state dicts that are not weights.
+_NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    # A torch file could hold arbitrary pickled objects: tensors only, never code.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            # A torch file could hold arbitrary pickled objects: tensors only, never code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        # weights_only refuses pickled code and TorchScript archives (OpenAI's original .pt files) alike.
+        raise ConfigError(f"weights file {path}: not readable as plain tensors ({_first_line(exc)}); give a "
+                          ".safetensors file, or a state dict saved with torch.save (read with "
+                          "torch.load(weights_only=True))") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"weights file {path}: expected a mapping of tensor names to tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in _NOT_WEIGHTS}
     return state
+
+
+def _load_fitting(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
+    """Load ``state`` into ``model`` if every tensor is there with its shape; else say what does not fit."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        raise ConfigError(f"{what} does not fit {name}: {len(missing)} missing tensors {missing[:5]}, "
+                          f"{len(unexpected)} unexpected {unexpected[:5]}, {len(misshaped)} of another shape "
+                          f"{misshaped[:3]}")
+    model.load_state_dict(state)
 
 
 def check_model_name(name: str) -> None:
     known = open_clip.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
+        hint = f" Close matches: {', '.join(close)}." if close else " See open_clip.list_models() for the names."
         raise ConfigError(f"unknown open_clip model {name!r}.{hint}")
 
 
-def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str | torch.device = "cpu") -> Backbone:
+class _NoRandomInitNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's note that a model built without a checkpoint is random: here weights follow, or are meant."""
+    note = _NoRandomInitNote()
+    root = logging.getLogger()
+    root.addFilter(note)
+    try:
+        yield
+    finally:
+        root.removeFilter(note)
+
+
+def _create_bare(name: str, quick_gelu: bool) -> torch.nn.Module:
+    with _quiet_random_init():
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+
+
+def _uses_quick_gelu(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- pretrained tags
+
+
+def _hf_repo_and_files(cfg: dict) -> tuple[str, tuple[str, ...]] | None:
+    """The Hugging Face repository of a tag and the file names open_clip tries there, safetensors first."""
+    hub = cfg.get("hf_hub", "")
+    if not hub or not open_clip.pretrained.has_hf_hub():
+        return None
+    repo, filename = os.path.split(hub)
+    filename = filename or open_clip.constants.HF_WEIGHTS_NAME
+    return repo, (*open_clip.pretrained._get_safe_alternatives(filename), filename)
+
+
+def cached_pretrained_file(cfg: dict, cache_dir: str | None = None) -> str | None:
+    """The file of a pretrained tag if open_clip's cache holds it already (no network)."""
+    hf = _hf_repo_and_files(cfg)
+    if hf is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filenames = hf
+        for filename in filenames:
+            found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = cfg.get("url", "")
+    if url:  # open_clip's own cache for plain URLs
+        target = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(url)
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def download_source(cfg: dict) -> str:
+    """The URL open_clip would download a tag from (it prefers the Hugging Face hub)."""
+    hf = _hf_repo_and_files(cfg)
+    if hf is not None:
+        from huggingface_hub import constants
+
+        return f"{constants.ENDPOINT}/{hf[0]}"
+    return cfg.get("url", "")
+
+
+def reachable(url: str, timeout: float = NETWORK_TIMEOUT) -> bool:
+    """Whether a TCP connection to the host of ``url`` (or to the configured proxy) opens within ``timeout``."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy:
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if not parts.hostname:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _local_file_hint(name: str, cfg: dict) -> str:
+    arch = name
+    quick_name = name + QUICKGELU_SUFFIX
+    if cfg.get("quick_gelu") and not name.endswith(QUICKGELU_SUFFIX) and quick_name in open_clip.list_models():
+        arch = quick_name  # these weights were trained with QuickGELU, which a file does not record
+    return (f"pass a local weights file instead: --backbone {arch} --pretrained /path/to/weights.safetensors "
+            "(a .pt/.pth/.bin state dict is read with torch.load(weights_only=True))")
+
+
+def _create_from_tag(name: str, tag: str, cache_dir: str | None) -> torch.nn.Module:
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    cached = cached_pretrained_file(cfg, cache_dir)
+    try:
+        if cached is not None:
+            # Straight from the cache, with what the tag implies (activation, image statistics): no network.
+            preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+            return open_clip.create_model(name, pretrained=cached, force_quick_gelu=bool(cfg.get("quick_gelu")),
+                                          force_preprocess_cfg=preprocess, cache_dir=cache_dir)
+        source = download_source(cfg)
+        if _hf_repo_and_files(cfg) is not None and _hub_offline():
+            raise ConfigError(f"pretrained {tag!r} for {name} is not in the open_clip cache and HF_HUB_OFFLINE is set, "
+                              f"so it cannot be downloaded from {source}; {_local_file_hint(name, cfg)}")
+        if not reachable(source):
+            raise ConfigError(
+                f"pretrained {tag!r} for {name} is not in the open_clip cache and its download from {source} is "
+                f"unreachable (no network?); download it once on a machine with network (open_clip caches it) or "
+                f"{_local_file_hint(name, cfg)}"
+            )
+        return open_clip.create_model(name, pretrained=tag, cache_dir=cache_dir)
+    except ConfigError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/OSError/hub errors on failed downloads
+        raise ConfigError(f"could not load pretrained {tag!r} for {name} ({_first_line(exc)}); "
+                          f"{_local_file_hint(name, cfg)}") from exc
+
+
+def _unknown_pretrained(name: str, pretrained: str) -> ConfigError:
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
+    known = f"its open_clip tags are {', '.join(tags)}" if tags else "open_clip has no pretrained tag for it"
+    return ConfigError(
+        f"pretrained {pretrained!r} for {name}: not a tag, not 'random:SEED' and not a weights file "
+        f"({', '.join(LOCAL_SUFFIXES)}); {known}" + (f" (close: {', '.join(close)})" if close else "")
+    )
+
+
+def _looks_like_file(pretrained: str) -> bool:
+    return Path(pretrained).suffix in LOCAL_SUFFIXES or os.sep in pretrained or Path(pretrained).is_file()
+
+
+def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str | torch.device = "cpu", *,
+                  quick_gelu: bool | None = None, text_encoding: TextEncoding | None = None,
+                  cache_dir: str | None = None) -> Backbone:
     """Build a frozen, eval-mode backbone.
 
     ``pretrained`` is ``builtin`` (the shipped tiny CLIP), ``random:SEED``
-    (random weights, for tests and speed benchmarks), a path to a
-    ``.safetensors``/``.pt`` file, or an open_clip pretrained tag.
+    (random weights, for tests and speed benchmarks), an open_clip pretrained
+    tag (from open_clip's cache, or downloaded into it), or a path to a
+    ``.safetensors`` file (or a torch state dict, read with ``weights_only=True``).
+    ``quick_gelu`` forces the activation for random weights and files (a tag
+    decides it itself); ``cache_dir`` is open_clip's download cache.
     """
     check_model_name(name)
+    force_quick_gelu = bool(quick_gelu)
     if pretrained == BUILTIN:
         if name != TINY_MODEL:
-            raise ConfigError(f"pretrained 'builtin' exists only for {TINY_MODEL!r}, not {name!r}")
-        model = open_clip.create_model(name, pretrained=None)
+            raise ConfigError(f"pretrained 'builtin' exists only for {TINY_MODEL!r}, not {name!r}; "
+                              f"for {name} give an open_clip tag, a weights file or random:SEED")
+        model = _create_bare(name, False)
         model.load_state_dict(read_tiny_weights())
     elif pretrained.startswith("random:"):
         try:
@@ -130,25 +372,18 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
         except ValueError as exc:
             raise ConfigError(f"pretrained {pretrained!r}: expected random:SEED with an integer seed") from exc
         torch.manual_seed(seed)
-        model = open_clip.create_model(name, pretrained=None)
-    elif Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin"):
-        path = Path(pretrained)
+        model = _create_bare(name, force_quick_gelu)
+    elif open_clip.is_pretrained_cfg(name, pretrained):
+        model = _create_from_tag(name, pretrained, cache_dir)
+    elif _looks_like_file(pretrained):
+        path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ConfigError(f"weights file {path} does not exist")
-        model = open_clip.create_model(name, pretrained=None)
-        missing, unexpected = model.load_state_dict(_load_local_weights(path), strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"weights file {path} does not fit {name}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
+        model = _create_bare(name, force_quick_gelu)
+        _load_fitting(model, _load_local_weights(path), f"weights file {path}", name)
+        pretrained = str(path.resolve())
     else:
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained)
-        except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors when offline
-            raise ConfigError(
-                f"could not load pretrained {pretrained!r} for {name!r} ({exc}). Without network, pass a local "
-                "weights file instead: --pretrained /path/to/weights.safetensors"
-            ) from exc
+        raise _unknown_pretrained(name, pretrained)
     model = model.to(device).eval().requires_grad_(False)
     visual = model.visual
     image_size = visual.image_size
@@ -164,4 +399,5 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
         mean=mean,
         std=std,
         weights_sha256=state_dict_sha256(model.state_dict()),
-    )
+        quick_gelu=_uses_quick_gelu(model),
+    ).with_text_encoding(text_encoding or TextEncoding())

@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ci_core.errors import BundleError
-from ci_core.models.backbone import Backbone, load_backbone, state_dict_sha256
+from ci_core.errors import BundleError, ConfigError
+from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone, state_dict_sha256
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
 from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
 
@@ -137,36 +137,64 @@ def bundle_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _check_tensors(weights_path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Every expected tensor present with its exact shape, and nothing else."""
-    for key, reference in expected.items():
-        shape = tuple(reference.shape)
-        if key not in tensors:
-            raise BundleError(f"{weights_path}: missing tensor {key!r} (expected shape {list(shape)})")
-        if tuple(tensors[key].shape) != shape:
-            raise BundleError(
-                f"{weights_path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)}"
-            )
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise BundleError(f"{weights_path}: unexpected tensors {extra}")
+def _describe(name: str, pretrained: str, quick_gelu: bool | None, sha: str) -> str:
+    gelu = "" if quick_gelu is None else (", QuickGELU" if quick_gelu else ", GELU")
+    return f"{name} ({pretrained}{gelu}) with weights sha256 {sha}"
 
 
-def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str = "cpu") -> tuple[CLIPClassifier, dict]:
-    """Load a bundle: (model, metadata).  ``backbone`` is reused if given, else built from the metadata.
+def check_backbone(path: Path, ident: dict, backbone: Backbone) -> None:
+    """The bundle's prompt learner only means something on the backbone it was trained on."""
+    recorded_gelu = ident.get("quick_gelu")  # absent from bundles written before it was recorded
+    same_architecture = (ident["name"].removesuffix(QUICKGELU_SUFFIX) == backbone.architecture[0]
+                         and (recorded_gelu is None or bool(recorded_gelu) == backbone.quick_gelu))
+    if not same_architecture or backbone.weights_sha256 != ident["weights_sha256"]:
+        raise BundleError(
+            f"{path}: the bundle was trained on backbone "
+            f"{_describe(ident['name'], ident.get('pretrained', '?'), recorded_gelu, ident['weights_sha256'])}, "
+            f"but the backbone given is "
+            f"{_describe(backbone.name, backbone.pretrained, backbone.quick_gelu, backbone.weights_sha256)}"
+        )
 
+
+def bundle_backbone(path: str | Path, meta: dict, device: str | torch.device = "cpu", *, name: str | None = None,
+                    pretrained: str | None = None, text_encoding: TextEncoding | None = None,
+                    cache_dir: str | None = None) -> Backbone:
+    """The backbone a bundle names, or ``name``/``pretrained`` instead (e.g. a local copy of its weights).
+
+    For weights given as a file or random seed, the activation is the one the bundle records.
+    """
+    ident = meta["backbone"]
+    for key in ("name", "pretrained", "weights_sha256"):
+        if not isinstance(ident, dict) or not isinstance(ident.get(key), str):
+            raise BundleError(f"{Path(path) / META_FILE}: 'backbone' needs a string {key!r}")
+    try:
+        return load_backbone(name or ident["name"], pretrained or ident["pretrained"], device,
+                             quick_gelu=ident.get("quick_gelu"), text_encoding=text_encoding, cache_dir=cache_dir)
+    except ConfigError as exc:
+        if pretrained is not None:
+            raise
+        raise ConfigError(f"{path}: cannot load the bundle's backbone {ident['name']} ({ident['pretrained']}): {exc}. "
+                          "If you have its weights as a file, pass it with --pretrained FILE") from exc
+
+
+def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu", *,
+                name: str | None = None, pretrained: str | None = None, text_encoding: TextEncoding | None = None,
+                cache_dir: str | None = None) -> tuple[CLIPClassifier, dict]:
+    """Load a bundle: (model, metadata).
+
+    ``backbone`` is reused if given, else built from the metadata, with ``name``
+    and ``pretrained`` replacing the recorded ones if given.  Either way its
+    architecture and weight hash must be the ones the bundle was trained on.
     The model is a ``PromptTunedCLIP`` for a CoCoOp bundle and a ``ZeroShotCLIP`` for a zero-shot one.
     """
     path = Path(path)
     meta = read_meta(path)
-    ident = meta["backbone"]
     if backbone is None:
-        backbone = load_backbone(ident["name"], ident["pretrained"], device=device)
-    if backbone.name != ident["name"] or backbone.weights_sha256 != ident["weights_sha256"]:
-        raise BundleError(
-            f"{path}: bundle was trained on backbone {ident['name']} with weights sha256 {ident['weights_sha256'][:16]}..., "
-            f"but the backbone given is {backbone.name} with weights sha256 {backbone.weights_sha256[:16]}..."
-        )
+        backbone = bundle_backbone(path, meta, device, name=name, pretrained=pretrained, text_encoding=text_encoding,
+                                   cache_dir=cache_dir)
+    elif text_encoding is not None:
+        backbone = backbone.with_text_encoding(text_encoding)
+    check_backbone(path, meta["backbone"], backbone)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise BundleError(f"{path}: missing {WEIGHTS_FILE}")
@@ -182,6 +210,21 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     model.prompt_learner.load_state_dict(state)
     model.ctx_init = meta.get("ctx_init")
     return model.eval(), meta
+
+
+def _check_tensors(weights_path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor present with its exact shape, and nothing else."""
+    for key, reference in expected.items():
+        shape = tuple(reference.shape)
+        if key not in tensors:
+            raise BundleError(f"{weights_path}: missing tensor {key!r} (expected shape {list(shape)})")
+        if tuple(tensors[key].shape) != shape:
+            raise BundleError(
+                f"{weights_path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise BundleError(f"{weights_path}: unexpected tensors {extra}")
 
 
 def _load_zeroshot(weights_path: Path, tensors: dict[str, torch.Tensor], backbone: Backbone, meta: dict) -> ZeroShotCLIP:

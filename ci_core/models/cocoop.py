@@ -8,12 +8,19 @@ Three exact shortcuts make it fast:
   position of the class set: under the causal mask later positions cannot
   influence the pooled feature, so the logits are unchanged;
 * all (image, class) prompts go through the text encoder as one batch instead
-  of a Python loop over images, in chunks of at most ``max_text_batch`` prompts;
+  of a Python loop over images, in chunks sized to a memory budget (see
+  ``TextEncoding``); when a backward pass needs more than one chunk, each chunk
+  is checkpointed (recomputed in the backward pass), so that the activations
+  alive at once stay within the budget during training too;
 * the prompt prefix (start-of-text and the image's context vectors) is the same
   for every class of an image, and under the causal mask its hidden states do
   not depend on what follows: each block computes it once per image and the
   class-name suffixes attend to it (for standard open_clip text blocks; other
   blocks take the plain path).
+
+``reference_logits`` is the straightforward computation (full 77-token
+context, one image at a time) that the fast path must equal; tests and
+``benchmarks/cocoop_speed.py`` compare against it.
 
 Models take images in pixel space ([0, 1]) and normalise inside, so every
 trigger and budget in this toolkit is in pixel units (4/255 means 4/255).
@@ -21,6 +28,7 @@ trigger and budget in this toolkit is in pixel units (4/255 means 4/255).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Sequence
 
@@ -28,11 +36,23 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ci_core.models.backbone import Backbone
+from ci_core.models.backbone import Backbone, TextEncoding, check_text_encoding
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 DEFAULT_CTX_INIT = "a photo of a"
+
+# Activations one text block keeps per token for the backward pass, in multiples of the width: both
+# LayerNorms' inputs and outputs (4), q, k and v (3), the attention output and its projection (2), the
+# MLP's hidden layer before and after its activation (2 x 4).  Without gradients only one block's
+# intermediates are alive at a time (about 12 widths per token).
+SAVED_WIDTHS_PER_TOKEN = 17
+LIVE_WIDTHS_PER_TOKEN = 12
+# The automatic memory budget: fixed on a CPU (so that chunking, hence rounding, is the same from run
+# to run), a share of the free memory on a GPU.
+CPU_MEMORY_BUDGET = 2 * 1024**3
+CUDA_BUDGET_SHARE = 4
 
 
 @attrs.frozen(eq=False)
@@ -104,16 +124,21 @@ class PromptLearner(nn.Module):
 
 
 class PromptTunedCLIP(nn.Module):
-    """A frozen CLIP with a trainable CoCoOp prompt learner."""
+    """A frozen CLIP with a trainable CoCoOp prompt learner.
+
+    ``text_encoding`` (default: the backbone's) sets the text chunk size or the
+    memory budget it is derived from, and bf16 autocast.
+    """
 
     def __init__(self, backbone: Backbone, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 max_text_batch: int = 4096):
+                 text_encoding: TextEncoding | None = None):
         super().__init__()
         self.backbone = backbone
         self.clip = backbone.model
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
-        self.max_text_batch = max_text_batch
+        self.text_encoding = text_encoding or backbone.text_encoding
+        check_text_encoding(self.text_encoding, self.device)
         self.shared_prefix = supports_shared_prefix(self.clip)
         init = None
         if ctx_init:
@@ -127,6 +152,7 @@ class PromptTunedCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
         self._prompt_cache: dict[tuple[str, ...], ClassPrompts] = {}
+        self._auto_budget: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -160,59 +186,142 @@ class PromptTunedCLIP(nn.Module):
         features = self.clip.encode_image((images - self.mean) / self.std)
         return F.normalize(features, dim=-1)
 
+    # ------------------------------------------------------------------ chunking
+
+    def memory_budget(self) -> int:
+        """Bytes one chunk of the text encoder may hold in activations."""
+        if self.text_encoding.memory_budget is not None:
+            return self.text_encoding.memory_budget
+        if self._auto_budget is None:  # fixed at first use, so that the chunking stays the same afterwards
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self._auto_budget = max(1, free // CUDA_BUDGET_SHARE)
+            else:
+                self._auto_budget = CPU_MEMORY_BUDGET
+        return self._auto_budget
+
+    def pair_activation_bytes(self, prompts: ClassPrompts, *, grad: bool) -> int:
+        """Estimated activation bytes of one (image, class) prompt in the text encoder."""
+        clip = self.clip
+        blocks = clip.transformer.resblocks
+        width, layers = self.backbone.text_width, len(blocks)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 1)
+        p_len, s_len = 1 + self.n_ctx, prompts.suffix.shape[1]
+        queries = s_len if self.shared_prefix else p_len + s_len
+        keys = p_len + s_len
+        element = 2 if self.text_encoding.bf16 else 4
+        per_token = SAVED_WIDTHS_PER_TOKEN if grad else LIVE_WIDTHS_PER_TOKEN
+        # attention weights (and their mask-filled copy) are (heads, queries, keys) per prompt and block
+        per_block = (queries * width * per_token + 2 * heads * queries * keys) * element
+        return per_block * (layers if grad else 1) + 2 * queries * width * element  # + the residual stream
+
+    def pairs_per_chunk(self, prompts: ClassPrompts, *, grad: bool) -> int:
+        """(image, class) prompts encoded at once: ``max_text_batch``, else what fits the memory budget."""
+        if self.text_encoding.max_text_batch is not None:
+            return self.text_encoding.max_text_batch
+        return max(1, self.memory_budget() // self.pair_activation_bytes(prompts, grad=grad))
+
+    @staticmethod
+    def chunks(batch: int, n_classes: int, pairs: int) -> list[tuple[slice, slice]]:
+        """(images, classes) slices covering the batch row by row, each with at most ``pairs`` prompts.
+
+        Whole images while a chunk holds all classes; otherwise one image at a time, its classes split.
+        """
+        if pairs >= n_classes:
+            per = pairs // n_classes
+            return [(slice(i, min(i + per, batch)), slice(0, n_classes)) for i in range(0, batch, per)]
+        return [(slice(i, i + 1), slice(k, min(k + pairs, n_classes)))
+                for i in range(batch) for k in range(0, n_classes, pairs)]
+
+    # ------------------------------------------------------------------ the text encoder
+
     def encode_prompts(self, ctx: torch.Tensor, prompts: ClassPrompts) -> torch.Tensor:
         """(B, K, D) normalised text features for every (image context, class) pair."""
-        if self.shared_prefix:
-            return self._encode_shared_prefix(ctx, prompts)
-        return self._encode_full(ctx, prompts)
+        batch, n_classes = ctx.shape[0], prompts.suffix.shape[0]
+        grad = torch.is_grad_enabled() and ctx.requires_grad
+        pieces = self.chunks(batch, n_classes, self.pairs_per_chunk(prompts, grad=grad))
+        encode = self._encode_shared_prefix if self.shared_prefix else self._encode_full
+        sot = prompts.prefix[:1]  # start-of-text: the same token for every class
+        rows, row = [], []
+        for images, classes in pieces:
+            args = (ctx[images], sot, prompts.suffix[classes], prompts.eot[classes])
+            if grad and len(pieces) > 1:
+                # Keep only the chunk's inputs and outputs; its activations are recomputed in the backward pass.
+                out = checkpoint(encode, *args, use_reentrant=False)
+            else:
+                out = encode(*args)
+            row.append(out)
+            if classes.stop == n_classes:
+                rows.append(torch.cat(row, dim=1) if len(row) > 1 else row[0])
+                row = []
+        return F.normalize(torch.cat(rows) if len(rows) > 1 else rows[0], dim=-1)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.clip.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
-    def _encode_shared_prefix(self, ctx: torch.Tensor, prompts: ClassPrompts) -> torch.Tensor:
+    def _encode_shared_prefix(self, ctx: torch.Tensor, sot: torch.Tensor, suffix: torch.Tensor,
+                              eot: torch.Tensor) -> torch.Tensor:
+        """(b, k, D) text features; the SOT+context prefix runs once per image, the class suffixes attend to it."""
         clip = self.clip
-        batch, n_classes = ctx.shape[0], prompts.suffix.shape[0]
-        # Start-of-text is the same token for every class: one prefix per image.
-        prefix_all = torch.cat([prompts.prefix[:1].expand(batch, -1, -1), ctx], dim=1)
-        p_len, s_len = prefix_all.shape[1], prompts.suffix.shape[1]
+        batch, n_classes = ctx.shape[0], suffix.shape[0]
+        prefix = torch.cat([sot.expand(batch, -1, -1), ctx], dim=1)
+        p_len, s_len = prefix.shape[1], suffix.shape[1]
         pos = clip.positional_embedding
-        eot = prompts.eot - p_len
-        per_chunk = max(1, self.max_text_batch // n_classes)
-        out = []
-        for start in range(0, batch, per_chunk):
-            prefix = prefix_all[start:start + per_chunk] + pos[:p_len]
-            b = prefix.shape[0]
-            suffix = prompts.suffix.unsqueeze(0).expand(b, -1, -1, -1) + pos[p_len:p_len + s_len]
-            for block in clip.transformer.resblocks:
-                prefix, suffix = shared_prefix_block(block, prefix, suffix)
-            pooled = clip.ln_final(suffix[:, torch.arange(n_classes, device=suffix.device), eot])
-            out.append(self._project(pooled))
-        return F.normalize(torch.cat(out), dim=-1)
+        prefix = prefix + pos[:p_len]
+        suffix = suffix.unsqueeze(0).expand(batch, -1, -1, -1) + pos[p_len:p_len + s_len]
+        for block in clip.transformer.resblocks:
+            prefix, suffix = shared_prefix_block(block, prefix, suffix)
+        pooled = clip.ln_final(suffix[:, torch.arange(n_classes, device=suffix.device), eot - p_len])
+        return self._project(pooled)
 
-    def _encode_full(self, ctx: torch.Tensor, prompts: ClassPrompts) -> torch.Tensor:
-        batch, n_classes = ctx.shape[0], prompts.prefix.shape[0]
-        width = ctx.shape[-1]
-        full = torch.cat([
-            prompts.prefix.unsqueeze(0).expand(batch, -1, -1, -1),
-            ctx.unsqueeze(1).expand(-1, n_classes, -1, -1),
-            prompts.suffix.unsqueeze(0).expand(batch, -1, -1, -1),
-        ], dim=2).reshape(batch * n_classes, -1, width)
-        eot = prompts.eot.repeat(batch)
-        length = full.shape[1]
+    def _encode_full(self, ctx: torch.Tensor, sot: torch.Tensor, suffix: torch.Tensor,
+                     eot: torch.Tensor) -> torch.Tensor:
+        """(b, k, D) text features of the whole (truncated) prompts, for text blocks of any kind."""
         clip = self.clip
-        pos = clip.positional_embedding[:length]
+        batch, n_classes, width = ctx.shape[0], suffix.shape[0], ctx.shape[-1]
+        full = torch.cat([
+            sot.unsqueeze(0).expand(batch, n_classes, -1, -1),
+            ctx.unsqueeze(1).expand(-1, n_classes, -1, -1),
+            suffix.unsqueeze(0).expand(batch, -1, -1, -1),
+        ], dim=2).reshape(batch * n_classes, -1, width)
+        length = full.shape[1]
         mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
-        out = []
-        for start in range(0, full.shape[0], self.max_text_batch):
-            x = full[start:start + self.max_text_batch] + pos
-            x = clip.ln_final(clip.transformer(x, attn_mask=mask))
-            x = x[torch.arange(x.shape[0], device=x.device), eot[start:start + self.max_text_batch]]
-            out.append(self._project(x))
-        return F.normalize(torch.cat(out), dim=-1).view(batch, n_classes, -1)
+        x = clip.ln_final(clip.transformer(full + clip.positional_embedding[:length], attn_mask=mask))
+        x = x[torch.arange(x.shape[0], device=x.device), eot.repeat(batch)]
+        return self._project(x).view(batch, n_classes, -1)
+
+    def _autocast(self):
+        if self.text_encoding.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """(B, K) logits of pixel-space images over ``classnames`` (paper Eq. 2, before the softmax)."""
-        features = self.image_features(images)
-        text = self.encode_prompts(self.prompt_learner(features), self.class_prompts(classnames))
-        return self.clip.logit_scale.exp() * torch.einsum("bd,bkd->bk", features, text)
+        with self._autocast():
+            features = self.image_features(images)
+            text = self.encode_prompts(self.prompt_learner(features), self.class_prompts(classnames))
+            logits = self.clip.logit_scale.exp() * torch.einsum("bd,bkd->bk", features, text)
+        return logits.float()
+
+
+def reference_logits(model: PromptTunedCLIP, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+    """CoCoOp as its reference code computes it: full-context (77-token) prompts, a Python loop over images.
+
+    No truncation, batching or shared prefix: the oracle the fast path must equal.
+    """
+    clip = model.clip
+    features = model.image_features(images)
+    ctx = model.prompt_learner(features)
+    n = model.n_ctx
+    texts = [f"{' '.join(['X'] * n)} {name.replace('_', ' ')}." for name in classnames]
+    tokens = model.backbone.tokenizer(texts).to(model.device)
+    embedded = clip.token_embedding(tokens)
+    eot = (tokens == model.backbone.eot_token_id).int().argmax(-1)
+    rows = []
+    for i in range(len(images)):
+        x = torch.cat([embedded[:, :1], ctx[i].expand(len(classnames), -1, -1), embedded[:, 1 + n:]], dim=1)
+        x = clip.ln_final(clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask))
+        text = F.normalize(model._project(x[torch.arange(len(classnames), device=x.device), eot]), dim=-1)
+        rows.append(clip.logit_scale.exp() * features[i] @ text.T)
+    return torch.stack(rows)

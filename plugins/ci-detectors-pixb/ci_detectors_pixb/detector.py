@@ -116,8 +116,8 @@ class PixelBackdoor(Detector):
     description = "Pixel Backdoor (Tao et al. 2022): +/- per-pixel pattern with an l0 surrogate, perturbed-pixel count"
     default_scorer = "mad"
     Config = PixelBackdoorConfig
-    # |D| = 256 on the tiny world: batches of 8 give 32 steps per epoch, as the paper's 1000 images in batches of 32.
-    presets = {"tiny": {"batch_size": 8}}
+    # |D| = 128 on the tiny world: batches of 4 give 32 steps per epoch, as the paper's 1000 images in batches of 32.
+    presets = {"tiny": {"batch_size": 4}}
 
     def balancer(self) -> CostBalancer:
         c = self.config

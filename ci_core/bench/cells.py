@@ -1,0 +1,189 @@
+"""Running one cell: train a model or scan one, and file the result in the store.
+
+``execute`` is what every executor calls, in-process or as a Ray task.  It
+takes plain JSON (the cell) and returns plain JSON (the outcome), never raises
+for a failing cell (the error is filed under ``failed/`` and returned), and
+seeds everything from the cell's seed, so a cell gives the same result in any
+process and in any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ci_core.bench.plan import Cell, ModelCell, ScanCell, cell_from_json
+from ci_core.bench.store import CELL_FILE, Store, write_json
+from ci_core.cli.common import StderrProgress, resolve_device
+from ci_core.data.ood import OODPool, load_pool
+from ci_core.errors import ConfigError
+from ci_core.interfaces import Progress, to_json
+from ci_core.models.backbone import Backbone, load_backbone
+from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
+from ci_core.plugins import registry
+from ci_core.scan import scan, write_scan
+from ci_core.workflow import choose_target, load_task, sample_candidates, train_and_evaluate
+
+BUNDLE = "bundle"
+TRIGGER = "trigger.safetensors"
+SCAN = "scan"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_backbone(name: str, source: str, device: str) -> Backbone:
+    return load_backbone(name, source, device=device)
+
+
+def cell_backbone(cell: Cell, device: str) -> Backbone:
+    """The backbone a cell was planned for, checked against the weights hash in its key."""
+    ident = cell.spec["backbone"]
+    backbone = _load_backbone(ident["name"], cell.backbone_source, device)
+    if backbone.weights_sha256 != ident["weights_sha256"]:
+        raise ConfigError(f"backbone {ident['name']} from {cell.backbone_source!r} has weights sha256 "
+                          f"{backbone.weights_sha256[:16]}..., but the sweep was planned with "
+                          f"{ident['weights_sha256'][:16]}...")
+    return backbone
+
+
+@functools.lru_cache(maxsize=2)
+def _ood_pool(source: str, inversion: int, holdout: int, image_size: int, seed: int) -> OODPool:
+    return load_pool(source, inversion=inversion, holdout=holdout, image_size=image_size, seed=seed)
+
+
+def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, data_root: str | None, image_size: int,
+                   seed: int) -> OODPool:
+    """D and T of a scan: T is always the OOD held-out set; D is OOD images or, for 'id', the dataset's own.
+
+    In-distribution D (the paper's Table 17) takes the dataset's validation images
+    of every class, unlabelled, shuffled by ``seed``; keeping T the same makes the
+    two settings' ASR comparable.
+    """
+    ood = _ood_pool(pool_spec["source"], pool_spec["inversion"], pool_spec["holdout"], image_size, seed)
+    if pool_spec["inversion_data"] == "ood":
+        return ood
+    dataset = registry().get("dataset", dataset_name).open(data_root)
+    per_class = math.ceil(pool_spec["inversion"] / len(dataset.classnames))
+    images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool_spec["inversion"]]
+    return OODPool(inversion=images[order], holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
+                   f"held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
+
+
+def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Progress) -> dict:
+    spec = cell.spec
+    plugins = registry()
+    backbone = cell_backbone(cell, device)
+    attack = plugins.get("attack", spec["attack"]).from_options(spec["attack_config"])
+    with store.writing("model", cell.key) as work:
+        clock, cpu = time.perf_counter(), time.process_time()
+        dataset = plugins.get("dataset", spec["dataset"]).open(cell.data_root)
+        task = load_task(dataset, backbone, seed=spec["seed"], shots=spec["shots"],
+                         test_per_class=spec["test_per_class"], progress=progress)
+        target = choose_target(task, spec["seed"]) if spec["backdoor"] else None
+        outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=spec["seed"],
+                                              progress=progress)
+        save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
+        if outcome.trigger is not None:
+            outcome.trigger.save(work / TRIGGER)
+        record = {
+            "kind": "model", "key": cell.key, "label": cell.label, "spec": spec,
+            "dataset": spec["dataset"], "attack": spec["attack"], "seed": spec["seed"], "target": target,
+            "base_classes": list(task.base), "new_classes": list(task.new), "metrics": to_json(metrics),
+            "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
+            "bundle_sha256": bundle_sha256(work / BUNDLE), "log": to_json(outcome.log),
+            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
+            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
+            "device": device, "threads": torch.get_num_threads(),
+        }
+        write_json(work / CELL_FILE, record)
+    return record
+
+
+def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progress) -> dict:
+    spec = cell.spec
+    if not store.is_done("model", cell.model_key):
+        raise ConfigError(f"its model cell {cell.model_key} has no result in the store")
+    model_record = store.read_cell("model", cell.model_key)
+    plugins = registry()
+    backbone = cell_backbone(cell, device)
+    detector = plugins.get("detector", spec["detector"]).from_options(spec["detector_config"])
+    scorer = plugins.get("scorer", spec["scorer"]).from_options(spec["scorer_config"])
+    with store.writing("scan", cell.key) as work:
+        clock, cpu = time.perf_counter(), time.process_time()
+        bundle = store.cell_dir("model", cell.model_key) / BUNDLE
+        model, meta = load_bundle(bundle, backbone)
+        pool = inversion_pool(spec["pool"], model_record["dataset"], cell.data_root, backbone.image_size, spec["seed"])
+        # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them.
+        candidates = sample_candidates(meta["classnames"], seed=spec["seed"], target=model_record["target"],
+                                       count=spec["candidates"])
+        result = scan(model, detector, scorer, pool, candidates, seed=spec["seed"], progress=progress)
+        write_scan(result, work / SCAN, pool, seed=spec["seed"],
+                   bundle={"model_cell": cell.model_key, "sha256": bundle_sha256(bundle)})
+        record = {
+            "kind": "scan", "key": cell.key, "label": cell.label, "spec": spec, "model": cell.model_key,
+            "dataset": model_record["dataset"], "attack": model_record["attack"], "seed": model_record["seed"],
+            "true_target": model_record["target"], "detector": spec["detector"], "scorer": spec["scorer"],
+            "variant": cell.variant, "threshold": spec["scorer_config"].get("k"),
+            "backdoored": result.scores.backdoored, "s_max": result.scores.s_max,
+            "predicted_target": result.scores.target, "flagged": list(result.scores.flagged),
+            "n_classes": len(result.classes), "scan_seconds": result.seconds,
+            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
+            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
+            "device": device, "threads": torch.get_num_threads(),
+        }
+        write_json(work / CELL_FILE, record)
+    return record
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def execute(store_root: str, cell_json: Mapping[str, Any], upstream: Mapping[str, Any] | None = None, *,
+            device: str = "auto", threads: int | None = None, verbose: bool = False) -> dict:
+    """Run one cell into the store at ``store_root``; the outcome is {key, kind, label, status, seconds[, error]}.
+
+    ``upstream`` is the outcome of the scan's model cell when it ran in the same
+    sweep: a failed model makes its scans fail without running.
+    """
+    store = Store(Path(store_root))
+    cell = cell_from_json(cell_json)
+    outcome = {"key": cell.key, "kind": cell.kind, "label": cell.label}
+    clock = time.perf_counter()
+    emit = StderrProgress(quiet=not verbose)
+    try:
+        if upstream is not None and upstream.get("status") != "done":
+            raise ConfigError(f"its model cell {upstream.get('label')} failed: {upstream.get('error')}")
+        runner = run_model_cell if cell.kind == "model" else run_scan_cell
+        with torch_threads(threads):
+            seed_everything(cell.spec["seed"])
+            runner(store, cell, device=resolve_device(device), progress=lambda m: emit(f"{cell.label}: {m}"))
+    except Exception as exc:  # a failing cell is recorded and the sweep goes on
+        error = f"{type(exc).__name__}: {exc}"
+        store.record_failure({**outcome, "spec": cell.spec, "error": error, "traceback": traceback.format_exc()})
+        return {**outcome, "status": "failed", "error": error, "seconds": time.perf_counter() - clock}
+    return {**outcome, "status": "done", "seconds": time.perf_counter() - clock}

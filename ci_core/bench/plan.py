@@ -1,0 +1,252 @@
+"""Sweep planning: which models to train and which scans to run, each with the key of its result.
+
+A model cell is one (dataset, attack, seed); a scan cell is one (model, detector,
+ablation setting).  Planning builds every plugin's full config (defaults, the
+backbone's preset, the sweep's overrides) and hashes it into the cell's key; it
+runs nothing, so it is cheap and can be printed with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import attrs
+
+from ci_core.bench.store import VERSION, spec_hash
+from ci_core.data.ood import BUILTIN as BUILTIN_POOL
+from ci_core.errors import ConfigError
+from ci_core.interfaces import to_json
+from ci_core.models.backbone import Backbone
+from ci_core.plugins import Registry
+from ci_core.workflow import BENCHMARK_CANDIDATES, pool_sizes, preset_for
+
+CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
+INVERSION_DATA = ("ood", "id")
+# Detector config fields the ablation options sweep over: (option, SweepSettings attribute, config field).
+ABLATION_FIELDS = (("--batch-sizes", "batch_sizes", "batch_size"), ("--losses", "losses", "loss"))
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
+
+
+def _distinct(name: str, values: Sequence) -> None:
+    duplicates = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if duplicates:
+        raise ConfigError(f"{name}: duplicate values {duplicates}")
+
+
+def _positive(name: str, values: Sequence[int]) -> None:
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise ConfigError(f"{name}: expected whole numbers of at least 1, got {bad}")
+
+
+@attrs.frozen(kw_only=True)
+class SweepSettings:
+    """What a sweep crosses; empty ablation tuples mean the preset's (or detector's) own value."""
+
+    attacks: tuple[str, ...]
+    detectors: tuple[str, ...]
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    shots: int = 16
+    test_per_class: int | None = None  # test images per class for ACC/ASR; None = the whole test split
+    data_root: str | None = None  # where datasets that read files find them (not part of any key)
+    ood: str = BUILTIN_POOL
+    pool_sizes: tuple[int, ...] = ()  # |D|; () = the preset's
+    holdout: int | None = None  # |T|; None = the preset's
+    batch_sizes: tuple[int, ...] = ()
+    losses: tuple[str, ...] = ()
+    inversion_data: tuple[str, ...] = ("ood",)
+    attack_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)  # plugin name -> overrides
+    detector_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    scorer_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self):
+        for name, values in (("--attacks", self.attacks), ("--detectors", self.detectors),
+                             ("--datasets", self.datasets), ("--seeds", self.seeds)):
+            if not values:
+                raise ConfigError(f"{name}: needs at least one value")
+            _distinct(name, values)
+        for name, values in (("--pool-sizes", self.pool_sizes), ("--batch-sizes", self.batch_sizes),
+                             ("--losses", self.losses), ("--inversion-data", self.inversion_data)):
+            _distinct(name, values)
+        _positive("--pool-sizes", self.pool_sizes)
+        _positive("--batch-sizes", self.batch_sizes)
+        _positive("--shots", [self.shots])
+        if self.holdout is not None:
+            _positive("--holdout", [self.holdout])
+        if self.test_per_class is not None:
+            _positive("--test-per-class", [self.test_per_class])
+        if any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds):
+            raise ConfigError(f"--seeds: expected whole numbers, got {list(self.seeds)}")
+        if not self.inversion_data or not set(self.inversion_data) <= set(INVERSION_DATA):
+            raise ConfigError(f"--inversion-data: expected some of {', '.join(INVERSION_DATA)}, "
+                              f"got {', '.join(self.inversion_data) or 'nothing'}")
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ModelCell:
+    kind: ClassVar[str] = "model"
+    key: str
+    spec: dict  # everything the result depends on; hashed into the key
+    label: str
+    # Where the worker finds the backbone weights and the dataset files: not part of the key, which
+    # holds the weights hash and the dataset name instead.
+    backbone_source: str
+    data_root: str | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
+                "backbone_source": self.backbone_source, "data_root": self.data_root}
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ScanCell:
+    kind: ClassVar[str] = "scan"
+    key: str
+    spec: dict
+    label: str
+    backbone_source: str
+    model_key: str
+    variant: dict  # the ablation values of this scan (pool size, batch size, loss, inversion data)
+    data_root: str | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
+                "backbone_source": self.backbone_source, "model_key": self.model_key, "variant": self.variant,
+                "data_root": self.data_root}
+
+
+Cell = ModelCell | ScanCell
+
+
+def cell_from_json(data: Mapping[str, Any]) -> Cell:
+    data = dict(data)
+    kind = data.pop("kind")
+    return {"model": ModelCell, "scan": ScanCell}[kind](**data)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Plan:
+    models: tuple[ModelCell, ...]
+    scans: tuple[ScanCell, ...]
+
+    def cells(self) -> list[Cell]:
+        """Each model followed by its scans, so that results for every setting appear early."""
+        by_model: dict[str, list[ScanCell]] = {}
+        for scan in self.scans:
+            by_model.setdefault(scan.model_key, []).append(scan)
+        ordered: list[Cell] = []
+        for model in self.models:
+            ordered.append(model)
+            ordered.extend(by_model.get(model.key, ()))
+        return ordered
+
+    def describe(self) -> dict:
+        return {"cells": [{"kind": c.kind, "key": c.key, "label": c.label} for c in self.cells()]}
+
+
+def variant_label(variant: Mapping[str, Any]) -> str:
+    """A short description of a scan's ablation values, e.g. '|D|=256, batch 8, margin, ood'."""
+    parts = [f"|D|={variant['pool_size']}"]
+    if variant.get("batch_size") is not None:
+        parts.append(f"batch {variant['batch_size']}")
+    if variant.get("loss") is not None:
+        parts.append(str(variant["loss"]))
+    parts.append(str(variant["inversion_data"]))
+    return ", ".join(parts)
+
+
+def backbone_key(backbone: Backbone) -> dict:
+    """The backbone as the key sees it: architecture and weights hash (not the file they came from)."""
+    return {"name": backbone.name, "weights_sha256": backbone.weights_sha256}
+
+
+def _ood_identity(source: str) -> str:
+    # A folder is identified by its resolved path: refilling the same folder needs a new --out.
+    return source if source == BUILTIN_POOL else str(Path(source).resolve())
+
+
+def _check_option_targets(flag: str, options: Mapping[str, Mapping], selected: Sequence[str]) -> None:
+    unknown = sorted(set(options) - set(selected))
+    if unknown:
+        raise ConfigError(f"{flag}: {', '.join(unknown)} is not in this sweep (it has {', '.join(selected)})")
+
+
+def _detector_variants(cls: type, options: Mapping[str, Any], settings: SweepSettings, preset: str | None) -> list:
+    fields = attrs.fields_dict(cls.Config)
+    axes = []
+    for flag, attribute, field in ABLATION_FIELDS:
+        values = getattr(settings, attribute)
+        if values and field in fields:
+            if field in options:
+                raise ConfigError(f"--detector-option {cls.name}.{field} and {flag} both set {field}; give one of them")
+            axes.append([(field, value) for value in values])
+    return [cls.from_options({**options, **dict(combo)}, preset=preset) for combo in itertools.product(*axes)]
+
+
+def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -> Plan:
+    """Every model and scan cell of ``settings`` on ``backbone``, with their keys."""
+    preset = preset_for(backbone)
+    default_inversion, default_holdout = pool_sizes(preset)
+    inversion_sizes = settings.pool_sizes or (default_inversion,)
+    holdout = settings.holdout or default_holdout
+    ident = backbone_key(backbone)
+
+    for flag, options, selected in (("--attack-option", settings.attack_options, settings.attacks),
+                                    ("--detector-option", settings.detector_options, settings.detectors)):
+        _check_option_targets(flag, options, selected)
+    for name in settings.datasets:  # fails now, naming the missing folder or file, rather than in every cell
+        plugins.get("dataset", name).open(settings.data_root)
+    datasets = settings.datasets
+    attacks = {name: plugins.get("attack", name).from_options(settings.attack_options.get(name), preset=preset)
+               for name in settings.attacks}
+    detector_classes = {name: plugins.get("detector", name) for name in settings.detectors}
+    for flag, attribute, field in ABLATION_FIELDS:
+        if getattr(settings, attribute) and not any(
+                field in attrs.fields_dict(cls.Config) for cls in detector_classes.values()):
+            raise ConfigError(f"{flag}: none of the detectors ({', '.join(settings.detectors)}) has a {field!r} option")
+    detectors = {name: _detector_variants(cls, settings.detector_options.get(name, {}), settings, preset)
+                 for name, cls in detector_classes.items()}
+    scorer_names = sorted({d.default_scorer for variants in detectors.values() for d in variants})
+    _check_option_targets("--scorer-option", settings.scorer_options, scorer_names)
+    scorers = {name: plugins.get("scorer", name).from_options(settings.scorer_options.get(name), preset=preset)
+               for name in scorer_names}
+
+    models, scans = [], []
+    for seed, dataset, (attack_name, attack) in itertools.product(settings.seeds, datasets, attacks.items()):
+        model_spec = {
+            "kind": "model", "store_version": VERSION, "dataset": dataset, "seed": seed, "shots": settings.shots,
+            "test_per_class": settings.test_per_class,
+            "attack": attack_name, "attack_config": to_json(attack.config),
+            "backdoor": attack_name != CLEAN_ATTACK, "backbone": ident,
+        }
+        model_key = f"{_slug(attack_name)}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
+        models.append(ModelCell(key=model_key, spec=model_spec, label=f"{attack_name}/{dataset}/seed {seed}",
+                                backbone_source=backbone.pretrained, data_root=settings.data_root))
+        for detector_name, variants in detectors.items():
+            several = len(variants) * len(inversion_sizes) * len(settings.inversion_data) > 1
+            for detector, inversion, data in itertools.product(variants, inversion_sizes, settings.inversion_data):
+                scorer = scorers[detector.default_scorer]
+                detector_config = to_json(detector.config)
+                pool = {"source": _ood_identity(settings.ood), "inversion": inversion, "holdout": holdout,
+                        "inversion_data": data}
+                scan_spec = {
+                    "kind": "scan", "store_version": VERSION, "model": model_key, "seed": seed,
+                    "candidates": BENCHMARK_CANDIDATES,
+                    "detector": detector_name, "detector_config": detector_config,
+                    "scorer": scorer.name, "scorer_config": to_json(scorer.config),
+                    "pool": pool, "backbone": ident,
+                }
+                variant = {"pool_size": inversion, "holdout": holdout, "inversion_data": data,
+                           "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
+                key = f"{_slug(detector_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(scan_spec)[:20]}"
+                shown = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
+                scans.append(ScanCell(key=key, spec=scan_spec, label=f"{shown} on {attack_name}/{dataset}/seed {seed}",
+                                      backbone_source=backbone.pretrained, model_key=model_key, variant=variant,
+                                      data_root=settings.data_root))
+    return Plan(models=tuple(models), scans=tuple(scans))

@@ -1,0 +1,412 @@
+"""``ci-bench report``: the paper's tables and figures from the finished cells of a store.
+
+Scans are grouped by detector setting (detector, its config, scorer, pool): one
+group per detector in a plain sweep, one per ablation value otherwise.  For
+each group: model-level detection (AUROC of s_max with the ROC curve, accuracy
+and TPR/FPR at the scorer's own threshold k, the Youden-J threshold; Figure 4),
+class-level TP/FP/FN/F1 per dataset and per attack (Tables 2-3), the anomaly
+score per attack (Figure 5), the reconstructed triggers' ASR on the backdoor
+class and on the others (Tables 4, 15-17) and their SSIM (Table 24), and the
+wall time.  Per attack: ACC and ASR on seen (base) and unseen (new) classes
+(Tables 7-10).  Definitions are in ``ci_core.bench.metrics`` and in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ci_core.bench.cells import SCAN
+from ci_core.bench.metrics import Counts, auroc, class_counts, confusion, has_both_classes, roc_curve, youden_threshold
+from ci_core.bench.plan import CLEAN_ATTACK, variant_label
+from ci_core.bench.store import Store, read_json, spec_hash
+from ci_core.errors import ConfigError
+
+REPORT_FILES = ("report.md", "report.json")
+GROUP_FIELDS = ("detector", "detector_config", "scorer", "scorer_config", "pool")
+
+DEFINITIONS = {
+    "model_level": (
+        "Every scanned model is one item, positive iff an attack other than 'clean' implanted a backdoor; its score "
+        "is the scan's s_max. AUROC is over s_max (ties count 1/2). Accuracy, TPR and FPR are those of the scan's own "
+        "verdict (s_max >= k, the scorer's threshold). The Youden-J threshold tau maximises TPR - FPR over the ROC "
+        "thresholds (a model is flagged iff s_max >= tau; the highest such tau on ties)."),
+    "class_level": (
+        "Every candidate class of every scanned model is one item, positive iff it is that model's backdoor target, "
+        "predicted positive iff the scorer flagged it (its own score >= k). So a backdoored model whose target is "
+        "flagged adds one TP, one whose target is not flagged adds one FN, and every flagged class that is not the "
+        "model's target (in clean and backdoored models alike) adds one FP. F1 = 2TP / (2TP + FP + FN); n/a when "
+        "there is no positive item and nothing flagged. The 'all' row sums the counts (micro F1)."),
+    "attack": (
+        "ACC is clean accuracy on the test images of the base (seen) and new (unseen) classes. ASR is the share of "
+        "triggered test images not of the target class classified as the target: seen = base classes, unseen = new "
+        "classes plus the target. Trigger SSIM is the mean SSIM between clean and triggered test images."),
+    "reconstruction": (
+        "Target ASR: the ASR on the held-out OOD images of the trigger the detector reconstructed for the true "
+        "target class (backdoored models). Other-class ASR: per model, the mean ASR of the triggers reconstructed "
+        "for every other class; then averaged over models. SSIM: mean SSIM between held-out images and the same "
+        "images with the reconstructed trigger, for the target class (backdoored models) and over all classes."),
+    "anomaly": "Mean (and standard deviation over models) of s_max per attack; 'flagged' is the share of models "
+               "with s_max >= k.",
+    "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
+                  "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _scan_rows(store: Store) -> tuple[list[dict], list[dict]]:
+    models = {cell["key"]: cell for cell in store.cells("model")}
+    rows = []
+    for cell in store.cells("scan"):
+        model = models.get(cell["model"])
+        if model is None:
+            raise ConfigError(f"{store.cell_dir('scan', cell['key'])}: its model cell {cell['model']} is not in the store")
+        report = read_json(store.cell_dir("scan", cell["key"]) / SCAN / "report.json", "scan report")
+        rows.append({**cell, "classes": report["classes"], "model_cell": model})
+    return list(models.values()), rows
+
+
+def _pending(store: Store, failed_keys: set[str]) -> list[dict]:
+    seen, pending = set(), []
+    for plan in store.plans():
+        for cell in plan.get("cells", []):
+            key = cell["key"]
+            if key in seen:
+                continue
+            seen.add(key)
+            if not store.is_done(cell["kind"], key) and key not in failed_keys:
+                pending.append(cell)
+    return pending
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def mean_std(values: Iterable[float | None]) -> dict:
+    x = [v for v in values if v is not None]
+    if not x:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else None, "n": len(x)}
+
+
+def _attack_order(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    return ([CLEAN_ATTACK] if CLEAN_ATTACK in names else []) + sorted(names - {CLEAN_ATTACK})
+
+
+def _by(rows: Sequence[dict], field: str, order: Callable[[Iterable[str]], list[str]] = sorted) -> dict[str, list[dict]]:
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[row[field]].append(row)
+    return {name: grouped[name] for name in order(grouped)}
+
+
+def scan_class_counts(row: dict) -> Counts:
+    return class_counts([c["name"] for c in row["classes"]], row["flagged"], row["true_target"])
+
+
+def _counts_row(name: str, rows: Sequence[dict]) -> dict:
+    counts = sum((scan_class_counts(row) for row in rows), Counts())
+    return {"name": name, "models": len(rows), "classes": counts.total, "tp": counts.tp, "fp": counts.fp,
+            "fn": counts.fn, "f1": counts.f1}
+
+
+def _group_label(groups: dict[str, list[dict]]) -> dict[str, str]:
+    """Each group's display name: the detector, plus its ablation values when it has several groups."""
+    per_detector = defaultdict(list)
+    for gid, rows in groups.items():
+        per_detector[rows[0]["detector"]].append(gid)
+    labels = {}
+    for detector, gids in per_detector.items():
+        for gid in gids:
+            labels[gid] = detector if len(gids) == 1 else f"{detector} [{variant_label(groups[gid][0]['variant'])}]"
+    counts = defaultdict(int)
+    for label in labels.values():
+        counts[label] += 1
+    return {gid: (f"{label} #{gid[:6]}" if counts[label] > 1 else label) for gid, label in labels.items()}
+
+
+def _group_order(row: dict) -> tuple:
+    v = row["variant"]
+    return (row["detector"], v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
+            v["inversion_data"], spec_hash(row["spec"]["detector_config"]))
+
+
+def _group_summary(label: str, rows: list[dict]) -> dict:
+    first = rows[0]
+    truth = [row["true_target"] is not None for row in rows]
+    s_max = [row["s_max"] for row in rows]
+    verdict = confusion(truth, [row["backdoored"] for row in rows])
+    model_level: dict[str, Any] = {
+        "models": len(rows), "backdoored": sum(truth), "clean": len(rows) - sum(truth),
+        "k": first["threshold"], "accuracy": verdict.accuracy, "tpr": verdict.tpr, "fpr": verdict.fpr,
+        "tp": verdict.tp, "fp": verdict.fp, "fn": verdict.fn, "tn": verdict.tn,
+        "auroc": None, "youden": None, "roc": None,
+    }
+    if has_both_classes(truth):
+        roc = roc_curve(truth, s_max)
+        best = youden_threshold(truth, s_max)
+        model_level.update(auroc=auroc(truth, s_max),
+                           # +inf: no finite threshold does better than flagging nothing
+                           youden={"threshold": best.threshold if math.isfinite(best.threshold) else "+inf",
+                                   "j": best.j, "tpr": best.tpr, "fpr": best.fpr},
+                           roc={"thresholds": [_finite(t) for t in roc.thresholds], "fpr": list(roc.fpr),
+                                "tpr": list(roc.tpr)})
+
+    class_level = {
+        by: [_counts_row(name, part) for name, part in _by(rows, by, order).items()] + [_counts_row("all", rows)]
+        for by, order in (("dataset", sorted), ("attack", _attack_order))
+    }
+
+    anomaly = [{"attack": name, "models": len(part), "s_max": mean_std(r["s_max"] for r in part),
+                "flagged": sum(r["backdoored"] for r in part) / len(part)}
+               for name, part in _by(rows, "attack", _attack_order).items()]
+
+    target_asr, other_asr, target_ssim, all_ssim, per_class_seconds = [], [], [], [], []
+    for row in rows:
+        by_name = {c["name"]: c for c in row["classes"]}
+        target = row["true_target"]
+        if target is not None:
+            target_asr.append(by_name[target]["asr"])
+            target_ssim.append(by_name[target]["ssim"])
+        others = [c["asr"] for c in row["classes"] if c["name"] != target]
+        other_asr.append(float(np.mean(others)) if others else None)
+        all_ssim.append(float(np.mean([c["ssim"] for c in row["classes"]])))
+        per_class_seconds.append(float(np.mean([c["seconds"] for c in row["classes"]])))
+    return {
+        "label": label, "detector": first["detector"], "scorer": first["scorer"], "variant": first["variant"],
+        "detector_config": first["spec"]["detector_config"], "scorer_config": first["spec"]["scorer_config"],
+        "pool": first["spec"]["pool"],
+        "model_level": model_level, "class_level": class_level, "anomaly_by_attack": anomaly,
+        "reconstruction": {"target_asr": mean_std(target_asr), "other_asr": mean_std(other_asr),
+                           "target_ssim": mean_std(target_ssim), "all_ssim": mean_std(all_ssim)},
+        "cost": {"seconds_per_scan": mean_std(r["scan_seconds"] for r in rows),
+                 "seconds_per_class": mean_std(per_class_seconds),
+                 "cpu_seconds_per_scan": mean_std(r.get("cpu_seconds") for r in rows)},
+    }
+
+
+def _attack_rows(models: Sequence[dict]) -> list[dict]:
+    rows = []
+    for attack, part in _by(models, "attack", _attack_order).items():
+        per_dataset = list(_by(part, "dataset").items())
+        for dataset, cells in per_dataset + ([("all", part)] if len(per_dataset) > 1 else []):
+            metric = lambda name: mean_std(c["metrics"][name] for c in cells)  # noqa: E731
+            rows.append({"attack": attack, "dataset": dataset, "models": len(cells),
+                         "acc_seen": metric("acc_base"), "acc_unseen": metric("acc_new"),
+                         "asr_seen": metric("asr_base"), "asr_unseen": metric("asr_new"),
+                         "trigger_ssim": metric("trigger_ssim"),
+                         "train_seconds": mean_std(c["seconds"] for c in cells),
+                         "train_cpu_seconds": mean_std(c.get("cpu_seconds") for c in cells)})
+    return rows
+
+
+def build_report(store: Store) -> dict:
+    """Every table of the report as plain JSON."""
+    models, rows = _scan_rows(store)
+    failures = store.failures()
+    if not models and not failures:
+        raise ConfigError(f"{store.root} holds no finished or failed cell yet; run `ci-bench run --out {store.root}`")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[spec_hash({f: row["spec"][f] for f in GROUP_FIELDS})].append(row)
+    groups = dict(sorted(groups.items(), key=lambda item: _group_order(item[1][0])))
+    labels = _group_label(groups)
+    return {
+        "store": str(store.root),
+        "definitions": DEFINITIONS,
+        "counts": {"models": len(models), "scans": len(rows), "failed": len(failures)},
+        "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
+        "attacks": _attack_rows(models),
+        "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
+                     for f in failures],
+        "pending": _pending(store, {f.get("key") for f in failures}),
+    }
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict) and "mean" in value:
+        if value["mean"] is None:
+            return "n/a"
+        return _fmt(value["mean"]) + (f" ± {value['std']:.3f}" if value["std"] is not None else "")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(header for _, header in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(key)).replace("|", "\\|") for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+COUNT_COLUMNS = [("models", "models"), ("classes", "classes"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"), ("f1", "F1")]
+
+
+def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
+    out = [f"# ci-bench report: {report['store']}", "",
+           f"{report['counts']['models']} models, {report['counts']['scans']} scans, "
+           f"{report['counts']['failed']} failed cells, {len(report['pending'])} planned cells not run yet.", ""]
+    groups = report["detectors"]
+
+    out += ["## Model-level detection (Figure 4)", "", DEFINITIONS["model_level"], ""]
+    rows = []
+    for g in groups:
+        m = g["model_level"]
+        youden = m["youden"] or {}
+        rows.append({"label": g["label"], "models": f"{m['backdoored']} + {m['clean']}", "auroc": m["auroc"],
+                     "k": m["k"], "accuracy": m["accuracy"], "tpr": m["tpr"], "fpr": m["fpr"],
+                     "tau": youden.get("threshold"), "j": youden.get("j"), "tpr_tau": youden.get("tpr"),
+                     "fpr_tau": youden.get("fpr")})
+    out += [md_table(rows, [("label", "detector"), ("models", "backdoored + clean"), ("auroc", "AUROC"), ("k", "k"),
+                            ("accuracy", "ACC@k"), ("tpr", "TPR@k"), ("fpr", "FPR@k"), ("tau", "Youden τ"),
+                            ("j", "J"), ("tpr_tau", "TPR@τ"), ("fpr_tau", "FPR@τ")]), ""]
+    if "roc.png" in figures:
+        out += ["![ROC curves of s_max](roc.png)", ""]
+
+    out += ["## Class-level target detection (Tables 2-3)", "", DEFINITIONS["class_level"], ""]
+    for by in ("dataset", "attack"):
+        rows = [{"label": g["label"], **row} for g in groups for row in g["class_level"][by]]
+        out += [f"### Per {by}", "", md_table(rows, [("label", "detector"), ("name", by)] + COUNT_COLUMNS), ""]
+
+    out += ["## Anomaly score per attack (Figure 5)", "", DEFINITIONS["anomaly"], ""]
+    rows = [{"label": g["label"], **a} for g in groups for a in g["anomaly_by_attack"]]
+    out += [md_table(rows, [("label", "detector"), ("attack", "attack"), ("models", "models"), ("s_max", "s_max"),
+                            ("flagged", "flagged")]), ""]
+    if "anomaly_scores.png" in figures:
+        out += ["![Mean s_max per attack and detector](anomaly_scores.png)", ""]
+
+    out += ["## Reconstructed triggers and cost (Tables 4, 15-17, 24)", "", DEFINITIONS["reconstruction"], ""]
+    rows = [{"label": g["label"], "variant": variant_label(g["variant"]), **g["reconstruction"], **g["cost"]}
+            for g in groups]
+    out += [md_table(rows, [("label", "detector"), ("variant", "setting"), ("target_asr", "target ASR"),
+                            ("other_asr", "other-class ASR"), ("target_ssim", "SSIM target"),
+                            ("all_ssim", "SSIM all classes"), ("seconds_per_scan", "s / scan"),
+                            ("seconds_per_class", "s / class"), ("cpu_seconds_per_scan", "CPU s / scan")]), ""]
+
+    out += ["## Attacks: ACC and ASR on seen and unseen classes (Tables 7-10)", "", DEFINITIONS["attack"], "",
+            md_table(report["attacks"], [("attack", "attack"), ("dataset", "dataset"), ("models", "models"),
+                                         ("acc_seen", "ACC seen"), ("asr_seen", "ASR seen"),
+                                         ("acc_unseen", "ACC unseen"), ("asr_unseen", "ASR unseen"),
+                                         ("trigger_ssim", "trigger SSIM"), ("train_seconds", "train s"),
+                                         ("train_cpu_seconds", "train CPU s")]), ""]
+
+    out += ["## Failed cells", ""]
+    out += [md_table(report["failures"], [("kind", "kind"), ("label", "cell"), ("error", "error")])
+            if report["failures"] else "None.", ""]
+    if report["pending"]:
+        out += ["## Planned cells without a result", "",
+                md_table(report["pending"], [("kind", "kind"), ("label", "cell"), ("key", "key")]), ""]
+    out += [f"Statistics: {DEFINITIONS['statistics']}", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend, without pyplot's global state
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_roc(report: dict, path: Path) -> bool:
+    groups = [g for g in report["detectors"] if g["model_level"]["roc"] is not None]
+    if not groups:
+        return False
+    figure = _new_figure(5, 5)
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    for g in groups:
+        roc = g["model_level"]["roc"]
+        ax.plot(roc["fpr"], roc["tpr"], marker=".", label=f"{g['label']} (AUROC {g['model_level']['auroc']:.3f})")
+    ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+           title="ROC of s_max (model level)")
+    ax.legend(loc="lower right", fontsize="small")
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def plot_anomaly_scores(report: dict, path: Path) -> bool:
+    groups = [g for g in report["detectors"] if g["anomaly_by_attack"]]
+    if not groups:
+        return False
+    figure = _new_figure(max(4.0, 3.2 * len(groups)), 3.6)
+    axes = figure.subplots(1, len(groups), squeeze=False)[0]
+    for ax, g in zip(axes, groups):
+        attacks = g["anomaly_by_attack"]
+        names = [a["attack"] for a in attacks]
+        means = [a["s_max"]["mean"] for a in attacks]
+        errors = [a["s_max"]["std"] or 0.0 for a in attacks]
+        colours = ["tab:green" if name == CLEAN_ATTACK else "tab:red" for name in names]
+        ax.bar(range(len(names)), means, yerr=errors, color=colours, capsize=3)
+        if g["model_level"]["k"] is not None:
+            ax.axhline(g["model_level"]["k"], linestyle="--", color="black", linewidth=1, label=f"k = {g['model_level']['k']:g}")
+            ax.legend(fontsize="small")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set(title=g["label"], ylabel="mean s_max")
+    figure.savefig(path, dpi=120)
+    return True
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def write_report(store: Store, out: Path | None = None) -> tuple[Path, str]:
+    """Write report.md, report.json and the PNG figures to ``out`` (default STORE/report) atomically."""
+    out = Path(out) if out is not None else store.root / "report"
+    if out.exists() and not (out / "report.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not an earlier ci-bench report (no report.json); choose another folder")
+    report = build_report(store)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        figures = [name for name, plot in (("roc.png", plot_roc), ("anomaly_scores.png", plot_anomaly_scores))
+                   if plot(report, work / name)]
+        markdown = to_markdown(report, figures)
+        (work / "report.md").write_text(markdown)
+        (work / "report.json").write_text(json.dumps(_json_ready({**report, "figures": figures}), indent=2,
+                                                     allow_nan=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out, markdown

@@ -1,0 +1,212 @@
+"""The benchmark store: every finished cell of a sweep, filed by the hash of what determines it.
+
+Layout of a store folder::
+
+    store.json                 marks the folder as a store (format, version)
+    models/<key>/cell.json     a trained model: its spec, metrics, target ...
+    models/<key>/bundle/       ... the model bundle, and trigger.safetensors (+ .json) unless clean
+    scans/<key>/cell.json      a scan of one model by one detector: its spec and verdict ...
+    scans/<key>/scan/          ... report.json and the reconstructed triggers
+    failed/<key>.json          a cell that raised: its spec and the error (retried by the next run)
+    plans/<hash>.json          the cells each `ci-bench run` planned
+    .tmp/<key>.<random>/       cells being written right now
+    .lock                      held by the running `ci-bench run`
+
+A cell is written into a fresh folder under ``.tmp`` and renamed to its final
+place only once complete, so a final folder is always whole: a run killed at
+any moment leaves at most a folder under ``.tmp``, which the next run deletes
+before redoing that cell.  The key is a hash of the cell's full spec (plugin
+name and config, dataset, seed, backbone weights, pool sizes, the upstream
+model's key), so a changed setting never finds a stale result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ci_core.errors import ConfigError
+
+FORMAT = "ci-bench-store"
+VERSION = 1
+MARKER = "store.json"
+CELL_FILE = "cell.json"
+KINDS = {"model": "models", "scan": "scans"}
+
+
+def spec_hash(spec: dict) -> str:
+    """SHA-256 of the canonical JSON of ``spec`` (sorted keys, no whitespace)."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``path`` atomically: a temporary file beside it, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """The one step that publishes a cell (a module-level function so tests can interrupt it)."""
+    os.replace(src, dst)
+
+
+class Store:
+    """A store folder; ``Store.open`` checks (or, with ``create``, makes) it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @classmethod
+    def open(cls, root: str | Path, *, create: bool = False) -> "Store":
+        root = Path(root)
+        marker = root / MARKER
+        if marker.is_file():
+            meta = read_json(marker, "the store marker")
+            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                raise ConfigError(f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                                  f"expected {FORMAT!r} version {VERSION}")
+            return cls(root)
+        if not create:
+            raise ConfigError(f"{root} is not a ci-bench store (no {MARKER}); give the --out folder of `ci-bench run`")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise ConfigError(f"--out {root} exists and is not a ci-bench store (no {MARKER}); choose another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"format": FORMAT, "version": VERSION})
+        return cls(root)
+
+    # ------------------------------------------------------------------ places
+
+    def cell_dir(self, kind: str, key: str) -> Path:
+        return self.root / KINDS[kind] / key
+
+    def failure_path(self, key: str) -> Path:
+        return self.root / "failed" / f"{key}.json"
+
+    @property
+    def tmp_root(self) -> Path:
+        return self.root / ".tmp"
+
+    # ------------------------------------------------------------------ state
+
+    def is_done(self, kind: str, key: str) -> bool:
+        return (self.cell_dir(kind, key) / CELL_FILE).is_file()
+
+    def read_cell(self, kind: str, key: str) -> dict:
+        return read_json(self.cell_dir(kind, key) / CELL_FILE, f"finished {kind} cell")
+
+    def cells(self, kind: str) -> list[dict]:
+        """Every finished cell of ``kind``, sorted by key."""
+        folder = self.root / KINDS[kind]
+        if not folder.is_dir():
+            return []
+        return [read_json(d / CELL_FILE, f"finished {kind} cell") for d in sorted(folder.iterdir())
+                if (d / CELL_FILE).is_file()]
+
+    def failures(self) -> list[dict]:
+        folder = self.root / "failed"
+        if not folder.is_dir():
+            return []
+        return [read_json(p, "failure record") for p in sorted(folder.glob("*.json"))]
+
+    def running(self) -> int:
+        """Cells being written right now (folders under ``.tmp``)."""
+        return sum(1 for _ in self.tmp_root.iterdir()) if self.tmp_root.is_dir() else 0
+
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the store by one `ci-bench run` (released by the OS if the process dies)."""
+        with open(self.root / ".lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"{self.root} is in use by another `ci-bench run`; wait for it to finish") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def discard_unfinished(self) -> list[str]:
+        """Delete what killed runs left half-written (folders under ``.tmp``, final folders without cell.json)."""
+        removed = []
+        if self.tmp_root.is_dir():
+            for leftover in sorted(self.tmp_root.iterdir()):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
+                removed.append(str(leftover.relative_to(self.root)))
+        for sub in KINDS.values():
+            folder = self.root / sub
+            for cell in sorted(folder.iterdir()) if folder.is_dir() else ():
+                if not (cell / CELL_FILE).is_file():  # not made by this code (only whole folders are renamed here)
+                    shutil.rmtree(cell, ignore_errors=True)
+                    removed.append(str(cell.relative_to(self.root)))
+        return removed
+
+    @contextlib.contextmanager
+    def writing(self, kind: str, key: str) -> Iterator[Path]:
+        """A fresh folder to write cell ``key`` into; on success it becomes the cell's final folder.
+
+        The body must write ``cell.json`` last.  On any exception the folder is removed.
+        """
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        final = self.cell_dir(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_root))
+        try:
+            yield work
+            if not (work / CELL_FILE).is_file():
+                raise RuntimeError(f"cell {key}: {CELL_FILE} was not written")
+            if final.exists():  # a retried task finished twice: the first whole result stands
+                shutil.rmtree(work)
+            else:
+                _rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path(key).unlink()
+
+    def record_failure(self, record: dict) -> None:
+        write_json(self.failure_path(record["key"]), {**record, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def record_plan(self, plan: dict) -> Path:
+        path = self.root / "plans" / f"{spec_hash(plan)[:16]}.json"
+        if not path.exists():
+            write_json(path, plan)
+        return path
+
+    def plans(self) -> list[dict]:
+        folder = self.root / "plans"
+        return [read_json(p, "sweep plan") for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []

@@ -1,0 +1,40 @@
+"""A sweep: plan the cells, skip those already in the store, run the rest with an executor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+
+from ci_core.bench.executors import CellOptions, SweepStatus
+from ci_core.bench.plan import Plan
+from ci_core.bench.store import Store
+
+
+@attrs.frozen(kw_only=True)
+class SweepSummary:
+    planned: int
+    reused: int  # already in the store before this run
+    done: int  # finished by this run
+    failed: tuple[dict, ...]  # outcomes of the cells that failed in this run
+    discarded: tuple[str, ...]  # half-written cells of an interrupted run, deleted and redone
+
+
+def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Callable[[str], None]) -> SweepSummary:
+    """Run every cell of ``plan`` that the store does not hold yet; ``executor`` must be entered."""
+    with store.lock():
+        discarded = store.discard_unfinished()
+        if discarded:
+            emit(f"deleted {len(discarded)} half-written cell(s) left by an interrupted run: {', '.join(discarded)}")
+        store.record_plan(plan.describe())
+        cells = plan.cells()
+        todo = [c for c in cells if not store.is_done(c.kind, c.key)]
+        reused = len(cells) - len(todo)
+        emit(f"{len(cells)} cells ({len(plan.models)} models, {len(plan.scans)} scans): {reused} already in "
+             f"{store.root}, {len(todo)} to run with the {executor.name} executor")
+        status = SweepStatus(todo, already_done=reused, parallel=executor.slots(), emit=emit,
+                             running=executor.running_probe(store))
+        outcomes = executor.run(store, todo, options, status) if todo else []
+    failed = tuple(o for o in outcomes if o["status"] != "done")
+    return SweepSummary(planned=len(cells), reused=reused, done=len(outcomes) - len(failed), failed=failed,
+                        discarded=tuple(discarded))

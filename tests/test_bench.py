@@ -1,0 +1,430 @@
+"""The benchmark harness: metrics against scikit-learn, content keys, resume after kill -9, failures, Ray."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from ci_core.bench import Store, SweepSettings, plan_sweep
+from ci_core.bench.metrics import auroc, class_counts, confusion, roc_curve, youden_threshold
+from ci_core.cli.bench import main as bench
+from ci_core.errors import ConfigError
+from ci_core.plugins import registry
+from ci_core.workflow import pool_sizes, preset_for
+
+from test_plugins import install_fake_distribution
+
+# --------------------------------------------------------------------------- metrics against scikit-learn
+
+SCORE_LISTS = [
+    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]),
+    ([1, 0, 1, 0, 1, 0, 0], [3.1, 2.2, 2.2, 0.5, 4.0, 2.2, -1.0]),  # ties across labels
+    ([0, 1, 0, 1, 1, 0, 0, 0, 1], [2.5, 2.5, 1.0, 3.0, 1.0, 0.2, 2.9, 2.9, 5.0]),
+    ([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]),  # perfectly wrong
+    ([0, 1], [1.0, 1.0]),  # all tied
+]
+
+
+@pytest.mark.parametrize("labels, scores", SCORE_LISTS)
+def test_roc_auroc_and_youden_match_scikit_learn(labels, scores):
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    ours = roc_curve(labels, scores)
+    fpr, tpr, thresholds = sk_roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(ours.fpr, fpr)
+    np.testing.assert_allclose(ours.tpr, tpr)
+    np.testing.assert_array_equal(ours.thresholds[1:], thresholds[1:])
+    best = youden_threshold(labels, scores)
+    j = tpr - fpr
+    assert best.j == pytest.approx(j.max())
+    assert best.threshold == thresholds[int(np.argmax(j))]  # the highest threshold reaching max J
+    flagged = np.asarray(scores) >= best.threshold
+    counts = confusion(labels, flagged)
+    assert (counts.tpr, counts.fpr) == pytest.approx((best.tpr, best.fpr))
+
+
+def test_youden_on_a_hand_computed_list():
+    # Flagging s >= 2.2 catches both positives and one of three negatives: J = 1 - 1/3.
+    best = youden_threshold([1, 0, 1, 0, 0], [3.0, 2.2, 2.5, 1.0, 0.0])
+    assert (best.threshold, best.tpr, best.fpr) == (2.5, 1.0, 0.0) and best.j == 1.0
+    best = youden_threshold([1, 0, 1, 0, 0], [3.0, 2.6, 2.5, 1.0, 0.0])
+    assert best.threshold == 2.5 and best.j == pytest.approx(2 / 3)
+
+
+def test_auroc_needs_both_labels():
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        auroc([1, 1], [0.3, 0.4])
+
+
+CLASSES = ["a", "b", "c", "d", "e"]
+SCANS = [  # (flagged classes, true target or None for a clean model)
+    (["c"], "c"),  # TP
+    ([], "b"),  # FN
+    (["a", "d"], "d"),  # TP + FP
+    (["e"], None),  # clean model flagged: FP
+    ([], None),  # clean, nothing flagged
+    (["a"], "b"),  # wrong class: FP + FN
+]
+
+
+def test_class_level_counts_and_f1_match_scikit_learn():
+    counts = [class_counts(CLASSES, flagged, target) for flagged, target in SCANS]
+    total = sum(counts[1:], counts[0])
+    y_true = [c == target for _, target in SCANS for c in CLASSES]
+    y_pred = [c in flagged for flagged, _ in SCANS for c in CLASSES]
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred).ravel()
+    assert (total.tp, total.fp, total.fn, total.tn) == (tp, fp, fn, tn) == (2, 3, 2, 23)
+    assert total.f1 == pytest.approx(f1_score(y_true, y_pred)) and total.f1 == pytest.approx(4 / 9)
+    assert counts[4].f1 is None  # nothing to find, nothing flagged
+    with pytest.raises(ValueError, match="not candidate classes"):
+        class_counts(CLASSES, ["z"], None)
+
+
+# --------------------------------------------------------------------------- planning and keys
+
+
+def settings(**changes):
+    values = dict(attacks=("clean", "badclip"), detectors=("ci",), datasets=("tiny-palette",), seeds=(1,), shots=2)
+    values.update(changes)
+    return SweepSettings(**values)
+
+
+def keys(plan):
+    return [c.key for c in plan.cells()]
+
+
+def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, random_backbone):
+    plugins = registry()
+    base = plan_sweep(settings(), tiny_backbone, plugins)
+    assert keys(base) == keys(plan_sweep(settings(), tiny_backbone, plugins))
+    assert len(set(keys(base))) == 4
+    model_keys = {c.key for c in base.models}
+    inversion, holdout = pool_sizes(preset_for(tiny_backbone))  # whatever the preset's are, change them
+    variants = {
+        "shots": settings(shots=3),
+        "test images": settings(test_per_class=5),
+        "seed": settings(seeds=(2,)),
+        "pool size": settings(pool_sizes=(inversion + 1,)),
+        "holdout": settings(holdout=holdout + 1),
+        "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
+        "scorer option": settings(scorer_options={"ci": {"k": 2.5}}),
+        "loss": settings(losses=("ce",)),
+        "inversion data": settings(inversion_data=("id",)),
+    }
+    for what, changed in variants.items():
+        plan = plan_sweep(changed, tiny_backbone, plugins)
+        assert not set(c.key for c in plan.scans) & set(c.key for c in base.scans), what
+        scan_only = what not in ("shots", "test images", "seed")
+        assert ({c.key for c in plan.models} == model_keys) is scan_only, what
+    # Only badclip's option changed: the clean model and its scan are reused, badclip's model and scan are new.
+    plan = plan_sweep(settings(attack_options={"badclip": {"epochs": 3}}), tiny_backbone, plugins)
+    assert [c.key for c in plan.cells()][:2] == keys(base)[:2]
+    assert not set(keys(plan)[2:]) & set(keys(base))
+    assert plan.scans[1].spec["model"] == plan.models[1].key  # the scan's key follows its model's
+    # Where the files are is not what they are: a data root leaves every key alone.
+    assert keys(plan_sweep(settings(data_root="/elsewhere"), tiny_backbone, plugins)) == keys(base)
+    # Other backbone weights: everything is new.
+    assert not set(keys(plan_sweep(settings(), random_backbone, plugins))) & set(keys(base))
+
+
+def test_ablations_cross_into_scan_cells(tiny_backbone):
+    plan = plan_sweep(settings(attacks=("clean",), pool_sizes=(8, 16), batch_sizes=(1, 4), losses=("margin", "ce"),
+                               inversion_data=("ood", "id")), tiny_backbone, registry())
+    assert len(plan.models) == 1 and len(plan.scans) == 16 and len(set(keys(plan))) == 17
+    combos = {(v["pool_size"], v["batch_size"], v["loss"], v["inversion_data"]) for v in (c.variant for c in plan.scans)}
+    assert len(combos) == 16
+    assert all(c.spec["detector_config"]["batch_size"] == c.variant["batch_size"] for c in plan.scans)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"losses": ("margin",), "detectors": ("fake-detector",)}, "none of the detectors (fake-detector) has a 'loss' option"),
+    ({"attack_options": {"wanet": {"k": 2}}}, "--attack-option: wanet is not in this sweep"),
+    ({"attack_options": {"clean": {"no_such": 1}}}, "unknown option"),
+    ({"detector_options": {"ci": {"batch_size": 4}}, "batch_sizes": (8,)}, "give one of them"),
+    ({"losses": ("hinge",)}, "loss"),
+    ({"attacks": ("nope",)}, "unknown attack 'nope'"),
+])
+def test_bad_sweep_settings_are_named(tiny_backbone, fake_plugins, change, message):
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_sweep(settings(**change), tiny_backbone, registry())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": (1, 1)}, "--seeds: duplicate values"),
+    ({"pool_sizes": (0,)}, "--pool-sizes: expected whole numbers of at least 1"),
+    ({"inversion_data": ("odd",)}, "--inversion-data: expected some of ood, id"),
+])
+def test_bad_settings_values(change, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(**change)
+
+
+# --------------------------------------------------------------------------- sweeps on fake plugins
+
+FAKE_BENCH_PLUGIN = '''
+import os
+import signal
+
+import attrs
+import torch
+
+from ci_core import AdditiveTrigger, Attack, AttackOutcome, Dataset, Detector, Inversion, LabeledImages, hookimpl
+from ci_core.models.cocoop import PromptTunedCLIP
+
+
+class FakeDataset(Dataset):
+    name = "fake-shapes"
+    description = "four classes of seeded noise images"
+
+    @property
+    def classnames(self):
+        return ("red circle", "blue square", "green star", "pink ring")
+
+    def load(self, split, *, image_size, seed, shots=None, max_per_class=None, progress=None):
+        per_class = shots or 2
+        if max_per_class is not None:
+            per_class = min(per_class, max_per_class)
+        generator = torch.Generator().manual_seed(seed * 10 + ("train", "val", "test").index(split))
+        labels = torch.arange(4).repeat_interleave(per_class)
+        return LabeledImages(torch.rand(len(labels), 3, image_size, image_size, generator=generator), labels,
+                             self.classnames)
+
+
+@attrs.frozen(kw_only=True)
+class FakeBackdoorConfig:
+    fail: bool = False
+    strength: float = 0.05
+
+
+class FakeBackdoor(Attack):
+    """An untrained prompt learner and a constant trigger: instant, and a real model to scan."""
+
+    name = "fake-backdoor"
+    description = "instant stand-in for an attack"
+    Config = FakeBackdoorConfig
+
+    def run(self, *, backbone, train, target, seed, progress=None):
+        if self.config.fail:
+            raise RuntimeError("fake attack failure")
+        if os.environ.get("FAKE_BENCH_KILL_IN_TRAINING"):  # a kill -9 while the cell is half-written
+            os.kill(os.getpid(), signal.SIGKILL)
+        model = PromptTunedCLIP(backbone)
+        trigger = AdditiveTrigger(torch.full((3, *train.images.shape[-2:]), self.config.strength))
+        return AttackOutcome(model=model, trigger=trigger, log={})
+
+
+@attrs.frozen(kw_only=True)
+class FakeDetectorConfig:
+    epsilon: float = 0.03
+
+
+class FakeDetector(Detector):
+    """A seeded random trigger per class; its loss ranks the classes by index."""
+
+    name = "fake-detector"
+    description = "instant stand-in for a detector"
+    default_scorer = "ci"
+    Config = FakeDetectorConfig
+
+    def invert(self, *, model, images, classnames, target, generator):
+        delta = (torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * self.config.epsilon
+        return Inversion(trigger=AdditiveTrigger(delta), loss=float(target % 3))
+
+
+@hookimpl
+def register_attacks(register):
+    register(FakeBackdoor)
+
+
+@hookimpl
+def register_detectors(register):
+    register(FakeDetector)
+
+
+@hookimpl
+def register_datasets(register):
+    register(FakeDataset)
+'''
+
+
+@pytest.fixture()
+def fake_plugins(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    install_fake_distribution(root, "fake_bench_plugin", FAKE_BENCH_PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    registry.cache_clear()
+    yield root
+    registry.cache_clear()
+
+
+FAKE_SWEEP = ["run", "--attacks", "clean,fake-backdoor", "--detectors", "fake-detector", "--datasets", "fake-shapes",
+              "--seeds", "1", "--shots", "1", "--attack-option", "clean.epochs=1", "--pool-sizes", "4",
+              "--holdout", "4", "--threads", "1"]
+
+
+def run_bench(args):
+    return CliRunner().invoke(bench, [str(a) for a in args])
+
+
+def finished(store_dir, kind):
+    folder = Path(store_dir) / {"model": "models", "scan": "scans"}[kind]
+    return sorted(d.name for d in folder.iterdir()) if folder.is_dir() else []
+
+
+def assert_store_whole(store_dir):
+    """No half-written cell anywhere: every final folder is complete, nothing waits under .tmp."""
+    for kind in ("model", "scan"):
+        for name in finished(store_dir, kind):
+            cell = json.loads((Path(store_dir) / f"{kind}s" / name / "cell.json").read_text())
+            assert cell["key"] == name
+    tmp = Path(store_dir) / ".tmp"
+    assert not tmp.exists() or not any(tmp.iterdir())
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    from pathlib import Path
+    from ci_core.bench import store
+
+    real_rename = store._rename
+
+    def kill_before_publishing(src, dst):
+        if Path(dst).name.startswith(os.environ["FAKE_BENCH_KILL_BEFORE"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # after the cell is written, before its rename
+        real_rename(src, dst)
+
+    store._rename = kill_before_publishing
+    from ci_core.cli.bench import main
+    main(sys.argv[1:])
+''')
+
+
+@pytest.mark.parametrize("kill_point", ["between write and rename", "while the cell is half-written"])
+def test_resume_after_kill_redoes_only_the_killed_cell(tmp_path, fake_plugins, kill_point):
+    out = tmp_path / "store"
+    env = {**os.environ, "FAKE_BENCH_KILL_BEFORE": "fake-detector-fake-backdoor"}
+    if kill_point == "while the cell is half-written":
+        env = {**os.environ, "FAKE_BENCH_KILL_IN_TRAINING": "1", "FAKE_BENCH_KILL_BEFORE": "never"}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *FAKE_SWEEP, "--out", str(out), "--quiet"],
+                            env=env, capture_output=True, text=True, timeout=1800)
+    assert killed.returncode == -9, killed.stderr
+    leftovers = list((out / ".tmp").iterdir())
+    assert len(leftovers) == 1
+    before = {kind: finished(out, kind) for kind in ("model", "scan")}
+    if kill_point == "between write and rename":
+        assert (leftovers[0] / "cell.json").is_file()  # whole, but never published
+        assert len(before["model"]) == 2 and len(before["scan"]) == 1
+        expected_run, expected_reused = 1, 3
+    else:
+        assert not (leftovers[0] / "cell.json").exists()
+        assert len(before["model"]) == 1 and len(before["scan"]) == 1
+        expected_run, expected_reused = 2, 2
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*s/*/cell.json")}
+
+    result = run_bench([*FAKE_SWEEP, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 half-written cell(s)" in result.output
+    assert f"{expected_run} cells run, {expected_reused} reused from the store, 0 failed" in result.output
+    assert_store_whole(out)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished cells untouched
+    assert len(finished(out, "model")) == 2 and len(finished(out, "scan")) == 2
+    assert len(mtimes) == expected_reused
+
+    again = run_bench([*FAKE_SWEEP, "--out", out, "--quiet"])
+    assert again.exit_code == 0 and "0 cells run, 4 reused" in again.output
+
+
+def test_failing_cell_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    result = run_bench([*FAKE_SWEEP, "--attacks", "clean,fake-backdoor,badclip", "--attack-option",
+                        "fake-backdoor.fail=true", "--attack-option", "badclip.epochs=1",
+                        "--attack-option", "badclip.warmup_epochs=1", "--out", out])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "2 cell(s) failed" in result.output and "RuntimeError: fake attack failure" in result.output
+    assert "4 cells run, 0 reused from the store, 2 failed" in result.output
+    failures = Store.open(out).failures()
+    assert sorted(f["kind"] for f in failures) == ["model", "scan"]
+    assert all("fake-backdoor" in f["label"] for f in failures)
+    assert "its model cell fake-backdoor/fake-shapes/seed 1 failed" in next(f for f in failures if f["kind"] == "scan")["error"]
+    assert len(finished(out, "model")) == 2 and len(finished(out, "scan")) == 2  # clean and badclip, after the failure
+    assert_store_whole(out)
+
+    report = run_bench(["report", out])
+    assert report.exit_code == 0, report.output
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert {(f["kind"], f["label"]) for f in data["failures"]} == {
+        ("model", "fake-backdoor/fake-shapes/seed 1"), ("scan", "fake-detector on fake-backdoor/fake-shapes/seed 1")}
+    assert "RuntimeError: fake attack failure" in report.output
+    # The report's numbers are those of the cells: AUROC and class counts recomputed here.
+    scans = [json.loads(p.read_text()) for p in (out / "scans").glob("*/cell.json")]
+    truth = [s["true_target"] is not None for s in scans]
+    group = data["detectors"][0]
+    assert group["model_level"]["auroc"] == pytest.approx(roc_auc_score(truth, [s["s_max"] for s in scans]))
+    totals = next(r for r in group["class_level"]["attack"] if r["name"] == "all")
+    flagged_target = sum(s["true_target"] in s["flagged"] for s in scans)
+    assert totals["tp"] == flagged_target and totals["classes"] == 8
+    assert totals["fp"] == sum(len(set(s["flagged"]) - {s["true_target"]}) for s in scans)
+    assert {p.name for p in (out / "report").iterdir()} == {"report.md", "report.json", "roc.png", "anomaly_scores.png"}
+    assert (out / "report" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_store_and_report_refuse_foreign_folders(tmp_path, fake_plugins):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = run_bench([*FAKE_SWEEP, "--out", foreign])
+    assert result.exit_code == 1 and "is not a ci-bench store" in result.output
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+    result = run_bench(["report", foreign])
+    assert result.exit_code == 1 and "is not a ci-bench store" in result.output and "Traceback" not in result.output
+
+
+def test_missing_ray_names_the_extra(tmp_path, fake_plugins, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    result = run_bench([*FAKE_SWEEP, "--out", tmp_path / "store", "--executor", "ray"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "pip install 'clip-inspector[ray]'" in result.output
+
+
+# --------------------------------------------------------------------------- local and Ray: same results
+
+REAL_SWEEP = ["run", "--attacks", "clean", "--detectors", "ci", "--datasets", "tiny-palette", "--seeds", "3",
+              "--shots", "1", "--attack-option", "clean.epochs=1", "--pool-sizes", "8", "--holdout", "8",
+              "--threads", "1", "--quiet"]
+
+
+def comparable(store_dir):
+    """Every stored result without its timings and paths."""
+    def strip(cell):
+        return {k: v for k, v in cell.items() if k not in ("seconds", "scan_seconds", "cpu_seconds")}
+    out = {}
+    for kind in ("model", "scan"):
+        for name in finished(store_dir, kind):
+            folder = Path(store_dir) / f"{kind}s" / name
+            out[name] = strip(json.loads((folder / "cell.json").read_text()))
+            if kind == "scan":
+                report = json.loads((folder / "scan" / "report.json").read_text())
+                out[name]["classes"] = [{k: c[k] for k in ("name", "asr", "loss", "ssim", "score")}
+                                        for c in report["classes"]]
+    return out
+
+
+def test_local_and_ray_executors_give_identical_results(tmp_path):
+    pytest.importorskip("ray")
+    local = run_bench([*REAL_SWEEP, "--out", tmp_path / "local"])
+    assert local.exit_code == 0, local.output
+    on_ray = run_bench([*REAL_SWEEP, "--out", tmp_path / "ray", "--executor", "ray", "--ray-cpus", "1"])
+    assert on_ray.exit_code == 0, on_ray.output
+    assert "2 cells run, 0 reused" in on_ray.output
+    a, b = comparable(tmp_path / "local"), comparable(tmp_path / "ray")
+    assert len(a) == 2 and a == b  # same keys, same bundle hash, same metrics, same per-class evidence
