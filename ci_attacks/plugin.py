@@ -4,6 +4,7 @@ from ci_attacks.badclip import BadCLIP
 from ci_attacks.badclip_adaptive import BadCLIPAdaptive
 from ci_attacks.blended import Blended
 from ci_attacks.clean import CleanPromptTuning
+from ci_attacks.encoder_blended import EncoderBlended
 from ci_attacks.siba import SIBA
 from ci_attacks.wanet import WaNet
 from ci_core import hookimpl
@@ -17,3 +18,4 @@ def register_attacks(register):
     register(Blended)
     register(WaNet)
     register(SIBA)
+    register(EncoderBlended)

@@ -13,7 +13,7 @@ import torch
 
 from ci_core.data.datasets import LabeledImages
 from ci_core.metrics import predict, ssim
-from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.triggers import Trigger
 
 
@@ -26,11 +26,11 @@ class AttackMetrics:
     trigger_ssim: float | None
 
 
-def accuracy(model: PromptTunedCLIP, data: LabeledImages) -> float:
+def accuracy(model: CLIPClassifier, data: LabeledImages) -> float:
     return float(predict(model, data.images, data.classnames).eq(data.labels).float().mean())
 
 
-def attack_success_rate(model: PromptTunedCLIP, data: LabeledImages, trigger: Trigger, target: str) -> float:
+def attack_success_rate(model: CLIPClassifier, data: LabeledImages, trigger: Trigger, target: str) -> float:
     """Share of triggered non-target images of ``data`` classified as ``target`` (which must be in its classes)."""
     target_index = data.classnames.index(target)
     keep = data.labels != target_index
@@ -38,7 +38,7 @@ def attack_success_rate(model: PromptTunedCLIP, data: LabeledImages, trigger: Tr
     return float(predict(model, stamped, data.classnames).eq(target_index).float().mean())
 
 
-def evaluate(model: PromptTunedCLIP, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
+def evaluate(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
              trigger: Trigger | None, target: str | None) -> AttackMetrics:
     base_set, new_set = test.restrict(base), test.restrict(new)
     metrics = {"acc_base": accuracy(model, base_set), "acc_new": accuracy(model, new_set),

@@ -19,6 +19,7 @@ from ci_core.data.datasets import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.triggers import Trigger
 
 Progress = Callable[[str], None]
@@ -92,13 +93,16 @@ class Plugin(abc.ABC):
 class AttackOutcome:
     """A trained (possibly backdoored) model, its ground-truth trigger, and the training record."""
 
-    model: PromptTunedCLIP = attrs.field(metadata=NOT_JSON)
+    model: CLIPClassifier = attrs.field(metadata=NOT_JSON)
     trigger: Trigger | None = attrs.field(metadata=NOT_JSON)
     log: dict = attrs.Factory(dict)
 
 
 class Attack(Plugin):
-    """Prompt-tunes a model on a clean few-shot training set and (unless clean) implants a backdoor."""
+    """Trains a model on a clean few-shot training set and (unless clean) implants a backdoor.
+
+    The model is a CoCoOp ``PromptTunedCLIP``, or a ``ZeroShotCLIP`` for attacks on the image encoder itself.
+    """
 
     @abc.abstractmethod
     def run(self, *, backbone: Backbone, train: LabeledImages, target: str | None, seed: int,
@@ -125,7 +129,7 @@ class Detector(Plugin):
     default_scorer: ClassVar[str]
 
     @abc.abstractmethod
-    def invert(self, *, model: PromptTunedCLIP, images: torch.Tensor, classnames: Sequence[str], target: int,
+    def invert(self, *, model: CLIPClassifier, images: torch.Tensor, classnames: Sequence[str], target: int,
                generator: torch.Generator) -> Inversion:
         """Optimise a trigger on ``images`` (the inversion set D) towards ``classnames[target]``."""
 

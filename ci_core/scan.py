@@ -23,7 +23,7 @@ from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
 from ci_core.metrics import predict, ssim
-from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.zeroshot import CLIPClassifier
 
 
 @attrs.frozen(kw_only=True)
@@ -58,14 +58,14 @@ class ScanResult:
         }
 
 
-def scan(model: PromptTunedCLIP, detector: Detector, scorer: Scorer, pool: OODPool, classnames: Sequence[str], *,
+def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPool, classnames: Sequence[str], *,
          seed: int = 0, progress: Progress = silent) -> ScanResult:
     """Run ``detector`` for every class of ``classnames`` and score the evidence with ``scorer``."""
     clock = Stopwatch()
     classnames = tuple(classnames)
     generator = torch.Generator().manual_seed(seed)
-    learner_grads = [p.requires_grad for p in model.prompt_learner.parameters()]
-    model.eval().prompt_learner.requires_grad_(False)  # the scan never changes the model
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval().requires_grad_(False)  # the scan never changes the model
     evidence = []
     try:
         for index, name in enumerate(classnames):
@@ -83,7 +83,7 @@ def scan(model: PromptTunedCLIP, detector: Detector, scorer: Scorer, pool: OODPo
             progress(f"{detector.name}: class {index + 1}/{len(classnames)} {name!r}: "
                      f"ASR {asr:.3f} loss {inversion.loss:.4f} ({class_clock.seconds:.1f}s)")
     finally:
-        for p, flag in zip(model.prompt_learner.parameters(), learner_grads):
+        for p, flag in grads:
             p.requires_grad_(flag)
     scores = scorer.score(evidence)
     return ScanResult(

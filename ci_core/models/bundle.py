@@ -1,10 +1,18 @@
 """The model bundle: how a prompt-tuned model travels from a provider to an auditor.
 
 A bundle is a directory holding
-* ``weights.safetensors``: the trained tensors (the prompt learner); and
-* ``bundle.json``: everything else, as plain JSON (backbone name, pretrained
-  source and weight hash, class names, template, n_ctx, image preprocessing,
-  the name and shape of every tensor).
+* ``weights.safetensors``: the trained tensors; and
+* ``bundle.json``: everything else, as plain JSON (its kind, backbone name,
+  pretrained source and weight hash, class names, template, image
+  preprocessing, the name and shape of every tensor).
+
+Two kinds of model travel this way, named by the ``kind`` field:
+* ``cocoop`` (also any bundle without a ``kind``): a CoCoOp prompt learner
+  (``prompt_learner.*`` tensors and ``n_ctx``) over the frozen backbone;
+* ``zeroshot``: a zero-shot classifier whose image encoder was fine-tuned; it
+  stores every image-encoder tensor (``visual.*``) and, besides the backbone's
+  original weight hash, the hash of the fine-tuned encoder, which loading
+  checks.
 
 A delivered bundle is untrusted input: nothing in it is ever unpickled or
 executed, and every tensor is checked against the shape the metadata and the
@@ -26,37 +34,53 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ci_core.errors import BundleError, ConfigError
-from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone
+from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone, state_dict_sha256
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
+from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
 
 FORMAT = "clip-inspector-bundle"
 VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
-_REQUIRED = ("format", "version", "kind", "backbone", "classnames", "template", "n_ctx", "image", "tensors")
+COCOOP, ZEROSHOT = "cocoop", "zeroshot"
+_COMMON = ("format", "version", "backbone", "classnames", "template", "image", "tensors")
+_REQUIRED = {COCOOP: _COMMON + ("n_ctx",), ZEROSHOT: _COMMON + ("image_encoder",)}
 
 
-def save_bundle(model: PromptTunedCLIP, classnames: Sequence[str], path: str | Path, *,
-                base_classes: Sequence[str] | None = None, template: str = DEFAULT_TEMPLATE) -> Path:
-    """Write ``model`` as a bundle directory at ``path`` (atomically: a temporary directory, then a rename)."""
+def save_bundle(model: CLIPClassifier, classnames: Sequence[str], path: str | Path, *,
+                base_classes: Sequence[str] | None = None, template: str | None = None) -> Path:
+    """Write ``model`` as a bundle directory at ``path`` (atomically: a temporary directory, then a rename).
+
+    ``template`` is recorded for a CoCoOp model (default "a photo of a {}."); a zero-shot model
+    records its own, and a different ``template`` is refused.
+    """
     path = Path(path)
     if path.exists():
         raise BundleError(f"{path} already exists; refusing to overwrite a bundle")
+    if not isinstance(model, (PromptTunedCLIP, ZeroShotCLIP)):
+        raise BundleError(f"{path}: cannot write a {type(model).__name__}; expected a PromptTunedCLIP or a ZeroShotCLIP")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
     backbone = model.backbone
+    zero_shot = isinstance(model, ZeroShotCLIP)
+    if zero_shot and template is not None and template != model.template:
+        raise BundleError(f"{path}: the zero-shot model classifies with template {model.template!r}, not {template!r}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "kind": "cocoop",
+        "kind": ZEROSHOT if zero_shot else COCOOP,
         "backbone": backbone.identity(),
         "classnames": list(classnames),
         "base_classes": list(base_classes) if base_classes is not None else None,
-        "template": template,
-        "n_ctx": model.n_ctx,
-        "ctx_init": model.ctx_init,
-        "image": {"size": backbone.image_size, "mean": list(backbone.mean), "std": list(backbone.std)},
-        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "template": model.template if zero_shot else template or DEFAULT_TEMPLATE,
     }
+    if zero_shot:
+        # Tensors of the image encoder may share storage with one another; safetensors wants them apart.
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        meta["image_encoder"] = {"sha256": state_dict_sha256(tensors), "tensor_prefix": "visual."}
+    else:
+        meta.update(n_ctx=model.n_ctx, ctx_init=model.ctx_init)
+    meta["image"] = {"size": backbone.image_size, "mean": list(backbone.mean), "std": list(backbone.std)}
+    meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -82,13 +106,21 @@ def read_meta(path: str | Path) -> dict:
         raise BundleError(f"{meta_path}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path}: expected a JSON object")
-    missing = [k for k in _REQUIRED if k not in meta]
+    kind = meta.setdefault("kind", COCOOP)  # bundles written before zero-shot ones existed have no kind
+    if kind not in _REQUIRED:
+        raise BundleError(f"{meta_path}: kind {kind!r} is not supported (expected one of {sorted(_REQUIRED)})")
+    missing = [k for k in _REQUIRED[kind] if k not in meta]
     if missing:
         raise BundleError(f"{meta_path}: missing keys {missing}")
     if meta["format"] != FORMAT or meta["version"] != VERSION:
         raise BundleError(f"{meta_path}: format {meta['format']!r} version {meta['version']!r}, expected {FORMAT!r} version {VERSION}")
-    if meta["kind"] != "cocoop":
-        raise BundleError(f"{meta_path}: kind {meta['kind']!r} is not supported (expected 'cocoop')")
+    if kind == ZEROSHOT:
+        template = meta["template"]  # a zero-shot model classifies with it
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise BundleError(f"{meta_path}: 'template' must be a string holding exactly one '{{}}', got {template!r}")
+        encoder = meta["image_encoder"]
+        if not isinstance(encoder, dict) or not isinstance(encoder.get("sha256"), str) or len(encoder["sha256"]) != 64:
+            raise BundleError(f"{meta_path}: 'image_encoder' must record the fine-tuned encoder's 'sha256' (64 hex digits)")
     names = meta["classnames"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise BundleError(f"{meta_path}: 'classnames' must be a non-empty list of strings")
@@ -147,12 +179,13 @@ def bundle_backbone(path: str | Path, meta: dict, device: str | torch.device = "
 
 def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu", *,
                 name: str | None = None, pretrained: str | None = None, text_encoding: TextEncoding | None = None,
-                cache_dir: str | None = None) -> tuple[PromptTunedCLIP, dict]:
+                cache_dir: str | None = None) -> tuple[CLIPClassifier, dict]:
     """Load a bundle: (model, metadata).
 
     ``backbone`` is reused if given, else built from the metadata, with ``name``
     and ``pretrained`` replacing the recorded ones if given.  Either way its
     architecture and weight hash must be the ones the bundle was trained on.
+    The model is a ``PromptTunedCLIP`` for a CoCoOp bundle and a ``ZeroShotCLIP`` for a zero-shot one.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -169,9 +202,20 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    if meta["kind"] == ZEROSHOT:
+        return _load_zeroshot(weights_path, tensors, backbone, meta), meta
     model = PromptTunedCLIP(backbone, n_ctx=int(meta["n_ctx"]), ctx_init=None)
-    expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
-    for key, shape in expected.items():
+    _check_tensors(weights_path, tensors, model.trainable_state())
+    state = {k.removeprefix("prompt_learner."): v.to(torch.float32) for k, v in tensors.items()}
+    model.prompt_learner.load_state_dict(state)
+    model.ctx_init = meta.get("ctx_init")
+    return model.eval(), meta
+
+
+def _check_tensors(weights_path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor present with its exact shape, and nothing else."""
+    for key, reference in expected.items():
+        shape = tuple(reference.shape)
         if key not in tensors:
             raise BundleError(f"{weights_path}: missing tensor {key!r} (expected shape {list(shape)})")
         if tuple(tensors[key].shape) != shape:
@@ -181,7 +225,18 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise BundleError(f"{weights_path}: unexpected tensors {extra}")
-    state = {k.removeprefix("prompt_learner."): v.to(torch.float32) for k, v in tensors.items()}
-    model.prompt_learner.load_state_dict(state)
-    model.ctx_init = meta.get("ctx_init")
-    return model.eval(), meta
+
+
+def _load_zeroshot(weights_path: Path, tensors: dict[str, torch.Tensor], backbone: Backbone, meta: dict) -> ZeroShotCLIP:
+    model = ZeroShotCLIP(backbone, template=meta["template"])
+    expected = model.trainable_state()
+    _check_tensors(weights_path, tensors, expected)
+    # The hash covers names, shapes, dtypes and bytes as stored: any edit of the weights shows.
+    recorded = meta["image_encoder"]["sha256"]
+    actual = state_dict_sha256(tensors)
+    if actual != recorded:
+        raise BundleError(f"{weights_path}: the image-encoder tensors hash to sha256 {actual[:16]}..., but "
+                          f"{META_FILE} records {recorded[:16]}...; the weights were changed after the bundle was written")
+    state = {k.removeprefix("visual."): v.to(expected[k].dtype) for k, v in tensors.items()}
+    model.clip.visual.load_state_dict(state)
+    return model.eval()
