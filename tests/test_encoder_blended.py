@@ -238,7 +238,7 @@ def test_ci_repair_refuses_a_zero_shot_bundle(tmp_path, zs_bundle):
     report.write_text("{}")
     result = CliRunner().invoke(ci_repair, [str(zs_bundle), "--report", str(report), "--data", "tiny-colorshapes",
                                             "--out", str(tmp_path / "fixed")])
-    assert result.exit_code == 1 and "can repair only 'cocoop' bundles" in result.output
+    assert result.exit_code == 1 and "which ci-trigger cannot repair (it repairs 'cocoop' bundles" in result.output
     assert "Traceback" not in result.output
 
 
