@@ -269,6 +269,7 @@ def test_ci_bench_attack_writes_a_zero_shot_bundle(tmp_path):
     assert isinstance(trigger, PatternBlendTrigger) and trigger.name == "text"
     model, meta = load_bundle(out / "bundle")
     assert isinstance(model, ZeroShotCLIP) and meta["kind"] == "zeroshot" and len(meta["classnames"]) == 24
+    assert meta["kind"] == EncoderBlended.bundle_kind  # what sweeps go by when they plan repairs
     assert meta["backbone"]["weights_sha256"] == metrics["backbone"]["weights_sha256"]
 
 
