@@ -63,7 +63,8 @@ def test_repairs_add_cells_without_changing_model_or_scan_keys(tiny_backbone):
     for repair in plan.repairs:
         scan = scans[repair.scan_key]
         assert scan.model_key == repair.model_key == repair.spec["model"] and repair.spec["scan"] == scan.key
-        assert (scan.variant["pool_size"], scan.variant["loss"], scan.variant["inversion_data"]) == (inversion, "margin", "ood")
+        variant = scan.variant
+        assert (variant["pool_size"], variant["loss"], variant["inversion_data"]) == (inversion, "margin", "ood")
         assert order.index(repair.key) > max(order.index(repair.model_key), order.index(repair.scan_key))
     assert plan.repair_setting["pool_size"] == inversion
     # Not swept at its default: the first value given.
@@ -97,7 +98,8 @@ def test_repair_keys_follow_what_determines_the_repair(tiny_backbone):
      "unknown repairer 'nope'. Available repairers: ci-trigger, clean-only, random-delta, wrong-class-delta"),
     ({"repairers": ("ci-trigger",), "repairer_options": {"clean-only": {"epochs": 1}}},
      "--repairer-option: clean-only is not in this sweep"),
-    ({"repairer_options": {"ci-trigger": {"epochs": 1}}}, r"--repairer-option: ci-trigger is not in this sweep \(it has none\)"),
+    ({"repairer_options": {"ci-trigger": {"epochs": 1}}},
+     r"--repairer-option: ci-trigger is not in this sweep \(it has none\)"),
     ({"repairers": ("ci-trigger",), "repairer_options": {"ci-trigger": {"steps": 1}}}, "unknown option"),
 ])
 def test_bad_repair_settings_are_named(tiny_backbone, change, message):

@@ -14,6 +14,6 @@ from ci_core.bench.store import Store
 from ci_core.bench.sweep import SweepSummary, run_sweep
 
 __all__ = [
-    "CellOptions", "LocalExecutor", "ModelCell", "Plan", "RayExecutor", "RepairCell", "ScanCell", "Store", "SweepSettings",
-    "SweepSummary", "build_report", "plan_sweep", "run_sweep", "write_report",
+    "CellOptions", "LocalExecutor", "ModelCell", "Plan", "RayExecutor", "RepairCell", "ScanCell", "Store",
+    "SweepSettings", "SweepSummary", "build_report", "plan_sweep", "run_sweep", "write_report",
 ]

@@ -326,8 +326,11 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     _check_option_targets("--scorer-option", settings.scorer_options, scorer_names)
     scorers = {name: plugins.get("scorer", name).from_options(settings.scorer_options.get(name), preset=preset)
                for name in scorer_names}
-    repair_variant = (_repair_variant(detector_classes[REPAIR_DETECTOR], settings.detector_options.get(REPAIR_DETECTOR, {}),
-                                      settings, preset, default_inversion) if repairers else None)
+    repair_variant = None
+    if repairers:
+        repair_variant = _repair_variant(detector_classes[REPAIR_DETECTOR],
+                                         settings.detector_options.get(REPAIR_DETECTOR, {}), settings, preset,
+                                         default_inversion)
     skipped: dict[tuple[str, str], tuple[str, ...]] = {}
     for attack_name in attacks if repairers else ():
         for reason, names in _repair_skips(attack_name, attack_classes[attack_name], repairers).items():
