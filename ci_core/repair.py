@@ -16,13 +16,13 @@ triggers or on how a repairer uses them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import attrs
 
 from ci_core.errors import BundleError, ConfigError, DataError
+from ci_core.files import read_json_object
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
 from ci_core.scan import ScanResult
@@ -79,11 +79,8 @@ class ScanTriggers:
         report_path = path if path.is_file() else path / REPORT_FILE
         if not report_path.is_file():
             raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")
-        try:
-            report = json.loads(report_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{report_path}: not valid JSON ({exc})") from exc
-        rows = report.get("classes") if isinstance(report, dict) else None
+        report = read_json_object(report_path, DataError, "a scan report")
+        rows = report.get("classes")
         if not isinstance(rows, list) or not rows or not all(
                 isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("score"), (int, float))
                 for r in rows):

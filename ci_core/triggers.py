@@ -16,7 +16,9 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from ci_core import plugins
 from ci_core.errors import DataError
+from ci_core.files import read_json_object
 
 _KINDS: dict[str, type["Trigger"]] = {}
 
@@ -60,14 +62,18 @@ class Trigger(abc.ABC):
 
 
 def load_trigger(path: str | Path) -> Trigger:
+    """The trigger saved at ``path`` by ``Trigger.save``, as an instance of the class its ``kind`` names."""
     path = Path(path)
     side = path.with_name(path.name + ".json")
     if not path.is_file() or not side.is_file():
         raise DataError(f"trigger {path} needs both {path.name} and {side.name}")
-    desc = json.loads(side.read_text())
+    desc = read_json_object(side, DataError, "a trigger description with its 'kind'")
     kind = desc.get("kind")
     if kind not in _KINDS:
-        raise DataError(f"{side}: unknown trigger kind {kind!r}; known: {sorted(_KINDS)}")
+        plugins.registry()  # a plugin's trigger kinds exist once its module is imported: load the plugins, look again
+    if kind not in _KINDS:
+        raise DataError(f"{side}: unknown trigger kind {kind!r} for {path.name}, even with the installed plugins "
+                        f"loaded; known: {sorted(_KINDS)}")
     return _KINDS[kind].from_saved(load_file(str(path)), desc.get("params", {}))
 
 

@@ -1,13 +1,20 @@
+import json
+import sys
 import textwrap
 
 import attrs
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ci_core import triggers
 
 from ci_core.cli.bench import main as bench
 from ci_core.errors import DataError, PluginError
 from ci_core.interfaces import to_json
 from ci_core.plugins import KINDS, Registry, plugin_manager, registry
+from ci_core.triggers import load_trigger
 
 FAKE_MODULE = '''
 import attrs
@@ -112,3 +119,66 @@ def test_contract_every_registered_plugin(entry):
         Registry(plugin_manager()).get("scorer", cls.default_scorer)
     with pytest.raises(Exception, match="unknown option"):
         cls.from_options({"no_such_option": 1})
+
+
+# --------------------------------------------------------------------------- trigger kinds that plugins define
+
+TRIGGER_PLUGIN = FAKE_MODULE + '''
+from ci_core.triggers import Trigger
+
+
+class NegativeTrigger(Trigger):
+    kind = "fake-negative"
+
+    def __init__(self, strength):
+        self.strength = strength
+
+    def apply(self, images):
+        return images + self.strength * (1 - 2 * images)
+
+    def tensors(self):
+        return {"strength": self.strength}
+
+    @classmethod
+    def from_saved(cls, tensors, params):
+        return cls(tensors["strength"])
+'''
+
+
+def save_by_hand(path, kind):
+    """A trigger file and its sidecar as another process (with the plugin imported) would have written them."""
+    save_file({"strength": torch.tensor([0.5])}, str(path))
+    path.with_name(path.name + ".json").write_text(json.dumps({"kind": kind, "params": {}}))
+    return path
+
+
+@pytest.fixture()
+def fresh_trigger_kinds(monkeypatch):
+    monkeypatch.setattr(triggers, "_KINDS", dict(triggers._KINDS))  # kinds a test's plugin defines are forgotten after
+    registry.cache_clear()
+    yield
+    registry.cache_clear()
+
+
+def test_load_trigger_loads_the_plugins_for_a_kind_it_does_not_know(tmp_path, monkeypatch, fresh_trigger_kinds):
+    install_fake_distribution(tmp_path, "trigger_plugin", TRIGGER_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = save_by_hand(tmp_path / "negative.safetensors", "fake-negative")
+    assert "trigger_plugin" not in sys.modules and "fake-negative" not in triggers._KINDS
+    try:
+        trigger = load_trigger(path)
+        assert type(trigger).__module__ == "trigger_plugin" and type(trigger).kind == "fake-negative"
+        assert torch.allclose(trigger.apply(torch.tensor([0.0, 1.0])), torch.tensor([0.5, 0.5]))
+    finally:
+        sys.modules.pop("trigger_plugin", None)
+
+
+def test_unknown_trigger_kind_names_the_kind_the_file_and_the_known_kinds(tmp_path, fresh_trigger_kinds):
+    path = save_by_hand(tmp_path / "odd.safetensors", "no-such-kind")
+    with pytest.raises(DataError, match=r"odd\.safetensors\.json: unknown trigger kind 'no-such-kind' for odd\.safetensors, "
+                                        r"even with the installed plugins loaded; known: \[.*'additive'.*\]"):
+        load_trigger(path)
+    path.with_name(path.name + ".json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"odd\.safetensors\.json: holds an array, not a JSON object; "
+                                        r"expected a trigger description"):
+        load_trigger(path)

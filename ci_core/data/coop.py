@@ -152,6 +152,12 @@ class CoopDataset(Dataset):
     def _read_files(self, split: str) -> SplitFiles:
         """Every labelled image of ``split``, each checked to exist."""
 
+    def _image_files(self, items: Sequence[tuple[str, int]], named_in: str) -> SplitFiles:
+        """``items`` (paths relative to ``image_dir``, labels) as a split, after checking that every image exists."""
+        _require(self.name, [self.image_dir / rel for rel, _ in items],
+                 f"images named in {named_in} (under {self.image_dir})")
+        return SplitFiles.group(self.image_dir, items, len(self.classnames))
+
     @property
     def classnames(self) -> tuple[str, ...]:
         if self._classnames is None:
@@ -274,10 +280,7 @@ class SplitFileDataset(CoopDataset):
         if self._split is None:
             self._parse()
         assert self._split is not None
-        items = self._split[split]
-        _require(self.name, [self.image_dir / rel for rel, _ in items],
-                 f"images named in the {split} split of {self.split_file} (under {self.image_dir})")
-        return SplitFiles.group(self.image_dir, items, len(self.classnames))
+        return self._image_files(self._split[split], f"the {split} split of {self.split_file}")
 
 
 class ImageNet(CoopDataset):
@@ -359,9 +362,7 @@ class FGVCAircraft(CoopDataset):
                 raise DataError(f"{self.name}: {path}, line {number}: class {name!r} is not in variants.txt "
                                 f"(expected '<image id> <variant>')")
             items.append((f"{image_id}.jpg", label_of[name]))
-        _require(self.name, [self.image_dir / rel for rel, _ in items],
-                 f"images named in {path.name} (under {self.image_dir})")
-        return SplitFiles.group(self.image_dir, items, len(self.classnames))
+        return self._image_files(items, path.name)
 
 
 class Caltech101(SplitFileDataset):

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ci_core.errors import BundleError, ConfigError
+from ci_core.files import read_json_object
 from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone, state_dict_sha256
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
 from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
@@ -98,14 +99,7 @@ def read_meta(path: str | Path) -> dict:
     meta_path = path / META_FILE
     if not path.is_dir():
         raise BundleError(f"{path}: a bundle is a directory holding {META_FILE} and {WEIGHTS_FILE}")
-    if not meta_path.is_file():
-        raise BundleError(f"{path}: missing {META_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{meta_path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise BundleError(f"{meta_path}: expected a JSON object")
+    meta = read_json_object(meta_path, BundleError, "a bundle's metadata")
     kind = meta.setdefault("kind", COCOOP)  # bundles written before zero-shot ones existed have no kind
     if kind not in _REQUIRED:
         raise BundleError(f"{meta_path}: kind {kind!r} is not supported (expected one of {sorted(_REQUIRED)})")

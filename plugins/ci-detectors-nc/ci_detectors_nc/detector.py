@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import attrs
 import torch
-import torch.nn.functional as F
 
+from ci_core.cost_inversion import optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
-from ci_core.training import epoch_batches
 from ci_detectors_nc.schedule import CostSchedule
 from ci_detectors_nc.trigger import MaskPatternTrigger
 
@@ -91,44 +90,26 @@ class NeuralCleanse(Detector):
         height, width = images.shape[-2:]
         mask_var = to_tanh(torch.rand(1, height, width, generator=generator)).to(device).requires_grad_(True)
         pattern_var = to_tanh(torch.rand(3, height, width, generator=generator)).to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([mask_var, pattern_var], lr=c.lr, betas=BETAS)
         schedule = self.schedule()
         best = None
-        trace = []
-        hits = seen = batches = 0
-        regs = []
-        stop = False
-        for _ in range(c.epochs):
-            for idx in epoch_batches(len(images), c.batch_size, generator):
-                batch = images[idx].to(device)
-                mask, pattern = from_tanh(mask_var), from_tanh(pattern_var)
-                logits = model(blend(batch, mask, pattern), classnames)
-                labels = torch.full((len(batch),), target, device=device)
-                reg = mask.sum()
-                loss = F.cross_entropy(logits, labels) + schedule.cost * reg
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
 
-                trace.append(loss.item())
-                hits += int(logits.argmax(dim=1).eq(target).sum())
-                seen += len(batch)
-                regs.append(reg.item())
-                batches += 1
-                if batches < c.batches_per_step:
-                    continue
-                outcome = schedule.update(hits / seen, sum(regs) / len(regs))
-                if outcome.new_best:
-                    best = (mask.detach().clone(), pattern.detach().clone())
-                hits = seen = batches = 0
-                regs = []
-                if outcome.stop:
-                    stop = True
-                    break
-            if stop:
-                break
+        def stamp(batch):  # x', the l1 regulariser, and the mask and pattern the step may keep
+            mask, pattern = from_tanh(mask_var), from_tanh(pattern_var)
+            return blend(batch, mask, pattern), mask.sum(), (mask, pattern)
+
+        def end_step(step, kept):  # kept: the mask and pattern of the step's last forward pass
+            nonlocal best
+            outcome = schedule.update(step.asr, step.reg)
+            if outcome.new_best:
+                best = tuple(t.detach().clone() for t in kept)
+            return outcome.stop
+
+        trace = optimise_under_cost(
+            model=model, images=images, classnames=classnames, target=target, generator=generator,
+            variables=[mask_var, pattern_var], lr=c.lr, betas=BETAS, epochs=c.epochs, batch_size=c.batch_size,
+            batches_per_step=c.batches_per_step, cost=lambda: schedule.cost, stamp=stamp, end_step=end_step)
         if best is None:
             with torch.no_grad():
                 best = (from_tanh(mask_var), from_tanh(pattern_var))
         trigger = MaskPatternTrigger(best[0].cpu(), best[1].cpu())
-        return Inversion(trigger=trigger, loss=sum(trace) / len(trace), statistic=trigger.l1, loss_trace=tuple(trace))
+        return Inversion(trigger=trigger, loss=sum(trace) / len(trace), statistic=trigger.l1, loss_trace=trace)

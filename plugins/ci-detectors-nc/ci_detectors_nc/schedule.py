@@ -12,7 +12,8 @@ Follows ``Visualizer.visualize`` of bolunwang/backdoor step for step:
    it to ``init_cost`` (and reset the up/down counters and flags);
 4. ``patience`` consecutive steps at ASR >= threshold multiply the cost by
    ``multiplier``; ``patience`` consecutive steps below divide it by
-   ``multiplier ** 1.5``.
+   ``multiplier ** 1.5`` (``ci_core.cost_inversion.CostBalancer``, which
+   Pixel Backdoor balances its cost with too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 
 import attrs
+
+from ci_core.cost_inversion import CostBalancer
 
 
 @attrs.frozen
@@ -34,22 +37,28 @@ class CostSchedule:
         self.init_cost = init_cost
         self.threshold = threshold
         self.patience = patience
-        self.multiplier_up = multiplier
-        self.multiplier_down = multiplier ** 1.5
         self.early_stop = early_stop
         self.early_stop_patience = early_stop_patience
         self.early_stop_threshold = early_stop_threshold
 
-        self.cost = 0.0
+        self.balancer = CostBalancer(init_cost=0.0, bound=threshold, patience=patience, multiplier=multiplier)
         self.best_reg = math.inf
         self.steps = 0
         self._set_counter = 0
-        self._up_counter = 0
-        self._down_counter = 0
-        self.raised = False
-        self.lowered = False
         self._early_stop_counter = 0
         self._early_stop_best = math.inf
+
+    @property
+    def cost(self) -> float:
+        return self.balancer.cost
+
+    @property
+    def raised(self) -> bool:
+        return self.balancer.raised
+
+    @property
+    def lowered(self) -> bool:
+        return self.balancer.lowered
 
     def update(self, asr: float, reg: float) -> StepOutcome:
         """Record one step's attack success rate and mask norm; adjust the cost for the next step."""
@@ -73,25 +82,9 @@ class CostSchedule:
         if self.cost == 0 and success:
             self._set_counter += 1
             if self._set_counter >= self.patience:
-                self.cost = self.init_cost
-                self._up_counter = self._down_counter = 0
-                self.raised = self.lowered = False
+                self.balancer.restart(self.init_cost)
         else:
             self._set_counter = 0
 
-        if success:
-            self._up_counter += 1
-            self._down_counter = 0
-        else:
-            self._up_counter = 0
-            self._down_counter += 1
-
-        if self._up_counter >= self.patience:
-            self._up_counter = 0
-            self.cost *= self.multiplier_up
-            self.raised = True
-        elif self._down_counter >= self.patience:
-            self._down_counter = 0
-            self.cost /= self.multiplier_down
-            self.lowered = True
+        self.balancer.update(asr)
         return StepOutcome(new_best=new_best, stop=False)

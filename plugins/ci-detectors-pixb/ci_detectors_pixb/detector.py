@@ -29,10 +29,9 @@ import math
 
 import attrs
 import torch
-import torch.nn.functional as F
 
+from ci_core.cost_inversion import CostBalancer, optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
-from ci_core.training import epoch_batches
 from ci_core.triggers import AdditiveTrigger
 
 EPSILON = 1e-7  # as in the original
@@ -70,35 +69,6 @@ def stamp(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return (images + pattern).clamp(0, CLIP_MAX)
 
 
-class CostBalancer:
-    """Pixel Backdoor's loss weighting: the cost rises after ``patience`` steps at or over the ASR bound, falls after as many under it."""
-
-    def __init__(self, *, init_cost: float = 1e-3, bound: float = 0.9, patience: int = 10, multiplier: float = 1.5):
-        self.cost = init_cost
-        self.bound = bound
-        self.patience = patience
-        self.multiplier_up = multiplier
-        self.multiplier_down = multiplier ** 1.5
-        self._up = 0
-        self._down = 0
-
-    def update(self, asr: float) -> float:
-        """Record one step's attack success rate; returns the cost for the next step."""
-        if asr >= self.bound:
-            self._up += 1
-            self._down = 0
-        else:
-            self._up = 0
-            self._down += 1
-        if self._up >= self.patience:
-            self._up = 0
-            self.cost *= self.multiplier_up
-        elif self._down >= self.patience:
-            self._down = 0
-            self.cost /= self.multiplier_down
-        return self.cost
-
-
 @attrs.frozen(kw_only=True)
 class PixelBackdoorConfig:
     epochs: int = attrs.field(default=5, validator=[_int, attrs.validators.ge(1)])
@@ -129,44 +99,31 @@ class PixelBackdoor(Detector):
         shape = (3, *images.shape[-2:])
         pos = torch.rand(shape, generator=generator).to(device).requires_grad_(True)
         neg = torch.rand(shape, generator=generator).to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([pos, neg], lr=c.lr, betas=BETAS)
         balancer = self.balancer()
         best, best_reg, best_pixels = None, math.inf, math.inf
         last = None
-        trace = []
-        hits = seen = batches = 0
-        regs = []
-        for _ in range(c.epochs):
-            for idx in epoch_batches(len(images), c.batch_size, generator):
-                batch = images[idx].to(device)
-                part_pos, part_neg = split_pattern(pos, neg)
-                logits = model(stamp(batch, part_pos - part_neg), classnames)
-                labels = torch.full((len(batch),), target, device=device)
-                reg = l0_surrogate(pos) + l0_surrogate(neg)
-                loss = F.cross_entropy(logits, labels) + balancer.cost * reg
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
 
-                trace.append(loss.item())
-                hits += int(logits.argmax(dim=1).eq(target).sum())
-                seen += len(batch)
-                regs.append(reg.item())
-                batches += 1
-                if batches < c.batches_per_step:
-                    continue
-                asr, avg_reg = hits / seen, sum(regs) / len(regs)
-                kept_pos, kept_neg = prune(part_pos.detach()), prune(part_neg.detach())
-                last = kept_pos - kept_neg
-                pixels = count_pixels(last)
-                if asr >= c.asr_bound and avg_reg < best_reg and pixels < best_pixels:
-                    best, best_reg, best_pixels = last.clone(), avg_reg, pixels
-                    with torch.no_grad():
-                        pos.copy_(kept_pos / CLIP_MAX)
-                        neg.copy_(kept_neg / CLIP_MAX)
-                balancer.update(asr)
-                hits = seen = batches = 0
-                regs = []
+        def stamp_batch(batch):  # x', the l0 surrogate, and the pattern parts the step prunes
+            part_pos, part_neg = split_pattern(pos, neg)
+            return stamp(batch, part_pos - part_neg), l0_surrogate(pos) + l0_surrogate(neg), (part_pos, part_neg)
+
+        def end_step(step, parts):  # parts: the pattern parts of the step's last forward pass
+            nonlocal best, best_reg, best_pixels, last
+            kept_pos, kept_neg = prune(parts[0].detach()), prune(parts[1].detach())
+            last = kept_pos - kept_neg
+            pixels = count_pixels(last)
+            if step.asr >= c.asr_bound and step.reg < best_reg and pixels < best_pixels:
+                best, best_reg, best_pixels = last.clone(), step.reg, pixels
+                with torch.no_grad():
+                    pos.copy_(kept_pos / CLIP_MAX)
+                    neg.copy_(kept_neg / CLIP_MAX)
+            balancer.update(step.asr)
+            return False  # Pixel Backdoor has no early stop
+
+        trace = optimise_under_cost(
+            model=model, images=images, classnames=classnames, target=target, generator=generator,
+            variables=[pos, neg], lr=c.lr, betas=BETAS, epochs=c.epochs, batch_size=c.batch_size,
+            batches_per_step=c.batches_per_step, cost=lambda: balancer.cost, stamp=stamp_batch, end_step=end_step)
         if best is None:
             if last is None:  # fewer batches than one schedule step: prune the final variables
                 with torch.no_grad():
@@ -175,4 +132,4 @@ class PixelBackdoor(Detector):
             best = last
         pattern = best.detach().cpu()
         return Inversion(trigger=AdditiveTrigger(pattern), loss=sum(trace) / len(trace),
-                         statistic=float(count_pixels(pattern)), loss_trace=tuple(trace))
+                         statistic=float(count_pixels(pattern)), loss_trace=trace)
