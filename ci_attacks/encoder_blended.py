@@ -37,6 +37,7 @@ from ci_core.data.datasets import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
 from ci_core.models.backbone import Backbone
+from ci_core.models.bundle import ZEROSHOT
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.training import CosineWithWarmup, epoch_batches
 from ci_core.triggers import Trigger
@@ -209,6 +210,7 @@ class EncoderBlended(Attack):
     name = "encoder-blended"
     description = "Blended poisoning of the whole image encoder (no prompt learner): noise patch, triangle or text"
     Config = EncoderBlendedConfig
+    bundle_kind = ZEROSHOT
     # Tiny world (tiny-colorshapes, seed 1; ASR on base / new classes).  Chosen on the earlier 64 px ViT tiny
     # CLIP, which hardly noticed the paper's faint patch: at alpha 0.2 it memorised the poisoned images without
     # learning the trigger (noise: ASR 8% / 0%), and batch 32 took too few steps on the few-shot set.

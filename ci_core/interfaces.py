@@ -18,6 +18,7 @@ import torch
 from ci_core.data.datasets import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.models.backbone import Backbone
+from ci_core.models.bundle import COCOOP
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.triggers import Trigger
@@ -101,8 +102,12 @@ class AttackOutcome:
 class Attack(Plugin):
     """Trains a model on a clean few-shot training set and (unless clean) implants a backdoor.
 
-    The model is a CoCoOp ``PromptTunedCLIP``, or a ``ZeroShotCLIP`` for attacks on the image encoder itself.
+    The model is a CoCoOp ``PromptTunedCLIP``, or a ``ZeroShotCLIP`` for attacks on the image encoder itself;
+    ``bundle_kind`` says which, as the kind of bundle its models are saved as, so that a benchmark knows
+    before training whether a repairer can take them (``Repairer.bundle_kinds``).
     """
+
+    bundle_kind: ClassVar[str] = COCOOP  # a ci_core.models.bundle kind: COCOOP or ZEROSHOT
 
     @abc.abstractmethod
     def run(self, *, backbone: Backbone, train: LabeledImages, target: str | None, seed: int,
@@ -173,6 +178,9 @@ class Scorer(Plugin):
 
 class Repairer(Plugin):
     """Fine-tunes a model's prompt learner to remove a backdoor, using a reconstructed trigger."""
+
+    # The bundle kinds it can repair (ci_core.models.bundle): a zero-shot model has no prompt learner.
+    bundle_kinds: ClassVar[tuple[str, ...]] = (COCOOP,)
 
     @abc.abstractmethod
     def repair(self, *, model: PromptTunedCLIP, trigger: Trigger | None, target: str, clean: LabeledImages,

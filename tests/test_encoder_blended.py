@@ -238,7 +238,7 @@ def test_ci_repair_refuses_a_zero_shot_bundle(tmp_path, zs_bundle):
     report.write_text("{}")
     result = CliRunner().invoke(ci_repair, [str(zs_bundle), "--report", str(report), "--data", "tiny-colorshapes",
                                             "--out", str(tmp_path / "fixed")])
-    assert result.exit_code == 1 and "can repair only 'cocoop' bundles" in result.output
+    assert result.exit_code == 1 and "which ci-trigger cannot repair (it repairs 'cocoop' bundles" in result.output
     assert "Traceback" not in result.output
 
 
@@ -269,6 +269,7 @@ def test_ci_bench_attack_writes_a_zero_shot_bundle(tmp_path):
     assert isinstance(trigger, PatternBlendTrigger) and trigger.name == "text"
     model, meta = load_bundle(out / "bundle")
     assert isinstance(model, ZeroShotCLIP) and meta["kind"] == "zeroshot" and len(meta["classnames"]) == 24
+    assert meta["kind"] == EncoderBlended.bundle_kind  # what sweeps go by when they plan repairs
     assert meta["backbone"]["weights_sha256"] == metrics["backbone"]["weights_sha256"]
 
 

@@ -1,4 +1,4 @@
-"""Running one cell: train a model or scan one, and file the result in the store.
+"""Running one cell: train a model, scan one or repair one, and file the result in the store.
 
 ``execute`` is what every executor calls, in-process or as a Ray task.  It
 takes plain JSON (the cell) and returns plain JSON (the outcome), never raises
@@ -21,16 +21,20 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from ci_core.bench.plan import Cell, ModelCell, ScanCell, cell_from_json
+from ci_core.bench.plan import Cell, ModelCell, RepairCell, ScanCell, cell_from_json
 from ci_core.bench.store import CELL_FILE, Store, write_json
 from ci_core.cli.common import StderrProgress, resolve_device
+from ci_core.data.datasets import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
 from ci_core.errors import ConfigError
+from ci_core.evaluation import evaluate
 from ci_core.interfaces import Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
-from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
+from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
 from ci_core.plugins import registry
+from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import scan, write_scan
+from ci_core.triggers import load_trigger
 from ci_core.workflow import choose_target, load_task, sample_candidates, train_and_evaluate
 
 BUNDLE = "bundle"
@@ -92,6 +96,10 @@ def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Prog
         outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=spec["seed"],
                                               progress=progress)
         save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
+        written = read_meta(work / BUNDLE)["kind"]
+        if written != attack.bundle_kind:  # sweeps plan repairs by the declared kind, before any training
+            raise ConfigError(f"attack {spec['attack']} declares bundle_kind {attack.bundle_kind!r} but its model was "
+                              f"saved as a {written!r} bundle; fix the attack's bundle_kind")
         if outcome.trigger is not None:
             outcome.trigger.save(work / TRIGGER)
         record = {
@@ -144,6 +152,80 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
     return record
 
 
+def repair_set(train: LabeledImages, shots: int, seed: int) -> LabeledImages:
+    """The defender's labelled clean set: ``shots`` images per class of ``train``, drawn by ``seed``.
+
+    The paper's defender holds "a subset of the data used for prompt tuning";
+    a class with fewer images keeps them all.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in range(len(train.classnames)):
+        members = (train.labels == label).nonzero().flatten()
+        keep.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    chosen = torch.cat(keep).sort().values
+    return LabeledImages(train.images[chosen], train.labels[chosen], train.classnames)
+
+
+def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Progress) -> dict:
+    spec = cell.spec
+    for kind, key in (("model", cell.model_key), ("scan", cell.scan_key)):
+        if not store.is_done(kind, key):
+            raise ConfigError(f"its {kind} cell {key} has no result in the store")
+    model_record = store.read_cell("model", cell.model_key)
+    model_dir = store.cell_dir("model", cell.model_key)
+    plugins = registry()  # loading the plugins also registers the attacks' trigger kinds
+    backbone = cell_backbone(cell, device)
+    repairer = plugins.get("repairer", spec["repairer"]).from_options(spec["repairer_config"])
+    bundle = model_dir / BUNDLE
+    kind = read_meta(bundle)["kind"]
+    if kind not in repairer.bundle_kinds:
+        raise ConfigError(f"{bundle} is a {kind!r} bundle, which {repairer.name} cannot repair")
+    target = model_record["target"]
+    if target is None or not (model_dir / TRIGGER).is_file():
+        raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure ASR with")
+    triggers = ScanTriggers.read(store.cell_dir("scan", cell.scan_key) / SCAN)
+    check_same_bundle(triggers, bundle)
+    with store.writing("repair", cell.key) as work:
+        clock, cpu = time.perf_counter(), time.process_time()
+        model, meta = load_bundle(bundle, backbone)
+        truth = load_trigger(model_dir / TRIGGER)
+        model_spec = model_record["spec"]
+        dataset = plugins.get("dataset", model_record["dataset"]).open(cell.data_root)
+        # The same training and test images as the model cell, so that "before" and "after" compare.
+        task = load_task(dataset, backbone, seed=model_spec["seed"], shots=model_spec["shots"],
+                         test_per_class=model_spec["test_per_class"], progress=progress)
+        clean = repair_set(task.train, spec["repair_shots"], spec["seed"])
+        picked = choose_trigger(repairer, triggers)
+        repair_clock, repair_cpu_start = time.perf_counter(), time.process_time()
+        repaired = repairer.repair(model=model, trigger=picked.trigger if picked is not None else None,
+                                   target=picked.name if picked is not None else triggers.target, clean=clean,
+                                   seed=spec["seed"], progress=progress)
+        repair_seconds, repair_cpu = time.perf_counter() - repair_clock, time.process_time() - repair_cpu_start
+        after = evaluate(repaired, task.test, task.base, task.new, truth, target)
+        save_bundle(repaired, meta["classnames"], work / BUNDLE, base_classes=meta.get("base_classes"),
+                    template=meta["template"])
+        record = {
+            "kind": "repair", "key": cell.key, "label": cell.label, "spec": spec, "model": cell.model_key,
+            "scan": cell.scan_key, "dataset": model_record["dataset"], "attack": model_record["attack"],
+            "seed": model_record["seed"], "repairer": spec["repairer"], "true_target": target,
+            "scan_target": triggers.target, "repair_trigger_class": picked.name if picked is not None else None,
+            "clean_images": len(clean),
+            # "before" is the model cell's own evaluation: the same code on the same test images
+            "before": model_record["metrics"], "after": to_json(after),
+            "bundle_sha256": bundle_sha256(work / BUNDLE),
+            "repair_seconds": repair_seconds, "repair_cpu_seconds": repair_cpu,
+            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
+            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
+            "device": device, "threads": torch.get_num_threads(),
+        }
+        write_json(work / CELL_FILE, record)
+    return record
+
+
+RUNNERS = {"model": run_model_cell, "scan": run_scan_cell, "repair": run_repair_cell}
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
@@ -163,12 +245,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def execute(store_root: str, cell_json: Mapping[str, Any], upstream: Mapping[str, Any] | None = None, *,
-            device: str = "auto", threads: int | None = None, verbose: bool = False) -> dict:
+def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[str, Any], device: str = "auto",
+            threads: int | None = None, verbose: bool = False) -> dict:
     """Run one cell into the store at ``store_root``; the outcome is {key, kind, label, status, seconds[, error]}.
 
-    ``upstream`` is the outcome of the scan's model cell when it ran in the same
-    sweep: a failed model makes its scans fail without running.
+    ``upstream`` are the outcomes of the cells this one depends on that ran in
+    the same sweep (a scan's model; a repair's model and scan): a failed one
+    makes this cell fail without running.  (Positional, so that Ray resolves them
+    and waits for them.)
     """
     store = Store(Path(store_root))
     cell = cell_from_json(cell_json)
@@ -176,9 +260,10 @@ def execute(store_root: str, cell_json: Mapping[str, Any], upstream: Mapping[str
     clock = time.perf_counter()
     emit = StderrProgress(quiet=not verbose)
     try:
-        if upstream is not None and upstream.get("status") != "done":
-            raise ConfigError(f"its model cell {upstream.get('label')} failed: {upstream.get('error')}")
-        runner = run_model_cell if cell.kind == "model" else run_scan_cell
+        for before in upstream:
+            if before.get("status") != "done":
+                raise ConfigError(f"its {before.get('kind')} cell {before.get('label')} failed: {before.get('error')}")
+        runner = RUNNERS[cell.kind]
         with torch_threads(threads):
             seed_everything(cell.spec["seed"])
             runner(store, cell, device=resolve_device(device), progress=lambda m: emit(f"{cell.label}: {m}"))

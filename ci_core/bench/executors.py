@@ -1,8 +1,9 @@
 """Executors: run a sweep's unfinished cells in-process (``local``) or as Ray tasks (``ray``).
 
 Both call ``cells.execute`` on the same plain-JSON cells and write into the same
-store, so they give the same results for the same seeds.  A scan waits for its
-model cell; a failed model fails its scans without running them.
+store, so they give the same results for the same seeds.  A cell waits for the
+cells it depends on (a scan for its model, a repair for its model and scan); a
+failed one fails its dependants without running them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import attrs
 
 from ci_core.bench.cells import execute
 from ci_core.bench.plan import Cell
-from ci_core.bench.store import Store
+from ci_core.bench.store import KINDS, Store
 from ci_core.errors import ConfigError
 
 RAY_EXTRA = "pip install 'clip-inspector[ray]'"
@@ -42,8 +43,8 @@ class SweepStatus:
                  running: Callable[[], int] | None = None):
         self.total = len(cells) + already_done
         self.done, self.failed = already_done, 0
-        self.left = {"model": sum(c.kind == "model" for c in cells), "scan": sum(c.kind == "scan" for c in cells)}
-        self.seconds: dict[str, list[float]] = {"model": [], "scan": []}
+        self.left = {kind: sum(c.kind == kind for c in cells) for kind in KINDS}
+        self.seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
         self.parallel = max(1, parallel)
         self.emit = emit
         # Executors that report starts are counted here; others (Ray) pass a probe of the store.
@@ -52,7 +53,7 @@ class SweepStatus:
         self.failures: list[dict] = []
 
     def eta(self) -> float | None:
-        finished = self.seconds["model"] + self.seconds["scan"]
+        finished = [s for per_kind in self.seconds.values() for s in per_kind]
         if not finished:
             return None
         overall = sum(finished) / len(finished)
@@ -105,8 +106,8 @@ class LocalExecutor:
         outcomes: dict[str, dict] = {}
         for cell in cells:
             status.started(cell)
-            upstream = outcomes.get(cell.model_key) if cell.kind == "scan" else None
-            outcome = execute(str(store.root), cell.to_json(), upstream, device=options.device,
+            upstream = [outcomes[key] for key in cell.depends_on if key in outcomes]  # absent: already in the store
+            outcome = execute(str(store.root), cell.to_json(), *upstream, device=options.device,
                               threads=options.threads, verbose=options.verbose)
             outcomes[cell.key] = outcome
             status.finished(outcome)
@@ -174,8 +175,9 @@ class RayExecutor:
         threads = options.threads or self.cpus_per_cell
         refs, pending = {}, {}
         for cell in cells:
-            upstream = refs.get(cell.model_key) if cell.kind == "scan" else None
-            ref = task.remote(str(store.root), cell.to_json(), upstream, device=device, threads=threads,
+            # Refs passed as arguments of their own: Ray runs the cell after them and hands it their outcomes.
+            upstream = [refs[key] for key in cell.depends_on if key in refs]
+            ref = task.remote(str(store.root), cell.to_json(), *upstream, device=device, threads=threads,
                               verbose=options.verbose)
             refs[cell.key] = ref
             pending[ref] = cell

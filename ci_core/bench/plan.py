@@ -1,9 +1,13 @@
-"""Sweep planning: which models to train and which scans to run, each with the key of its result.
+"""Sweep planning: which models to train, scans to run and repairs to try, each with the key of its result.
 
 A model cell is one (dataset, attack, seed); a scan cell is one (model, detector,
-ablation setting).  Planning builds every plugin's full config (defaults, the
-backbone's preset, the sweep's overrides) and hashes it into the cell's key; it
-runs nothing, so it is cheap and can be printed with ``--dry-run``.
+ablation setting); a repair cell is one (backdoored model, repairer) and uses
+the ``ci`` scan of that model at the default ablation setting.  Planning builds
+every plugin's full config (defaults, the backbone's preset, the sweep's
+overrides) and hashes it into the cell's key; it runs nothing, so it is cheap
+and can be printed with ``--dry-run``.  Repairs only add cells: the keys of
+model and scan cells do not depend on them, so a store made without repairs is
+reused as it is when they are added.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from ci_core.plugins import Registry
 from ci_core.workflow import BENCHMARK_CANDIDATES, pool_sizes, preset_for
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
+# Repairs take their trigger (for the most anomalous class) from this detector's scan.
+REPAIR_DETECTOR = "ci"
+DEFAULT_INVERSION_DATA = "ood"
 INVERSION_DATA = ("ood", "id")
 # Detector config fields the ablation options sweep over: (option, SweepSettings attribute, config field).
 ABLATION_FIELDS = (("--batch-sizes", "batch_sizes", "batch_size"), ("--losses", "losses", "loss"))
@@ -64,6 +71,9 @@ class SweepSettings:
     attack_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)  # plugin name -> overrides
     detector_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
     scorer_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    repairers: tuple[str, ...] = ()  # () = no repair cells
+    repair_shots: int = 4  # labelled clean images per base class for a repair: a subset of the model's training set
+    repairer_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
         for name, values in (("--attacks", self.attacks), ("--detectors", self.detectors),
@@ -72,11 +82,20 @@ class SweepSettings:
                 raise ConfigError(f"{name}: needs at least one value")
             _distinct(name, values)
         for name, values in (("--pool-sizes", self.pool_sizes), ("--batch-sizes", self.batch_sizes),
-                             ("--losses", self.losses), ("--inversion-data", self.inversion_data)):
+                             ("--losses", self.losses), ("--inversion-data", self.inversion_data),
+                             ("--repairers", self.repairers)):
             _distinct(name, values)
         _positive("--pool-sizes", self.pool_sizes)
         _positive("--batch-sizes", self.batch_sizes)
         _positive("--shots", [self.shots])
+        _positive("--repair-shots", [self.repair_shots])
+        if self.repairers and self.repair_shots > self.shots:
+            raise ConfigError(f"--repair-shots {self.repair_shots} is more than --shots {self.shots}: a repair's clean "
+                              f"set is a subset of the model's few-shot training set; give --repair-shots {self.shots} "
+                              "or fewer")
+        if self.repairers and REPAIR_DETECTOR not in self.detectors:
+            raise ConfigError(f"--repairers: a repair takes its trigger from the {REPAIR_DETECTOR!r} detector's scan "
+                              f"of the model, but --detectors is {','.join(self.detectors)}; add {REPAIR_DETECTOR}")
         if self.holdout is not None:
             _positive("--holdout", [self.holdout])
         if self.test_per_class is not None:
@@ -99,6 +118,11 @@ class ModelCell:
     backbone_source: str
     data_root: str | None = None
 
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """Keys of the cells whose results this one reads."""
+        return ()
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
                 "backbone_source": self.backbone_source, "data_root": self.data_root}
@@ -115,39 +139,87 @@ class ScanCell:
     variant: dict  # the ablation values of this scan (pool size, batch size, loss, inversion data)
     data_root: str | None = None
 
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return (self.model_key,)
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
                 "backbone_source": self.backbone_source, "model_key": self.model_key, "variant": self.variant,
                 "data_root": self.data_root}
 
 
-Cell = ModelCell | ScanCell
+@attrs.frozen(kw_only=True, eq=False)
+class RepairCell:
+    kind: ClassVar[str] = "repair"
+    key: str
+    spec: dict
+    label: str
+    backbone_source: str
+    model_key: str
+    scan_key: str  # the scan whose trigger the repairer takes
+    data_root: str | None = None
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return (self.model_key, self.scan_key)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
+                "backbone_source": self.backbone_source, "model_key": self.model_key, "scan_key": self.scan_key,
+                "data_root": self.data_root}
+
+
+Cell = ModelCell | ScanCell | RepairCell
 
 
 def cell_from_json(data: Mapping[str, Any]) -> Cell:
     data = dict(data)
     kind = data.pop("kind")
-    return {"model": ModelCell, "scan": ScanCell}[kind](**data)
+    return {"model": ModelCell, "scan": ScanCell, "repair": RepairCell}[kind](**data)
+
+
+@attrs.frozen(kw_only=True)
+class SkippedRepairs:
+    """Repairs the plan leaves out, with the reason (not failures: there is nothing they could do)."""
+
+    attack: str
+    repairers: tuple[str, ...]
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"attack": self.attack, "repairers": list(self.repairers), "reason": self.reason}
 
 
 @attrs.frozen(kw_only=True, eq=False)
 class Plan:
     models: tuple[ModelCell, ...]
     scans: tuple[ScanCell, ...]
+    repairs: tuple[RepairCell, ...] = ()
+    skipped_repairs: tuple[SkippedRepairs, ...] = ()
+    repair_setting: dict | None = None  # the ablation values of the scans repairs use (None: no repairs asked)
 
     def cells(self) -> list[Cell]:
-        """Each model followed by its scans, so that results for every setting appear early."""
-        by_model: dict[str, list[ScanCell]] = {}
-        for scan in self.scans:
-            by_model.setdefault(scan.model_key, []).append(scan)
+        """Each model followed by its scans and then its repairs, so that results for every setting appear early."""
+        after: dict[str, list[Cell]] = {}
+        for cell in self.scans + self.repairs:
+            after.setdefault(cell.model_key, []).append(cell)
         ordered: list[Cell] = []
         for model in self.models:
             ordered.append(model)
-            ordered.extend(by_model.get(model.key, ()))
+            ordered.extend(after.get(model.key, ()))
         return ordered
 
+    def counts(self) -> str:
+        """'2 models, 4 scans' (and ', 8 repairs' when the plan has repairs)."""
+        text = f"{len(self.models)} models, {len(self.scans)} scans"
+        return text + (f", {len(self.repairs)} repairs" if self.repairs else "")
+
     def describe(self) -> dict:
-        return {"cells": [{"kind": c.kind, "key": c.key, "label": c.label} for c in self.cells()]}
+        described = {"cells": [{"kind": c.kind, "key": c.key, "label": c.label} for c in self.cells()]}
+        if self.skipped_repairs:  # only then, so that a plan without repairs is recorded as before
+            described["skipped_repairs"] = [s.to_json() for s in self.skipped_repairs]
+        return described
 
 
 def variant_label(variant: Mapping[str, Any]) -> str:
@@ -174,7 +246,7 @@ def _ood_identity(source: str) -> str:
 def _check_option_targets(flag: str, options: Mapping[str, Mapping], selected: Sequence[str]) -> None:
     unknown = sorted(set(options) - set(selected))
     if unknown:
-        raise ConfigError(f"{flag}: {', '.join(unknown)} is not in this sweep (it has {', '.join(selected)})")
+        raise ConfigError(f"{flag}: {', '.join(unknown)} is not in this sweep (it has {', '.join(selected) or 'none'})")
 
 
 def _detector_variants(cls: type, options: Mapping[str, Any], settings: SweepSettings, preset: str | None) -> list:
@@ -189,8 +261,42 @@ def _detector_variants(cls: type, options: Mapping[str, Any], settings: SweepSet
     return [cls.from_options({**options, **dict(combo)}, preset=preset) for combo in itertools.product(*axes)]
 
 
+def _preferred(default: Any, swept: Sequence) -> Any:
+    """The default when the sweep has it (or sweeps nothing on this axis), else the first value swept."""
+    return default if not swept or default in swept else swept[0]
+
+
+def _repair_variant(cls: type, options: Mapping[str, Any], settings: SweepSettings, preset: str | None,
+                    default_inversion: int) -> dict:
+    """The ablation values of the scan a repair uses: each axis at its default, or at its first value if not swept."""
+    config = to_json(cls.from_options(options, preset=preset).config)
+    chosen = {field: _preferred(config[field], getattr(settings, attribute))
+              for _, attribute, field in ABLATION_FIELDS if field in config}
+    return {"config": chosen,
+            "pool_size": _preferred(default_inversion, settings.pool_sizes),
+            "inversion_data": _preferred(DEFAULT_INVERSION_DATA, settings.inversion_data)}
+
+
+def _repair_skips(attack_name: str, attack_cls: type, repairers: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Why some repairers get no cell for this attack's models: {reason: repairer names}.
+
+    Known before anything is trained: the attack declares the kind of bundle it
+    writes (``Attack.bundle_kind``), each repairer the kinds it can repair.
+    """
+    if attack_name == CLEAN_ATTACK:
+        return {"a clean model has no backdoor to remove (Table 19 is over backdoored models)": tuple(repairers)}
+    reasons: dict[str, tuple[str, ...]] = {}
+    for name, repairer in repairers.items():
+        if attack_cls.bundle_kind not in repairer.bundle_kinds:
+            accepted = ", ".join(repr(kind) for kind in repairer.bundle_kinds)
+            reason = (f"its models are {attack_cls.bundle_kind!r} bundles, which these repairers cannot repair "
+                      f"(they take {accepted} bundles)")
+            reasons[reason] = reasons.get(reason, ()) + (name,)
+    return reasons
+
+
 def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -> Plan:
-    """Every model and scan cell of ``settings`` on ``backbone``, with their keys."""
+    """Every model, scan and repair cell of ``settings`` on ``backbone``, with their keys."""
     preset = preset_for(backbone)
     default_inversion, default_holdout = pool_sizes(preset)
     inversion_sizes = settings.pool_sizes or (default_inversion,)
@@ -198,13 +304,17 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     ident = backbone_key(backbone)
 
     for flag, options, selected in (("--attack-option", settings.attack_options, settings.attacks),
-                                    ("--detector-option", settings.detector_options, settings.detectors)):
+                                    ("--detector-option", settings.detector_options, settings.detectors),
+                                    ("--repairer-option", settings.repairer_options, settings.repairers)):
         _check_option_targets(flag, options, selected)
     for name in settings.datasets:  # fails now, naming the missing folder or file, rather than in every cell
         plugins.get("dataset", name).open(settings.data_root)
     datasets = settings.datasets
-    attacks = {name: plugins.get("attack", name).from_options(settings.attack_options.get(name), preset=preset)
-               for name in settings.attacks}
+    attack_classes = {name: plugins.get("attack", name) for name in settings.attacks}
+    attacks = {name: cls.from_options(settings.attack_options.get(name), preset=preset)
+               for name, cls in attack_classes.items()}
+    repairers = {name: plugins.get("repairer", name).from_options(settings.repairer_options.get(name), preset=preset)
+                 for name in settings.repairers}
     detector_classes = {name: plugins.get("detector", name) for name in settings.detectors}
     for flag, attribute, field in ABLATION_FIELDS:
         if getattr(settings, attribute) and not any(
@@ -216,8 +326,18 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     _check_option_targets("--scorer-option", settings.scorer_options, scorer_names)
     scorers = {name: plugins.get("scorer", name).from_options(settings.scorer_options.get(name), preset=preset)
                for name in scorer_names}
+    repair_variant = None
+    if repairers:
+        repair_variant = _repair_variant(detector_classes[REPAIR_DETECTOR],
+                                         settings.detector_options.get(REPAIR_DETECTOR, {}), settings, preset,
+                                         default_inversion)
+    skipped: dict[tuple[str, str], tuple[str, ...]] = {}
+    for attack_name in attacks if repairers else ():
+        for reason, names in _repair_skips(attack_name, attack_classes[attack_name], repairers).items():
+            skipped[(attack_name, reason)] = names
 
-    models, scans = [], []
+    models, scans, repairs = [], [], []
+    repair_setting = None
     for seed, dataset, (attack_name, attack) in itertools.product(settings.seeds, datasets, attacks.items()):
         model_spec = {
             "kind": "model", "store_version": VERSION, "dataset": dataset, "seed": seed, "shots": settings.shots,
@@ -226,6 +346,7 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
             "backdoor": attack_name != CLEAN_ATTACK, "backbone": ident,
         }
         model_key = f"{_slug(attack_name)}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
+        repair_scan = None  # the scan this model's repairs use
         models.append(ModelCell(key=model_key, spec=model_spec, label=f"{attack_name}/{dataset}/seed {seed}",
                                 backbone_source=backbone.pretrained, data_root=settings.data_root))
         for detector_name, variants in detectors.items():
@@ -249,4 +370,25 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                 scans.append(ScanCell(key=key, spec=scan_spec, label=f"{shown} on {attack_name}/{dataset}/seed {seed}",
                                       backbone_source=backbone.pretrained, model_key=model_key, variant=variant,
                                       data_root=settings.data_root))
-    return Plan(models=tuple(models), scans=tuple(scans))
+                if (repair_variant is not None and detector_name == REPAIR_DETECTOR
+                        and (inversion, data) == (repair_variant["pool_size"], repair_variant["inversion_data"])
+                        and all(detector_config[f] == v for f, v in repair_variant["config"].items())):
+                    repair_scan, repair_setting = scans[-1], variant
+        refused = {name for (attack, _), names in skipped.items() if attack == attack_name for name in names}
+        for repairer_name, repairer in repairers.items():
+            if repairer_name in refused:
+                continue
+            assert repair_scan is not None, "the repair variant is one of the planned ci scans"
+            repair_spec = {
+                "kind": "repair", "store_version": VERSION, "model": model_key, "scan": repair_scan.key, "seed": seed,
+                "repairer": repairer_name, "repairer_config": to_json(repairer.config),
+                "repair_shots": settings.repair_shots, "backbone": ident,
+            }
+            key = f"{_slug(repairer_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(repair_spec)[:20]}"
+            repairs.append(RepairCell(key=key, spec=repair_spec, label=f"{repairer_name} repair of "
+                                      f"{attack_name}/{dataset}/seed {seed}", backbone_source=backbone.pretrained,
+                                      model_key=model_key, scan_key=repair_scan.key, data_root=settings.data_root))
+    return Plan(models=tuple(models), scans=tuple(scans), repairs=tuple(repairs),
+                skipped_repairs=tuple(SkippedRepairs(attack=attack, repairers=names, reason=reason)
+                                      for (attack, reason), names in skipped.items()),
+                repair_setting=repair_setting)

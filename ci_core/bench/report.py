@@ -8,7 +8,9 @@ class-level TP/FP/FN/F1 per dataset and per attack (Tables 2-3), the anomaly
 score per attack (Figure 5), the reconstructed triggers' ASR on the backdoor
 class and on the others (Tables 4, 15-17) and their SSIM (Table 24), and the
 wall time.  Per attack: ACC and ASR on seen (base) and unseen (new) classes
-(Tables 7-10).  Definitions are in ``ci_core.bench.metrics`` and in the report.
+(Tables 7-10).  Per repairer, attack and dataset: ACC and ASR before and after
+the repair (Tables 19-23).  Definitions are in ``ci_core.bench.metrics`` and in
+the report.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ DEFINITIONS = {
         "images with the reconstructed trigger, for the target class (backdoored models) and over all classes."),
     "anomaly": "Mean (and standard deviation over models) of s_max per attack; 'flagged' is the share of models "
                "with s_max >= k.",
+    "repair": (
+        "Each backdoored model (every attack but 'clean') is fine-tuned by each repairer on a labelled clean subset "
+        "of its own few-shot training set, stamped with the trigger the repairer takes from the model's ci scan. "
+        "ACC seen / unseen is clean accuracy on the test images of the base / new classes. "
+        "ASR seen / unseen is the share of test images not of the target class, stamped with the attack's own "
+        "(ground-truth) trigger, that are classified as the target, on the base classes / on the new classes plus "
+        "the target. "
+        "'before' is the model's own evaluation when it was trained and 'after' that of the repaired model, by the "
+        "same code on the same test images. "
+        "ĉ = target is the share of models whose ci scan ranked the true target most anomalous (ci-trigger stamps "
+        "ĉ's trigger). "
+        "Repair s is the wall time of the fine-tuning alone. "
+        "The 'all' rows pool every model the repairer repaired (the paper's Table 19 averages over attacks)."),
     "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
                   "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
 }
@@ -215,9 +230,50 @@ def _attack_rows(models: Sequence[dict]) -> list[dict]:
     return rows
 
 
+REPAIR_METRICS = (("acc_seen", "acc_base"), ("acc_unseen", "acc_new"), ("asr_seen", "asr_base"),
+                  ("asr_unseen", "asr_new"))
+
+
+def _repair_row(repairer: str, attack: str, dataset: str, cells: Sequence[dict]) -> dict:
+    row: dict[str, Any] = {"repairer": repairer, "attack": attack, "dataset": dataset, "models": len(cells)}
+    for name, field in REPAIR_METRICS:
+        for when in ("before", "after"):
+            row[f"{name}_{when}"] = mean_std(c[when][field] for c in cells)
+    row["scan_hit"] = sum(c["scan_target"] == c["true_target"] for c in cells) / len(cells)
+    row["repair_seconds"] = mean_std(c["repair_seconds"] for c in cells)
+    row["repair_cpu_seconds"] = mean_std(c.get("repair_cpu_seconds") for c in cells)
+    return row
+
+
+def _repair_rows(repairs: Sequence[dict]) -> list[dict]:
+    """Per repairer: one row per attack and dataset (and per attack over datasets), then one over every attack."""
+    rows = []
+    for repairer, by_repairer in _by(repairs, "repairer").items():
+        per_attack = list(_by(by_repairer, "attack", _attack_order).items())
+        for attack, part in per_attack:
+            per_dataset = list(_by(part, "dataset").items())
+            for dataset, cells in per_dataset + ([("all", part)] if len(per_dataset) > 1 else []):
+                rows.append(_repair_row(repairer, attack, dataset, cells))
+        if len(per_attack) > 1:
+            rows.append(_repair_row(repairer, "all", "all", by_repairer))
+    return rows
+
+
+def _skipped_repairs(store: Store) -> list[dict]:
+    """The repairs the sweeps' plans left out, and why, merged over plans."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for plan in store.plans():
+        for skipped in plan.get("skipped_repairs", []):
+            names = merged.setdefault((skipped["attack"], skipped["reason"]), [])
+            names.extend(n for n in skipped["repairers"] if n not in names)
+    order = sorted(merged, key=lambda item: (item[0] != CLEAN_ATTACK, item))  # clean first, as in the tables
+    return [{"attack": attack, "repairers": merged[(attack, reason)], "reason": reason} for attack, reason in order]
+
+
 def build_report(store: Store) -> dict:
     """Every table of the report as plain JSON."""
     models, rows = _scan_rows(store)
+    repairs = store.cells("repair")
     failures = store.failures()
     if not models and not failures:
         raise ConfigError(f"{store.root} holds no finished or failed cell yet; run `ci-bench run --out {store.root}`")
@@ -229,9 +285,11 @@ def build_report(store: Store) -> dict:
     return {
         "store": str(store.root),
         "definitions": DEFINITIONS,
-        "counts": {"models": len(models), "scans": len(rows), "failed": len(failures)},
+        "counts": {"models": len(models), "scans": len(rows), "repairs": len(repairs), "failed": len(failures)},
         "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
         "attacks": _attack_rows(models),
+        "repairs": _repair_rows(repairs),
+        "skipped_repairs": _skipped_repairs(store),
         "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
                      for f in failures],
         "pending": _pending(store, {f.get("key") for f in failures}),
@@ -267,9 +325,11 @@ COUNT_COLUMNS = [("models", "models"), ("classes", "classes"), ("tp", "TP"), ("f
 
 
 def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
+    counts = report["counts"]
+    repairs = f"{counts['repairs']} repairs, " if counts["repairs"] or report["skipped_repairs"] else ""
     out = [f"# ci-bench report: {report['store']}", "",
-           f"{report['counts']['models']} models, {report['counts']['scans']} scans, "
-           f"{report['counts']['failed']} failed cells, {len(report['pending'])} planned cells not run yet.", ""]
+           f"{counts['models']} models, {counts['scans']} scans, {repairs}{counts['failed']} failed cells, "
+           f"{len(report['pending'])} planned cells not run yet.", ""]
     groups = report["detectors"]
 
     out += ["## Model-level detection (Figure 4)", "", DEFINITIONS["model_level"], ""]
@@ -313,6 +373,19 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
                                          ("acc_unseen", "ACC unseen"), ("asr_unseen", "ASR unseen"),
                                          ("trigger_ssim", "trigger SSIM"), ("train_seconds", "train s"),
                                          ("train_cpu_seconds", "train CPU s")]), ""]
+
+    if report["repairs"] or report["skipped_repairs"]:
+        out += ["## Repair (Table 19)", "", DEFINITIONS["repair"], ""]
+        columns = [("repairer", "repairer"), ("attack", "attack"), ("dataset", "dataset"), ("models", "models")]
+        for name, header in (("acc_seen", "ACC seen"), ("acc_unseen", "ACC unseen"), ("asr_seen", "ASR seen"),
+                             ("asr_unseen", "ASR unseen")):
+            columns += [(f"{name}_before", f"{header} before"), (f"{name}_after", f"{header} after")]
+        columns += [("scan_hit", "ĉ = target"), ("repair_seconds", "repair s")]
+        out += [md_table(report["repairs"], columns) if report["repairs"] else "No repair has finished yet.", ""]
+        if report["skipped_repairs"]:
+            out += ["Not repaired (by plan, not failures):", ""]
+            out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
+            out += [""]
 
     out += ["## Failed cells", ""]
     out += [md_table(report["failures"], [("kind", "kind"), ("label", "cell"), ("error", "error")])

@@ -7,6 +7,8 @@ Layout of a store folder::
     models/<key>/bundle/       ... the model bundle, and trigger.safetensors (+ .json) unless clean
     scans/<key>/cell.json      a scan of one model by one detector: its spec and verdict ...
     scans/<key>/scan/          ... report.json and the reconstructed triggers
+    repairs/<key>/cell.json    a repair of one model by one repairer: ACC and ASR before and after ...
+    repairs/<key>/bundle/      ... the repaired model
     failed/<key>.json          a cell that raised: its spec and the error (retried by the next run)
     plans/<hash>.json          the cells each `ci-bench run` planned
     .tmp/<key>.<random>/       cells being written right now
@@ -16,8 +18,8 @@ A cell is written into a fresh folder under ``.tmp`` and renamed to its final
 place only once complete, so a final folder is always whole: a run killed at
 any moment leaves at most a folder under ``.tmp``, which the next run deletes
 before redoing that cell.  The key is a hash of the cell's full spec (plugin
-name and config, dataset, seed, backbone weights, pool sizes, the upstream
-model's key), so a changed setting never finds a stale result.
+name and config, dataset, seed, backbone weights, pool sizes, the keys of the
+upstream model and scan), so a changed setting never finds a stale result.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ FORMAT = "ci-bench-store"
 VERSION = 1
 MARKER = "store.json"
 CELL_FILE = "cell.json"
-KINDS = {"model": "models", "scan": "scans"}
+KINDS = {"model": "models", "scan": "scans", "repair": "repairs"}
 
 
 def spec_hash(spec: dict) -> str:

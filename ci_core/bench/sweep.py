@@ -30,8 +30,10 @@ def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Ca
         cells = plan.cells()
         todo = [c for c in cells if not store.is_done(c.kind, c.key)]
         reused = len(cells) - len(todo)
-        emit(f"{len(cells)} cells ({len(plan.models)} models, {len(plan.scans)} scans): {reused} already in "
-             f"{store.root}, {len(todo)} to run with the {executor.name} executor")
+        emit(f"{len(cells)} cells ({plan.counts()}): {reused} already in {store.root}, {len(todo)} to run with the "
+             f"{executor.name} executor")
+        for skipped in plan.skipped_repairs:
+            emit(f"no repair cells for {skipped.attack} ({', '.join(skipped.repairers)}): {skipped.reason}")
         status = SweepStatus(todo, already_done=reused, parallel=executor.slots(), emit=emit,
                              running=executor.running_probe(store))
         outcomes = executor.run(store, todo, options, status) if todo else []

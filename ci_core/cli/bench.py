@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ci_core.bench import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.bench.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
                                 runtime_options)
@@ -281,6 +282,14 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
               help="Override a field of detector NAME's config (repeatable), e.g. ci.epsilon=0.0314.")
 @click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="Override a field of scorer NAME's config (repeatable), e.g. ci.k=2.5.")
+@click.option("--repairers", default=None,
+              help="Comma-separated repairers, or 'all', e.g. ci-trigger,clean-only,random-delta,wrong-class-delta: "
+                   "repair every backdoored model with the trigger of its ci scan (needs ci in --detectors; default: "
+                   "no repairs). Adds cells only: the models and scans of the sweep keep their keys.")
+@click.option("--repair-shots", default=4, show_default=True, type=int,
+              help="Labelled clean images per base class for a repair, drawn from the model's training images.")
+@click.option("--repairer-option", "repairer_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Override a field of repairer NAME's config (repeatable), e.g. ci-trigger.epochs=1.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", help="An existing Ray cluster (default: start a local one for this run).")
 @click.option("--ray-cpus", default=1, show_default=True, type=int, help="CPUs of the local Ray cluster.")
@@ -295,13 +304,18 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
 def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
-        attack_options, detector_options, scorer_options, executor, ray_address, ray_cpus, cpus_per_cell, threads,
-        backbone, pretrained, device, dry_run, verbose, quiet):
+        attack_options, detector_options, scorer_options, repairers, repair_shots, repairer_options, executor,
+        ray_address, ray_cpus, cpus_per_cell, threads, backbone, pretrained, device, dry_run, verbose, quiet):
     """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
 
+    With --repairers, every backdoored model is also repaired by each repairer
+    (one repair each) with the trigger of its ci scan at the default ablation
+    setting; models of attacks whose bundles a repairer cannot take (zero-shot
+    ones) are left out, and the dry run and the report say so.
+
     Finished cells are never redone: rerunning the same command after an
-    interruption runs only what is missing (and retries failed cells).  Then
-    `ci-bench report OUT` writes the tables and figures.
+    interruption, or with --repairers added, runs only what is missing (and
+    retries failed cells).  Then `ci-bench report OUT` writes the tables and figures.
     """
     configure_threads()
     progress = StderrProgress(quiet)
@@ -318,6 +332,8 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
         attack_options=_plugin_options(attack_options, "--attack-option"),
         detector_options=_plugin_options(detector_options, "--detector-option"),
         scorer_options=_plugin_options(scorer_options, "--scorer-option"),
+        repairers=_names(repairers, "--repairers", plugins.names("repairer")) if repairers is not None else (),
+        repair_shots=repair_shots, repairer_options=_plugin_options(repairer_options, "--repairer-option"),
     )
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
@@ -332,7 +348,11 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
         rows = [{"kind": c.kind, "label": c.label, "key": c.key,
                  "stored": bool(store and store.is_done(c.kind, c.key))} for c in plan.cells()]
         echo_table(rows, [("kind", "KIND"), ("label", "CELL"), ("stored", "STORED"), ("key", "KEY")])
-        click.echo(f"{len(rows)} cells, {sum(r['stored'] for r in rows)} already stored in {out}")
+        if plan.repair_setting is not None:
+            click.echo(f"repairs use the {REPAIR_DETECTOR} scan at [{variant_label(plan.repair_setting)}]")
+        for skipped in plan.skipped_repairs:
+            click.echo(f"no repair cells for {skipped.attack} ({', '.join(skipped.repairers)}): {skipped.reason}")
+        click.echo(f"{len(rows)} cells ({plan.counts()}), {sum(r['stored'] for r in rows)} already stored in {out}")
         return
     store = Store.open(out, create=True)
     clock = Stopwatch()

@@ -26,7 +26,7 @@ from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, read_image
 from ci_core.errors import ConfigError, DataError
 from ci_core.evaluation import accuracy, attack_success_rate
 from ci_core.interfaces import to_json
-from ci_core.models.bundle import COCOOP, load_bundle, read_meta, save_bundle
+from ci_core.models.bundle import load_bundle, read_meta, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
@@ -163,9 +163,10 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
     meta = read_meta(bundle)
-    if meta["kind"] != COCOOP:
-        raise ConfigError(f"{bundle} is a {meta['kind']!r} bundle (a fine-tuned image encoder, no prompt learner); "
-                          "ci-repair fine-tunes a CoCoOp prompt learner and can repair only 'cocoop' bundles")
+    if meta["kind"] not in repairer_cls.bundle_kinds:
+        raise ConfigError(f"{bundle} is a {meta['kind']!r} bundle, which {repairer} cannot repair (it repairs "
+                          f"{', '.join(repr(k) for k in repairer_cls.bundle_kinds)} bundles; a 'zeroshot' bundle is a "
+                          "fine-tuned image encoder without a prompt learner)")
     scan = ScanTriggers.read(report)
     check_same_bundle(scan, bundle)
     classnames = list(meta["classnames"])

@@ -1,0 +1,327 @@
+"""Repairs in the benchmark (issue 7, Table 19): planning, keys, resume, zero-shot skips, Ray, the report table.
+
+The sweeps run on the fake plugins of test_bench (instant attacks, four-class
+noise images) with the real ci detector on a pool of four images, so that a
+repair has a real scan to take its trigger from.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ci_core.bench import Store, SweepSettings, plan_sweep
+from ci_core.bench.report import build_report, to_markdown
+from ci_core.bench.store import KINDS, write_json
+from ci_core.errors import ConfigError
+from ci_core.models.bundle import ZEROSHOT, bundle_sha256, read_meta
+from ci_core.plugins import registry
+from ci_core.workflow import pool_sizes, preset_for
+
+from test_bench import FAKE_BENCH_PLUGIN, KILL_SCRIPT, assert_store_whole, run_bench
+from test_plugins import install_fake_distribution
+
+REPAIRERS = ("ci-trigger", "clean-only", "random-delta", "wrong-class-delta")
+
+# --------------------------------------------------------------------------- planning
+
+
+def settings(**changes):
+    values = dict(attacks=("clean", "badclip", "encoder-blended"), detectors=("ci",), datasets=("tiny-palette",),
+                  seeds=(1, 2), shots=4)
+    values.update(changes)
+    return SweepSettings(**values)
+
+
+def test_repairs_add_cells_without_changing_model_or_scan_keys(tiny_backbone):
+    plugins = registry()
+    inversion, _ = pool_sizes(preset_for(tiny_backbone))
+    ablation = dict(pool_sizes=(8, inversion), losses=("ce", "margin"))  # the default (margin, preset |D|) not first
+    without = plan_sweep(settings(**ablation), tiny_backbone, plugins)
+    plan = plan_sweep(settings(**ablation, repairers=REPAIRERS), tiny_backbone, plugins)
+    assert [c.key for c in plan.models] == [c.key for c in without.models]
+    assert [c.key for c in plan.scans] == [c.key for c in without.scans]
+    assert without.repairs == () and without.skipped_repairs == () and "skipped_repairs" not in without.describe()
+
+    # Only badclip is repaired: clean has no backdoor, encoder-blended writes zero-shot bundles.
+    assert {c.spec["repairer"] for c in plan.repairs} == set(REPAIRERS) and len(plan.repairs) == 4 * 2
+    assert all(c.label.endswith(f"repair of badclip/tiny-palette/seed {c.spec['seed']}") for c in plan.repairs)
+    assert plugins.get("attack", "encoder-blended").bundle_kind == ZEROSHOT
+    skipped = {s.attack: s for s in plan.skipped_repairs}
+    assert set(skipped) == {"clean", "encoder-blended"}
+    assert all(s.repairers == REPAIRERS for s in skipped.values())
+    assert "'zeroshot' bundles" in skipped["encoder-blended"].reason and "no backdoor" in skipped["clean"].reason
+    assert plan.describe()["skipped_repairs"][1]["attack"] == "encoder-blended"
+
+    # Each repair follows its model and the ci scan at the default setting, and comes after both.
+    scans = {c.key: c for c in plan.scans}
+    order = [c.key for c in plan.cells()]
+    for repair in plan.repairs:
+        scan = scans[repair.scan_key]
+        assert scan.model_key == repair.model_key == repair.spec["model"] and repair.spec["scan"] == scan.key
+        variant = scan.variant
+        assert (variant["pool_size"], variant["loss"], variant["inversion_data"]) == (inversion, "margin", "ood")
+        assert order.index(repair.key) > max(order.index(repair.model_key), order.index(repair.scan_key))
+    assert plan.repair_setting["pool_size"] == inversion
+    # Not swept at its default: the first value given.
+    other = plan_sweep(settings(pool_sizes=(16, 8), repairers=("ci-trigger",)), tiny_backbone, plugins)
+    assert other.repair_setting["pool_size"] == 16
+
+
+def test_repair_keys_follow_what_determines_the_repair(tiny_backbone):
+    plugins = registry()
+    base = plan_sweep(settings(repairers=REPAIRERS), tiny_backbone, plugins)
+    keys = {c.key for c in base.repairs}
+    assert len(keys) == len(base.repairs)
+    assert {c.key for c in plan_sweep(settings(repairers=REPAIRERS), tiny_backbone, plugins).repairs} == keys
+    changes = {
+        "repair shots": settings(repairers=REPAIRERS, repair_shots=2),
+        "repairer option": settings(repairers=REPAIRERS, repairer_options={"ci-trigger": {"epochs": 1}}),
+        "its scan": settings(repairers=REPAIRERS, detector_options={"ci": {"lr": 0.05}}),
+        "its model": settings(repairers=REPAIRERS, attack_options={"badclip": {"epochs": 3}}),
+    }
+    for what, changed in changes.items():
+        plan = plan_sweep(changed, tiny_backbone, plugins)
+        new = {c.key for c in plan.repairs}
+        if what == "repairer option":  # the other three repairers keep their keys
+            assert len(new - keys) == 2 and all(k.startswith("ci-trigger-") for k in new - keys), what
+        else:
+            assert not new & keys, what
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"repairers": ("nope",)},
+     "unknown repairer 'nope'. Available repairers: ci-trigger, clean-only, random-delta, wrong-class-delta"),
+    ({"repairers": ("ci-trigger",), "repairer_options": {"clean-only": {"epochs": 1}}},
+     "--repairer-option: clean-only is not in this sweep"),
+    ({"repairer_options": {"ci-trigger": {"epochs": 1}}},
+     r"--repairer-option: ci-trigger is not in this sweep \(it has none\)"),
+    ({"repairers": ("ci-trigger",), "repairer_options": {"ci-trigger": {"steps": 1}}}, "unknown option"),
+])
+def test_bad_repair_settings_are_named(tiny_backbone, change, message):
+    with pytest.raises(Exception, match=message):
+        plan_sweep(settings(**change), tiny_backbone, registry())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"repairers": ("ci-trigger",), "detectors": ("other",)}, "--repairers: a repair takes its trigger from the 'ci'"),
+    ({"repairers": ("ci-trigger",), "repair_shots": 5}, "--repair-shots 5 is more than --shots 4"),
+    ({"repairers": ("ci-trigger", "ci-trigger")}, "--repairers: duplicate values"),
+])
+def test_bad_repair_values(change, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(**change)
+
+
+def test_cli_names_a_bad_repairer_and_the_available_ones(tmp_path):
+    result = run_bench(["run", "--out", tmp_path / "store", "--attacks", "badclip", "--detectors", "ci",
+                        "--repairers", "ci-trigger,nope", "--dry-run"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown repairer 'nope'" in result.output
+    assert "Available repairers: ci-trigger, clean-only, random-delta, wrong-class-delta" in result.output
+    assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- sweeps on fake plugins
+
+FAKE_REPAIR_PLUGIN = FAKE_BENCH_PLUGIN.replace("    register(FakeBackdoor)\n",
+                                               "    register(FakeBackdoor)\n    register(FakeZeroShot)\n") + '''
+
+class FakeZeroShot(Attack):
+    """The backbone as a zero-shot classifier and a constant trigger: a 'zeroshot' bundle, instantly."""
+
+    name = "fake-zeroshot"
+    description = "instant stand-in for an encoder-level attack"
+    bundle_kind = "zeroshot"
+
+    def run(self, *, backbone, train, target, seed, progress=None):
+        from ci_core.models.zeroshot import ZeroShotCLIP
+
+        trigger = AdditiveTrigger(torch.full((3, *train.images.shape[-2:]), 0.05))
+        return AttackOutcome(model=ZeroShotCLIP(backbone), trigger=trigger, log={})
+'''
+
+
+@pytest.fixture()
+def fake_plugins(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    install_fake_distribution(root, "fake_repair_plugin", FAKE_REPAIR_PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    registry.cache_clear()
+    yield root
+    registry.cache_clear()
+
+
+BASE = ["run", "--detectors", "ci", "--datasets", "fake-shapes", "--seeds", "1", "--shots", "2", "--pool-sizes", "4",
+        "--holdout", "4", "--threads", "1"]
+SWEEP = [*BASE, "--attacks", "clean,fake-backdoor,fake-zeroshot", "--attack-option", "clean.epochs=1"]
+WITH_REPAIRS = ["--repairers", ",".join(REPAIRERS), "--repair-shots", "1"]
+
+
+def cell_files(store_dir):
+    """The finished cells' files and their modification times."""
+    return {p: p.stat().st_mtime_ns for sub in KINDS.values() for p in Path(store_dir).glob(f"{sub}/*/cell.json")}
+
+
+def test_dry_run_lists_repair_cells_and_the_skipped_attacks(tmp_path, fake_plugins):
+    result = run_bench([*SWEEP, *WITH_REPAIRS, "--out", tmp_path / "store", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("repair ")]
+    assert [row[1] for row in rows] == list(REPAIRERS)
+    assert all("fake-backdoor/fake-shapes/seed" in " ".join(row) for row in rows)
+    assert "repairs use the ci scan at [|D|=4, batch 4, margin, ood]" in result.output
+    assert "no repair cells for fake-zeroshot (ci-trigger, clean-only, random-delta, wrong-class-delta): its models " \
+           "are 'zeroshot' bundles" in result.output
+    assert "no repair cells for clean" in result.output
+    assert "10 cells (3 models, 3 scans, 4 repairs), 0 already stored" in result.output
+    assert not (tmp_path / "store").exists()
+
+
+def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    # A store made without repairs ...
+    first = run_bench([*SWEEP, "--out", out, "--quiet"])
+    assert first.exit_code == 0, first.output
+    assert "6 cells run, 0 reused" in first.output
+    earlier = cell_files(out)
+    assert len(earlier) == 6
+
+    # ... gets repairs added; this run is killed (-9) between writing random-delta's cell and publishing it.
+    env = {**os.environ, "FAKE_BENCH_KILL_BEFORE": "random-delta-fake-backdoor"}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *SWEEP, *WITH_REPAIRS, "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=1800)
+    assert killed.returncode == -9, killed.stderr
+    assert "10 cells (3 models, 3 scans, 4 repairs): 6 already in" in killed.stderr
+    assert "no repair cells for fake-zeroshot" in killed.stderr
+    repaired = sorted(p.name.rsplit("-", 1)[0] for p in (out / "repairs").iterdir())
+    assert repaired == ["ci-trigger-fake-backdoor-fake-shapes-s1", "clean-only-fake-backdoor-fake-shapes-s1"]
+    assert {p: t for p, t in cell_files(out).items() if p in earlier} == earlier  # models and scans reused as-is
+    done = cell_files(out)
+
+    resumed = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out])
+    assert resumed.exit_code == 0, resumed.output
+    assert "deleted 1 half-written cell(s)" in resumed.output
+    assert "2 cells run, 8 reused from the store, 0 failed" in resumed.output
+    assert {p: t for p, t in cell_files(out).items() if p in done} == done  # finished repairs untouched
+    assert_store_whole(out)
+    again = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out, "--quiet"])
+    assert again.exit_code == 0 and "0 cells run, 10 reused" in again.output
+
+    store = Store.open(out)
+    model = next(m for m in store.cells("model") if m["attack"] == "fake-backdoor")
+    scan = next(s for s in store.cells("scan") if s["attack"] == "fake-backdoor")
+    repairs = {r["repairer"]: r for r in store.cells("repair")}
+    assert set(repairs) == set(REPAIRERS)
+    for name, record in repairs.items():
+        assert record["model"] == model["key"] and record["scan"] == scan["key"]
+        assert record["before"] == model["metrics"] and record["true_target"] == model["target"]
+        assert record["scan_target"] == scan["predicted_target"]
+        assert record["clean_images"] == 2  # --repair-shots 1 of each of the two base classes
+        after = record["after"]
+        assert all(0 <= after[k] <= 1 for k in ("acc_base", "acc_new", "asr_base", "asr_new"))
+        bundle = store.cell_dir("repair", record["key"]) / "bundle"
+        assert read_meta(bundle)["kind"] == "cocoop" and bundle_sha256(bundle) == record["bundle_sha256"]
+        assert record["bundle_sha256"] != model["bundle_sha256"]
+    assert repairs["clean-only"]["repair_trigger_class"] is None
+    assert repairs["ci-trigger"]["repair_trigger_class"] == scan["predicted_target"]
+    assert repairs["wrong-class-delta"]["repair_trigger_class"] != scan["predicted_target"]
+
+    report = run_bench(["report", out])
+    assert report.exit_code == 0, report.output
+    assert "## Repair (Table 19)" in report.output
+    assert "- fake-zeroshot (ci-trigger, clean-only, random-delta, wrong-class-delta): its models are 'zeroshot'" \
+           in report.output
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data["counts"]["repairs"] == 4 and data["failures"] == [] and data["pending"] == []
+    row = next(r for r in data["repairs"] if r["repairer"] == "ci-trigger")
+    assert row["asr_unseen_after"]["mean"] == pytest.approx(repairs["ci-trigger"]["after"]["asr_new"])
+    assert row["acc_seen_before"]["mean"] == pytest.approx(model["metrics"]["acc_base"])
+
+
+def test_a_failed_model_fails_its_scan_and_repairs_and_the_sweep_goes_on(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    result = run_bench([*BASE, "--attacks", "fake-backdoor,fake-zeroshot", "--attack-option",
+                        "fake-backdoor.fail=true", "--repairers", "ci-trigger", "--repair-shots", "1", "--out", out])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "2 cells run, 0 reused from the store, 3 failed" in result.output
+    failures = {f["kind"]: f for f in Store.open(out).failures()}
+    assert set(failures) == {"model", "scan", "repair"}
+    assert "its model cell fake-backdoor/fake-shapes/seed 1 failed" in failures["repair"]["error"]
+    assert len(list((out / "models").iterdir())) == 1  # the zero-shot model and its scan still ran
+
+
+def comparable_repairs(store_dir):
+    drop = ("seconds", "cpu_seconds", "repair_seconds", "repair_cpu_seconds")
+    return {r["key"]: {k: v for k, v in r.items() if k not in drop} for r in Store.open(store_dir).cells("repair")}
+
+
+def test_repairs_run_alike_on_ray(tmp_path, fake_plugins):
+    pytest.importorskip("ray")
+    sweep = [*BASE, "--attacks", "fake-backdoor", "--repairers", "ci-trigger,clean-only", "--repair-shots", "1",
+             "--quiet"]
+    local = run_bench([*sweep, "--out", tmp_path / "local"])
+    assert local.exit_code == 0, local.output
+    on_ray = run_bench([*sweep, "--out", tmp_path / "ray", "--executor", "ray", "--ray-cpus", "1"])
+    assert on_ray.exit_code == 0, on_ray.output
+    assert "4 cells run, 0 reused" in on_ray.output
+    a, b = comparable_repairs(tmp_path / "local"), comparable_repairs(tmp_path / "ray")
+    assert len(a) == 2 and a == b  # same keys, same repaired bundles, same ACC and ASR
+
+
+# --------------------------------------------------------------------------- the report table from hand-made cells
+
+
+def test_report_repair_table_from_hand_made_cells(tmp_path):
+    store = Store.open(tmp_path / "store", create=True)
+    rng = np.random.default_rng(0)
+    metrics = ("acc_base", "acc_new", "asr_base", "asr_new")
+    cells = []
+    for attack in ("badclip", "wanet"):
+        for seed in (1, 2, 3):
+            model_key = f"{attack}-s{seed}"
+            before = {m: float(rng.uniform()) for m in metrics} | {"trigger_ssim": 0.9}
+            write_json(store.cell_dir("model", model_key) / "cell.json", {
+                "kind": "model", "key": model_key, "label": model_key, "spec": {}, "dataset": "tiny-palette",
+                "attack": attack, "seed": seed, "target": "red stripes", "metrics": before, "seconds": 1.0})
+            for repairer in ("ci-trigger", "clean-only"):
+                record = {"kind": "repair", "key": f"{repairer}-{model_key}", "label": "", "spec": {},
+                          "model": model_key, "scan": "s", "dataset": "tiny-palette", "attack": attack, "seed": seed,
+                          "repairer": repairer, "true_target": "red stripes",
+                          "scan_target": "red stripes" if seed < 3 else "blue dots", "before": before,
+                          "after": {m: float(rng.uniform()) for m in metrics} | {"trigger_ssim": 0.9},
+                          "repair_seconds": float(seed), "repair_cpu_seconds": 2.0 * seed}
+                write_json(store.cell_dir("repair", record["key"]) / "cell.json", record)
+                cells.append(record)
+    write_json(store.root / "plans" / "p.json", {"cells": [], "skipped_repairs": [
+        {"attack": "encoder-blended", "repairers": ["ci-trigger", "clean-only"], "reason": "zeroshot bundles"}]})
+
+    report = build_report(store)
+    rows = {(r["repairer"], r["attack"], r["dataset"]): r for r in report["repairs"]}
+    assert list(rows) == [("ci-trigger", "badclip", "tiny-palette"), ("ci-trigger", "wanet", "tiny-palette"),
+                          ("ci-trigger", "all", "all"), ("clean-only", "badclip", "tiny-palette"),
+                          ("clean-only", "wanet", "tiny-palette"), ("clean-only", "all", "all")]
+    for (repairer, attack, _), row in rows.items():
+        part = [c for c in cells if c["repairer"] == repairer and attack in ("all", c["attack"])]
+        assert row["models"] == len(part)
+        for column, field in (("acc_seen", "acc_base"), ("acc_unseen", "acc_new"), ("asr_seen", "asr_base"),
+                              ("asr_unseen", "asr_new")):
+            for when in ("before", "after"):
+                values = [c[when][field] for c in part]
+                assert row[f"{column}_{when}"]["mean"] == pytest.approx(np.mean(values))
+                assert row[f"{column}_{when}"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert row["scan_hit"] == pytest.approx(2 / 3)
+        assert row["repair_seconds"]["mean"] == pytest.approx(2.0)
+    assert report["skipped_repairs"] == [{"attack": "encoder-blended", "repairers": ["ci-trigger", "clean-only"],
+                                          "reason": "zeroshot bundles"}]
+    markdown = to_markdown(report)
+    table = markdown.split("## Repair (Table 19)")[1].split("## Failed cells")[0]
+    assert "| repairer | attack | dataset | models | ACC seen before | ACC seen after |" in table
+    ci_all = rows[("ci-trigger", "all", "all")]["asr_unseen_after"]
+    assert f"{ci_all['mean']:.3f} ± {ci_all['std']:.3f}" in table
+    assert "- encoder-blended (ci-trigger, clean-only): zeroshot bundles" in table
