@@ -20,7 +20,7 @@ from ci_core.errors import ConfigError
 from ci_core.plugins import registry
 from ci_core.workflow import pool_sizes, preset_for
 
-from test_plugins import install_fake_distribution
+from test_plugins import activate_fake_distribution
 
 # --------------------------------------------------------------------------- metrics against scikit-learn
 
@@ -256,13 +256,7 @@ def register_datasets(register):
 
 @pytest.fixture()
 def fake_plugins(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    install_fake_distribution(root, "fake_bench_plugin", FAKE_BENCH_PLUGIN)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    registry.cache_clear()
-    yield root
+    yield activate_fake_distribution(tmp_path / "site", monkeypatch, "fake_bench_plugin", FAKE_BENCH_PLUGIN)
     registry.cache_clear()
 
 

@@ -23,7 +23,7 @@ from ci_core.plugins import registry
 from ci_core.workflow import pool_sizes, preset_for
 
 from test_bench import FAKE_BENCH_PLUGIN, KILL_SCRIPT, assert_store_whole, run_bench
-from test_plugins import install_fake_distribution
+from test_plugins import activate_fake_distribution
 
 REPAIRERS = ("ci-trigger", "clean-only", "random-delta", "wrong-class-delta")
 
@@ -148,13 +148,7 @@ class FakeZeroShot(Attack):
 
 @pytest.fixture()
 def fake_plugins(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    install_fake_distribution(root, "fake_repair_plugin", FAKE_REPAIR_PLUGIN)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    registry.cache_clear()
-    yield root
+    yield activate_fake_distribution(tmp_path / "site", monkeypatch, "fake_repair_plugin", FAKE_REPAIR_PLUGIN)
     registry.cache_clear()
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 import textwrap
 
@@ -40,6 +41,20 @@ def install_fake_distribution(root, name="fake_ci_plugin", module_source=FAKE_MO
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[clip_inspector]\n{name} = {name}\n")
+
+
+def activate_fake_distribution(root, monkeypatch, name, module_source):
+    """Install a fake distribution under ``root`` and make it visible to this process and to its children.
+
+    Children (``ci-bench`` workers, Ray tasks) find it through PYTHONPATH; the caller clears
+    ``registry`` again when done.
+    """
+    root.mkdir(exist_ok=True)
+    install_fake_distribution(root, name, module_source)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    registry.cache_clear()
+    return root
 
 
 @pytest.fixture()
