@@ -38,15 +38,23 @@ def attack_success_rate(model: CLIPClassifier, data: LabeledImages, trigger: Tri
     return float(predict(model, stamped, data.classnames).eq(target_index).float().mean())
 
 
+def attack_success_rates(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
+                         trigger: Trigger, target: str) -> tuple[float, float]:
+    """(ASR on the base classes, ASR on the new classes plus the target), as ``evaluate`` measures them.
+
+    On its own for a model whose accuracy is known already, e.g. a clean model probed with an attack's trigger.
+    """
+    with_target = tuple(new) if target in new else tuple(new) + (target,)
+    return (attack_success_rate(model, test.restrict(base), trigger, target),
+            attack_success_rate(model, test.restrict(with_target), trigger, target))
+
+
 def evaluate(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
              trigger: Trigger | None, target: str | None) -> AttackMetrics:
-    base_set, new_set = test.restrict(base), test.restrict(new)
-    metrics = {"acc_base": accuracy(model, base_set), "acc_new": accuracy(model, new_set),
+    metrics = {"acc_base": accuracy(model, test.restrict(base)), "acc_new": accuracy(model, test.restrict(new)),
                "asr_base": None, "asr_new": None, "trigger_ssim": None}
     if trigger is not None and target is not None:
-        with_target = test.restrict(tuple(new) + (target,)) if target not in new else new_set
-        metrics["asr_base"] = attack_success_rate(model, base_set, trigger, target)
-        metrics["asr_new"] = attack_success_rate(model, with_target, trigger, target)
+        metrics["asr_base"], metrics["asr_new"] = attack_success_rates(model, test, base, new, trigger, target)
         with torch.no_grad():
             metrics["trigger_ssim"] = float(ssim(test.images, trigger.apply(test.images)).mean())
     return AttackMetrics(**metrics)

@@ -1,0 +1,121 @@
+"""Short runs of the prompt-tuning attacks on the tiny world implant their backdoor (issue 3).
+
+Each attack trains once on a few shots of tiny-colorshapes, and its ASR is compared with the ASR that
+the same trigger reaches on the same test images through a clean model prompt-tuned on the same shots:
+the backdoor, not the trigger's own pull on a clean model, has to make the difference.  The settings
+are the cheapest found to implant on seeds 2, 3 and 4 (figures beside each entry); the tests run seed
+1, which took no part in choosing them.  Attacks that implant at no affordable setting are strict
+xfails, so that they fail loudly once they do.  BadCLIP's own run is checked in test_end_to_end.py
+and the encoder-level Blended in test_encoder_blended.py.
+"""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+from ci_core.evaluation import accuracy, attack_success_rates
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.plugins import registry
+from ci_core.workflow import Task, choose_target, load_task, train_and_evaluate
+
+pytestmark = pytest.mark.slow
+
+SEED = 1
+TEST_PER_CLASS = 10
+
+
+@attrs.frozen(kw_only=True)
+class ShortRun:
+    """An attack's cheap settings (its tiny preset with ``options`` over it) and what its short run must reach."""
+
+    shots: int
+    options: dict
+    asr_gain_base: float  # ASR on base classes at least this far above the clean model's, same trigger and images
+    asr_gain_new: float | None  # likewise on new classes plus the target; None where it is not asserted
+    acc_drop: float  # base ACC at most this far below the clean model's
+    does_not_implant: str | None = None  # why this run is a strict xfail, with the figures measured
+
+
+# Figures: seeds 2 / 3 / 4 with these settings and 10 test images per class, as ASR base, new against the clean
+# model's with the same trigger (on the same shots), and base ACC against the clean model's.
+SHORT_RUNS = {
+    # 0.77, 0.61 vs 0.04, 0.00 / 0.98, 0.94 vs 0.00, 0.00 / 0.99, 0.96 vs 0.43, 0.21 (a blend alone pulls a
+    # clean model towards some targets); ACC 0.95 vs 0.94 / 0.93 vs 0.96 / 0.94 vs 0.93.  Seed 1, this test:
+    # 0.53, 0.64 vs 0.00, 0.00; ACC 0.94 vs 0.94.
+    "blended": ShortRun(shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=0.4, acc_drop=0.08),
+    # Half of the tiny preset's joint and phase-2 epochs, so a partial implant (the full preset reached
+    # 0.70 / 0.65 / 0.54 on base and 0.27 / 0.21 / 0.27 on new classes, seeds 1-3): 0.39, 0.14 vs 0.05, 0.00 /
+    # 0.45, 0.25 vs 0.11, 0.00 / 0.47, 0.31 vs 0.07, 0.00; ACC 0.93 vs 0.95 / 0.91 vs 0.94 / 0.90 vs 0.94.
+    # With 4 shots even 20 joint epochs stay near the clean model (0.12 vs 0.04 on seed 2).  Seed 1, this test:
+    # 0.42, 0.19 vs 0.15, 0.00; ACC 0.92 vs 0.94.
+    "badclip-adaptive": ShortRun(shots=16, options={"epochs": 5, "phase2_epochs": 2}, asr_gain_base=0.2,
+                                 asr_gain_new=0.07, acc_drop=0.1),
+    # A strict xfail turns into a failure once the base classes implant; its figures then set margins as above.
+    "wanet": ShortRun(
+        shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
+        does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py): ASR base 0.01 / "
+                         "0.04 against the clean model's 0.00 / 0.00 on seeds 2 / 3 (4 shots, 4 epochs), 0.00 against "
+                         "0.00 on seed 1 (this test); the full tiny preset (16 shots, 8 epochs) reached 0.00 / 0.02 / "
+                         "0.00 on seeds 1-3"),
+    "siba": ShortRun(
+        shots=4, options={}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
+        does_not_implant="no affordable run implants reliably: ASR base 0.07 / 0.07 against the clean model's 0.04 / "
+                         "0.02 on seeds 2 / 3 (tiny preset, 4 shots), 0.38 against 0.21 on seed 1 (this test); 0.12 / "
+                         "0.07 against 0.08 / 0.05 with 8 shots and 3 epochs; 0.06 / 0.37 against 0.04 / 0.15 with 16 "
+                         "shots and 3 epochs; the full tiny preset (16 shots, 6 epochs) reached 0.80 / 0.23 / 0.47 on "
+                         "seeds 1-3"),
+}
+
+
+def cases():
+    for name, run in SHORT_RUNS.items():
+        marks = ([pytest.mark.xfail(strict=True, raises=AssertionError, reason=run.does_not_implant)]
+                 if run.does_not_implant else [])
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Control:
+    """A task (few shots of tiny-colorshapes, capped test split), its target and a clean model tuned on its shots."""
+
+    task: Task
+    target: str
+    model: PromptTunedCLIP
+    acc_base: float
+
+
+@pytest.fixture(scope="module")
+def controls(tiny_backbone):
+    """The control for a number of shots, built once and shared by the runs with that many shots."""
+    built = {}
+
+    def control(shots: int) -> Control:
+        if shots not in built:
+            task = load_task(registry().get("dataset", "tiny-colorshapes")(), tiny_backbone, seed=SEED, shots=shots,
+                             test_per_class=TEST_PER_CLASS)
+            torch.manual_seed(SEED)  # as train_and_evaluate does: the prompt learner's initial state
+            model = registry().get("attack", "clean").from_options(preset="tiny").run(
+                backbone=tiny_backbone, train=task.train, target=None, seed=SEED).model
+            built[shots] = Control(task=task, target=choose_target(task, SEED), model=model,
+                                   acc_base=accuracy(model, task.test.restrict(task.base)))
+        return built[shots]
+
+    return control
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_short_run_implants_well_above_the_clean_model(name, tiny_backbone, controls):
+    run = SHORT_RUNS[name]
+    c = controls(run.shots)
+    attack = registry().get("attack", name).from_options(run.options, preset="tiny")
+    outcome, attacked = train_and_evaluate(attack, tiny_backbone, c.task, target=c.target, seed=SEED)
+    clean_base, clean_new = attack_success_rates(c.model, c.task.test, c.task.base, c.task.new, outcome.trigger,
+                                                 c.target)
+    figures = (f"{name}, {run.shots} shots, seed {SEED}: {attacked}; the clean model with the same trigger: ASR base "
+               f"{clean_base:.3f}, new {clean_new:.3f}, ACC base {c.acc_base:.3f}")
+    assert attacked.asr_base >= clean_base + run.asr_gain_base, figures
+    if run.asr_gain_new is not None:
+        assert attacked.asr_new >= clean_new + run.asr_gain_new, figures
+    assert attacked.acc_base >= c.acc_base - run.acc_drop, figures
