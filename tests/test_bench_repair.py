@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ci_core.bench import Store, SweepSettings, plan_sweep
-from ci_core.bench.report import build_report, to_markdown
+from ci_core.bench.report import build_report, implanted_model_level, to_markdown
 from ci_core.bench.store import KINDS, write_json
 from ci_core.errors import ConfigError
 from ci_core.models.bundle import ZEROSHOT, bundle_sha256, read_meta
@@ -319,3 +319,27 @@ def test_report_repair_table_from_hand_made_cells(tmp_path):
     ci_all = rows[("ci-trigger", "all", "all")]["asr_unseen_after"]
     assert f"{ci_all['mean']:.3f} ± {ci_all['std']:.3f}" in table
     assert "- encoder-blended (ci-trigger, clean-only): zeroshot bundles" in table
+
+
+# --------------------------------------------------------------------------- model level over implanted backdoors
+
+
+def scan_row(target, s_max, asr_new, predicted, k=2.0):
+    return {"true_target": target, "s_max": s_max, "backdoored": s_max >= k, "predicted_target": predicted,
+            "model_cell": {"metrics": {"asr_new": asr_new}}}
+
+
+def test_model_level_over_implanted_backdoors_by_hand():
+    rows = [scan_row(None, 2.5, None, "a"), scan_row(None, 1.0, None, "b"),
+            scan_row("t", 3.0, 0.9, "t"), scan_row("t", 2.0, 0.6, "u"), scan_row("t", 0.5, 0.1, "t")]
+    half = implanted_model_level(rows, 0.5)
+    # kept: both clean models and the two backdoors at 0.9 and 0.6; 3 of the 4 (backdoored, clean) pairs ordered
+    assert (half["backdoored"], half["clean"]) == (2, 2)
+    assert half["auroc"] == pytest.approx(0.75) and half["tpr"] == 1.0 and half["top_is_target"] == 0.5
+    strong = implanted_model_level(rows, 0.8)
+    assert (strong["backdoored"], strong["auroc"], strong["top_is_target"]) == (1, 1.0, 1.0)
+    none = implanted_model_level(rows, 0.95)
+    assert (none["backdoored"], none["clean"], none["auroc"], none["tpr"], none["top_is_target"]) == (0, 2, None,
+                                                                                                      None, None)
+    every = implanted_model_level(rows, 0.0)
+    assert every["backdoored"] == 3 and every["auroc"] == pytest.approx(3 / 6) and every["tpr"] == pytest.approx(2 / 3)

@@ -41,6 +41,11 @@ DEFINITIONS = {
         "is the scan's s_max. AUROC is over s_max (ties count 1/2). Accuracy, TPR and FPR are those of the scan's own "
         "verdict (s_max >= k, the scorer's threshold). The Youden-J threshold tau maximises TPR - FPR over the ROC "
         "thresholds (a model is flagged iff s_max >= tau; the highest such tau on ties)."),
+    "implanted": (
+        "The same, counting as backdoored only the models whose attack implanted: ASR on unseen classes (new "
+        "classes plus the target, the attack's own trigger) at least the level shown; clean models as above. An "
+        "attack that did not implant leaves nothing to find. Top = target: the share of these backdoored models "
+        "whose most anomalous class is the target."),
     "class_level": (
         "Every candidate class of every scanned model is one item, positive iff it is that model's backdoor target, "
         "predicted positive iff the scorer flagged it (its own score >= k). So a backdoored model whose target is "
@@ -161,6 +166,23 @@ def _group_order(row: dict) -> tuple:
             v["inversion_data"], spec_hash(row["spec"]["detector_config"]))
 
 
+IMPLANT_LEVELS = (0.5, 0.8)  # ASR on unseen classes from which a backdoor counts as implanted
+
+
+def implanted_model_level(rows: Sequence[dict], level: float) -> dict:
+    """Model-level figures over the clean models and the backdoored ones whose unseen-class ASR reached ``level``."""
+    kept = [row for row in rows if row["true_target"] is None
+            or (row["model_cell"]["metrics"].get("asr_new") or 0.0) >= level]
+    truth = [row["true_target"] is not None for row in kept]
+    backdoored = [row for row in kept if row["true_target"] is not None]
+    verdict = confusion(truth, [row["backdoored"] for row in kept])
+    return {"min_asr_unseen": level, "backdoored": len(backdoored), "clean": len(kept) - len(backdoored),
+            "auroc": auroc(truth, [row["s_max"] for row in kept]) if has_both_classes(truth) else None,
+            "tpr": verdict.tpr if backdoored else None,
+            "top_is_target": (sum(row["predicted_target"] == row["true_target"] for row in backdoored)
+                              / len(backdoored)) if backdoored else None}
+
+
 def _group_summary(label: str, rows: list[dict]) -> dict:
     first = rows[0]
     truth = [row["true_target"] is not None for row in rows]
@@ -181,6 +203,8 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
                                    "j": best.j, "tpr": best.tpr, "fpr": best.fpr},
                            roc={"thresholds": [_finite(t) for t in roc.thresholds], "fpr": list(roc.fpr),
                                 "tpr": list(roc.tpr)})
+
+    model_level["implanted"] = [implanted_model_level(rows, level) for level in IMPLANT_LEVELS]
 
     class_level = {
         by: [_counts_row(name, part) for name, part in _by(rows, by, order).items()] + [_counts_row("all", rows)]
@@ -346,6 +370,12 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
                             ("j", "J"), ("tpr_tau", "TPR@τ"), ("fpr_tau", "FPR@τ")]), ""]
     if "roc.png" in figures:
         out += ["![ROC curves of s_max](roc.png)", ""]
+    out += ["### Over backdoors that implanted", "", DEFINITIONS["implanted"], ""]
+    rows = [{"label": g["label"], **row, "models": f"{row['backdoored']} + {row['clean']}"}
+            for g in groups for row in g["model_level"]["implanted"]]
+    out += [md_table(rows, [("label", "detector"), ("min_asr_unseen", "ASR unseen ≥"),
+                            ("models", "backdoored + clean"), ("auroc", "AUROC"), ("tpr", "TPR@k"),
+                            ("top_is_target", "top = target")]), ""]
 
     out += ["## Class-level target detection (Tables 2-3)", "", DEFINITIONS["class_level"], ""]
     for by in ("dataset", "attack"):
