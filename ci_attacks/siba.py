@@ -3,7 +3,7 @@
 The trigger is a universal additive perturbation restricted to a pixel mask:
 x' = clamp(x + delta * mask, 0, 1), with |delta| <= 8/255 and the mask holding
 about 3% of the pixels (the paper's 1600 at 224 x 224; the count scales with the
-image area, 131 at 64 x 64).  As in SIBA's ``optimize_siba.py``, the perturbation
+image area, 294 at 96 x 96).  As in SIBA's ``optimize_siba.py``, the perturbation
 is learned on a surrogate, here the clean prompt-tuned model: every step moves
 delta by a signed gradient step of 0.8 * epsilon towards the target (cross-entropy
 clamped at 10 per image), masks it and clips it to the l-inf ball; the mask is
@@ -118,10 +118,11 @@ class SIBA(Attack):
     name = "siba"
     description = "SIBA: sparse (3% of pixels) and invisible (8/255) universal trigger, 10% poisoning"
     Config = SIBAConfig
-    # At the paper's budget (131 pixels at 8/255 on 64 x 64) the trigger does not move even the surrogate
-    # (target cross-entropy 7.6 before and after 20 epochs) and nothing implants.  The tiny world uses
-    # 32/255 on 10% of the pixels (seed 1: ASR 37% base, 14% new, SSIM 0.83): still sparse, no longer
-    # invisible.  Real backbones keep the paper's 1600 pixels at 224 x 224 and 8/255.
+    # At the paper's budget (294 pixels at 8/255 on the 96 px tiny world) nothing implants: ASR 0.00 / 0.01 on
+    # base classes, 0.00 on new ones (tiny-colorshapes, seeds 2 / 3, 16 shots, SSIM 0.99), and the trigger does
+    # not move the clean surrogate either (ASR 0.00).  The tiny world uses 32/255 on 10% of the pixels: still
+    # sparse, no longer invisible (tiny-colorshapes, seeds 1-3: ASR 0.50 base, 0.15 new, SSIM 0.81).
+    # Real backbones keep the paper's 1600 pixels at 224 x 224 and 8/255.
     presets = {"tiny": {**TINY_SCHEDULE, "epochs": 6, "epsilon": 32 / 255, "l0_fraction": 0.1,
                         "trigger_epochs": 10, "mask_every": 2}}
 
