@@ -58,7 +58,8 @@ SHORT_RUNS = {
         does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py): ASR base 0.01 / "
                          "0.04 against the clean model's 0.00 / 0.00 on seeds 2 / 3 (4 shots, 4 epochs), 0.00 against "
                          "0.00 on seed 1 (this test); the full tiny preset (16 shots, 8 epochs) reached 0.00 / 0.02 / "
-                         "0.00 on seeds 1-3"),
+                         "0.00 on seeds 1-3; a stronger warp (s = 2, 16 shots, 20 epochs) and no noise mode (s = 1, 16 "
+                         "shots) reached 0.00 on seeds 2 / 3"),
     "siba": ShortRun(
         shots=4, options={}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
         does_not_implant="no affordable run implants reliably: ASR base 0.07 / 0.07 against the clean model's 0.04 / "
