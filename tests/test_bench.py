@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -14,6 +15,7 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from ci_core.bench import Store, SweepSettings, plan_sweep
+from ci_core.bench.plan import cell_from_json
 from ci_core.bench.metrics import auroc, class_counts, confusion, roc_curve, youden_threshold
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
@@ -132,6 +134,16 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
     assert keys(plan_sweep(settings(data_root="/elsewhere"), tiny_backbone, plugins)) == keys(base)
     # Other backbone weights: everything is new.
     assert not set(keys(plan_sweep(settings(), random_backbone, plugins))) & set(keys(base))
+
+
+def test_every_kind_of_cell_survives_its_json(tiny_backbone):
+    plan = plan_sweep(settings(repairers=("ci-trigger",), repair_shots=1, data_root="/data"), tiny_backbone,
+                      registry())
+    assert {c.kind for c in plan.cells()} == {"model", "scan", "repair"}
+    for cell in plan.cells():
+        sent = json.loads(json.dumps(cell.to_json()))  # as a worker receives it
+        back = cell_from_json(sent)
+        assert type(back) is type(cell) and attrs.asdict(back) == attrs.asdict(cell)
 
 
 def test_ablations_cross_into_scan_cells(tiny_backbone):

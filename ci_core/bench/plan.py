@@ -107,8 +107,15 @@ class SweepSettings:
                               f"got {', '.join(self.inversion_data) or 'nothing'}")
 
 
+class _CellJSON:
+    """A cell's JSON (what a worker receives): its kind and every field; ``cell_from_json`` reads it back."""
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **attrs.asdict(self, recurse=False)}
+
+
 @attrs.frozen(kw_only=True, eq=False)
-class ModelCell:
+class ModelCell(_CellJSON):
     kind: ClassVar[str] = "model"
     key: str
     spec: dict  # everything the result depends on; hashed into the key
@@ -123,13 +130,9 @@ class ModelCell:
         """Keys of the cells whose results this one reads."""
         return ()
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
-                "backbone_source": self.backbone_source, "data_root": self.data_root}
-
 
 @attrs.frozen(kw_only=True, eq=False)
-class ScanCell:
+class ScanCell(_CellJSON):
     kind: ClassVar[str] = "scan"
     key: str
     spec: dict
@@ -143,14 +146,9 @@ class ScanCell:
     def depends_on(self) -> tuple[str, ...]:
         return (self.model_key,)
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
-                "backbone_source": self.backbone_source, "model_key": self.model_key, "variant": self.variant,
-                "data_root": self.data_root}
-
 
 @attrs.frozen(kw_only=True, eq=False)
-class RepairCell:
+class RepairCell(_CellJSON):
     kind: ClassVar[str] = "repair"
     key: str
     spec: dict
@@ -163,11 +161,6 @@ class RepairCell:
     @property
     def depends_on(self) -> tuple[str, ...]:
         return (self.model_key, self.scan_key)
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "spec": self.spec, "label": self.label,
-                "backbone_source": self.backbone_source, "model_key": self.model_key, "scan_key": self.scan_key,
-                "data_root": self.data_root}
 
 
 Cell = ModelCell | ScanCell | RepairCell
