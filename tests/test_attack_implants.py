@@ -60,13 +60,12 @@ SHORT_RUNS = {
                          "0.00 on seed 1 (this test); the full tiny preset (16 shots, 8 epochs) reached 0.00 / 0.02 / "
                          "0.00 on seeds 1-3; a stronger warp (s = 2, 16 shots, 20 epochs) and no noise mode (s = 1, 16 "
                          "shots) reached 0.00 on seeds 2 / 3"),
-    "siba": ShortRun(
-        shots=4, options={}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
-        does_not_implant="no affordable run implants reliably: ASR base 0.07 / 0.07 against the clean model's 0.04 / "
-                         "0.02 on seeds 2 / 3 (tiny preset, 4 shots), 0.38 against 0.21 on seed 1 (this test); 0.12 / "
-                         "0.07 against 0.08 / 0.05 with 8 shots and 3 epochs; 0.06 / 0.37 against 0.04 / 0.15 with 16 "
-                         "shots and 3 epochs; the full tiny preset (16 shots, 6 epochs) reached 0.80 / 0.23 / 0.47 on "
-                         "seeds 1-3"),
+    # The full tiny preset: a partial implant, 2.6-3.0x the clean model's ASR on base classes, nothing reliable on
+    # new ones: 0.21, 0.01 vs 0.08, 0.01 / 0.44, 0.22 vs 0.15, 0.00 / 0.28, 0.08 vs 0.09, 0.00; ACC 0.93 vs 0.95 /
+    # 0.95 vs 0.94 / 0.94 vs 0.94.  Cheaper runs did not implant: 4 shots 0.07 / 0.07 against 0.04 / 0.02 (seeds
+    # 2 / 3), 8 shots and 3 epochs 0.12 / 0.07 against 0.08 / 0.05.  Seed 1, this test: 0.78, 0.21 vs 0.22, 0.01;
+    # ACC 0.94 vs 0.94.
+    "siba": ShortRun(shots=16, options={}, asr_gain_base=0.1, asr_gain_new=None, acc_drop=0.05),
 }
 
 
