@@ -45,8 +45,8 @@ SHORT_RUNS = {
     # clean model towards some targets); ACC 0.95 vs 0.94 / 0.93 vs 0.96 / 0.94 vs 0.93.  Seed 1, this test:
     # 0.53, 0.64 vs 0.00, 0.00; ACC 0.94 vs 0.94.
     "blended": ShortRun(shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=0.4, acc_drop=0.08),
-    # Half of the tiny preset's joint and phase-2 epochs, so a partial implant (the full preset reached
-    # 0.70 / 0.65 / 0.54 on base and 0.27 / 0.21 / 0.27 on new classes, seeds 1-3): 0.39, 0.14 vs 0.05, 0.00 /
+    # 5 joint and 2 phase-2 epochs, so a partial implant (the tiny preset as it was then, 10 joint and 3 phase-2
+    # epochs, reached 0.70 / 0.65 / 0.54 on base and 0.27 / 0.21 / 0.27 on new classes, seeds 1-3): 0.39, 0.14 vs 0.05, 0.00 /
     # 0.45, 0.25 vs 0.11, 0.00 / 0.47, 0.31 vs 0.07, 0.00; ACC 0.93 vs 0.95 / 0.91 vs 0.94 / 0.90 vs 0.94.
     # With 4 shots even 20 joint epochs stay near the clean model (0.12 vs 0.04 on seed 2).  Seed 1, this test:
     # 0.42, 0.19 vs 0.15, 0.00; ACC 0.92 vs 0.94.
