@@ -1,5 +1,10 @@
+import json
+from pathlib import Path
+
+import attrs
 import pytest
 import torch
+from click.testing import CliRunner
 
 from ci_core.models.backbone import load_backbone
 
@@ -19,3 +24,25 @@ def random_backbone():
 def tiny_backbone():
     """The shipped, trained tiny CLIP."""
     return load_backbone()
+
+
+@attrs.frozen(eq=False)
+class DemoRun:
+    out: Path  # models/<name> bundles with <name>.trigger.safetensors, scans/<name> CI reports
+    rows: dict  # the demo's JSON rows by model name
+    output: str
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``ci-bench demo`` once per session: a clean and a BadCLIP model on tiny-colorshapes (seed 1), each scanned
+    by CI; the end-to-end tests check it and the repair tests remove its backdoor."""
+    from ci_core.cli.bench import main as ci_bench
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    rows_path = out.parent / "rows.json"
+    result = CliRunner().invoke(ci_bench, ["demo", "--out", str(out), "--json", str(rows_path),
+                                           "--attacks", "clean,badclip", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {row["model"]: row for row in json.loads(rows_path.read_text())}
+    return DemoRun(out=out, rows=rows, output=result.output)

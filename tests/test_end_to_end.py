@@ -5,22 +5,15 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from ci_core.cli.bench import main as ci_bench
 from ci_core.cli.scan import main as ci_scan
 from ci_core.models.bundle import load_bundle
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    rows_path = out.parent / "rows.json"
-    result = CliRunner().invoke(ci_bench, ["demo", "--out", str(out), "--json", str(rows_path),
-                                           "--attacks", "clean,badclip", "--quiet"])
-    assert result.exit_code == 0, result.output
-    rows = {row["model"]: row for row in json.loads(rows_path.read_text())}
-    return out, rows, result.output
+@pytest.fixture
+def demo(tiny_demo):
+    return tiny_demo.out, tiny_demo.rows, tiny_demo.output
 
 
 def test_clean_prompt_tuning_beats_chance_by_far(demo):
@@ -30,13 +23,13 @@ def test_clean_prompt_tuning_beats_chance_by_far(demo):
     assert rows["clean"]["acc_new"] >= 0.5
 
 
-def test_badclip_implants_on_seen_classes(demo):
+def test_badclip_implants(demo):
     _, rows, _ = demo
     bad = rows["badclip"]
-    # Measured on seed 1: ASR 0.82 on base classes, 0.49 on new classes, SSIM 0.66 at 8/255,
-    # base ACC 0.922 against the clean model's 0.957.
-    assert bad["asr_base"] >= 0.6
-    assert bad["asr_new"] is not None and bad["asr_new"] >= 0.3
+    # Bounds from seeds 2 / 3 (ci_attacks/badclip.py, 16 shots, 10 test images per class): ASR 0.98 / 0.96 on base
+    # classes, 0.71 / 0.79 on new classes, base ACC 0.6 / 3.8 points below the clean model's.  SSIM about 0.66.
+    assert bad["asr_base"] >= 0.85
+    assert bad["asr_new"] is not None and bad["asr_new"] >= 0.5
     assert bad["acc_base"] >= rows["clean"]["acc_base"] - 0.06
     assert 0.5 <= bad["trigger_ssim"] < 1.0
 

@@ -1,9 +1,9 @@
 """Repair (paper 5.3 and 15): the repairers, the choice of trigger from a scan, and ``ci-repair``.
 
-The mechanics run on the tiny CLIP with random weights; the last tests plant a
-BadCLIP backdoor with the shipped tiny CLIP and check that repairing with the
-true and with CI's reconstructed trigger removes it, and that the controls leave
-at least as much of it.
+The mechanics run on the tiny CLIP with random weights; the last tests take the
+demo's BadCLIP model on the shipped tiny CLIP (shared with test_end_to_end.py)
+and check that repairing with the true and with CI's reconstructed trigger
+removes its backdoor, and that the controls leave at least as much of it.
 """
 
 import json
@@ -20,22 +20,19 @@ from ci_core.data.ood import load_pool
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.evaluation import accuracy, attack_success_rates
 from ci_core.interfaces import ClassEvidence, Scores
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import ScanResult, scan, write_scan
-from ci_core.triggers import AdditiveTrigger
-from ci_core.workflow import choose_target, load_task
-from ci_core.models.backbone import TINY_IMAGE_SIZE
-from ci_detectors.inspector import CLIPInspector
+from ci_core.scan import ScanResult, write_scan
+from ci_core.triggers import AdditiveTrigger, load_trigger
 from ci_detectors.repair import (
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,
     WrongClassDeltaRepair,
 )
-from ci_detectors.scoring import CIScorer
 
 EPS = 4 / 255
 DATASET = "tiny-palette"  # 24 classes, 12 base
@@ -265,33 +262,28 @@ def test_cli_reads_class_folders(world, dataset, tmp_path):
 # --------------------------------------------------------------------------- removing a planted backdoor
 
 
-# Margins chosen on seeds 2 and 3; the tests run seed 1, which took no part in choosing them.  BadCLIP's tiny
-# preset at 16 shots, then each repairer's tiny preset on 4 other shots; ASR on the seen (base) classes / the
-# unseen (new plus target) ones, and base ACC:
-#   seed 2: before 0.706 / 0.431, ACC 0.847; true trigger 0.015 / 0.000, ACC 0.910; CI's trigger 0.029 / 0.000,
-#           ACC 0.910; clean-only 0.066, random-delta 0.066, wrong-class-delta 0.074 (unseen 0.000 each).
-#   seed 3: before 0.809 / 0.674, ACC 0.833; true trigger 0.059 / 0.000, ACC 0.924; CI's trigger 0.154 / 0.062,
-#           ACC 0.944; clean-only 0.162, random-delta 0.162, wrong-class-delta 0.162 (unseen 0.049-0.056).
-# A short clean fine-tune removes most of the tiny world's backdoor too, so the controls are asserted to leave at
-# least as much ASR as the CI trigger, not a fixed margin more.  The ACC bound is loose: the trigger's copies can
-# cost a few points on some seeds (seed 1 in the full sweep: 0.924 -> 0.876).
-PLANT_SEED = 1
+# The planted backdoor is the demo's BadCLIP model (tiny-colorshapes, tiny preset, 16 shots, seed 1), shared with
+# test_end_to_end.py; its true trigger and CI's scan come from the demo's folder.  The bounds come from the
+# sweep's models of seeds 2 and 3 with each repairer's tiny preset (see ci_detectors/repair.py): the CI trigger left
+# ASR 0.16 / 0.18 on seen and 0.00 / 0.02 on unseen classes with base ACC up 0.7 / 1.4 points, while the controls
+# left at least 0.30 / 0.24 (seen / unseen), 0.125 / 0.24 more than the CI trigger on the closest seed.
 
 
 @pytest.fixture(scope="module")
-def planted(tiny_backbone):
-    """A BadCLIP model on the shipped tiny CLIP (tiny preset, 16 shots) and a defender's clean set of 4 shots."""
-    ds = registry().get("dataset", "tiny-colorshapes")()
-    task = load_task(ds, tiny_backbone, seed=PLANT_SEED, shots=16)
-    target = choose_target(task, PLANT_SEED)
-    outcome = registry().get("attack", "badclip").from_options(preset="tiny").run(
-        backbone=tiny_backbone, train=task.train, target=target, seed=PLANT_SEED)
-    # The defender's shots are not the attacker's own.
-    clean = ds.load("train", image_size=TINY_IMAGE_SIZE, seed=PLANT_SEED + 1, shots=4).restrict(task.base)
+def planted(tiny_demo, tiny_backbone):
+    """The demo's BadCLIP model, its true trigger and CI's scan of it, and a defender's clean set of 4 shots."""
+    row = tiny_demo.rows["badclip"]
+    model, meta = load_bundle(tiny_demo.out / "models" / "badclip", tiny_backbone)
+    base = tuple(meta["base_classes"])
+    new = tuple(n for n in meta["classnames"] if n not in base)
+    ds = registry().get("dataset", row["dataset"])()
+    # The defender's shots are not the attacker's own (the demo trains on seed 1's).
+    clean = ds.load("train", image_size=TINY_IMAGE_SIZE, seed=2, shots=4).restrict(base)
     test = ds.load("test", image_size=TINY_IMAGE_SIZE, seed=0, shots=8)
-    planted = {"model": outcome.model, "trigger": outcome.trigger, "target": target, "task": task, "clean": clean,
-               "test": test}
-    planted["before"] = measured(outcome.model, planted)
+    planted = {"model": model, "trigger": load_trigger(tiny_demo.out / "models" / "badclip.trigger.safetensors"),
+               "target": row["true_target"], "base": base, "new": new, "clean": clean, "test": test,
+               "scan": ScanTriggers.read(tiny_demo.out / "scans" / "badclip")}
+    planted["before"] = measured(model, planted)
     return planted
 
 
@@ -303,10 +295,10 @@ class Measured:
 
 
 def measured(model, planted) -> Measured:
-    task = planted["task"]
-    seen, unseen = attack_success_rates(model, planted["test"], task.base, task.new, planted["trigger"],
+    seen, unseen = attack_success_rates(model, planted["test"], planted["base"], planted["new"], planted["trigger"],
                                         planted["target"])
-    return Measured(acc_base=accuracy(model, planted["test"].restrict(task.base)), asr_seen=seen, asr_unseen=unseen)
+    return Measured(acc_base=accuracy(model, planted["test"].restrict(planted["base"])), asr_seen=seen,
+                    asr_unseen=unseen)
 
 
 def repaired(cls, planted, trigger) -> Measured:
@@ -317,14 +309,17 @@ def repaired(cls, planted, trigger) -> Measured:
 
 def require_backdoor(planted):
     before = planted["before"]
-    assert before.asr_seen >= 0.5, (f"precondition: BadCLIP (tiny preset, 16 shots, seed {PLANT_SEED}) did not "
-                                    f"implant on the shipped tiny CLIP: {before}")
+    assert before.asr_seen >= 0.5, f"precondition: the demo's BadCLIP model did not implant: {before}"
 
 
 def check_removed(before: Measured, after: Measured):
-    assert after.asr_seen <= 0.25 and after.asr_seen <= before.asr_seen - 0.4, (before, after)
-    assert after.asr_unseen <= 0.1, (before, after)
-    assert after.acc_base >= before.acc_base - 0.12, (before, after)
+    assert after.asr_seen <= 0.25 and after.asr_seen <= before.asr_seen - 0.5, (before, after)
+    assert after.asr_unseen <= 0.05, (before, after)
+    assert after.acc_base >= before.acc_base - 0.03, (before, after)
+
+
+def check_left_more(fixed: Measured, left: Measured):
+    assert left.asr_seen >= fixed.asr_seen + 0.1 and left.asr_unseen >= fixed.asr_unseen + 0.2, (fixed, left)
 
 
 @pytest.mark.slow
@@ -333,20 +328,15 @@ def test_repair_with_the_true_trigger_removes_the_backdoor_and_the_controls_leav
     fixed = repaired(CITriggerRepair, planted, planted["trigger"])
     check_removed(planted["before"], fixed)
     for control in (CleanOnlyRepair, RandomDeltaRepair):
-        left = repaired(control, planted, planted["trigger"] if control is RandomDeltaRepair else None)
-        assert left.asr_seen >= fixed.asr_seen, (control.__name__, fixed, left)
+        check_left_more(fixed, repaired(control, planted, planted["trigger"] if control is RandomDeltaRepair else None))
 
 
 @pytest.mark.slow
 def test_repair_with_cis_reconstructed_trigger_removes_the_backdoor(planted):
     require_backdoor(planted)
-    model, task = planted["model"], planted["task"]
-    pool = load_pool("builtin", inversion=32, holdout=32, image_size=TINY_IMAGE_SIZE, seed=1)
-    result = scan(model, CLIPInspector.from_options(preset="tiny"), CIScorer(), pool, task.base, seed=1)
-    triggers = ScanTriggers.from_result(result)
+    triggers = planted["scan"]
     picked = triggers.pick("top")
     assert picked.name == planted["target"]
     fixed = repaired(CITriggerRepair, planted, picked.trigger)
     check_removed(planted["before"], fixed)
-    wrong = repaired(WrongClassDeltaRepair, planted, triggers.pick("lowest").trigger)
-    assert wrong.asr_seen >= fixed.asr_seen, (fixed, wrong)
+    check_left_more(fixed, repaired(WrongClassDeltaRepair, planted, triggers.pick("lowest").trigger))
