@@ -56,11 +56,12 @@ def main(attack, seeds, shots, test_per_class, options, dataset, threads, json_p
     plugins = registry()
     attack_cls = plugins.get("attack", attack)
     overrides = parse_options(options, "--option")
-    backbone = load_backbone(*open_dataset(dataset, None).default_backbone)
+    data = open_dataset(dataset, None)
+    backbone = load_backbone(*data.default_backbone)
     preset = preset_for(backbone)
     rows = []
     for seed in parse_seeds(seeds):
-        task = load_task(open_dataset(dataset, None), backbone, seed=seed, shots=shots, test_per_class=test_per_class)
+        task = load_task(data, backbone, seed=seed, shots=shots, test_per_class=test_per_class)
         target = choose_target(task, seed)
         torch.manual_seed(seed)
         clean = plugins.get("attack", "clean").from_options(preset=preset).run(
