@@ -21,20 +21,3 @@ def test_colour_focus_batches_have_one_colour_and_many_shapes():
     colours = {word for c in captions for word in c.rstrip(".").split() if word in tiny_world.COLOURS}
     assert len(colours) == 1
     assert len(_shape_words(captions)) > 3
-
-
-def test_texture_focus_batches_have_one_colour_and_one_shape():
-    _, captions, matches = tiny_world.pretraining_batch(
-        64, 32, torch.Generator().manual_seed(0), focus=1.0, texture_focus=1.0)
-    assert len(_shape_words(captions)) == 1
-    # captions naming only colour and shape now describe every image of the batch
-    plain = [j for j, c in enumerate(captions)
-             if c.startswith("a photo of a ") and len(c.split()) == 6 and c.split()[4] in tiny_world.COLOURS
-             and c.rstrip(".").split()[5] in tiny_world.SHAPES]
-    assert plain and all(matches[:, j].all() for j in plain)
-
-
-def test_texture_focus_zero_keeps_the_generator_stream():
-    a = tiny_world.pretraining_batch(16, 32, torch.Generator().manual_seed(3))
-    b = tiny_world.pretraining_batch(16, 32, torch.Generator().manual_seed(3), texture_focus=0.0)
-    assert torch.equal(a[0], b[0]) and a[1] == b[1]

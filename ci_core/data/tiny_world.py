@@ -252,16 +252,12 @@ def caption(attributes: Mapping[str, torch.Tensor], i: int, generator: torch.Gen
     return templates[k]
 
 
-def pretraining_batch(
-    n: int, size: int, generator: torch.Generator, focus: float = 0.5, texture_focus: float = 0.0,
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def pretraining_batch(n: int, size: int, generator: torch.Generator, focus: float = 0.5) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Images and captions over every colour, shape, texture and background of the world.
 
-    A ``focus`` share of batches show a single colour (hard negatives); of those, a
-    ``texture_focus`` share also show a single shape.  Also returns ``matches`` (n, n): caption j
-    truly describes image i when image i has every attribute caption j names, so contrastive
-    training can treat all true captions as positives instead of pushing apart, say, two red
-    circles whose captions differ in texture.
+    A ``focus`` share of batches show a single colour (hard negatives).  Also returns ``matches`` (n, n): caption j truly describes image i when image i has
+    every attribute caption j names, so contrastive training can treat all true captions as
+    positives instead of pushing apart, say, two red circles whose captions differ in texture.
     """
     attributes = {attr: _choice(_VOCAB[attr], n, generator) for attr in _ATTRS}
     if torch.rand((), generator=generator) < focus:
@@ -269,11 +265,6 @@ def pretraining_batch(
         # background tell its captions apart.  Without such batches colour (learnt at once)
         # explains most of the contrastive loss and the text tower stalls on shape words.
         attributes["colour"] = torch.full((n,), int(torch.randint(len(COLOURS), (1,), generator=generator)))
-        # Harder still: one colour and one shape, so texture (learnt last: stripes and checks
-        # are told apart by a few pixels) carries the loss.  Drawn only when asked, so that
-        # texture_focus=0 keeps the generator stream of the shipped weights' first stage.
-        if texture_focus > 0 and torch.rand((), generator=generator) < texture_focus:
-            attributes["shape"] = torch.full((n,), int(torch.randint(len(SHAPES), (1,), generator=generator)))
     images = render(attributes, size, generator)
     captions, named = zip(*(caption(attributes, i, generator) for i in range(n)))
     matches = torch.ones(n, n, dtype=torch.bool)

@@ -45,8 +45,7 @@ def zero_shot_accuracy(model, tokenizer, dataset: str, size: int, per_class: int
     return correct / len(images)
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int, init: Path | None = None,
-          texture_focus: float = 0.0) -> dict:
+def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int, init: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = open_clip.create_model(TINY_MODEL, pretrained=None)
@@ -74,7 +73,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int,
     history = []
     model.train()
     for step in range(1, steps + 1):
-        images, captions, matches = tiny_world.pretraining_batch(batch, size, generator, texture_focus=texture_focus)
+        images, captions, matches = tiny_world.pretraining_batch(batch, size, generator)
         tokens = tokenizer(captions)
         used_ids.append(torch.unique(tokens))
         image_features, text_features, scale = model((images - mean) / std, tokens)
@@ -106,7 +105,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int,
     final = {d: zero_shot_accuracy(model, tokenizer, d, size, per_class=50, seed=1) for d in tiny_world.DATASETS}
     stage = {
         "model": TINY_MODEL, "init": str(init) if init else None, "seed": seed, "steps": steps, "batch": batch,
-        "lr": lr, "texture_focus": texture_focus, "threads": threads, "seconds": round(time.time() - start, 1), "torch": torch.__version__,
+        "lr": lr, "threads": threads, "seconds": round(time.time() - start, 1), "torch": torch.__version__,
         "zero_shot_top1_test": final, "history": history,
     }
     stages = [{k: v for k, v in p.items() if k != "stages"} for p in previous] + [stage]
@@ -127,10 +126,8 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int,
 @click.option("--out", type=click.Path(path_type=Path), default=ASSETS, show_default=True)
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Continue from these weights (another training stage).")
-@click.option("--texture-focus", default=0.0, show_default=True,
-              help="Share of the single-colour batches that also show a single shape (texture hard negatives).")
-def main(steps, batch, lr, seed, threads, out, init, texture_focus):
-    record = train(steps, batch, lr, seed, out, threads, init, texture_focus)
+def main(steps, batch, lr, seed, threads, out, init):
+    record = train(steps, batch, lr, seed, out, threads, init)
     click.echo(json.dumps(record["zero_shot_top1_test"], indent=2))
 
 
