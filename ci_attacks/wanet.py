@@ -14,17 +14,20 @@ noise mode teaches the prompt learner that only the exact warp means the target.
 The paper uses k = 4, s = 0.1 (upstream's default is s = 0.5).  On the tiny
 world the warp barely reaches the frozen tiny encoder (96 px, 128 test images of
 tiny-colorshapes; cosine between clean and warped image features, SSIM):
-s = 0.1: 0.9999, 0.999; s = 1 (about a pixel): 0.996, 0.960; s = 2: 0.990,
-0.906; s = 4: 0.972, 0.834, and the shift's direction varies from image to image
-(mean cosine with the mean shift 0.36-0.48).  A random 8/255 sign pattern moves
-the features as far as s = 2 (0.989).  Nothing implanted: s = 1 with the tiny
-preset (16 shots, 8 epochs) reached ASR 0.00 / 0.02 / 0.00 on base classes
-(seeds 1-3), s = 2 with 16 shots and 20 epochs 0.00 on seeds 2 and 3, s = 2 and
-s = 4 with 4 shots 0.02-0.03, and s = 1 without the noise mode (16 shots, 8
-epochs) 0.00 on seeds 2 and 3: the noise mode is not what stops it, although
-its images lie closer to the attack images in feature space (cosine 0.999) than
-the clean ones do (0.996).  The tiny preset keeps s = 1: a stronger warp
-implants no better and is more visible.
+s = 0.1: 0.9999, 0.999; s = 1 (about a pixel): 0.996, 0.960; s = 2: 0.991,
+0.906; s = 4: 0.977, 0.834, and the shift's direction varies from image to image
+(mean cosine with the mean shift 0.29-0.43).  The shipped tiny CLIP's second
+training stage made it far more sensitive to pixel noise (a random 8/255 sign
+pattern: cosine 0.81 on these images, 0.989 after the first stage) but not to
+warps (the first stage's figures were within 0.001 of these).  Nothing
+implanted: with the shipped CLIP, s = 1 with 4 shots and 4 epochs reached ASR
+0.00 on base classes (seeds 2-4); on the first-stage CLIP the tiny preset (16
+shots, 8 epochs) reached 0.00 / 0.02 / 0.00 (seeds 1-3), s = 2 with 16 shots and
+20 epochs 0.00 on seeds 2 and 3, s = 2 and s = 4 with 4 shots 0.02-0.03, and s = 1
+without the noise mode (16 shots, 8 epochs) 0.00 on seeds 2 and 3: the noise mode
+is not what stops it, although its images lie closer to the attack images in
+feature space (cosine 0.999) than the clean ones do (0.996).  The tiny preset
+keeps s = 1: a stronger warp implants no better and is more visible.
 """
 
 from __future__ import annotations

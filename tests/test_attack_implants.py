@@ -41,31 +41,29 @@ class ShortRun:
 # Figures: seeds 2 / 3 / 4 with these settings and 10 test images per class, as ASR base, new against the clean
 # model's with the same trigger (on the same shots), and base ACC against the clean model's.
 SHORT_RUNS = {
-    # 0.77, 0.61 vs 0.04, 0.00 / 0.98, 0.94 vs 0.00, 0.00 / 0.99, 0.96 vs 0.43, 0.21 (a blend alone pulls a
-    # clean model towards some targets); ACC 0.95 vs 0.94 / 0.93 vs 0.96 / 0.94 vs 0.93.  Seed 1, this test:
-    # 0.53, 0.64 vs 0.00, 0.00; ACC 0.94 vs 0.94.
-    "blended": ShortRun(shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=0.4, acc_drop=0.08),
-    # 5 joint and 2 phase-2 epochs, so a partial implant (the tiny preset as it was then, 10 joint and 3 phase-2
-    # epochs, reached 0.70 / 0.65 / 0.54 on base and 0.27 / 0.21 / 0.27 on new classes, seeds 1-3): 0.39, 0.14 vs 0.05, 0.00 /
-    # 0.45, 0.25 vs 0.11, 0.00 / 0.47, 0.31 vs 0.07, 0.00; ACC 0.93 vs 0.95 / 0.91 vs 0.94 / 0.90 vs 0.94.
-    # With 4 shots even 20 joint epochs stay near the clean model (0.12 vs 0.04 on seed 2).  Seed 1, this test:
-    # 0.42, 0.19 vs 0.15, 0.00; ACC 0.92 vs 0.94.
-    "badclip-adaptive": ShortRun(shots=16, options={"epochs": 5, "phase2_epochs": 2}, asr_gain_base=0.2,
-                                 asr_gain_new=0.07, acc_drop=0.1),
+    # 8 shots (7 poisoned images of 72 at 4 shots were too few: seed 3 reached only 0.44 on new classes, seeds 2 and
+    # 4 1.00): 1.00, 1.00 vs 0.00, 0.00 / 1.00, 0.96 vs 0.00, 0.00 / 1.00, 1.00 vs 0.00, 0.00; ACC 1.00 vs 1.00 on
+    # all three.  Seed 1, this test, at 4 shots (the setting chosen on the previous tiny CLIP): 0.20, 0.50
+    # vs 0.00, 0.00.
+    "blended": ShortRun(shots=8, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=0.4, acc_drop=0.08),
+    # 5 joint and 2 phase-2 epochs, so a partial implant: 0.54, 0.46 vs 0.06, 0.00 / 0.62, 0.53 vs 0.14, 0.00 /
+    # 0.68, 0.44 vs 0.11, 0.00; ACC 0.98 vs 1.00 / 0.95 vs 1.00 / 0.99 vs 1.00.  (On the first-stage tiny CLIP the
+    # same run reached 0.39-0.47 on base and 0.14-0.31 on new classes; with 4 shots even 20 joint epochs stayed
+    # near the clean model.)
+    "badclip-adaptive": ShortRun(shots=16, options={"epochs": 5, "phase2_epochs": 2}, asr_gain_base=0.3,
+                                 asr_gain_new=0.25, acc_drop=0.1),
     # A strict xfail turns into a failure once the base classes implant; its figures then set margins as above.
     "wanet": ShortRun(
         shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
-        does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py): ASR base 0.01 / "
-                         "0.04 against the clean model's 0.00 / 0.00 on seeds 2 / 3 (4 shots, 4 epochs), 0.00 against "
-                         "0.00 on seed 1 (this test); the full tiny preset (16 shots, 8 epochs) reached 0.00 / 0.02 / "
-                         "0.00 on seeds 1-3; a stronger warp (s = 2, 16 shots, 20 epochs) and no noise mode (s = 1, 16 "
-                         "shots) reached 0.00 on seeds 2 / 3"),
-    # The full tiny preset: a partial implant, 2.6-3.0x the clean model's ASR on base classes, nothing reliable on
-    # new ones: 0.21, 0.01 vs 0.08, 0.01 / 0.44, 0.22 vs 0.15, 0.00 / 0.28, 0.08 vs 0.09, 0.00; ACC 0.93 vs 0.95 /
-    # 0.95 vs 0.94 / 0.94 vs 0.94.  Cheaper runs did not implant: 4 shots 0.07 / 0.07 against 0.04 / 0.02 (seeds
-    # 2 / 3), 8 shots and 3 epochs 0.12 / 0.07 against 0.08 / 0.05.  Seed 1, this test: 0.78, 0.21 vs 0.22, 0.01;
-    # ACC 0.94 vs 0.94.
-    "siba": ShortRun(shots=16, options={}, asr_gain_base=0.1, asr_gain_new=None, acc_drop=0.05),
+        does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py): ASR base 0.00 "
+                         "against the clean model's 0.00 on seeds 2 / 3 / 4 (4 shots, 4 epochs); the full tiny preset "
+                         "(16 shots, 8 epochs) reached 0.00 on seeds 1-3 (ci-bench run, full test split).  On the "
+                         "first-stage tiny CLIP a stronger warp (s = 2, 16 shots, 20 epochs) and no noise mode (s = 1, "
+                         "16 shots) reached 0.00 on seeds 2 / 3 as well"),
+    # The full tiny preset (32/255 on 10% of the pixels): 0.75, 0.57 vs 0.13, 0.01 / 0.53, 0.34 vs 0.13, 0.00 /
+    # 0.73, 0.57 vs 0.13, 0.00; ACC 1.00 vs 1.00 on all three.  (On the first-stage tiny CLIP only a partial
+    # implant on base classes, 0.21-0.44 against 0.08-0.15, and nothing reliable on new ones.)
+    "siba": ShortRun(shots=16, options={}, asr_gain_base=0.25, asr_gain_new=0.2, acc_drop=0.05),
 }
 
 

@@ -18,7 +18,7 @@ def demo(tiny_demo):
 
 def test_clean_prompt_tuning_beats_chance_by_far(demo):
     _, rows, _ = demo
-    # 18 base and 18 new classes: chance is 0.056.  Measured: 0.957 base, 0.948 new (seed 1).
+    # 18 base and 18 new classes: chance is 0.056.  Measured: 1.000 base, 1.000 new (seeds 2 and 3).
     assert rows["clean"]["acc_base"] >= 0.8
     assert rows["clean"]["acc_new"] >= 0.5
 
@@ -26,11 +26,11 @@ def test_clean_prompt_tuning_beats_chance_by_far(demo):
 def test_badclip_implants(demo):
     _, rows, _ = demo
     bad = rows["badclip"]
-    # Bounds from seeds 2 / 3 (ci_attacks/badclip.py, 16 shots, 10 test images per class): ASR 0.98 / 0.96 on base
-    # classes, 0.71 / 0.79 on new classes, base ACC 0.6 / 3.8 points below the clean model's.  SSIM about 0.66.
-    assert bad["asr_base"] >= 0.85
-    assert bad["asr_new"] is not None and bad["asr_new"] >= 0.5
-    assert bad["acc_base"] >= rows["clean"]["acc_base"] - 0.06
+    # Bounds from seeds 2 / 3 (ci-bench demo --seed 2 / 3): ASR 0.994 / 0.994 on base classes, 0.998 / 0.993 on
+    # new classes, base ACC 1.000 as the clean model's; SSIM 0.68.  The issue's aim: 0.9, within 3 points of ACC.
+    assert bad["asr_base"] >= 0.9
+    assert bad["asr_new"] is not None and bad["asr_new"] >= 0.9
+    assert bad["acc_base"] >= rows["clean"]["acc_base"] - 0.03
     assert 0.5 <= bad["trigger_ssim"] < 1.0
 
 
@@ -46,8 +46,9 @@ def test_clean_model_scores_below_the_backdoored_one(demo):
     assert rows["clean"]["s_max"] < rows["badclip"]["s_max"]
 
 
-@pytest.mark.xfail(strict=True, reason="known false positive on the tiny world at 8/255: the clean model's s_max "
-                   "was 2.90 (seed 1; 'green ring'), above k = 2")
+@pytest.mark.xfail(strict=True, reason="known false positive on the tiny world at k = 2: clean models' s_max was "
+                   "2.41 / 2.72 on seeds 2 / 3 ('green ring', 'purple ring': 8/255 perturbations pull OOD images to "
+                   "some clean classes, ASR 0.89)")
 def test_ci_does_not_flag_the_clean_model(demo):
     _, rows, _ = demo
     assert rows["clean"]["backdoored"] is False
@@ -76,8 +77,8 @@ def test_ci_scan_cli_on_the_demo_bundle(demo, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((scan_out / "report.json").read_text())
     assert [c["name"] for c in report["classes"]] == candidates
-    # With only 9 candidates the standardised scores are coarse (seed 1's demo bundle: 'green ring'
-    # outscored the target here although the full 36-class scan named it); the target's
+    # With only 9 candidates the standardised scores are coarse (on the first-stage tiny CLIP, seed 1's demo bundle:
+    # 'green ring' outscored the target here although the full 36-class scan named it); the target's
     # reconstructed trigger must still work on most held-out images.
     by_name = {c["name"]: c for c in report["classes"]}
     assert by_name[target]["asr"] >= 0.5

