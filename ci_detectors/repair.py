@@ -83,6 +83,9 @@ class RepairConfig:
 #   lr 0.002, 16 epochs: 0.16 / 0.00, +0.7 and 0.18 / 0.02, +1.4; controls 0.30-0.81 / 0.24-0.70
 # The fast setting removes more on some seeds but can wreck clean accuracy; the slower one cost none on these
 # seeds (in the sweep, seed 1 with its own shots still lost 4.6 points).
+# All of this on the first-stage tiny CLIP.  With the shipped one the preset, on the demo's BadCLIP models of seeds
+# 2 / 3, left 0.007 / 0.000 and 0.074 / 0.000 (true trigger) and 0.051 / 0.000 and 0.25 / 0.028 (CI's trigger), base
+# ACC 1.000 before and after.
 TINY = {"epochs": 16, "batch_size": 4}
 
 
