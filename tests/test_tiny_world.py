@@ -5,8 +5,9 @@ import torch
 from ci_core.data import tiny_world
 
 
-def _shape_words(captions):
-    return {word for c in captions for word in c.rstrip(".").split() if word in tiny_world.SHAPES}
+def _words(captions, vocabulary):
+    """The words of ``vocabulary`` that the captions use."""
+    return {word for c in captions for word in c.rstrip(".").split() if word in vocabulary}
 
 
 def test_matches_mark_every_caption_that_describes_the_image():
@@ -18,6 +19,5 @@ def test_matches_mark_every_caption_that_describes_the_image():
 
 def test_colour_focus_batches_have_one_colour_and_many_shapes():
     _, captions, _ = tiny_world.pretraining_batch(64, 32, torch.Generator().manual_seed(0), focus=1.0)
-    colours = {word for c in captions for word in c.rstrip(".").split() if word in tiny_world.COLOURS}
-    assert len(colours) == 1
-    assert len(_shape_words(captions)) > 3
+    assert len(_words(captions, tiny_world.COLOURS)) == 1
+    assert len(_words(captions, tiny_world.SHAPES)) > 3
