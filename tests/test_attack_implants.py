@@ -56,7 +56,8 @@ SHORT_RUNS = {
     # A strict xfail turns into a failure once the base classes implant; its figures then set margins as above.
     "wanet": ShortRun(
         shots=4, options={"epochs": 4}, asr_gain_base=0.4, asr_gain_new=None, acc_drop=0.08,
-        does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py): ASR base 0.00 "
+        does_not_implant="the warp does not reach the frozen tiny encoder (see ci_attacks/wanet.py: probes on its "
+                         "features tell warped from noise-mode images at AUROC 0.52-0.54): ASR base 0.00 "
                          "against the clean model's 0.00 on seeds 2 / 3 / 4 (4 shots, 4 epochs); the full tiny preset "
                          "(16 shots, 8 epochs) reached 0.00 on seeds 1-3 (ci-bench run, full test split).  On the "
                          "first-stage tiny CLIP a stronger warp (s = 2, 16 shots, 20 epochs) and no noise mode (s = 1, "
