@@ -38,15 +38,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
+from ci_core.bench.cells import BUNDLE, TRIGGER
 from ci_core.cli.common import StderrProgress, data_root_option, echo_table, open_dataset, report_errors
 from ci_core.errors import ConfigError
 from ci_core.metrics import ssim
 from ci_core.models.bundle import load_bundle
 from ci_core.triggers import load_trigger
-
-TRIGGER_FILE = "trigger.safetensors"
-BUNDLE_DIR = "bundle"
-
 
 @attrs.frozen
 class Visibility:
@@ -78,11 +75,11 @@ def probe_auroc(clean: np.ndarray, triggered: np.ndarray, probe) -> float:
 
 def load_model_dir(model_dir: Path):
     """(model, trigger) of a folder holding ``bundle/`` and ``trigger.safetensors``."""
-    for needed in (model_dir / BUNDLE_DIR, model_dir / TRIGGER_FILE):
+    for needed in (model_dir / BUNDLE, model_dir / TRIGGER):
         if not needed.exists():
             raise ConfigError(f"{model_dir}: expected {needed.name} in it (the folder `ci-bench attack --out` writes)")
-    model, _ = load_bundle(model_dir / BUNDLE_DIR)
-    return model, load_trigger(model_dir / TRIGGER_FILE)
+    model, _ = load_bundle(model_dir / BUNDLE)
+    return model, load_trigger(model_dir / TRIGGER)
 
 
 def reference_images(trigger, images: torch.Tensor, against: str, generator: torch.Generator) -> torch.Tensor:

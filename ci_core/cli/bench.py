@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ci_core.bench import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.bench.cells import BUNDLE, TRIGGER
 from ci_core.bench.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
@@ -203,9 +204,9 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
                  + (f", target {attack_target!r}" if attack_target else ""))
         outcome, metrics = train_and_evaluate(attack_obj, backbone, task, target=attack_target, seed=seed,
                                               progress=progress)
-        save_bundle(outcome.model, task.base + task.new, work / "bundle", base_classes=task.base)
+        save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
         if outcome.trigger is not None:
-            outcome.trigger.save(work / "trigger.safetensors")
+            outcome.trigger.save(work / TRIGGER)
         record = {
             "attack": name, "dataset": dataset, **to_json(metrics),
             "target": attack_target, "seed": seed, "shots": shots, "test_per_class": test_per_class, "preset": preset,
