@@ -9,8 +9,8 @@ clean ones in a way a small network can pick up.  For every MODEL_DIR (a folder 
 ``trigger.safetensors``, as ``ci-bench attack --out`` and the run store's ``models/`` write them) this takes
 ``--images`` test images of the dataset, applies the model's saved trigger, and reports:
 
-- SSIM between clean and triggered images;
-- the mean cosine between each image's clean and triggered features;
+- SSIM between the reference images (clean, or WaNet's noise mode with ``--against noise-mode``) and triggered ones;
+- the mean cosine between each image's reference and triggered features;
 - the direction consistency of the feature shift (mean cosine of each image's shift with the mean shift):
   near 1 when the trigger moves every image the same way, which a linear meta-net reads easily;
 - the held-out AUROC of a logistic-regression probe and of a one-hidden-layer MLP probe told to separate
@@ -60,13 +60,13 @@ def features(model, images: torch.Tensor, batch_size: int = 200) -> torch.Tensor
         return torch.cat([model.image_features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def probe_auroc(clean: np.ndarray, triggered: np.ndarray, probe) -> float:
-    """Held-out AUROC of ``probe`` trained to tell triggered (1) from clean (0) on the first half of the images."""
-    half = len(clean) // 2
-    x_train = np.concatenate([clean[:half], triggered[:half]])
+def probe_auroc(reference: np.ndarray, triggered: np.ndarray, probe) -> float:
+    """Held-out AUROC of ``probe`` trained to tell triggered (1) from reference (0) on the first half of the images."""
+    half = len(reference) // 2
+    x_train = np.concatenate([reference[:half], triggered[:half]])
     y_train = np.r_[np.zeros(half), np.ones(half)]
-    x_test = np.concatenate([clean[half:], triggered[half:]])
-    y_test = np.r_[np.zeros(len(clean) - half), np.ones(len(clean) - half)]
+    x_test = np.concatenate([reference[half:], triggered[half:]])
+    y_test = np.r_[np.zeros(len(reference) - half), np.ones(len(reference) - half)]
     # Unit-norm features have tiny coordinates; scaling them keeps both probes' default regularisation sensible.
     probe.fit(10 * x_train, y_train)
     scores = probe.predict_proba(10 * x_test)[:, 1]
@@ -94,18 +94,18 @@ def reference_images(trigger, images: torch.Tensor, against: str, generator: tor
 
 def visibility(model_dir: Path, model, trigger, images: torch.Tensor, against: str, seed: int) -> Visibility:
     triggered = trigger.apply(images).clamp(0, 1)
-    images = reference_images(trigger, images, against, torch.Generator().manual_seed(seed))
-    clean_f, triggered_f = features(model, images), features(model, triggered)
-    shift = triggered_f - clean_f
+    reference = reference_images(trigger, images, against, torch.Generator().manual_seed(seed))
+    reference_f, triggered_f = features(model, reference), features(model, triggered)
+    shift = triggered_f - reference_f
     consistency = torch.nn.functional.cosine_similarity(shift, shift.mean(0, keepdim=True), dim=-1)
-    clean_np, triggered_np = clean_f.double().numpy(), triggered_f.double().numpy()
+    reference_np, triggered_np = reference_f.double().numpy(), triggered_f.double().numpy()
     return Visibility(
         model=str(model_dir),
-        ssim=float(ssim(images, triggered).mean()),
-        feature_cosine=float((clean_f * triggered_f).sum(-1).mean()),
+        ssim=float(ssim(reference, triggered).mean()),
+        feature_cosine=float((reference_f * triggered_f).sum(-1).mean()),
         shift_consistency=float(consistency.mean()),
-        linear_auroc=probe_auroc(clean_np, triggered_np, LogisticRegression(C=100, max_iter=5000)),
-        mlp_auroc=probe_auroc(clean_np, triggered_np,
+        linear_auroc=probe_auroc(reference_np, triggered_np, LogisticRegression(C=100, max_iter=5000)),
+        mlp_auroc=probe_auroc(reference_np, triggered_np,
                               MLPClassifier(hidden_layer_sizes=(256,), max_iter=3000, random_state=seed)),
     )
 
