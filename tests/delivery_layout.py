@@ -41,6 +41,26 @@ class MeterLog:
         self.accuracy = accuracy
 
 
+class CreatesFile:
+    """Unpickling this with pickle would create a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RunsCode:
+    """Unpickling this with pickle would run a line of Python, which creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').close()",))
+
+
 def optimizer_and_scheduler(params: Sequence[nn.Parameter]):
     """SGD with momentum after one step, a cosine scheduler and the warm-up scheduler around it."""
     params = [p for p in params if p.requires_grad]

@@ -13,7 +13,7 @@ import torch
 from ci_core.errors import BundleError
 from ci_core.safe_pickle import Opaque, TensorRef, open_archive, opaque_name, script_tensors
 
-from delivery_layout import MeterLog, save_dassl, torchscript_archive
+from delivery_layout import CreatesFile, MeterLog, RunsCode, save_dassl, torchscript_archive
 
 WHAT = "a test checkpoint"
 
@@ -104,26 +104,6 @@ def test_state_dict_tensors_come_back_exact_and_the_rest_stays_inert(tmp_path):
         assert {"torch.optim.sgd.SGD", "torch.optim.lr_scheduler.CosineAnnealingLR",
                 "delivery_layout.MeterLog"} <= set(archive.opaque)
         assert not archive.is_torchscript
-
-
-class CreatesFile:
-    """Unpickling this with pickle would create a file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-class RunsCode:
-    """Unpickling this with pickle would run a line of Python, which creates a file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.path!r}, 'w').close()",))
 
 
 def test_reduce_payloads_never_run(tmp_path):

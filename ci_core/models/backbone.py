@@ -10,6 +10,15 @@ Pretrained tags are downloaded and cached by open_clip.  A tag already in the
 cache is loaded from there without touching the network; a tag that needs a
 download first checks that the download host answers, so that an offline
 machine gets a clear error within seconds instead of a long hang.
+
+A weights file is ``.safetensors``, a torch state dict (read with
+``torch.load(weights_only=True)``), or one of OpenAI's own CLIP archives
+(``ViT-B-16.pt`` as the ``clip`` package downloads it).  Those are TorchScript
+archives, which hold code; one is accepted only when its SHA-256 is the one
+OpenAI publishes for it (``OPENAI_ARCHIVES``), and then only its parameters are
+read, by ``ci_core.safe_pickle`` (its code and constants are never loaded).  It
+fixes the architecture (the open_clip name must match, QuickGELU is implied).
+Any other TorchScript archive is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import pickle
 import socket
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import attrs
@@ -33,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ci_core.errors import ConfigError
+from ci_core.safe_pickle import open_archive, script_tensors
 
 TINY_MODEL = "ci-tiny-clip"
 BUILTIN = "builtin"
@@ -157,9 +168,70 @@ LOCAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 
 
+@attrs.frozen
+class OpenAIArchive:
+    """One of OpenAI's published CLIP TorchScript archives: its name in the ``clip`` package and in open_clip."""
+
+    openai_name: str
+    architecture: str
+    quick_gelu: bool = True  # every OpenAI CLIP was trained with QuickGELU
+
+
+# The SHA-256 of each archive, as published in the `clip` package's download URLs
+# (https://openaipublic.azureedge.net/clip/models/<sha256>/<file>.pt); open_clip's "openai" tags name the same URLs.
+OPENAI_ARCHIVES: dict[str, OpenAIArchive] = {
+    "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762": OpenAIArchive("RN50", "RN50"),
+    "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599": OpenAIArchive("RN101", "RN101"),
+    "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd": OpenAIArchive("RN50x4", "RN50x4"),
+    "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa": OpenAIArchive("RN50x16", "RN50x16"),
+    "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c": OpenAIArchive("RN50x64", "RN50x64"),
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af": OpenAIArchive("ViT-B/32", "ViT-B-32"),
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": OpenAIArchive("ViT-B/16", "ViT-B-16"),
+    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": OpenAIArchive("ViT-L/14", "ViT-L-14"),
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": OpenAIArchive("ViT-L/14@336px", "ViT-L-14-336"),
+}
+# Tensor attributes of OpenAI's modules that are not parameters or buffers (the text tower's causal mask).
+_SCRIPT_NOT_WEIGHTS = ("attn_mask",)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive holding TorchScript code (``<name>/code/``) or constants (``<name>/constants.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1] == "constants.pkl" or n.split("/", 2)[1:2] == ["code"]
+                       for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _load_openai_archive(path: Path) -> tuple[dict[str, torch.Tensor], OpenAIArchive]:
+    """The parameters of a TorchScript archive, if it is one of OpenAI's published CLIP archives."""
+    sha = file_sha256(path)
+    archive = OPENAI_ARCHIVES.get(sha)
+    if archive is None:
+        known = ", ".join(f"{a.openai_name} {h[:12]}..." for h, a in OPENAI_ARCHIVES.items())
+        raise ConfigError(
+            f"weights file {path}: a TorchScript archive (it holds code), with SHA-256 {sha}, which is not one of "
+            f"OpenAI's published CLIP archives ({known}). A TorchScript archive can run code when loaded, so only "
+            "those, verified by hash, are read; give the weights as .safetensors or as a torch state dict instead")
+    with open_archive(path, ConfigError, f"OpenAI's {archive.openai_name} CLIP archive") as opened:
+        refs = script_tensors(opened)
+        state = {k: opened.tensor(v) for k, v in refs.items()
+                 if k not in _NOT_WEIGHTS and k.rsplit(".", 1)[-1] not in _SCRIPT_NOT_WEIGHTS}
+    return state, archive
 
 
 def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -354,9 +426,10 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
     ``pretrained`` is ``builtin`` (the shipped tiny CLIP), ``random:SEED``
     (random weights, for tests and speed benchmarks), an open_clip pretrained
     tag (from open_clip's cache, or downloaded into it), or a path to a
-    ``.safetensors`` file (or a torch state dict, read with ``weights_only=True``).
+    ``.safetensors`` file (or a torch state dict, read with ``weights_only=True``,
+    or one of OpenAI's published TorchScript archives, verified by SHA-256).
     ``quick_gelu`` forces the activation for random weights and files (a tag
-    decides it itself); ``cache_dir`` is open_clip's download cache.
+    and an OpenAI archive decide it themselves); ``cache_dir`` is open_clip's download cache.
     """
     check_model_name(name)
     force_quick_gelu = bool(quick_gelu)
@@ -379,8 +452,16 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ConfigError(f"weights file {path} does not exist")
+        if _is_torchscript(path):
+            state, archive = _load_openai_archive(path)
+            if name.removesuffix(QUICKGELU_SUFFIX) != archive.architecture:
+                raise ConfigError(f"weights file {path} is OpenAI's {archive.openai_name} archive, which is open_clip's "
+                                  f"{archive.architecture}, not {name}; pass --backbone {archive.architecture}")
+            force_quick_gelu = archive.quick_gelu
+        else:
+            state = _load_local_weights(path)
         model = _create_bare(name, force_quick_gelu)
-        _load_fitting(model, _load_local_weights(path), f"weights file {path}", name)
+        _load_fitting(model, state, f"weights file {path}", name)
         pretrained = str(path.resolve())
     else:
         raise _unknown_pretrained(name, pretrained)
