@@ -6,13 +6,20 @@ A bundle is a directory holding
   pretrained source and weight hash, class names, template, image
   preprocessing, the name and shape of every tensor).
 
-Two kinds of model travel this way, named by the ``kind`` field:
+Three kinds of model travel this way, named by the ``kind`` field:
 * ``cocoop`` (also any bundle without a ``kind``): a CoCoOp prompt learner
   (``prompt_learner.*`` tensors and ``n_ctx``) over the frozen backbone;
+* ``coop``: a CoOp prompt learner (``prompt_learner.ctx`` only), with its
+  ``n_ctx``, ``class_token_position`` (end, middle or front) and
+  ``class_specific`` (a context per class, whose rows are the bundle's
+  ``classnames`` in order, or one shared context);
 * ``zeroshot``: a zero-shot classifier whose image encoder was fine-tuned; it
   stores every image-encoder tensor (``visual.*``) and, besides the backbone's
   original weight hash, the hash of the fine-tuned encoder, which loading
   checks.
+
+A bundle may record where it came from under ``source`` (``ci-import`` writes
+the checkpoint it converted, its SHA-256 and epoch); loading ignores it.
 
 A delivered bundle is untrusted input: nothing in it is ever unpickled or
 executed, and every tensor is checked against the shape the metadata and the
@@ -37,38 +44,44 @@ from ci_core.errors import BundleError, ConfigError
 from ci_core.files import read_json_object
 from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone, state_dict_sha256
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
-from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
+from ci_core.models.coop import POSITIONS, CoOpCLIP
+from ci_core.models.zeroshot import ZeroShotCLIP
 
 FORMAT = "clip-inspector-bundle"
 VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
-COCOOP, ZEROSHOT = "cocoop", "zeroshot"
+COCOOP, COOP, ZEROSHOT = "cocoop", "coop", "zeroshot"
 _COMMON = ("format", "version", "backbone", "classnames", "template", "image", "tensors")
-_REQUIRED = {COCOOP: _COMMON + ("n_ctx",), ZEROSHOT: _COMMON + ("image_encoder",)}
+_REQUIRED = {COCOOP: _COMMON + ("n_ctx",), COOP: _COMMON + ("n_ctx", "class_token_position", "class_specific"),
+             ZEROSHOT: _COMMON + ("image_encoder",)}
+# Every model a bundle can hold.
+BundledModel = PromptTunedCLIP | CoOpCLIP | ZeroShotCLIP
 
 
-def save_bundle(model: CLIPClassifier, classnames: Sequence[str], path: str | Path, *,
-                base_classes: Sequence[str] | None = None, template: str | None = None) -> Path:
-    """Write ``model`` as a bundle directory at ``path`` (atomically: a temporary directory, then a rename).
+def bundle_meta(model: BundledModel, classnames: Sequence[str], *, base_classes: Sequence[str] | None = None,
+                template: str | None = None, where: str | Path = "bundle") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the metadata ``bundle.json`` holds, the tensors ``weights.safetensors`` holds) for ``model``.
 
-    ``template`` is recorded for a CoCoOp model (default "a photo of a {}."); a zero-shot model
-    records its own, and a different ``template`` is refused.
+    ``template`` is recorded for a CoCoOp or CoOp model (default "a photo of a {}."); a zero-shot model
+    records its own, and a different ``template`` is refused.  ``where`` names the bundle in errors.
     """
-    path = Path(path)
-    if path.exists():
-        raise BundleError(f"{path} already exists; refusing to overwrite a bundle")
-    if not isinstance(model, (PromptTunedCLIP, ZeroShotCLIP)):
-        raise BundleError(f"{path}: cannot write a {type(model).__name__}; expected a PromptTunedCLIP or a ZeroShotCLIP")
+    if not isinstance(model, (PromptTunedCLIP, CoOpCLIP, ZeroShotCLIP)):
+        raise BundleError(f"{where}: cannot write a {type(model).__name__}; expected a PromptTunedCLIP, a CoOpCLIP "
+                          "or a ZeroShotCLIP")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
     backbone = model.backbone
     zero_shot = isinstance(model, ZeroShotCLIP)
     if zero_shot and template is not None and template != model.template:
-        raise BundleError(f"{path}: the zero-shot model classifies with template {model.template!r}, not {template!r}")
+        raise BundleError(f"{where}: the zero-shot model classifies with template {model.template!r}, not {template!r}")
+    if isinstance(model, CoOpCLIP) and model.class_specific and tuple(classnames) != model.ctx_classes:
+        raise BundleError(f"{where}: the CoOp model's context is class-specific for {len(model.ctx_classes)} classes "
+                          f"({', '.join(model.ctx_classes[:5])}{', ...' if len(model.ctx_classes) > 5 else ''}); "
+                          "its bundle's classes must be exactly those, in order")
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "kind": ZEROSHOT if zero_shot else COCOOP,
+        "kind": ZEROSHOT if zero_shot else COOP if isinstance(model, CoOpCLIP) else COCOOP,
         "backbone": backbone.identity(),
         "classnames": list(classnames),
         "base_classes": list(base_classes) if base_classes is not None else None,
@@ -80,8 +93,26 @@ def save_bundle(model: CLIPClassifier, classnames: Sequence[str], path: str | Pa
         meta["image_encoder"] = {"sha256": state_dict_sha256(tensors), "tensor_prefix": "visual."}
     else:
         meta.update(n_ctx=model.n_ctx, ctx_init=model.ctx_init)
+    if isinstance(model, CoOpCLIP):
+        meta.update(class_token_position=model.class_token_position, class_specific=model.class_specific)
     meta["image"] = {"size": backbone.image_size, "mean": list(backbone.mean), "std": list(backbone.std)}
     meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+    return meta, tensors
+
+
+def save_bundle(model: BundledModel, classnames: Sequence[str], path: str | Path, *,
+                base_classes: Sequence[str] | None = None, template: str | None = None,
+                source: dict | None = None) -> Path:
+    """Write ``model`` as a bundle directory at ``path`` (atomically: a temporary directory, then a rename).
+
+    ``template`` as for ``bundle_meta``; ``source`` (JSON) records where the model came from.
+    """
+    path = Path(path)
+    if path.exists():
+        raise BundleError(f"{path} already exists; refusing to overwrite a bundle")
+    meta, tensors = bundle_meta(model, classnames, base_classes=base_classes, template=template, where=path)
+    if source is not None:
+        meta["source"] = source
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -115,6 +146,16 @@ def read_meta(path: str | Path) -> dict:
         encoder = meta["image_encoder"]
         if not isinstance(encoder, dict) or not isinstance(encoder.get("sha256"), str) or len(encoder["sha256"]) != 64:
             raise BundleError(f"{meta_path}: 'image_encoder' must record the fine-tuned encoder's 'sha256' (64 hex digits)")
+    else:
+        n_ctx = meta["n_ctx"]
+        if type(n_ctx) is not int or n_ctx < 1:
+            raise BundleError(f"{meta_path}: 'n_ctx' must be a positive integer, got {n_ctx!r}")
+    if kind == COOP:
+        if meta["class_token_position"] not in POSITIONS:
+            raise BundleError(f"{meta_path}: 'class_token_position' must be one of {', '.join(POSITIONS)}, "
+                              f"got {meta['class_token_position']!r}")
+        if not isinstance(meta["class_specific"], bool):
+            raise BundleError(f"{meta_path}: 'class_specific' must be true or false, got {meta['class_specific']!r}")
     names = meta["classnames"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise BundleError(f"{meta_path}: 'classnames' must be a non-empty list of strings")
@@ -173,13 +214,14 @@ def bundle_backbone(path: str | Path, meta: dict, device: str | torch.device = "
 
 def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu", *,
                 name: str | None = None, pretrained: str | None = None, text_encoding: TextEncoding | None = None,
-                cache_dir: str | None = None) -> tuple[CLIPClassifier, dict]:
+                cache_dir: str | None = None) -> tuple[BundledModel, dict]:
     """Load a bundle: (model, metadata).
 
     ``backbone`` is reused if given, else built from the metadata, with ``name``
     and ``pretrained`` replacing the recorded ones if given.  Either way its
     architecture and weight hash must be the ones the bundle was trained on.
-    The model is a ``PromptTunedCLIP`` for a CoCoOp bundle and a ``ZeroShotCLIP`` for a zero-shot one.
+    The model is a ``PromptTunedCLIP`` for a CoCoOp bundle, a ``CoOpCLIP`` for a CoOp one and a
+    ``ZeroShotCLIP`` for a zero-shot one.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -198,6 +240,13 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
         raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
     if meta["kind"] == ZEROSHOT:
         return _load_zeroshot(weights_path, tensors, backbone, meta), meta
+    if meta["kind"] == COOP:
+        coop = CoOpCLIP(backbone, n_ctx=meta["n_ctx"], class_token_position=meta["class_token_position"],
+                        ctx_classes=meta["classnames"] if meta["class_specific"] else None)
+        _check_tensors(weights_path, tensors, coop.trainable_state())
+        coop.prompt_learner.load_state_dict({k.removeprefix("prompt_learner."): v.to(torch.float32)
+                                             for k, v in tensors.items()})
+        return coop.eval(), meta
     model = PromptTunedCLIP(backbone, n_ctx=int(meta["n_ctx"]), ctx_init=None)
     _check_tensors(weights_path, tensors, model.trainable_state())
     state = {k.removeprefix("prompt_learner."): v.to(torch.float32) for k, v in tensors.items()}
