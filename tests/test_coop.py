@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from ci_core.errors import BundleError
 from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import load_bundle, save_bundle
-from ci_core.models.coop import CoOpCLIP, reference_logits
+from ci_core.models.coop import CoOpCLIP, reference_logits, reference_text_features
 
 CLASSES = ("red circle", "blue", "light green star", "orange_triangle")
 
@@ -25,29 +25,34 @@ def coop_model(backbone, *, position="end", class_specific=False, n_ctx=4, seed=
 
 @pytest.mark.parametrize("class_specific", [False, True], ids=["shared", "class-specific"])
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
-def test_fast_logits_equal_the_reference_code(random_backbone, position, class_specific):
+def test_fast_text_features_equal_the_reference_code(random_backbone, position, class_specific):
     model = coop_model(random_backbone, position=position, class_specific=class_specific, n_ctx=5)
-    images = torch.rand(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)  # CoOp's text side does not depend on the image
     with torch.no_grad():
-        fast, reference = model(images, CLASSES), reference_logits(model, images, CLASSES)
-    assert fast.shape == (1, 4)
+        fast, reference = model.text_features(CLASSES), reference_text_features(model, CLASSES)
+    assert fast.shape == (4, random_backbone.embed_dim)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_are_the_scaled_cosines_of_image_and_text_features(random_backbone):
+    model = coop_model(random_backbone, position="front")
+    images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, CLASSES), reference_logits(model, images, CLASSES),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_class_specific_context_follows_the_class_names(random_backbone):
     model = coop_model(random_backbone, class_specific=True)
-    images = torch.rand(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
-        full = model(images, CLASSES)
-        subset = model(images, [CLASSES[2], CLASSES[0]])
-        torch.testing.assert_close(subset, full[:, [2, 0]], atol=1e-5, rtol=1e-5)
+        full = model.text_features(CLASSES)
+        subset = model.text_features([CLASSES[2], CLASSES[0]])
+        torch.testing.assert_close(subset, full[[2, 0]], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match=r"classes \['purple star'\] have no context: .*class-specific"):
-            model(images, ["purple star", CLASSES[0]])
+            model.text_features(["purple star", CLASSES[0]])
 
 
 def test_text_features_are_reused_only_while_the_context_is_frozen(random_backbone):
     model = coop_model(random_backbone)
-    images = torch.rand(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     model.requires_grad_(False)
     with torch.no_grad():
         first = model.text_features(CLASSES)
@@ -55,7 +60,7 @@ def test_text_features_are_reused_only_while_the_context_is_frozen(random_backbo
         model.prompt_learner.ctx.add_(0.1)  # an in-place change of the context invalidates them
         assert not torch.equal(model.text_features(CLASSES), first)
     model.prompt_learner.requires_grad_(True)
-    model(images, CLASSES).sum().backward()
+    model.text_features(CLASSES).pow(3).sum().backward()
     assert model.prompt_learner.ctx.grad is not None and model.prompt_learner.ctx.grad.abs().sum() > 0
 
 
@@ -69,9 +74,8 @@ def test_coop_bundle_round_trip(tmp_path, random_backbone, class_specific):
     assert meta["tensors"] == {"prompt_learner.ctx": [4, 4, 64] if class_specific else [4, 64]}
     loaded, _ = load_bundle(bundle, backbone=random_backbone)
     assert isinstance(loaded, CoOpCLIP) and loaded.ctx_classes == (CLASSES if class_specific else None)
-    images = torch.rand(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
-        assert torch.equal(loaded(images, CLASSES), model(images, CLASSES))
+        assert torch.equal(loaded.text_features(CLASSES), model.text_features(CLASSES))
 
 
 def test_coop_bundle_is_shape_checked(tmp_path, random_backbone):

@@ -196,11 +196,10 @@ class CoOpCLIP(nn.Module):
         return (self.clip.logit_scale.exp() * features.float() @ text.t()).float()
 
 
-def reference_logits(model: CoOpCLIP, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
-    """CoOp as its reference code computes it: full-context (77-token) prompts assembled class by class.
-
-    No truncation, no caching: the oracle ``CoOpCLIP`` must equal.
-    """
+def reference_text_features(model: CoOpCLIP, classnames: Sequence[str]) -> torch.Tensor:
+    """(K, D) normalised text features as CoOp's reference code computes them: full-context (77-token) prompts
+    assembled class by class, pooled at the end-of-text token.  No truncation, no caching: the oracle
+    ``CoOpCLIP.text_features`` must equal."""
     clip = model.clip
     n = model.n_ctx
     texts = [f"{' '.join(['X'] * n)} {name.replace('_', ' ')}." for name in classnames]
@@ -221,6 +220,10 @@ def reference_logits(model: CoOpCLIP, images: torch.Tensor, classnames: Sequence
             prompts.append(torch.cat([p, s[:, :name_len], c, s[:, name_len:]], dim=1))
     x = torch.cat(prompts) + clip.positional_embedding
     x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
-    text = F.normalize(project_text(clip, x[torch.arange(len(classnames)), tokens.argmax(dim=-1)]), dim=-1)
+    return F.normalize(project_text(clip, x[torch.arange(len(classnames)), tokens.argmax(dim=-1)]), dim=-1)
+
+
+def reference_logits(model: CoOpCLIP, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+    """CoOp's logits as its reference code computes them (see ``reference_text_features``)."""
     features = model.image_features(images)
-    return clip.logit_scale.exp() * features @ text.t()
+    return model.clip.logit_scale.exp() * features @ reference_text_features(model, classnames).t()
