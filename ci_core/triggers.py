@@ -78,14 +78,21 @@ def load_trigger(path: str | Path) -> Trigger:
 
 
 class AdditiveTrigger(Trigger):
-    """x' = clamp(x + delta, 0, 1): BadCLIP's trigger and CLIP-Inspector's reconstruction."""
+    """x' = clamp(x + delta, 0, 1): BadCLIP's trigger and CLIP-Inspector's reconstruction.
+
+    ``epsilon``, when known, is the l-inf bound the trigger was made under (pixel units); it is saved
+    with the trigger (a trigger saved without one loads with None).
+    """
 
     kind = "additive"
 
-    def __init__(self, delta: torch.Tensor):
+    def __init__(self, delta: torch.Tensor, epsilon: float | None = None):
         if delta.dim() != 3 or delta.shape[0] != 3:
             raise ValueError(f"delta must have shape (3, H, W), got {tuple(delta.shape)}")
+        if epsilon is not None and not epsilon > 0:
+            raise ValueError(f"epsilon must be positive, got {epsilon!r}")
         self.delta = delta
+        self.epsilon = None if epsilon is None else float(epsilon)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
@@ -93,10 +100,16 @@ class AdditiveTrigger(Trigger):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"delta": self.delta}
 
+    def params(self) -> dict:
+        return {} if self.epsilon is None else {"epsilon": self.epsilon}
+
     @property
     def linf(self) -> float:
         return float(self.delta.abs().max())
 
     @classmethod
     def from_saved(cls, tensors, params):
-        return cls(tensors["delta"])
+        epsilon = params.get("epsilon")
+        if epsilon is not None and not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0):
+            raise DataError(f"an additive trigger's epsilon must be a positive number, got {epsilon!r}")
+        return cls(tensors["delta"], epsilon=epsilon)
