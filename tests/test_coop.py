@@ -94,3 +94,22 @@ def test_a_class_specific_model_is_bundled_with_its_own_classes_only(tmp_path, r
     with pytest.raises(BundleError, match=r"context is class-specific for 4 classes .* exactly those, in order"):
         save_bundle(coop_model(random_backbone, class_specific=True), CLASSES[::-1], tmp_path / "coop")
     assert not (tmp_path / "coop").exists()
+
+
+def test_detectors_invert_triggers_through_a_coop_model(random_backbone):
+    """What CI, NC and PixB need of a model: gradients reach the trigger through the (frozen) CoOp prompts."""
+    from ci_core.cost_inversion import optimise_under_cost
+    from ci_core.plugins import registry
+
+    model = coop_model(random_backbone).requires_grad_(False)
+    images = torch.rand(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    detector = registry().get("detector", "ci").from_options({"batch_size": 2}, preset="tiny")
+    inversion = detector.invert(model=model, images=images, classnames=CLASSES, target=1,
+                                generator=torch.Generator().manual_seed(0))
+    assert inversion.trigger.linf > 0 and inversion.loss == inversion.loss
+    delta = torch.zeros(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, requires_grad=True)  # NC's and PixB's shared loop
+    losses = optimise_under_cost(
+        model=model, images=images, classnames=CLASSES, target=0, generator=torch.Generator().manual_seed(0),
+        variables=[delta], lr=0.1, betas=(0.5, 0.9), epochs=1, batch_size=2, batches_per_step=1, cost=lambda: 0.0,
+        stamp=lambda x: ((x + delta).clamp(0, 1), delta.abs().mean(), None), end_step=lambda step, kept: False)
+    assert len(losses) == 2 and delta.abs().max() > 0 and model.prompt_learner.ctx.grad is None
