@@ -47,7 +47,7 @@ from ci_core.models.backbone import (BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone
 from ci_core.models.bundle import META_FILE, bundle_meta
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP
-from ci_core.safe_pickle import Opaque, TensorRef, open_archive, opaque_name
+from ci_core.safe_pickle import TensorRef, open_archive, opaque_name
 from ci_core.triggers import AdditiveTrigger
 
 LEARNER_FOLDER, TRIGGER_FOLDER = "prompt_learner", "trigger"
