@@ -29,13 +29,19 @@ TRIGGER_SUFFIX = ".trigger.safetensors"
 
 
 def delivery_options(func):
-    """The options ``ci-import`` and ``ci-scan`` share for a checkpoint delivery (besides ``--classes``)."""
+    """``--trigger`` and ``--class-token-position``: the options a checkpoint delivery adds to ``--classes`` and
+    the backbone options (``ci-import`` and ``ci-scan`` both take them)."""
     func = click.option("--class-token-position", type=click.Choice(POSITIONS), default="end", show_default=True,
                         help="CoOp only: where the class name sits in the prompt (CLASS_TOKEN_POSITION of the "
                              "training config; a checkpoint does not record it).")(func)
     func = click.option("--trigger", type=click.Path(exists=True, path_type=Path), default=None,
                         metavar="TRIGGER_CHECKPOINT",
                         help="BadCLIP's trigger: its checkpoint file, or the Dassl output folder holding trigger/.")(func)
+    return func
+
+
+def delivery_backbone_options(func):
+    """``--backbone`` and ``--pretrained`` for a delivery, whose default is the reference code's OpenAI ViT-B/16."""
     func = click.option("--pretrained", default=None, metavar="TAG|FILE|random:SEED",
                         help="The backbone's weights: an open_clip tag (default: openai), OpenAI's own archive "
                              "(e.g. ~/.cache/clip/ViT-B-16.pt, accepted only with its published SHA-256), a "
@@ -53,6 +59,7 @@ def delivery_options(func):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write (must not exist).")
 @click.option("--trigger-out", type=click.Path(path_type=Path), default=None,
               help=f"Where --trigger is written (default: OUT{TRIGGER_SUFFIX} beside the bundle).")
+@delivery_backbone_options
 @delivery_options
 @click.option("--quiet", is_flag=True, help="Print only the written paths.")
 @report_errors
