@@ -11,7 +11,7 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.coop import CoOpCLIP, reference_logits, reference_text_features
 
-CLASSES = ("red circle", "blue", "light green star", "orange_triangle")
+CLASSES = ("red circle", "blue", "lake (natural)", "orange_triangle")  # "(natural)." ends in one token ")."
 
 
 def coop_model(backbone, *, position="end", class_specific=False, n_ctx=4, seed=0):

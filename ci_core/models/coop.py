@@ -108,8 +108,9 @@ class CoOpCLIP(nn.Module):
             length = int(eot.max()) + 1
             with torch.no_grad():
                 embedded = self.clip.token_embedding(tokens[:, :length])
-            # The suffix is the name, the full stop and end-of-text: the name is all but its last two tokens.
-            name_lengths = [int(e) - self.n_ctx - 2 for e in eot]
+            # The reference code cuts the class name off the suffix at the length of the name tokenised alone
+            # (which for a name ending in punctuation takes the full stop merged into its last token along).
+            name_lengths = [len(self.backbone.tokenizer.encode(n.replace("_", " "))) for n in classnames]
             self._prompt_cache[classnames] = (embedded[:1, :1], embedded[:, 1 + self.n_ctx:], eot, name_lengths)
         return self._prompt_cache[classnames]
 
