@@ -88,11 +88,14 @@ def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigg
     say(f"  {ckpt.describe_skipped()}")
     say(f"classes recovered from its token embeddings (the {len(imported.base_classes)} it was tuned on), "
         f"matching {classes_file}:")
-    for index, recovered in enumerate(imported.recovered, 1):
-        say(f"  {index:3d}  {recovered}")
+    for index, (recovered, given) in enumerate(zip(imported.recovered, imported.base_classes), 1):
+        # The tokens are the same; only the spacing around punctuation, which tokens do not keep, may differ.
+        same = recovered == given.replace("_", " ").lower()
+        say(f"  {index:3d}  {recovered}" + ("" if same else f"  (= {given!r}, the same tokens)"))
     new = imported.classnames[len(imported.base_classes):]
     if new:
-        say(f"  and {len(new)} new classes from {classes_file}: {', '.join(new[:8])}{', ...' if len(new) > 8 else ''}")
+        say(f"  and {len(new)} new class{'es' if len(new) > 1 else ''} from {classes_file}: "
+            f"{', '.join(new[:8])}{', ...' if len(new) > 8 else ''}")
 
     save_bundle(model, imported.classnames, out, base_classes=imported.base_classes, source=imported.source())
     click.echo(f"wrote bundle {out} (kind {imported.kind}, backbone {built.name} {built.pretrained}, "
