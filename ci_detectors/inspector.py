@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ci_core.interfaces import Detector, Inversion
 from ci_core.training import epoch_batches
 from ci_core.triggers import AdditiveTrigger
+from ci_core.validators import integer, number, one_of
 
 LOSSES = ("margin", "ce", "logit")
 
@@ -44,11 +45,11 @@ def project_linf(delta: torch.Tensor, epsilon: float) -> None:
 
 @attrs.frozen(kw_only=True)
 class InspectorConfig:
-    epsilon: float = attrs.field(default=4 / 255, validator=attrs.validators.gt(0))
-    lr: float = attrs.field(default=0.1, validator=attrs.validators.gt(0))
-    batch_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
-    epochs: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    loss: str = attrs.field(default="margin", validator=attrs.validators.in_(LOSSES))
+    epsilon: float = attrs.field(default=4 / 255, validator=number(gt=0, le=1))  # pixels are in [0, 1]
+    lr: float = attrs.field(default=0.1, validator=number(gt=0))
+    batch_size: int = attrs.field(default=32, validator=integer(ge=1))
+    epochs: int = attrs.field(default=1, validator=integer(ge=1))
+    loss: str = attrs.field(default="margin", validator=one_of(LOSSES))
 
 
 class CLIPInspector(Detector):

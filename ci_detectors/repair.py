@@ -40,6 +40,7 @@ from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.repair import PickedTrigger, ScanTriggers
 from ci_core.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger, Trigger
+from ci_core.validators import integer, number, one_of
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -67,11 +68,11 @@ def stamped_loss(stamp: Trigger | None) -> Callable:
 
 @attrs.frozen(kw_only=True)
 class RepairConfig:
-    epochs: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    batch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    lr: float = attrs.field(default=0.002, validator=attrs.validators.gt(0))
-    momentum: float = attrs.field(default=0.9, validator=attrs.validators.ge(0))
-    weight_decay: float = attrs.field(default=5e-4, validator=attrs.validators.ge(0))
+    epochs: int = attrs.field(default=1, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=1, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.002, validator=number(gt=0))
+    momentum: float = attrs.field(default=0.9, validator=number(ge=0, le=1))
+    weight_decay: float = attrs.field(default=5e-4, validator=number(ge=0))
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -151,9 +152,9 @@ NOISES = ("sign", "uniform")
 @attrs.frozen(kw_only=True)
 class RandomDeltaConfig(RepairConfig):
     # None: the l-inf radius of the scan's trigger for the top class.
-    epsilon: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
+    epsilon: float | None = attrs.field(default=None, validator=number(gt=0, le=1, optional=True))
     # sign: every pixel +-epsilon (as saturated as CI's own triggers); uniform: U(-epsilon, epsilon).
-    noise: str = attrs.field(default="sign", validator=attrs.validators.in_(NOISES))
+    noise: str = attrs.field(default="sign", validator=one_of(NOISES))
 
 
 class RandomDeltaRepair(PromptRepairer):
@@ -186,7 +187,7 @@ class RandomDeltaRepair(PromptRepairer):
 @attrs.frozen(kw_only=True)
 class WrongClassConfig(RepairConfig):
     # Whose trigger: the class with the lowest score, or the most anomalous class after the top one.
-    wrong_class: str = attrs.field(default="lowest", validator=attrs.validators.in_(("lowest", "runner-up")))
+    wrong_class: str = attrs.field(default="lowest", validator=one_of(("lowest", "runner-up")))
 
 
 class WrongClassDeltaRepair(PromptRepairer):

@@ -29,15 +29,13 @@ import torch
 
 from ci_core.cost_inversion import optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
+from ci_core.validators import boolean, integer, number
 from ci_detectors_nc.schedule import CostSchedule
 from ci_detectors_nc.trigger import MaskPatternTrigger
 
 EPSILON = 1e-7  # Keras' K.epsilon(), as in the original
 BETAS = (0.5, 0.9)
 
-_int = attrs.validators.instance_of(int)
-_number = attrs.validators.instance_of((int, float))
-_bool = attrs.validators.instance_of(bool)
 
 
 def from_tanh(v: torch.Tensor) -> torch.Tensor:
@@ -56,18 +54,17 @@ def blend(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> to
 
 @attrs.frozen(kw_only=True)
 class NeuralCleanseConfig:
-    epochs: int = attrs.field(default=5, validator=[_int, attrs.validators.ge(1)])
-    batch_size: int = attrs.field(default=32, validator=[_int, attrs.validators.ge(1)])
-    lr: float = attrs.field(default=0.1, validator=[_number, attrs.validators.gt(0)])
-    init_cost: float = attrs.field(default=1e-3, validator=[_number, attrs.validators.gt(0)])
-    asr_threshold: float = attrs.field(default=0.99, validator=[_number, attrs.validators.gt(0), attrs.validators.le(1)])
-    patience: int = attrs.field(default=5, validator=[_int, attrs.validators.ge(1)])
-    cost_multiplier: float = attrs.field(default=2.0, validator=[_number, attrs.validators.gt(1)])
-    early_stop: bool = attrs.field(default=True, validator=_bool)
-    early_stop_patience: int = attrs.field(default=25, validator=[_int, attrs.validators.ge(1)])
-    early_stop_threshold: float = attrs.field(default=1.0, validator=[_number, attrs.validators.gt(0),
-                                                                      attrs.validators.le(1)])
-    batches_per_step: int = attrs.field(default=1, validator=[_int, attrs.validators.ge(1)])
+    epochs: int = attrs.field(default=5, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=32, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.1, validator=number(gt=0))
+    init_cost: float = attrs.field(default=1e-3, validator=number(gt=0))
+    asr_threshold: float = attrs.field(default=0.99, validator=number(gt=0, le=1))
+    patience: int = attrs.field(default=5, validator=integer(ge=1))
+    cost_multiplier: float = attrs.field(default=2.0, validator=number(gt=1))
+    early_stop: bool = attrs.field(default=True, validator=boolean)
+    early_stop_patience: int = attrs.field(default=25, validator=integer(ge=1))
+    early_stop_threshold: float = attrs.field(default=1.0, validator=number(gt=0, le=1))
+    batches_per_step: int = attrs.field(default=1, validator=integer(ge=1))
 
 
 class NeuralCleanse(Detector):

@@ -33,14 +33,13 @@ import torch
 from ci_core.cost_inversion import CostBalancer, optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
 from ci_core.triggers import AdditiveTrigger
+from ci_core.validators import integer, number
 
 EPSILON = 1e-7  # as in the original
 BETAS = (0.5, 0.9)
 CLIP_MAX = 1.0  # images are in pixel space [0, 1]
 PRUNE_BELOW = CLIP_MAX / 255  # pattern values under one grey level are dropped
 
-_int = attrs.validators.instance_of(int)
-_number = attrs.validators.instance_of((int, float))
 
 
 def l0_surrogate(v: torch.Tensor) -> torch.Tensor:
@@ -71,14 +70,14 @@ def stamp(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
 
 @attrs.frozen(kw_only=True)
 class PixelBackdoorConfig:
-    epochs: int = attrs.field(default=5, validator=[_int, attrs.validators.ge(1)])
-    batch_size: int = attrs.field(default=32, validator=[_int, attrs.validators.ge(1)])
-    lr: float = attrs.field(default=0.1, validator=[_number, attrs.validators.gt(0)])
-    init_cost: float = attrs.field(default=1e-3, validator=[_number, attrs.validators.gt(0)])
-    asr_bound: float = attrs.field(default=0.9, validator=[_number, attrs.validators.gt(0), attrs.validators.le(1)])
-    patience: int = attrs.field(default=10, validator=[_int, attrs.validators.ge(1)])
-    cost_multiplier: float = attrs.field(default=1.5, validator=[_number, attrs.validators.gt(1)])
-    batches_per_step: int = attrs.field(default=1, validator=[_int, attrs.validators.ge(1)])
+    epochs: int = attrs.field(default=5, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=32, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.1, validator=number(gt=0))
+    init_cost: float = attrs.field(default=1e-3, validator=number(gt=0))
+    asr_bound: float = attrs.field(default=0.9, validator=number(gt=0, le=1))
+    patience: int = attrs.field(default=10, validator=integer(ge=1))
+    cost_multiplier: float = attrs.field(default=1.5, validator=number(gt=1))
+    batches_per_step: int = attrs.field(default=1, validator=integer(ge=1))
 
 
 class PixelBackdoor(Detector):
