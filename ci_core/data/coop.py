@@ -60,11 +60,13 @@ import attrs
 import torch
 
 from ci_core.data.datasets import SPLITS, Dataset, LabeledImages, check_counts
-from ci_core.data.images import UNREADABLE, ReadProgress, read_image
+from ci_core.data.images import UNREADABLE, ReadProgress, describe_unreadable, read_image
 from ci_core.errors import DataError
 
 DATA_ROOT_ENV = "CI_DATA_ROOT"
 SPLIT_FILES_FROM = "CoOp publishes the split files with its dataset instructions (KaiyangZhou/CoOp, DATASETS.md)"
+# CoOp's largest split file (SUN397's) has about 5 MB; a far larger one is not a split file.
+MAX_SPLIT_FILE_BYTES = 64 * 1024**2
 
 
 @attrs.frozen(eq=False)
@@ -91,6 +93,14 @@ def _require(dataset: str, paths: Sequence[Path], what: str, hint: str = "") -> 
     if missing:
         raise DataError(f"{dataset}: {len(missing)} of {len(paths)} {what} are missing; first missing: {missing[0]}"
                         + (f" ({hint})" if hint else ""))
+
+
+def _check_relative(dataset: str, relative: str, named_in: str, what: str = "image") -> None:
+    """A path from a metadata file stays under the image folder: relative, without '..'."""
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\0" in relative:
+        raise DataError(f"{dataset}: {named_in} names the {what} {relative!r}; expected a path relative to the "
+                        "image folder, without '..'")
 
 
 def _check_unique(dataset: str, source: Path, classnames: Sequence[str]) -> None:
@@ -154,6 +164,8 @@ class CoopDataset(Dataset):
 
     def _image_files(self, items: Sequence[tuple[str, int]], named_in: str) -> SplitFiles:
         """``items`` (paths relative to ``image_dir``, labels) as a split, after checking that every image exists."""
+        for relative, _ in items:
+            _check_relative(self.name, relative, named_in)
         _require(self.name, [self.image_dir / rel for rel, _ in items],
                  f"images named in {named_in} (under {self.image_dir})")
         return SplitFiles.group(self.image_dir, items, len(self.classnames))
@@ -203,7 +215,7 @@ class CoopDataset(Dataset):
             try:
                 images[index] = read_image(path, image_size)
             except UNREADABLE as exc:
-                raise DataError(f"{self.name}: {path} is not a readable image ({exc})") from exc
+                raise DataError(f"{self.name}: {path} is not a readable image ({describe_unreadable(exc)})") from exc
             reading.step(index + 1)
         labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
         return LabeledImages(images, labels, self.classnames)
@@ -237,10 +249,16 @@ class SplitFileDataset(CoopDataset):
 
     def _parse(self) -> None:
         path = self.root / self.split_file
+        size = path.stat().st_size
+        if size > MAX_SPLIT_FILE_BYTES:
+            raise DataError(f"{self.name}: {path} has {size} bytes, more than the {MAX_SPLIT_FILE_BYTES} a split "
+                            f"file may have; {SPLIT_FILES_FROM}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{self.name}: {path} is not valid JSON ({exc}); {SPLIT_FILES_FROM}") from exc
+        except RecursionError:
+            raise DataError(f"{self.name}: {path} is not valid JSON (nested too deeply); {SPLIT_FILES_FROM}") from None
         if not isinstance(data, dict):
             raise DataError(f"{self.name}: {path} holds a {type(data).__name__}; expected an object with the keys "
                             f"{', '.join(SPLITS)}")
@@ -301,6 +319,7 @@ class ImageNet(CoopDataset):
             if not line:
                 continue
             wnid, _, name = line.partition(" ")
+            _check_relative(self.name, wnid, f"{path}, line {number},", "class folder")
             if not name.strip():
                 raise DataError(f"{self.name}: {path}, line {number}: {line!r}; expected '<folder> <class name>'")
             pairs.append((wnid, name.strip()))

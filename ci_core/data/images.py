@@ -9,6 +9,15 @@ Normalisation is left to the model, so images here stay in [0, 1].
 Any mode PIL opens from JPEG, PNG or WebP becomes RGB first: grayscale, palette,
 CMYK and alpha directly, 16-bit grayscale PNGs scaled down to 8 bits (PIL's own
 conversion would clip them at 255).
+
+Images are untrusted input, and bounded before they are decoded: only PIL's
+JPEG, PNG and WebP decoders are ever used (whatever the file's suffix; PIL
+would otherwise try every format it knows, EPS through Ghostscript included),
+and an image whose header promises more than ``MAX_PIXELS`` pixels, or a longer
+side more than ``MAX_ASPECT`` times its shorter one (which CLIP's resize would
+blow up: 1 x 1,000,000 pixels become 224 x 224,000,000), is refused from its
+header as ``ImageTooLarge``.  That, and a ``MemoryError`` while decoding one
+image, are ``UNREADABLE`` like a corrupt file: a pool skips and counts it.
 """
 
 from __future__ import annotations
@@ -23,11 +32,43 @@ import torch
 from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# The only decoders used (PIL's names); a JPEG with several pictures opens as MPO through the JPEG decoder.
+FORMATS = ("JPEG", "PNG", "WEBP")
 
-# What PIL raises for a file it cannot decode: unidentified, truncated or corrupt data
-# (OSError and its UnidentifiedImageError), bad headers (ValueError, SyntaxError, struct.error),
-# a stream that ends early (EOFError), and oversized images (DecompressionBombError).
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# 8192 x 8192: a 48-megapixel phone photo (8000 x 6000) and an 8K frame pass; at most about 200 MB of RGB
+# and a few seconds to decode, and below PIL's own decompression-bomb warning (89 megapixels).
+MAX_PIXELS = 8192 * 8192
+# Wide panoramas stay under 10:1; beyond 20:1 the resize to CLIP's size would cost 20 times a square image.
+MAX_ASPECT = 20
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header promises more pixels, or a more elongated shape, than is ever decoded."""
+
+
+# What reading one file can raise: unidentified, truncated or corrupt data (OSError and its
+# UnidentifiedImageError), bad headers (ValueError, SyntaxError, struct.error), a stream that ends early
+# (EOFError), oversized images (ImageTooLarge, PIL's DecompressionBombError) and running out of memory
+# while decoding (MemoryError): none of them is more than one bad file.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError, MemoryError)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise ``ImageTooLarge`` for a ``width`` x ``height`` image (from its header) beyond the bounds."""
+    if width < 1 or height < 1:
+        raise ImageTooLarge(f"{width} x {height} pixels: an image has at least one pixel each way")
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{width} x {height} pixels, more than the {MAX_PIXELS:,} read")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageTooLarge(f"{width} x {height} pixels, longer than {MAX_ASPECT} times its width or height")
+
+
+def describe_unreadable(exc: BaseException) -> str:
+    """One line saying why a file could not be read."""
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding it"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -54,8 +95,10 @@ def resize_and_crop(rgb: Image.Image, size: int) -> Image.Image:
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """(3, size, size) float image in [0, 1]; raises one of ``UNREADABLE`` for a file PIL cannot decode."""
-    with Image.open(path) as img:
+    """(3, size, size) float image in [0, 1]; raises one of ``UNREADABLE`` for a file PIL cannot decode, or one
+    over the size bounds (checked from the header, before decoding)."""
+    with Image.open(path, formats=FORMATS) as img:
+        check_image_size(*img.size)
         img.load()
         rgb = to_rgb(img)
     cropped = resize_and_crop(rgb, size)
