@@ -102,15 +102,20 @@ def test_same_weights_with_another_activation_are_refused(bundle):
         load_bundle(bundle, backbone=quick)
 
 
-def test_unloadable_recorded_backbone_says_how_to_pass_its_weights(bundle):
+def test_a_weights_file_the_bundle_names_is_never_opened_and_the_way_out_is_said(tmp_path, bundle, random_backbone):
+    weights = tmp_path / "backbone.safetensors"  # the very weights, so that only the refusal can fail the load
+    save_file({k: v.contiguous() for k, v in random_backbone.model.state_dict().items()}, str(weights))
     meta_path = bundle / "bundle.json"
     meta = json.loads(meta_path.read_text())
-    meta["backbone"]["pretrained"] = "/elsewhere/backbone.safetensors"
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip "
-                                          r"\(/elsewhere/backbone.safetensors\).*does not exist.*"
-                                          r"pass it with --pretrained FILE"):
-        load_bundle(bundle)
+    for source in (str(weights), "/elsewhere/backbone.safetensors", "https://example.invalid/w.safetensors",
+                   "hf-hub:someone/tiny-clip"):
+        meta["backbone"]["pretrained"] = source
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip \(.*\): .*never read "
+                                              r"from a file, URL or hub repository .* pass it with --pretrained FILE"):
+            load_bundle(bundle)
+    loaded, _ = load_bundle(bundle, pretrained=str(weights))  # given by the auditor, the same file is fine
+    assert loaded.backbone.weights_sha256 == random_backbone.weights_sha256
 
 
 def test_metadata_errors(bundle):

@@ -19,17 +19,24 @@ OpenAI publishes for it (``OPENAI_ARCHIVES``), and then only its parameters are
 read, by ``ci_core.safe_pickle`` (its code and constants are never loaded).  It
 fixes the architecture (the open_clip name must match, QuickGELU is implied).
 Any other TorchScript archive is refused.
+
+``architecture(name)`` describes an open_clip model from its config, without
+allocating it (the model is built on the ``meta`` device, which holds shapes
+only): what a bundle's metadata and tensor shapes are checked against before any
+weights are read or allocated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
 import os
 import pickle
+import re
 import socket
 import urllib.parse
 import urllib.request
@@ -96,6 +103,12 @@ class Backbone:
     @property
     def text_width(self) -> int:
         return int(self.model.token_embedding.weight.shape[1])
+
+    @property
+    def token_embedding_scale(self) -> float:
+        """The largest norm of a word's token embedding: the scale of every input the text encoder was trained on."""
+        norms = self.model.token_embedding.weight.detach().float().norm(dim=-1)
+        return float(norms[norms > 0].max())  # rows of unused tokens may be stored as zeros (the tiny CLIP)
 
     @property
     def eot_token_id(self) -> int:
@@ -377,7 +390,7 @@ def _local_file_hint(name: str, cfg: dict) -> str:
             "(a .pt/.pth/.bin state dict is read with torch.load(weights_only=True))")
 
 
-def _create_from_tag(name: str, tag: str, cache_dir: str | None) -> torch.nn.Module:
+def _create_from_tag(name: str, tag: str, cache_dir: str | None, allow_download: bool = True) -> torch.nn.Module:
     cfg = open_clip.get_pretrained_cfg(name, tag)
     cached = cached_pretrained_file(cfg, cache_dir)
     try:
@@ -387,6 +400,10 @@ def _create_from_tag(name: str, tag: str, cache_dir: str | None) -> torch.nn.Mod
             return open_clip.create_model(name, pretrained=cached, force_quick_gelu=bool(cfg.get("quick_gelu")),
                                           force_preprocess_cfg=preprocess, cache_dir=cache_dir)
         source = download_source(cfg)
+        if not allow_download:
+            raise ConfigError(f"pretrained {tag!r} for {name} is not in the open_clip cache, and it is not downloaded "
+                              f"here (from {source or 'its source'}): download it once with open_clip, or "
+                              f"{_local_file_hint(name, cfg)}")
         if _hf_repo_and_files(cfg) is not None and _hub_offline():
             raise ConfigError(f"pretrained {tag!r} for {name} is not in the open_clip cache and HF_HUB_OFFLINE is set, "
                               f"so it cannot be downloaded from {source}; {_local_file_hint(name, cfg)}")
@@ -418,9 +435,25 @@ def _looks_like_file(pretrained: str) -> bool:
     return Path(pretrained).suffix in LOCAL_SUFFIXES or os.sep in pretrained or Path(pretrained).is_file()
 
 
+# random:SEED with a seed torch.manual_seed takes (it wraps negative seeds; beyond 64 bits it overflows).
+_RANDOM = re.compile(r"random:(-?[0-9]{1,20})")
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def random_seed(pretrained: str) -> int | None:
+    """The seed of ``random:SEED``, None for any other source; a malformed or out-of-range seed is an error."""
+    if not pretrained.startswith("random:"):
+        return None
+    match = _RANDOM.fullmatch(pretrained)
+    if not match or not _SEED_RANGE[0] <= int(match.group(1)) <= _SEED_RANGE[1]:
+        raise ConfigError(f"pretrained {pretrained!r}: expected random:SEED with an integer seed from "
+                          f"{_SEED_RANGE[0]} to {_SEED_RANGE[1]}")
+    return int(match.group(1))
+
+
 def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str | torch.device = "cpu", *,
                   quick_gelu: bool | None = None, text_encoding: TextEncoding | None = None,
-                  cache_dir: str | None = None) -> Backbone:
+                  cache_dir: str | None = None, allow_download: bool = True) -> Backbone:
     """Build a frozen, eval-mode backbone.
 
     ``pretrained`` is ``builtin`` (the shipped tiny CLIP), ``random:SEED``
@@ -429,7 +462,8 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
     ``.safetensors`` file (or a torch state dict, read with ``weights_only=True``,
     or one of OpenAI's published TorchScript archives, verified by SHA-256).
     ``quick_gelu`` forces the activation for random weights and files (a tag
-    and an OpenAI archive decide it themselves); ``cache_dir`` is open_clip's download cache.
+    and an OpenAI archive decide it themselves); ``cache_dir`` is open_clip's download cache;
+    ``allow_download`` False takes a tag only from that cache (never the network).
     """
     check_model_name(name)
     force_quick_gelu = bool(quick_gelu)
@@ -440,14 +474,10 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
         model = _create_bare(name, False)
         model.load_state_dict(read_tiny_weights())
     elif pretrained.startswith("random:"):
-        try:
-            seed = int(pretrained.split(":", 1)[1])
-        except ValueError as exc:
-            raise ConfigError(f"pretrained {pretrained!r}: expected random:SEED with an integer seed") from exc
-        torch.manual_seed(seed)
+        torch.manual_seed(random_seed(pretrained))
         model = _create_bare(name, force_quick_gelu)
     elif open_clip.is_pretrained_cfg(name, pretrained):
-        model = _create_from_tag(name, pretrained, cache_dir)
+        model = _create_from_tag(name, pretrained, cache_dir, allow_download)
     elif _looks_like_file(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -482,3 +512,60 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
         weights_sha256=state_dict_sha256(model.state_dict()),
         quick_gelu=_uses_quick_gelu(model),
     ).with_text_encoding(text_encoding or TextEncoding())
+
+
+# --------------------------------------------------------------------------- architectures, unallocated
+
+
+@attrs.frozen(kw_only=True)
+class Architecture:
+    """An open_clip model as its config and its unallocated (``meta`` device) build describe it."""
+
+    name: str
+    context_length: int
+    text_width: int
+    embed_dim: int
+    image_size: int
+    # Every tensor of the image encoder (state-dict names without "visual."): (shape, floating point).
+    visual: dict[str, tuple[tuple[int, ...], bool]] = attrs.field(repr=False)
+    tokenizer: object = attrs.field(eq=False, repr=False)
+
+
+# Configs of models whose text side is not open_clip's own transformer and tokenizer: prompt tuning reaches
+# into that transformer, and their tokenizers are fetched from the Hugging Face hub.
+_FOREIGN_TEXT = ("custom_text", "multimodal_cfg")
+_FOREIGN_TOKENS = ("hf_model_name", "hf_tokenizer_name")
+
+
+@functools.lru_cache(maxsize=8)
+def architecture(name: str) -> Architecture:
+    """What open_clip model ``name`` is, read from its config and built on the ``meta`` device (no memory, no network).
+
+    Only CLIP models with open_clip's own text transformer and tokenizer are described: the ones prompt
+    tuning works on.  An unknown name, or another kind of model, is a ``ConfigError``.
+    """
+    check_model_name(name)
+    cfg = open_clip.get_model_config(name) or {}
+    text_cfg = cfg.get("text_cfg") or {}
+    foreign = [k for k in _FOREIGN_TEXT if cfg.get(k)] + [k for k in _FOREIGN_TOKENS if text_cfg.get(k)]
+    if foreign:
+        raise ConfigError(f"open_clip model {name!r} is not a CLIP with open_clip's own text transformer and "
+                          f"tokenizer ({', '.join(foreign)} in its config), which prompt tuning needs")
+    try:
+        # Built under the meta device, parameters are created (and initialised) without memory, then kept there.
+        with _quiet_random_init(), torch.device("meta"):
+            model = open_clip.create_model(name, pretrained=None, device="meta")
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as exc:  # open_clip and timm raise many kinds for a model they cannot build
+        raise ConfigError(f"open_clip model {name!r} cannot be described ({_first_line(exc)})") from exc
+    if not isinstance(model, open_clip.CLIP) or not hasattr(tokenizer, "encode"):
+        raise ConfigError(f"open_clip model {name!r} is a {type(model).__name__}, not a CLIP with open_clip's own "
+                          "text transformer and tokenizer, which prompt tuning needs")
+    image_size = model.visual.image_size
+    image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    return Architecture(
+        name=name, context_length=int(model.positional_embedding.shape[0]),
+        text_width=int(model.token_embedding.weight.shape[1]), embed_dim=int(model.text_projection.shape[1]),
+        image_size=image_size, tokenizer=tokenizer,
+        visual={k: (tuple(v.shape), v.is_floating_point()) for k, v in model.visual.state_dict().items()},
+    )

@@ -21,40 +21,51 @@ Three kinds of model travel this way, named by the ``kind`` field:
 A bundle may record where it came from under ``source`` (``ci-import`` writes
 the checkpoint it converted, its SHA-256 and epoch); loading ignores it.
 
-A delivered bundle is untrusted input: nothing in it is ever unpickled or
-executed, and every tensor is checked against the shape the metadata and the
-backbone imply before it is loaded.
+A delivered bundle is untrusted input, read in an order that fails closed:
+1. ``bundle.json`` (at most ``MAX_META_BYTES``) against its schema and the
+   unallocated architecture of the backbone it names
+   (``ci_core.models.bundle_schema``: types, ranges, class count, n_ctx, prompts,
+   tensor shapes);
+2. the header of ``weights.safetensors`` (names, shapes, dtypes; no data)
+   against those shapes, so that no tensor is read that the model does not hold;
+3. only then the backbone, whose weights come from the auditor's
+   ``--pretrained``, or from what the bundle records when that is the builtin
+   tiny CLIP, ``random:SEED`` or an open_clip tag already in open_clip's cache:
+   never from a file, URL or hub repository a bundle names, and never over the
+   network (``recorded_backbone_source``);
+4. then the tensors.  Nothing is ever unpickled or executed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ci_core.errors import BundleError, ConfigError
 from ci_core.files import read_json_object
-from ci_core.models.backbone import QUICKGELU_SUFFIX, Backbone, TextEncoding, load_backbone, state_dict_sha256
+from ci_core.models.backbone import (BUILTIN, QUICKGELU_SUFFIX, Backbone, TextEncoding, architecture, load_backbone,
+                                     random_seed, state_dict_sha256)
+from ci_core.models.bundle_schema import (COCOOP, COOP, FORMAT, MAX_META_BYTES, VERSION, ZEROSHOT, check_meta,
+                                          expected_tensors)
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
-from ci_core.models.coop import POSITIONS, CoOpCLIP
+from ci_core.models.coop import CoOpCLIP
 from ci_core.models.zeroshot import ZeroShotCLIP
 
-FORMAT = "clip-inspector-bundle"
-VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
-COCOOP, COOP, ZEROSHOT = "cocoop", "coop", "zeroshot"
-_COMMON = ("format", "version", "backbone", "classnames", "template", "image", "tensors")
-_REQUIRED = {COCOOP: _COMMON + ("n_ctx",), COOP: _COMMON + ("n_ctx", "class_token_position", "class_specific"),
-             ZEROSHOT: _COMMON + ("image_encoder",)}
+# safetensors dtypes of floating-point tensors.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Every model a bundle can hold.
 BundledModel = PromptTunedCLIP | CoOpCLIP | ZeroShotCLIP
 
@@ -126,42 +137,13 @@ def save_bundle(model: BundledModel, classnames: Sequence[str], path: str | Path
 
 
 def read_meta(path: str | Path) -> dict:
+    """The metadata of the bundle at ``path``, checked (``bundle_schema.check_meta``) before anything else is read."""
     path = Path(path)
     meta_path = path / META_FILE
     if not path.is_dir():
         raise BundleError(f"{path}: a bundle is a directory holding {META_FILE} and {WEIGHTS_FILE}")
-    meta = read_json_object(meta_path, BundleError, "a bundle's metadata")
-    kind = meta.setdefault("kind", COCOOP)  # bundles written before zero-shot ones existed have no kind
-    if kind not in _REQUIRED:
-        raise BundleError(f"{meta_path}: kind {kind!r} is not supported (expected one of {sorted(_REQUIRED)})")
-    missing = [k for k in _REQUIRED[kind] if k not in meta]
-    if missing:
-        raise BundleError(f"{meta_path}: missing keys {missing}")
-    if meta["format"] != FORMAT or meta["version"] != VERSION:
-        raise BundleError(f"{meta_path}: format {meta['format']!r} version {meta['version']!r}, expected {FORMAT!r} version {VERSION}")
-    if kind == ZEROSHOT:
-        template = meta["template"]  # a zero-shot model classifies with it
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise BundleError(f"{meta_path}: 'template' must be a string holding exactly one '{{}}', got {template!r}")
-        encoder = meta["image_encoder"]
-        if not isinstance(encoder, dict) or not isinstance(encoder.get("sha256"), str) or len(encoder["sha256"]) != 64:
-            raise BundleError(f"{meta_path}: 'image_encoder' must record the fine-tuned encoder's 'sha256' (64 hex digits)")
-    else:
-        n_ctx = meta["n_ctx"]
-        if type(n_ctx) is not int or n_ctx < 1:
-            raise BundleError(f"{meta_path}: 'n_ctx' must be a positive integer, got {n_ctx!r}")
-    if kind == COOP:
-        if meta["class_token_position"] not in POSITIONS:
-            raise BundleError(f"{meta_path}: 'class_token_position' must be one of {', '.join(POSITIONS)}, "
-                              f"got {meta['class_token_position']!r}")
-        if not isinstance(meta["class_specific"], bool):
-            raise BundleError(f"{meta_path}: 'class_specific' must be true or false, got {meta['class_specific']!r}")
-    names = meta["classnames"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise BundleError(f"{meta_path}: 'classnames' must be a non-empty list of strings")
-    if len(set(names)) != len(names):
-        raise BundleError(f"{meta_path}: 'classnames' has duplicates")
-    return meta
+    meta = read_json_object(meta_path, BundleError, "a bundle's metadata", max_bytes=MAX_META_BYTES)
+    return check_meta(meta, meta_path)
 
 
 def bundle_sha256(path: str | Path) -> str:
@@ -191,25 +173,80 @@ def check_backbone(path: Path, ident: dict, backbone: Backbone) -> None:
         )
 
 
+def recorded_backbone_source(path: str | Path, ident: dict) -> None:
+    """Refuse weights a bundle names that this tool would have to open or fetch on the bundle's say-so.
+
+    A bundle's backbone is rebuilt from what it records only for the builtin tiny CLIP, ``random:SEED``
+    and an open_clip pretrained tag (then read from open_clip's cache, never downloaded); any other source
+    (a file path, a URL, a hub repository) the auditor must give with ``--pretrained``.
+    """
+    name, source = ident["name"], ident["pretrained"]
+    if source == BUILTIN or random_seed(source) is not None or open_clip.is_pretrained_cfg(name, source):
+        return
+    raise ConfigError(f"the bundle records its weights as {source!r}, which is not an open_clip tag of {name}, "
+                      "'builtin' or random:SEED; weights are never read from a file, URL or hub repository that a "
+                      "bundle names (it comes from the party being audited)")
+
+
 def bundle_backbone(path: str | Path, meta: dict, device: str | torch.device = "cpu", *, name: str | None = None,
                     pretrained: str | None = None, text_encoding: TextEncoding | None = None,
                     cache_dir: str | None = None) -> Backbone:
     """The backbone a bundle names, or ``name``/``pretrained`` instead (e.g. a local copy of its weights).
 
-    For weights given as a file or random seed, the activation is the one the bundle records.
+    For weights given as a file or random seed, the activation is the one the bundle records.  Weights the
+    bundle names are taken only as ``recorded_backbone_source`` allows, and a tag only from the cache.
     """
     ident = meta["backbone"]
-    for key in ("name", "pretrained", "weights_sha256"):
-        if not isinstance(ident, dict) or not isinstance(ident.get(key), str):
-            raise BundleError(f"{Path(path) / META_FILE}: 'backbone' needs a string {key!r}")
     try:
+        if pretrained is None:
+            recorded_backbone_source(path, ident)
         return load_backbone(name or ident["name"], pretrained or ident["pretrained"], device,
-                             quick_gelu=ident.get("quick_gelu"), text_encoding=text_encoding, cache_dir=cache_dir)
+                             quick_gelu=ident.get("quick_gelu"), text_encoding=text_encoding, cache_dir=cache_dir,
+                             allow_download=pretrained is not None)
     except ConfigError as exc:
         if pretrained is not None:
             raise
         raise ConfigError(f"{path}: cannot load the bundle's backbone {ident['name']} ({ident['pretrained']}): {exc}. "
                           "If you have its weights as a file, pass it with --pretrained FILE") from exc
+
+
+def _read_header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor in a safetensors file, from its header alone (no tensor data is read)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            return {key: (tuple(handle.get_slice(key).get_shape()), str(handle.get_slice(key).get_dtype()))
+                    for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+
+
+def _check_header(weights_path: Path, meta: dict) -> None:
+    """The weights file holds exactly the tensors the metadata describes, with those shapes, before any is read."""
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path.parent}: missing {WEIGHTS_FILE}")
+    header = _read_header(weights_path)
+    expected = expected_tensors(meta, architecture(meta["backbone"]["name"]))
+    for key, (shape, floating) in expected.items():
+        if key not in header:
+            raise BundleError(f"{weights_path}: missing tensor {key!r} (expected shape {list(shape)})")
+        found, dtype = header[key]
+        if found != shape:
+            raise BundleError(f"{weights_path}: tensor {key!r} has shape {list(found)}, expected {list(shape)}")
+        if (dtype in _FLOAT_DTYPES) != floating:
+            raise BundleError(f"{weights_path}: tensor {key!r} is {dtype}, expected "
+                              + ("floating point (F16, BF16, F32 or F64)" if floating else "an integer type"))
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise BundleError(f"{weights_path}: unexpected tensors {extra[:10]}")
+
+
+def _check_image(path: Path, meta: dict, backbone: Backbone) -> None:
+    """The image statistics the bundle records are the ones its backbone normalises with."""
+    image = meta["image"]
+    for key, recorded, actual in (("mean", image["mean"], backbone.mean), ("std", image["std"], backbone.std)):
+        if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(recorded, actual)):
+            raise BundleError(f"{path / META_FILE}: 'image.{key}' is {list(recorded)}, but backbone "
+                              f"{backbone.name} ({backbone.pretrained}) normalises images with {list(actual)}")
 
 
 def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu", *,
@@ -225,15 +262,15 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     """
     path = Path(path)
     meta = read_meta(path)
+    weights_path = path / WEIGHTS_FILE
+    _check_header(weights_path, meta)  # before the backbone is allocated or any tensor read
     if backbone is None:
         backbone = bundle_backbone(path, meta, device, name=name, pretrained=pretrained, text_encoding=text_encoding,
                                    cache_dir=cache_dir)
     elif text_encoding is not None:
         backbone = backbone.with_text_encoding(text_encoding)
     check_backbone(path, meta["backbone"], backbone)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise BundleError(f"{path}: missing {WEIGHTS_FILE}")
+    _check_image(path, meta, backbone)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -247,7 +284,7 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
         coop.prompt_learner.load_state_dict({k.removeprefix("prompt_learner."): v.to(torch.float32)
                                              for k, v in tensors.items()})
         return coop.eval(), meta
-    model = PromptTunedCLIP(backbone, n_ctx=int(meta["n_ctx"]), ctx_init=None)
+    model = PromptTunedCLIP(backbone, n_ctx=meta["n_ctx"], ctx_init=None)
     _check_tensors(weights_path, tensors, model.trainable_state())
     state = {k.removeprefix("prompt_learner."): v.to(torch.float32) for k, v in tensors.items()}
     model.prompt_learner.load_state_dict(state)
