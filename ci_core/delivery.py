@@ -33,6 +33,7 @@ metadata shaped like a bundle's ``bundle.json``.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -52,7 +53,7 @@ from ci_core.triggers import AdditiveTrigger
 
 LEARNER_FOLDER, TRIGGER_FOLDER = "prompt_learner", "trigger"
 LATEST_FILE, BEST_FILE = "checkpoint", "model-best.pth.tar"
-_EPOCH_FILE = re.compile(r"model\.pth\.tar-(\d+)")
+_EPOCH_FILE = re.compile(r"model\.pth\.tar-(\d{1,9})")  # an epoch count, not a 5,000-digit number
 _WHAT = "a checkpoint written by torch.save (Dassl's model.pth.tar-N)"
 COCOOP_KEYS = frozenset({"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
                          "meta_net.linear2.bias", "token_prefix", "token_suffix"})
@@ -127,6 +128,18 @@ def _epoch_files(folder: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_FILE.fullmatch(p.name)) and p.is_file())
 
 
+def _inside(path: Path, folder: Path) -> Path:
+    """``path``, after checking that it lies inside ``folder`` once every symbolic link is resolved.
+
+    The files of a delivery folder are the provider's: a checkpoint (or the ``prompt_learner/`` folder) that is
+    a link to a file elsewhere on the auditor's machine is refused, never read.
+    """
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise BundleError(f"{path}: a symbolic link to {path.resolve()}, outside the delivery folder {folder}; "
+                          "only files inside it are read")
+    return path
+
+
 def _has_checkpoints(folder: Path) -> bool:
     return (folder / BEST_FILE).is_file() or bool(_epoch_files(folder))
 
@@ -142,22 +155,22 @@ def resolve_checkpoint(path: str | Path, folder: str = LEARNER_FOLDER) -> Path:
         return path
     if not path.is_dir():
         raise BundleError(f"{path}: no such file or folder; expected a checkpoint file or a Dassl output folder")
-    directory = path / folder if (path / folder).is_dir() else path
+    directory = _inside(path / folder, path) if (path / folder).is_dir() else path
     if not _has_checkpoints(directory):
         raise BundleError(f"{directory}: no model.pth.tar-N or {BEST_FILE} here; expected a Dassl output folder "
                           f"(holding {folder}/model.pth.tar-N) or a checkpoint file")
     latest = directory / LATEST_FILE
     if latest.is_file():
-        with open(latest, "rb") as handle:
+        with open(_inside(latest, path), "rb") as handle:
             lines = handle.read(256).decode("utf-8", errors="replace").splitlines()
         name = lines[0].strip() if lines else ""
         # The file is the provider's: only a plain checkpoint name in this folder is followed.
         if (_EPOCH_FILE.fullmatch(name) or name == BEST_FILE) and (directory / name).is_file():
-            return directory / name
+            return _inside(directory / name, path)
     epochs = _epoch_files(directory)
     if epochs:
-        return epochs[-1][1]
-    return directory / BEST_FILE
+        return _inside(epochs[-1][1], path)
+    return _inside(directory / BEST_FILE, path)
 
 
 # --------------------------------------------------------------------------- reading a checkpoint
@@ -186,6 +199,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         for key, ref in refs.items():
             if not isinstance(key, str) or not isinstance(ref, TensorRef):
                 raise BundleError(f"{path}: state_dict entry {key!r} is {_kind(ref)}, not a tensor")
+            elements = math.prod(ref.size)
+            if elements > max(ref.storage.numel, 1):
+                # Only a view with zero strides has more elements than its storage, and copying it out would
+                # allocate them all: a 1-element storage could claim a tensor of terabytes.
+                raise BundleError(f"{path}: state_dict entry {key!r} claims shape {list(ref.size)} ({elements} "
+                                  f"elements) over a storage of {ref.storage.numel}; a saved prompt learner's "
+                                  "tensors hold their own elements")
             state[key.removeprefix("module.")] = archive.tensor(ref)
         epoch = root.get("epoch")
         skipped = tuple(str(k) for k in root if k not in ("state_dict", "epoch"))
