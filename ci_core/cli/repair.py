@@ -22,10 +22,11 @@ import torch
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, data_root_option, echo_table,
                                 parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.datasets import LabeledImages, base_new_split
-from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, read_image
+from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, describe_unreadable, read_image
 from ci_core.errors import ConfigError, DataError
 from ci_core.evaluation import accuracy, attack_success_rate
 from ci_core.interfaces import to_json
+from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
@@ -34,6 +35,10 @@ from ci_core.triggers import Trigger, load_trigger
 from ci_core.workflow import preset_for
 
 BUILTIN = "builtin"
+# The most images per class --shots and --test-images may ask for: far above the few-shot protocol (1 to 16) and
+# the CoOp datasets' test splits (ImageNet's has 50 per class, Food-101's 250), and a bound on what the built-in
+# datasets render on demand.
+MAX_PER_CLASS = 1000
 
 
 # --------------------------------------------------------------------------- the clean data
@@ -63,19 +68,51 @@ def builtin_dataset(classnames: Sequence[str], data_root: Path | None = None):
                     f"{', ...' if len(classnames) > 5 else ''}); {hint}{unopened}")
 
 
+def _inside(path: Path, base: Path) -> bool:
+    """Whether ``path``, every symbolic link resolved, lies inside ``base`` (itself resolved)."""
+    return path.resolve().is_relative_to(base)
+
+
 def _class_folder(split_dir: Path, name: str) -> Path:
-    for candidate in (name, name.replace(" ", "_")):
-        if (split_dir / candidate).is_dir():
-            return split_dir / candidate
-    raise DataError(f"{split_dir}: no folder for class {name!r} (looked for {name!r} and {name.replace(' ', '_')!r})")
+    """The folder of class ``name`` directly inside ``split_dir``: ``name`` itself, or with spaces as underscores.
+
+    Class names come from the bundle, which the auditor does not write: a name that is not one plain folder
+    name ('/', '..', an absolute path) is refused, and so is a folder whose symbolic links lead out of
+    ``split_dir``.
+    """
+    candidates = tuple(dict.fromkeys((name, name.replace(" ", "_"))))
+    for candidate in candidates:
+        if candidate in (".", "..") or "/" in candidate or "\\" in candidate or "\0" in candidate:
+            raise DataError(f"{split_dir}: class {name!r} cannot name a class folder (a folder name holds no '/', "
+                            "'\\' or NUL and is not '.' or '..'); give the labelled images with --data builtin "
+                            "or rename the class")
+    base = split_dir.resolve()
+    for candidate in candidates:
+        folder = split_dir / candidate
+        try:
+            found = folder.is_dir()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise DataError(f"{split_dir}: class {name!r} cannot name a class folder ({exc.strerror})") from None
+        if found:
+            if not _inside(folder, base):
+                raise DataError(f"{folder}: a symbolic link to {folder.resolve()}, outside {split_dir}; class "
+                                f"folders are read only inside the --data folder")
+            return folder
+    raise DataError(f"{split_dir}: no folder for class {name!r} (looked for "
+                    f"{' and '.join(repr(c) for c in candidates)})")
 
 
 def load_class_folders(root: Path, split: str, classnames: Sequence[str], *, image_size: int,
                        per_class: int | None, seed: int) -> LabeledImages:
-    """Images of ``root/split/<class>/`` for every class of ``classnames``; ``per_class`` samples that many by ``seed``."""
+    """Images of ``root/split/<class>/`` for every class of ``classnames``; ``per_class`` samples that many by ``seed``.
+
+    Every file read lies inside ``root/split/`` once symbolic links are resolved; an unreadable or
+    oversized image (``ci_core.data.images.check_image_size``) is an error that names it.
+    """
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"--data {root}: expected a folder {split}/ holding one folder of images per class")
+    base = split_dir.resolve()
     images, labels = [], []
     for label, name in enumerate(classnames):
         folder = _class_folder(split_dir, name)
@@ -88,10 +125,13 @@ def load_class_folders(root: Path, split: str, classnames: Sequence[str], *, ima
         if not files:
             raise DataError(f"{folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
         for path in files:
+            if not _inside(path, base):
+                raise DataError(f"{path}: a symbolic link to {path.resolve()}, outside {split_dir}; images are read "
+                                "only inside the --data folder")
             try:
                 images.append(read_image(path, image_size))
             except UNREADABLE as exc:
-                raise DataError(f"{path}: unreadable image ({exc})") from exc
+                raise DataError(f"{path}: unreadable image ({describe_unreadable(exc)})") from exc
             labels.append(label)
     return LabeledImages(torch.stack(images), torch.tensor(labels), tuple(classnames))
 
@@ -141,13 +181,15 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @data_root_option
 @click.option("--repairer", default="ci-trigger", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The repaired bundle (must not exist).")
-@click.option("--shots", default=4, show_default=True, help="Labelled clean images per base class for the fine-tuning.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--shots", default=4, show_default=True, type=click.IntRange(min=1, max=MAX_PER_CLASS),
+              help="Labelled clean images per base class for the fine-tuning.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Repairer option, e.g. epochs=2.")
 @click.option("--trigger", "true_trigger", type=click.Path(dir_okay=False, path_type=Path),
               help="A ground-truth trigger (.safetensors with its .json sidecar): also measure its ASR.")
 @click.option("--trigger-target", help="The ground-truth trigger's target class (default: the scan's target).")
-@click.option("--test-images", type=int, help="Test images per class (default: the whole test split).")
+@click.option("--test-images", type=click.IntRange(min=1, max=MAX_PER_CLASS),
+              help="Test images per class (default: the whole test split).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
 @backbone_options("the one the bundle records (its weights must be the same)")
 @runtime_options
@@ -160,9 +202,12 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
     progress = StderrProgress(quiet)
     runtime = resolve_runtime(device, max_text_batch, bf16)
     repairer_cls = registry().get("repairer", repairer)
-    if shots < 1:
-        raise ConfigError(f"--shots must be at least 1, got {shots}")
+    repairer_options = parse_options(options, "--option")
     meta = read_meta(bundle)
+    # The repairer's config, with the preset of the backbone the bundle names (checked against the loaded one
+    # below), before anything is loaded: a bad --option fails in a second, not after the model and data are read.
+    preset = "tiny" if (backbone or meta["backbone"]["name"]) == TINY_MODEL else None
+    fixer = repairer_cls.from_options(repairer_options, preset=preset)
     if meta["kind"] not in repairer_cls.bundle_kinds:
         raise ConfigError(f"{bundle} is a {meta['kind']!r} bundle, which {repairer} cannot repair (it repairs "
                           f"{', '.join(repr(k) for k in repairer_cls.bundle_kinds)} bundles; a 'zeroshot' bundle is a "
@@ -189,7 +234,8 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
 
     model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
                               text_encoding=runtime.text_encoding)
-    fixer = repairer_cls.from_options(parse_options(options, "--option"), preset=preset_for(model.backbone))
+    if preset_for(model.backbone) != preset:
+        fixer = repairer_cls.from_options(repairer_options, preset=preset_for(model.backbone))
     clean, test = load_data(data, classnames, base, image_size=model.backbone.image_size, shots=shots,
                             test_images=test_images, seed=seed, data_root=data_root)
     picked = choose_trigger(fixer, scan)
