@@ -466,6 +466,20 @@ def load_backbone(name: str = TINY_MODEL, pretrained: str = BUILTIN, device: str
     ``allow_download`` False takes a tag only from that cache (never the network).
     """
     check_model_name(name)
+    try:
+        return _load_backbone(name, pretrained, device, quick_gelu=quick_gelu, text_encoding=text_encoding,
+                              cache_dir=cache_dir, allow_download=allow_download)
+    except MemoryError:
+        raise ConfigError(f"backbone {name} ({pretrained}): not enough memory to build it on {device}") from None
+    except RuntimeError as exc:  # torch's allocators raise RuntimeError when memory runs out
+        if "alloc" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise ConfigError(f"backbone {name} ({pretrained}): not enough memory to build it on {device} "
+                          f"({_first_line(exc)})") from None
+
+
+def _load_backbone(name: str, pretrained: str, device: str | torch.device, *, quick_gelu: bool | None,
+                   text_encoding: TextEncoding | None, cache_dir: str | None, allow_download: bool) -> Backbone:
     force_quick_gelu = bool(quick_gelu)
     if pretrained == BUILTIN:
         if name != TINY_MODEL:
@@ -526,6 +540,7 @@ class Architecture:
     text_width: int
     embed_dim: int
     image_size: int
+    parameters: int  # tensors' elements in all, parameters and buffers
     # Every tensor of the image encoder (state-dict names without "visual."): (shape, floating point).
     visual: dict[str, tuple[tuple[int, ...], bool]] = attrs.field(repr=False)
     tokenizer: object = attrs.field(eq=False, repr=False)
@@ -566,6 +581,6 @@ def architecture(name: str) -> Architecture:
     return Architecture(
         name=name, context_length=int(model.positional_embedding.shape[0]),
         text_width=int(model.token_embedding.weight.shape[1]), embed_dim=int(model.text_projection.shape[1]),
-        image_size=image_size, tokenizer=tokenizer,
+        image_size=image_size, tokenizer=tokenizer, parameters=sum(v.numel() for v in model.state_dict().values()),
         visual={k: (tuple(v.shape), v.is_floating_point()) for k, v in model.visual.state_dict().items()},
     )

@@ -64,6 +64,10 @@ from ci_core.models.zeroshot import ZeroShotCLIP
 
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
+# Random weights a bundle may ask for (random:SEED is the project's test weights): ViT-L/14 (428M parameters,
+# 1.6 GiB) and everything smaller; ViT-H/14 and ViT-bigG/14 (1.0 and 2.5 billion) only from the auditor's
+# --pretrained.
+MAX_RANDOM_PARAMETERS = 500_000_000
 # safetensors dtypes of floating-point tensors.
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Every model a bundle can hold.
@@ -142,8 +146,16 @@ def read_meta(path: str | Path) -> dict:
     meta_path = path / META_FILE
     if not path.is_dir():
         raise BundleError(f"{path}: a bundle is a directory holding {META_FILE} and {WEIGHTS_FILE}")
+    _inside(meta_path, path)
     meta = read_json_object(meta_path, BundleError, "a bundle's metadata", max_bytes=MAX_META_BYTES)
     return check_meta(meta, meta_path)
+
+
+def _inside(file: Path, bundle: Path) -> None:
+    """A bundle's file is the provider's: one that is a link to a file elsewhere is refused, never read."""
+    if file.is_symlink() and not file.resolve().is_relative_to(bundle.resolve()):
+        raise BundleError(f"{file}: a symbolic link to {file.resolve()}, outside the bundle; a bundle's files are "
+                          "read only inside it")
 
 
 def bundle_sha256(path: str | Path) -> str:
@@ -181,7 +193,15 @@ def recorded_backbone_source(path: str | Path, ident: dict) -> None:
     (a file path, a URL, a hub repository) the auditor must give with ``--pretrained``.
     """
     name, source = ident["name"], ident["pretrained"]
-    if source == BUILTIN or random_seed(source) is not None or open_clip.is_pretrained_cfg(name, source):
+    if random_seed(source) is not None:
+        parameters = architecture(name).parameters
+        if parameters > MAX_RANDOM_PARAMETERS:
+            raise ConfigError(f"the bundle asks for random weights of {name}, {parameters / 1e6:.0f}M parameters; a "
+                              f"bundle may ask for random weights of at most {MAX_RANDOM_PARAMETERS / 1e6:.0f}M (the "
+                              f"project's test weights), so as not to allocate {parameters * 4 / 2**30:.1f} GiB on its "
+                              f"say-so: pass --pretrained {source} to build them anyway")
+        return
+    if source == BUILTIN or open_clip.is_pretrained_cfg(name, source):
         return
     raise ConfigError(f"the bundle records its weights as {source!r}, which is not an open_clip tag of {name}, "
                       "'builtin' or random:SEED; weights are never read from a file, URL or hub repository that a "
@@ -222,6 +242,7 @@ def _read_header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _check_header(weights_path: Path, meta: dict) -> None:
     """The weights file holds exactly the tensors the metadata describes, with those shapes, before any is read."""
+    _inside(weights_path, weights_path.parent)
     if not weights_path.is_file():
         raise BundleError(f"{weights_path.parent}: missing {WEIGHTS_FILE}")
     header = _read_header(weights_path)
