@@ -212,6 +212,12 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
         raise ConfigError(f"{bundle} is a {meta['kind']!r} bundle, which {repairer} cannot repair (it repairs "
                           f"{', '.join(repr(k) for k in repairer_cls.bundle_kinds)} bundles; a 'zeroshot' bundle is a "
                           "fine-tuned image encoder without a prompt learner)")
+    if json_path is not None:
+        # The measurements replace whatever file --json names: never one of the inputs, nor a file of the new bundle.
+        target = json_path.resolve()
+        for given, what in ((Path(bundle), "BUNDLE"), (Path(report), "--report"), (out, "--out")):
+            if target == given.resolve() or target.is_relative_to(given.resolve()):
+                raise ConfigError(f"--json {json_path} is {what} {given} or inside it; write the measurements elsewhere")
     scan = ScanTriggers.read(report)
     check_same_bundle(scan, bundle)
     classnames = list(meta["classnames"])
