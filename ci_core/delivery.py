@@ -45,7 +45,7 @@ import torch
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.models.backbone import (BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, file_sha256,
                                      load_backbone)
-from ci_core.models.bundle import META_FILE, bundle_meta
+from ci_core.models.bundle import META_FILE, bundle_meta, non_finite_tensors
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP
 from ci_core.safe_pickle import TensorRef, open_archive, opaque_name
@@ -454,15 +454,17 @@ def open_model(path: str | Path, *, classes_file: str | Path, backbone: str | No
     """A delivered checkpoint (file or Dassl folder) as ``load_bundle`` would load its bundle: (model, metadata).
 
     The metadata is what ``bundle.json`` would hold (kind, backbone, classnames, base_classes, template, ...)
-    plus ``source`` (the checkpoint, its SHA-256 and epoch, what was skipped), ``recovered_classes``, and,
-    given ``trigger`` (BadCLIP's trigger checkpoint or folder), ``trigger``: its epsilon and l-inf norm.
+    plus ``source`` (the checkpoint, its SHA-256 and epoch, what was skipped), ``recovered_classes``,
+    ``non_finite_tensors`` (as ``load_bundle`` records it) and, given ``trigger`` (BadCLIP's trigger
+    checkpoint or folder), ``trigger``: its epsilon and l-inf norm.
     """
     classnames = read_class_list(classes_file)
     name, weights = default_backbone(backbone, pretrained)
     built = load_backbone(name, weights, device, text_encoding=text_encoding)
     imported = import_checkpoint(path, classnames, built, class_token_position=class_token_position,
                                  classes_source=str(classes_file))
-    meta, _ = bundle_meta(imported.model, imported.classnames, base_classes=imported.base_classes, where=path)
+    meta, tensors = bundle_meta(imported.model, imported.classnames, base_classes=imported.base_classes, where=path)
+    meta["non_finite_tensors"] = non_finite_tensors(tensors)  # as load_bundle records it, for the scan
     meta["source"] = imported.source()
     meta["recovered_classes"] = list(imported.recovered)
     if trigger is not None:

@@ -578,3 +578,19 @@ def test_ci_bench_attack_refuses_a_negative_epoch_count_by_name(tmp_path):
                              "--out", tmp_path / "out", "--quiet"])
     assert result.exit_code == 1 and "clean options: epochs must be an integer >= 1, got -3" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_non_finite_stored_tensors_are_named_for_the_scan(bundles, tmp_path, random_backbone):
+    """A non-finite buffer can leave every output finite (an Inf BatchNorm mean makes features constant)."""
+    for kind, key in (("zeroshot", "visual.bn1.running_mean"), ("cocoop", "prompt_learner.ctx")):
+        bundle = copy_of(bundles, kind, tmp_path)
+        _, meta = load_bundle(bundle, backbone=random_backbone)
+        assert meta["non_finite_tensors"] == {}
+        tensors = load_file(str(bundle / "weights.safetensors"))
+        tensors[key][0] = float("inf")
+        tensors[key].view(-1)[-1] = float("nan")
+        save_file(tensors, str(bundle / "weights.safetensors"))
+        if kind == "zeroshot":  # a provider writes a consistent bundle: the encoder's recorded hash matches
+            rewrite(bundle, lambda m: m["image_encoder"].update(sha256=backbone_module.state_dict_sha256(tensors)))
+        _, meta = load_bundle(bundle, backbone=random_backbone)
+        assert meta["non_finite_tensors"] == {key: 2 if tensors[key].dim() == 1 else tensors[key].shape[-1] + 1}

@@ -279,7 +279,9 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     and ``pretrained`` replacing the recorded ones if given.  Either way its
     architecture and weight hash must be the ones the bundle was trained on.
     The model is a ``PromptTunedCLIP`` for a CoCoOp bundle, a ``CoOpCLIP`` for a CoOp one and a
-    ``ZeroShotCLIP`` for a zero-shot one.
+    ``ZeroShotCLIP`` for a zero-shot one.  ``meta["non_finite_tensors"]`` names every stored tensor that holds
+    NaN or infinite values, with how many (``non_finite_tensors``); such a model loads, and it is the
+    scan's part to call it unscannable.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -296,6 +298,7 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    meta["non_finite_tensors"] = non_finite_tensors(tensors)
     if meta["kind"] == ZEROSHOT:
         return _load_zeroshot(weights_path, tensors, backbone, meta), meta
     if meta["kind"] == COOP:
@@ -311,6 +314,22 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     model.prompt_learner.load_state_dict(state)
     model.ctx_init = meta.get("ctx_init")
     return model.eval(), meta
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: number of NaN or infinite values} of every floating-point tensor that holds any, by name.
+
+    A provider can hide a model from every test of its outputs behind a non-finite buffer (a BatchNorm
+    running mean of +Inf turns its features into constants): a scan must see the weights themselves.
+    """
+    found = {}
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                found[key] = count
+    return found
 
 
 def _check_tensors(weights_path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
