@@ -14,6 +14,7 @@ Everything runs on the tiny CLIP with random weights, through the library functi
 through the CLIs only where the order of the checks is what is tested.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -486,21 +487,33 @@ def test_a_bad_choice_says_what_is_allowed_without_attrs_internals():
     assert str(caught.value) == "ci options: loss must be one of margin, ce, logit, got 'hinge'"
 
 
-def _plugin_classes():
-    """Every registered attack, detector, scorer and repairer, and the NC and PixB plugins from plugins/."""
+def _baseline_detectors():
+    """NC and PixB from plugins/, imported without leaving them importable afterwards: test_baselines.py installs
+    them itself, and refuses to run over copies imported from elsewhere."""
+    import importlib
     import sys
 
-    for folder in ("ci-detectors-nc", "ci-detectors-pixb"):
-        path = str(ROOT / "plugins" / folder)
-        if path not in sys.path:
-            sys.path.append(path)  # only found if no installed copy is
-    from ci_detectors_nc.detector import NeuralCleanse
-    from ci_detectors_pixb.detector import PixelBackdoor
+    packages = ("ci_detectors_nc", "ci_detectors_pixb")
+    before = {name for name in sys.modules if name.startswith(packages)}
+    added = [str(ROOT / "plugins" / f) for f in ("ci-detectors-nc", "ci-detectors-pixb")]
+    sys.path[:0] = added  # an installed copy, if imported already, is the one used
+    try:
+        return (importlib.import_module("ci_detectors_nc.detector").NeuralCleanse,
+                importlib.import_module("ci_detectors_pixb.detector").PixelBackdoor)
+    finally:
+        for path in added:
+            sys.path.remove(path)
+        for name in [n for n in sys.modules if n.startswith(packages) and n not in before]:
+            del sys.modules[name]
 
+
+@functools.lru_cache(maxsize=1)
+def _plugin_classes():
+    """Every registered attack, detector, scorer and repairer, and the NC and PixB plugins from plugins/."""
     plugins = registry()
     found = {cls for kind in ("attack", "detector", "scorer", "repairer")
              for cls in (plugins.get(kind, n) for n in plugins.names(kind))}
-    return sorted(found | {NeuralCleanse, PixelBackdoor}, key=lambda c: c.name)
+    return sorted(found | set(_baseline_detectors()), key=lambda c: c.name)
 
 
 def _numeric_fields(cls):

@@ -36,7 +36,7 @@ import ci_core.models.backbone as backbone_module
 from ci_core.cli.common import parse_options
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import CIError, ConfigError
-from ci_core.models.bundle import load_bundle, read_meta, recorded_backbone_source, save_bundle
+from ci_core.models.bundle import load_bundle, recorded_backbone_source, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import CoOpCLIP
 from ci_core.models.zeroshot import ZeroShotCLIP
