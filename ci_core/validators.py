@@ -27,6 +27,11 @@ def is_finite_number(value: Any) -> bool:
         return False
 
 
+def printable(text: str) -> str:
+    """``text`` with every unprintable character escaped, so that an error message about it stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _bounds(gt, ge, lt, le) -> str:
     parts = []
     if gt is not None:

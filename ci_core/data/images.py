@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -97,7 +98,11 @@ def resize_and_crop(rgb: Image.Image, size: int) -> Image.Image:
 def read_image(path: str | Path, size: int) -> torch.Tensor:
     """(3, size, size) float image in [0, 1]; raises one of ``UNREADABLE`` for a file PIL cannot decode, or one
     over the size bounds (checked from the header, before decoding)."""
-    with Image.open(path, formats=FORMATS) as img:
+    with warnings.catch_warnings():
+        # PIL warns of images over 89 megapixels as it opens them; check_image_size refuses them anyway.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path, formats=FORMATS)
+    with img:
         check_image_size(*img.size)
         img.load()
         rgb = to_rgb(img)

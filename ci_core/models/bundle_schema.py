@@ -31,7 +31,7 @@ from jsonschema import Draft202012Validator
 from ci_core.errors import BundleError, ConfigError
 from ci_core.models.backbone import Architecture, architecture
 from ci_core.models.coop import POSITIONS
-from ci_core.validators import is_finite_number
+from ci_core.validators import is_finite_number, printable
 
 FORMAT = "clip-inspector-bundle"
 VERSION = 1
@@ -179,10 +179,10 @@ def _show(value: Any) -> str:
 
 
 def _field(path) -> str:
-    """A field's place in the metadata, e.g. ``backbone.name`` or ``classnames[3]``."""
+    """A field's place in the metadata, e.g. ``backbone.name`` or ``classnames[3]`` (keys are the provider's)."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        text += f"[{part}]" if isinstance(part, int) else (f".{printable(part)}" if text else printable(part))
     return text
 
 
