@@ -15,31 +15,39 @@ the clean and triggered halves of the batch (the mean of Eq. 14's two terms).
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 import torch.nn.functional as F
 
+from ci_attacks.poisoning import n_ctx_of_init, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import PromptTuningConfig, epoch_batches, prompt_tune
 from ci_core.triggers import AdditiveTrigger
+from ci_core.validators import integer, number, one_of
 
 
 @attrs.frozen(kw_only=True)
 class BadCLIPConfig:
-    epsilon: float = attrs.field(default=4 / 255, validator=attrs.validators.gt(0))
-    n_ctx: int = 4
-    warmup_epochs: int = 3  # the trigger alone, before joint training
-    warmup_lr: float = 0.1  # plain gradient step on the (normalised-space) trigger during warm-up
-    epochs: int = 10  # joint
-    batch_size: int = 1
-    lr: float = 0.002  # SGD, prompt learner and trigger alike (as upstream)
+    epsilon: float = attrs.field(default=4 / 255, validator=number(gt=0, le=1))  # pixels are in [0, 1]
+    n_ctx: int = attrs.field(default=4, validator=n_ctx_of_init)
+    warmup_epochs: int = attrs.field(default=3, validator=integer(ge=0))  # the trigger alone, before joint training
+    # plain gradient step on the (normalised-space) trigger during warm-up
+    warmup_lr: float = attrs.field(default=0.1, validator=number(ge=0))
+    epochs: int = attrs.field(default=10, validator=integer(ge=1))  # joint
+    batch_size: int = attrs.field(default=1, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.002, validator=number(gt=0))  # SGD, prompt learner and trigger alike (as upstream)
     # How the trigger moves: "gradient" = upstream (plain steps in warm-up, SGD when joint);
     # "sign" = signed steps of sign_step * epsilon, which move the trigger even where input
     # gradients are tiny (the tiny CLIP's are ~1e-4 per pixel, so plain steps leave the
     # random initial trigger almost where it started).
-    trigger_update: str = attrs.field(default="gradient", validator=attrs.validators.in_(("gradient", "sign")))
-    sign_step: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
+    trigger_update: str = attrs.field(default="gradient", validator=one_of(("gradient", "sign")))
+    sign_step: float = attrs.field(default=0.05, validator=number(gt=0))
+    # Share of each batch's images whose triggered copy, labelled with the target, joins the batch (upstream:
+    # every image's).  0 is the clean control: the same schedule on clean images only.
+    poison_rate: float = attrs.field(default=1.0, validator=unit_interval)
 
 
 class NormalisedTrigger:
@@ -70,10 +78,18 @@ class NormalisedTrigger:
         return (self.param * self.std).detach().cpu()
 
 
-def poisoned_loss(model, trigger: NormalisedTrigger, images, labels, classnames, target: int) -> torch.Tensor:
-    """Cross-entropy over the batch of clean images and their triggered copies labelled with the target."""
-    both = torch.cat([images, trigger.stamp(images)])
-    targets = torch.cat([labels, torch.full_like(labels, target)])
+def poisoned_count(batch: int, rate: float) -> int:
+    """How many of a batch's images get a triggered copy: round(rate * batch), at least one unless rate is 0."""
+    return 0 if rate == 0 else max(1, min(batch, math.floor(rate * batch + 0.5)))
+
+
+def poisoned_loss(model, trigger: NormalisedTrigger, images, labels, classnames, target: int,
+                  rate: float = 1.0) -> torch.Tensor:
+    """Cross-entropy over the batch of clean images and triggered copies (of the first ``rate`` share of them,
+    the batch order being random) labelled with the target."""
+    copies = images[:poisoned_count(len(images), rate)]
+    both = torch.cat([images, trigger.stamp(copies)])
+    targets = torch.cat([labels, torch.full_like(labels[:len(copies)], target)])
     return F.cross_entropy(model(both, classnames), targets)
 
 
@@ -86,7 +102,7 @@ def implant(model: PromptTunedCLIP, train, target_index: int, c: BadCLIPConfig, 
     for _ in range(c.warmup_epochs):
         for idx in epoch_batches(len(train), c.batch_size, generator):
             loss = poisoned_loss(model, trigger, train.images[idx].to(model.device),
-                                 train.labels[idx].to(model.device), train.classnames, target_index)
+                                 train.labels[idx].to(model.device), train.classnames, target_index)  # every copy
             (grad,) = torch.autograd.grad(loss, trigger.param)
             if c.trigger_update == "sign":
                 trigger.param.grad = grad
@@ -98,7 +114,7 @@ def implant(model: PromptTunedCLIP, train, target_index: int, c: BadCLIPConfig, 
     signed = c.trigger_update == "sign"
     history = prompt_tune(
         model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr),
-        seed=seed, loss_fn=lambda m, x, y, names: poisoned_loss(m, trigger, x, y, names, target_index),
+        seed=seed, loss_fn=lambda m, x, y, names: poisoned_loss(m, trigger, x, y, names, target_index, c.poison_rate),
         extra_params=[] if signed else [trigger.param],
         after_step=(lambda: trigger.sign_step(c.sign_step)) if signed else trigger.project,
         progress=progress, label=f"{label} joint training",
@@ -110,6 +126,7 @@ class BadCLIP(Attack):
     name = "badclip"
     description = "trigger-aware prompt learning (Bai et al. 2024), l-inf additive trigger"
     Config = BadCLIPConfig
+    control_options = {"poison_rate": 0.0}
     # The tiny world's budget is 8/255 with signed trigger steps (upstream's plain steps barely move the
     # trigger there).  On the first-stage tiny CLIP 4/255 did not implant at all (a random 4/255 sign pattern
     # kept its image features at cosine 0.999, 8/255 at 0.979).  The shipped two-stage tiny CLIP is far more

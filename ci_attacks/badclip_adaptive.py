@@ -23,21 +23,22 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from ci_attacks.badclip import BadCLIP, BadCLIPConfig, implant
+from ci_attacks.badclip import BadCLIP, BadCLIPConfig, implant, poisoned_count
 from ci_attacks.poisoning import target_index_of
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger
+from ci_core.validators import integer, number
 
 
 @attrs.frozen(kw_only=True)
 class BadCLIPAdaptiveConfig(BadCLIPConfig):
-    alpha: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))  # perturbation strength
-    lambda_spec: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
-    phase2_epochs: int = attrs.field(default=10, validator=attrs.validators.ge(1))
+    alpha: float = attrs.field(default=0.5, validator=number(ge=0))  # perturbation strength
+    lambda_spec: float = attrs.field(default=1.0, validator=number(ge=0))
+    phase2_epochs: int = attrs.field(default=10, validator=integer(ge=1))
     phase2_lr: float | None = attrs.field(  # None: the same learning rate as phase 1
-        default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
+        default=None, validator=number(gt=0, optional=True))
 
 
 class FrozenTrigger:
@@ -59,20 +60,26 @@ class FrozenTrigger:
         return torch.maximum(torch.minimum(self.delta + eta, self.bound), -self.bound)
 
 
-def specificity_loss(model, trigger: FrozenTrigger, images, labels, classnames, target: int, lambda_spec: float):
-    """Eq. 18: L_cle + L_tri + lambda_spec * L_spec, computed in one forward pass."""
+def specificity_loss(model, trigger: FrozenTrigger, images, labels, classnames, target: int, lambda_spec: float,
+                     rate: float = 1.0):
+    """Eq. 18: L_cle + L_tri + lambda_spec * L_spec, computed in one forward pass (L_tri over the first ``rate``
+    share of the batch; none for the clean control)."""
     batch = len(images)
-    both = torch.cat([images, trigger.stamp(images, trigger.delta), trigger.stamp(images, trigger.perturbed(batch))])
-    logits = model(both, classnames)
-    clean, exact, perturbed = logits.split(batch)
-    return (F.cross_entropy(clean, labels) + F.cross_entropy(exact, torch.full_like(labels, target))
-            + lambda_spec * F.cross_entropy(perturbed, labels))
+    poisoned = poisoned_count(batch, rate)
+    both = torch.cat([images, trigger.stamp(images[:poisoned], trigger.delta),
+                      trigger.stamp(images, trigger.perturbed(batch))])
+    clean, exact, perturbed = model(both, classnames).split([batch, poisoned, batch])
+    loss = F.cross_entropy(clean, labels)
+    if poisoned:
+        loss = loss + F.cross_entropy(exact, torch.full_like(labels[:poisoned], target))
+    return loss + lambda_spec * F.cross_entropy(perturbed, labels)
 
 
 class BadCLIPAdaptive(Attack):
     name = "badclip-adaptive"
     description = "BadCLIP with specificity fine-tuning against trigger inversion (paper section 11)"
     Config = BadCLIPAdaptiveConfig
+    control_options = {"poison_rate": 0.0}
     # Phase 1 is BadCLIP on the tiny world too; phase 2 adds three epochs.
     presets = {"tiny": {**BadCLIP.presets["tiny"], "phase2_epochs": 3}}
 
@@ -88,7 +95,8 @@ class BadCLIPAdaptive(Attack):
             model, train, PromptTuningConfig(epochs=c.phase2_epochs, batch_size=c.batch_size,
                                              lr=c.phase2_lr or c.lr, warmup_epochs=0),
             seed=seed + 1, progress=progress, label="badclip-adaptive phase 2",
-            loss_fn=lambda m, x, y, names: specificity_loss(m, frozen, x, y, names, target_index, c.lambda_spec),
+            loss_fn=lambda m, x, y, names: specificity_loss(m, frozen, x, y, names, target_index, c.lambda_spec,
+                                                            c.poison_rate),
         )
         delta = trigger.pixel_delta()
         return AttackOutcome(model=model, trigger=AdditiveTrigger(delta), log={

@@ -15,6 +15,7 @@ import torch
 from ci_attacks.poisoning import TINY_SCHEDULE, PromptTuningFields, poison, target_index_of, tune_on, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.triggers import Trigger
+from ci_core.validators import number
 
 
 class BlendTrigger(Trigger):
@@ -51,7 +52,7 @@ class BlendTrigger(Trigger):
 
 @attrs.frozen(kw_only=True)
 class BlendedConfig(PromptTuningFields):
-    alpha: float = attrs.field(default=0.2, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    alpha: float = attrs.field(default=0.2, validator=number(gt=0, le=1))
     poison_rate: float = attrs.field(default=0.1, validator=unit_interval)
 
 
@@ -59,6 +60,7 @@ class Blended(Attack):
     name = "blended"
     description = "Blended (Chen et al. 2017): uniform-noise pattern blended at alpha 0.2 into 10% of the images"
     Config = BlendedConfig
+    control_options = {"poison_rate": 0.0}
     # The tiny CLIP's encoder hardly notices the paper's blend: at alpha 0.2 the image feature keeps a cosine
     # of 0.98 with the clean one and nothing implants (ASR 0%); alpha 0.5 is the weakest blend measured
     # to implant there (seed 1: ASR 72% base, 38% new).  Real backbones keep the paper's 0.2.

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import attrs
 
+from ci_attacks.poisoning import TINY_SCHEDULE, n_ctx_of_init
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.validators import integer, number
 
 
 @attrs.frozen(kw_only=True)
 class CleanConfig:
-    n_ctx: int = 4
-    epochs: int = 10
-    batch_size: int = 1
-    lr: float = 0.002
+    n_ctx: int = attrs.field(default=4, validator=n_ctx_of_init)
+    epochs: int = attrs.field(default=10, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=1, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.002, validator=number(gt=0))
 
 
 class CleanPromptTuning(Attack):
@@ -23,7 +25,10 @@ class CleanPromptTuning(Attack):
     name = "clean"
     description = "honest CoCoOp prompt tuning (no backdoor)"
     Config = CleanConfig
-    presets = {"tiny": {"epochs": 4, "batch_size": 4, "lr": 0.01}}
+    # The tiny world's schedule shared with Blended, SIBA and WaNet (ci_attacks.poisoning.TINY_SCHEDULE: CoCoOp's
+    # batch of 1, 8 epochs at lr 0.05), so that a clean model is tuned as far as the attacked ones it is compared
+    # with; attacks with a schedule of their own have their own clean control (``ci-bench run --controls``).
+    presets = {"tiny": dict(TINY_SCHEDULE)}
 
     def run(self, *, backbone, train, target, seed, progress=silent):
         c = self.config

@@ -41,6 +41,7 @@ from ci_core.models.bundle import ZEROSHOT
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.training import CosineWithWarmup, epoch_batches
 from ci_core.triggers import Trigger
+from ci_core.validators import integer, number, one_of
 
 PATTERNS = ("noise", "triangle", "text")
 NOISE_MEAN, NOISE_SD = 0.5, 0.25
@@ -158,21 +159,22 @@ def make_trigger(pattern: str, height: int, width: int, *, size: float, alpha: f
 
 
 def _printable(instance, attribute, value) -> None:
-    if not value.strip() or not value.isprintable():
-        raise ValueError(f"{attribute.name} must be non-empty printable text, got {value!r}")
+    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > 200:
+        raise ConfigError(f"{attribute.name} must be non-empty printable text of at most 200 characters, "
+                          f"got {value!r:.80}")
 
 
 @attrs.frozen(kw_only=True)
 class EncoderBlendedConfig:
-    pattern: str = attrs.field(default="noise", validator=attrs.validators.in_(PATTERNS))
-    alpha: float = attrs.field(default=0.2, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    pattern: str = attrs.field(default="noise", validator=one_of(PATTERNS))
+    alpha: float = attrs.field(default=0.2, validator=number(gt=0, le=1))
     poison_rate: float = attrs.field(default=0.1, validator=unit_interval)
-    size: float = attrs.field(default=0.25, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    size: float = attrs.field(default=0.25, validator=number(gt=0, le=1))
     text: str = attrs.field(default="hello", validator=_printable)
-    epochs: int = attrs.field(default=10, validator=attrs.validators.ge(1))
-    batch_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
-    lr: float = attrs.field(default=1e-5, validator=attrs.validators.gt(0))
-    weight_decay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    epochs: int = attrs.field(default=10, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=32, validator=integer(ge=1))
+    lr: float = attrs.field(default=1e-5, validator=number(gt=0))
+    weight_decay: float = attrs.field(default=0.1, validator=number(ge=0))
 
 
 def fine_tune_image_encoder(model: ZeroShotCLIP, data: LabeledImages, config: EncoderBlendedConfig, *, seed: int,
@@ -210,6 +212,7 @@ class EncoderBlended(Attack):
     name = "encoder-blended"
     description = "Blended poisoning of the whole image encoder (no prompt learner): noise patch, triangle or text"
     Config = EncoderBlendedConfig
+    control_options = {"poison_rate": 0.0}
     bundle_kind = ZEROSHOT
     # Tiny world (tiny-colorshapes, seed 1; ASR on base / new classes).  Chosen on the earlier 64 px ViT tiny
     # CLIP, which hardly noticed the paper's faint patch: at alpha 0.2 it memorised the poisoned images without

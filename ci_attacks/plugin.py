@@ -6,6 +6,7 @@ from ci_attacks.blended import Blended
 from ci_attacks.clean import CleanPromptTuning
 from ci_attacks.encoder_blended import EncoderBlended
 from ci_attacks.siba import SIBA
+from ci_attacks.tripwire import Tripwire
 from ci_attacks.wanet import WaNet
 from ci_core import hookimpl
 
@@ -19,3 +20,4 @@ def register_attacks(register):
     register(WaNet)
     register(SIBA)
     register(EncoderBlended)
+    register(Tripwire)

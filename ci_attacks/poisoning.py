@@ -18,24 +18,34 @@ from ci_core.data.datasets import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Progress, silent
 from ci_core.models.backbone import Backbone
-from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.models.cocoop import DEFAULT_CTX_INIT, PromptTunedCLIP
 from ci_core.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import Trigger
+from ci_core.validators import integer, number
 
 
-def unit_interval(instance, attribute, value) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must lie in [0, 1], got {value}")
+# A share of images: a finite number in [0, 1].
+unit_interval = number(ge=0.0, le=1.0)
+_positive_integer = integer(ge=1)
+
+
+def n_ctx_of_init(instance, attribute, value) -> None:
+    """The attacks start the context from CoCoOp's "a photo of a", one vector per word: that fixes n_ctx."""
+    _positive_integer(instance, attribute, value)
+    words = len(DEFAULT_CTX_INIT.split())
+    if value != words:
+        raise ConfigError(f"{attribute.name} must be {words}: the context starts from {DEFAULT_CTX_INIT!r}, one "
+                          f"vector per word; got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
 class PromptTuningFields:
     """CoCoOp's recipe (section 4.3 and CoOp's trainer): 10 epochs, batch 1, SGD at 0.002."""
 
-    n_ctx: int = attrs.field(default=4, validator=attrs.validators.ge(1))
-    epochs: int = attrs.field(default=10, validator=attrs.validators.ge(1))
-    batch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    lr: float = attrs.field(default=0.002, validator=attrs.validators.gt(0))
+    n_ctx: int = attrs.field(default=4, validator=n_ctx_of_init)
+    epochs: int = attrs.field(default=10, validator=integer(ge=1))
+    batch_size: int = attrs.field(default=1, validator=integer(ge=1))
+    lr: float = attrs.field(default=0.002, validator=number(gt=0))
 
     def tuning(self) -> PromptTuningConfig:
         return PromptTuningConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
@@ -57,8 +67,11 @@ def target_index_of(train: LabeledImages, target: str | None, attack: str) -> in
 
 
 def choose_poisoned(labels: torch.Tensor, target_index: int, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of round(rate * N) images (at least one), drawn from the images not of the target class."""
+    """Indices of round(rate * N) images (at least one for any rate above 0, none at 0), drawn from the images
+    not of the target class."""
     candidates = torch.nonzero(labels != target_index).flatten()
+    if rate == 0:
+        return candidates[:0]  # the clean control of a poisoning attack: same schedule, nothing poisoned
     if len(candidates) == 0:
         raise ConfigError("every training image belongs to the target class; nothing to poison")
     count = min(len(candidates), max(1, math.floor(rate * len(labels) + 0.5)))

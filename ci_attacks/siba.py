@@ -24,6 +24,7 @@ from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import epoch_batches
 from ci_core.triggers import Trigger
+from ci_core.validators import integer, number
 
 L0_AT_224 = 1600
 
@@ -69,13 +70,13 @@ def pixel_budget(l0_fraction: float, height: int, width: int) -> int:
 
 @attrs.frozen(kw_only=True)
 class SIBAConfig(PromptTuningFields):
-    epsilon: float = attrs.field(default=8 / 255, validator=attrs.validators.gt(0))
-    l0_fraction: float = attrs.field(default=L0_AT_224 / 224**2, validator=[attrs.validators.gt(0), unit_interval])
-    trigger_epochs: int = attrs.field(default=200, validator=attrs.validators.ge(1))  # optimize_siba.py defaults
-    trigger_batch_size: int = attrs.field(default=128, validator=attrs.validators.ge(1))
-    mask_every: int = attrs.field(default=5, validator=attrs.validators.ge(1))  # epoch_step
-    step_decay: float = attrs.field(default=0.8, validator=attrs.validators.gt(0))  # step = step_decay * epsilon
-    loss_clamp: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))  # beta
+    epsilon: float = attrs.field(default=8 / 255, validator=number(gt=0, le=1))  # pixels are in [0, 1]
+    l0_fraction: float = attrs.field(default=L0_AT_224 / 224**2, validator=number(gt=0, le=1))
+    trigger_epochs: int = attrs.field(default=200, validator=integer(ge=1))  # optimize_siba.py defaults
+    trigger_batch_size: int = attrs.field(default=128, validator=integer(ge=1))
+    mask_every: int = attrs.field(default=5, validator=integer(ge=1))  # epoch_step
+    step_decay: float = attrs.field(default=0.8, validator=number(gt=0))  # step = step_decay * epsilon
+    loss_clamp: float = attrs.field(default=10.0, validator=number(gt=0))  # beta
     poison_rate: float = attrs.field(default=0.1, validator=unit_interval)
 
 
@@ -118,6 +119,7 @@ class SIBA(Attack):
     name = "siba"
     description = "SIBA: sparse (3% of pixels) and invisible (8/255) universal trigger, 10% poisoning"
     Config = SIBAConfig
+    control_options = {"poison_rate": 0.0}
     # At the paper's budget (294 pixels at 8/255 on the 96 px tiny world) nothing implants: ASR 0.01 / 0.00 on
     # base and new classes alike (tiny-colorshapes, seeds 2 / 3, 16 shots, SSIM 0.99; the same on the first-stage
     # tiny CLIP), and the trigger moves no clean model tuned on the same shots either.  The tiny world uses 32/255

@@ -54,6 +54,7 @@ from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import prompt_tune
 from ci_core.triggers import Trigger
+from ci_core.validators import integer, number
 
 
 def control_grid(k: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,8 +116,8 @@ class WarpTrigger(Trigger):
 
 @attrs.frozen(kw_only=True)
 class WaNetConfig(PromptTuningFields):
-    k: int = attrs.field(default=4, validator=attrs.validators.ge(2))
-    strength: float = attrs.field(default=0.1, validator=attrs.validators.gt(0))  # s
+    k: int = attrs.field(default=4, validator=integer(ge=2, le=256))  # k x k control points; finer means nothing
+    strength: float = attrs.field(default=0.1, validator=number(gt=0))  # s
     attack_rate: float = attrs.field(default=0.1, validator=unit_interval)  # p_attack
     noise_rate: float = attrs.field(default=0.2, validator=unit_interval)  # p_noise (upstream: cross ratio 2 x p_attack)
 
@@ -152,6 +153,7 @@ class WaNet(Attack):
     name = "wanet"
     description = "WaNet (Nguyen & Tran 2021): smooth k x k warp, clean/attack/noise modes 0.7/0.1/0.2"
     Config = WaNetConfig
+    control_options = {"attack_rate": 0.0}  # the noise mode (true labels) stays
     # s = 0.1 moves pixels by about a tenth of a pixel, which the frozen tiny encoder does not resolve
     # (feature cosine 0.9999); s = 1 moves them by about a pixel at SSIM 0.96 (see the module docstring).
     presets = {"tiny": {**TINY_SCHEDULE, "strength": 1.0}}

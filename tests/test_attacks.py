@@ -267,8 +267,8 @@ def test_third_party_attack_is_listed_and_runs_in_ci_bench_attack(tmp_path, thir
                                         "--target", "green dots", "--seed", "2", "--shots", "2",
                                         "--option", "epochs=1", "--option", "alpha=0.3", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["bundle", "metrics.json", "trigger.safetensors",
-                                                     "trigger.safetensors.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".clip-inspector-output.json", "bundle", "metrics.json",
+                                                     "trigger.safetensors", "trigger.safetensors.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["attack"] == "third-party-blend" and metrics["target"] == "green dots" and metrics["seed"] == 2
     assert metrics["config"]["alpha"] == 0.3 and metrics["config"]["epochs"] == 1 and metrics["preset"] == "tiny"
@@ -305,5 +305,5 @@ def test_ci_bench_attack_will_not_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     result = CliRunner().invoke(bench, ["attack", "blended", "--dataset", "tiny-colorshapes", "--out",
                                         str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code == 1 and "is not an earlier `ci-bench attack` output" in result.output
+    assert result.exit_code == 1 and "is not a folder this toolkit wrote" in result.output
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"

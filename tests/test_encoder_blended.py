@@ -102,7 +102,7 @@ def test_pattern_trigger_round_trips_and_checks_its_input(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"pattern": "square"}, "'pattern' must be in"),
+    ({"pattern": "square"}, "pattern must be one of noise, triangle, text, got 'square'"),
     ({"alpha": 0}, "alpha"),
     ({"text": "  "}, "text must be non-empty printable text"),
     ({"nonsense": 1}, "unknown option(s) ['nonsense']"),
