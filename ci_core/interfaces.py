@@ -9,6 +9,8 @@ are frozen attrs classes; ``to_json`` turns any of them into plain JSON
 from __future__ import annotations
 
 import abc
+import contextlib
+import math
 import time
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -16,6 +18,7 @@ import attrs
 import torch
 
 from ci_core.data.datasets import LabeledImages
+from ci_core import validators
 from ci_core.errors import ConfigError
 from ci_core.models.backbone import Backbone
 from ci_core.models.bundle import COCOOP
@@ -30,17 +33,84 @@ def silent(message: str) -> None:
     """A progress callback that prints nothing."""
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a NaN or an infinity (JSON reads NaN, Infinity and 1e400 as floats)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def _attrs_message(exc: Exception) -> str:
+    """One line for an error raised by one of attrs' own validators, whose arguments are attrs internals:
+    (message, attribute, what was allowed, value) for ``in_`` and ``instance_of``, a message alone otherwise."""
+    args = exc.args
+    if len(args) == 4 and isinstance(args[1], attrs.Attribute):
+        name, allowed, value = args[1].name, args[2], args[3]
+        if isinstance(exc, TypeError):  # instance_of
+            types = allowed if isinstance(allowed, tuple) else (allowed,)
+            return f"{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
+        with contextlib.suppress(TypeError):  # in_: the options
+            return f"{name} must be one of {', '.join(str(o) for o in allowed)}, got {value!r}"
+    return str(args[0]) if args and isinstance(args[0], str) else str(exc)
+
+
+# What a field declared as one of these types takes (annotations are strings under postponed evaluation).
+_DECLARED = {"float": ("a finite number", validators.is_finite_number),
+             "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+             "bool": ("true or false", lambda v: isinstance(v, bool))}
+
+
+def _declared_check(field: attrs.Attribute):
+    """(what the field takes, a test of a value, whether None is allowed) for a number or bool field, else None."""
+    declared = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", None)
+    if not isinstance(declared, str):
+        return None
+    parts = [part.strip() for part in declared.split("|")]
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if len(parts) != 1 or parts[0] not in _DECLARED:
+        return None
+    return (*_DECLARED[parts[0]], optional)
+
+
+def _check_declared(fields: Mapping[str, attrs.Attribute], values: Mapping[str, Any], where: str) -> None:
+    for key, value in values.items():
+        declared = _declared_check(fields[key])
+        if declared is not None:
+            what, accepts, optional = declared
+            if not (accepts(value) or optional and value is None):
+                raise ConfigError(f"{where}: {key} must be {what}{' (or null)' if optional else ''}, got {value!r:.60}")
+
+
 def make_config(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
-    """Build a frozen attrs config from a mapping, rejecting unknown keys and bad values by name."""
+    """Build a frozen attrs config from a mapping, rejecting unknown keys and bad values by name.
+
+    Every error is a ``ConfigError`` that starts with ``where`` (e.g. "ci options") and names the field,
+    what it must be and the value given.  Whatever a config's own validators check, a NaN or infinite
+    number is refused for every field, and a field declared ``float``, ``int`` or ``bool`` (or one of
+    them or None) takes only a value of that kind (an int for a float; never a bool for a number).
+    """
     values = dict(values or {})
     fields = attrs.fields_dict(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown}; expected some of {sorted(fields)}")
+    for key, value in values.items():
+        if _non_finite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
+        config = cls(**values)
+    except ConfigError as exc:  # the validators of ci_core.validators say what they expected
         raise ConfigError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        _check_declared(fields, values, where)  # e.g. text where a number goes, which comparisons choke on
+        raise ConfigError(f"{where}: {_attrs_message(exc)}") from exc
+    _check_declared(fields, values, where)  # what other validators let through, e.g. true as the number 1
+    return config
 
 
 def to_json(value: Any) -> Any:
@@ -108,6 +178,10 @@ class Attack(Plugin):
     """
 
     bundle_kind: ClassVar[str] = COCOOP  # a ci_core.models.bundle kind: COCOOP or ZEROSHOT
+    # Config overrides that turn the backdoor off and keep everything else (schedule, optimiser, data), e.g.
+    # {"poison_rate": 0.0}: the clean control trained exactly like this attack's models (``ci-bench run
+    # --controls``).  The control still receives the target, and poisons nothing with it.  Empty: no control.
+    control_options: ClassVar[Mapping[str, Any]] = {}
 
     @abc.abstractmethod
     def run(self, *, backbone: Backbone, train: LabeledImages, target: str | None, seed: int,
@@ -141,7 +215,10 @@ class Detector(Plugin):
 
 @attrs.frozen(kw_only=True)
 class ClassEvidence:
-    """Per-class result of a scan: the inversion plus what the core measured on the held-out set T."""
+    """Per-class result of a scan: the inversion plus what the core measured on the held-out set T.
+
+    ``trigger`` is None only where the trigger was not kept (a cached reference scan).
+    """
 
     name: str
     asr: float
@@ -149,7 +226,8 @@ class ClassEvidence:
     statistic: float | None
     ssim: float
     seconds: float
-    trigger: Trigger = attrs.field(metadata=NOT_JSON)
+    loss_trace: tuple[float, ...] = ()
+    trigger: Trigger | None = attrs.field(default=None, metadata=NOT_JSON)
 
 
 # --------------------------------------------------------------------------- scorers
@@ -164,13 +242,23 @@ class Scores:
     target: str
     backdoored: bool
     flagged: tuple[str, ...]  # classes whose own score passes the threshold
+    p_value: float | None = None  # the verdict's family-wise p-value, for scorers that calibrate one
+    rule: str = ""  # the decision rule in words, e.g. "s_max >= 2" or "p <= 0.01"
 
 
 class Scorer(Plugin):
-    """Turns per-class evidence into anomaly scores, s_max, the predicted target and a verdict."""
+    """Turns per-class evidence into anomaly scores, s_max, the predicted target and a verdict.
+
+    A scorer with ``needs_reference`` also receives the evidence of the reference scan (the same
+    detector run on the model's public backbone used as a zero-shot classifier, same classes, pool and
+    seed; ``ci_core.reference``), one row per class in the same order; other scorers receive None.
+    """
+
+    needs_reference: ClassVar[bool] = False
+    min_classes: ClassVar[int] = 2  # the fewest candidate classes it can score (checked before a scan starts)
 
     @abc.abstractmethod
-    def score(self, evidence: Sequence[ClassEvidence]) -> Scores: ...
+    def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores: ...
 
 
 # --------------------------------------------------------------------------- repairers

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import attrs
 import torch
@@ -16,7 +16,7 @@ import torch
 from ci_core.data.datasets import Dataset, LabeledImages, base_new_split
 from ci_core.errors import ConfigError
 from ci_core.evaluation import AttackMetrics, evaluate
-from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
+from ci_core.interfaces import Attack, AttackOutcome, Detector, Progress, Scorer, silent
 from ci_core.models.backbone import TINY_MODEL, Backbone
 
 
@@ -44,10 +44,15 @@ def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 1
     return Task(dataset=dataset.name, train=train, test=test, base=base, new=new)
 
 
+def default_target(base: Sequence[str], seed: int) -> str:
+    """The base class a benchmark model's backdoor targets: drawn by ``seed`` (known before any training)."""
+    return random.Random(seed).choice(tuple(base))
+
+
 def choose_target(task: Task, seed: int, target: str | None = None) -> str:
     """The backdoor target: ``target`` if given (it must be a base class), else a base class drawn by ``seed``."""
     if target is None:
-        return random.Random(seed).choice(task.base)
+        return default_target(task.base, seed)
     if target not in task.base:
         raise ConfigError(f"target {target!r} is not a base class of {task.dataset}; base classes: {', '.join(task.base)}")
     return target
@@ -81,15 +86,18 @@ def sample_candidates(classnames: Sequence[str], *, seed: int, target: str | Non
     return tuple(c for c in classnames if c in picked)
 
 
-def preset_for(backbone: Backbone) -> str | None:
-    """The plugin preset that fits a backbone: 'tiny' on the bundled tiny CLIP, else the paper's defaults."""
-    return "tiny" if backbone.name == TINY_MODEL else None
+def preset_for(backbone: Backbone | str) -> str | None:
+    """The plugin preset that fits a backbone (or an architecture name): 'tiny' on the bundled tiny CLIP, else
+    the paper's defaults."""
+    name = backbone if isinstance(backbone, str) else backbone.name
+    return "tiny" if name == TINY_MODEL else None
 
 
 # OOD pool sizes (|D|, |T|): the paper's 1000 inversion images for real backbones; on the tiny
 # world an eighth of that, scanned in batches of 4 (the ci detector's tiny preset) so that one
 # epoch is still the paper's 32 Adam steps at a CPU-friendly cost.
 POOL_SIZES = {None: (1000, 500), "tiny": (128, 64)}
+MAX_POOL = 100_000  # images in D or T: a pool is held in memory whole (100,000 at 224 px is 60 GB)
 
 
 def pool_sizes(preset: str | None) -> tuple[int, int]:
@@ -102,3 +110,29 @@ def train_and_evaluate(attack: Attack, backbone: Backbone, task: Task, *, target
     outcome = attack.run(backbone=backbone, train=task.train, target=target, seed=seed, progress=progress)
     metrics = evaluate(outcome.model, task.test, task.base, task.new, outcome.trigger, target)
     return outcome, metrics
+
+
+# The verdict of a scan with a reference (ci-scan, the demo, the benchmark's default): the calibrated
+# comparison with the backbone.  Without a reference the detector's own scorer (the paper's) decides.
+REFERENCE_SCORER = "ref-outlier"
+
+
+def choose_scorers(plugins, detector: Detector, *, scorer: str | None = None, options: Mapping[str, Any] | None = None,
+                   preset: str | None = None, reference: bool = True,
+                   option_flag: str = "--scorer") -> tuple[Scorer, tuple[Scorer, ...]]:
+    """(the scorer whose verdict counts, the scorers reported beside it) for a scan by ``detector``.
+
+    With a reference the calibrated ``REFERENCE_SCORER`` decides unless ``scorer`` names another, and the
+    detector's own scorer is reported beside it; without one the detector's own scorer decides, and a
+    scorer that needs a reference is an error that names ``option_flag``.  ``options`` configure the
+    deciding scorer.
+    """
+    own = detector.default_scorer
+    name = scorer or (REFERENCE_SCORER if reference else own)
+    decider_cls = plugins.get("scorer", name)
+    if decider_cls.needs_reference and not reference:
+        raise ConfigError(f"{option_flag} {name}: this scorer compares the model with its reference scan, which "
+                          f"--no-reference skips; drop --no-reference or choose a scorer such as {own!r}")
+    decider = decider_cls.from_options(options, preset=preset)
+    also = () if name == own else (plugins.get("scorer", own).from_options(preset=preset),)
+    return decider, also

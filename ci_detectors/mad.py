@@ -29,6 +29,7 @@ import numpy as np
 
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
+from ci_core.validators import number
 
 MAD_CONSISTENCY = 1.4826
 MEAN_AD_CONSISTENCY = math.sqrt(math.pi / 2)  # 1.2533...
@@ -56,7 +57,7 @@ def anomaly_indices(values: Sequence[float]) -> np.ndarray:
 
 @attrs.frozen(kw_only=True)
 class MADScorerConfig:
-    k: float = attrs.field(default=2.0, validator=[attrs.validators.instance_of((int, float)), attrs.validators.gt(0)])
+    k: float = attrs.field(default=2.0, validator=number(gt=0))
 
 
 class MADScorer(Scorer):
@@ -64,7 +65,7 @@ class MADScorer(Scorer):
     description = "Neural Cleanse's rule: anomaly index (median - statistic) / (1.4826 MAD); flags classes with index > k"
     Config = MADScorerConfig
 
-    def score(self, evidence: Sequence[ClassEvidence]) -> Scores:
+    def score(self, evidence: Sequence[ClassEvidence], reference=None) -> Scores:
         if not evidence:
             raise ConfigError("the mad scorer needs at least one class")
         missing = [e.name for e in evidence if e.statistic is None]
@@ -87,4 +88,5 @@ class MADScorer(Scorer):
             target=evidence[best].name,
             backdoored=bool(flagged),
             flagged=flagged,
+            rule=f"some class's anomaly index > {self.config.k:g}",
         )

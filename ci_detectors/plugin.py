@@ -3,6 +3,7 @@
 from ci_core import hookimpl
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.mad import MADScorer
+from ci_detectors.reference_scoring import ReferenceOutlierScorer
 from ci_detectors.repair import REPAIRERS
 from ci_detectors.scoring import CIScorer
 
@@ -16,6 +17,7 @@ def register_detectors(register):
 def register_scorers(register):
     register(CIScorer)
     register(MADScorer)
+    register(ReferenceOutlierScorer)
 
 
 @hookimpl

@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
+from ci_core.validators import number
 
 
 def zscores(values: Sequence[float]) -> np.ndarray:
@@ -30,7 +31,8 @@ def ci_scores(asr: Sequence[float], loss: Sequence[float]) -> np.ndarray:
 
 @attrs.frozen(kw_only=True)
 class CIScorerConfig:
-    k: float = 2.0
+    # s_max is at least 0 (the largest of standardised scores), so a k of 0 or below would flag every model.
+    k: float = attrs.field(default=2.0, validator=number(gt=0))
 
 
 class CIScorer(Scorer):
@@ -38,7 +40,7 @@ class CIScorer(Scorer):
     description = "z(ASR) - z(loss), standardised within the model; backdoored iff s_max >= k"
     Config = CIScorerConfig
 
-    def score(self, evidence: Sequence[ClassEvidence]) -> Scores:
+    def score(self, evidence: Sequence[ClassEvidence], reference=None) -> Scores:
         z = ci_scores([e.asr for e in evidence], [e.loss for e in evidence])
         best = int(np.argmax(z))
         return Scores(
@@ -47,4 +49,5 @@ class CIScorer(Scorer):
             target=evidence[best].name,
             backdoored=bool(z[best] >= self.config.k),
             flagged=tuple(e.name for e, v in zip(evidence, z) if v >= self.config.k),
+            rule=f"s_max >= {self.config.k:g}",
         )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,14 +19,22 @@ from ci_core.data.coop import DATA_ROOT_ENV
 from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
 from ci_core.plugins import registry
+from ci_core.validators import printable
 from ci_core.models.backbone import BUILTIN, TINY_MODEL, TextEncoding
 
 
+def _terminate(signum, frame):
+    # SIGTERM as an exception, so that every `finally` and cleanup runs (temporary folders removed).
+    raise SystemExit(128 + signum)
+
+
 def report_errors(func):
-    """Turn domain errors into a one-line message and exit status 1 (no traceback)."""
+    """Turn domain errors into a one-line message and exit status 1 (no traceback); SIGTERM cleans up too."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return func(*args, **kwargs)
         except CIError as exc:
@@ -138,17 +149,39 @@ def choose_backbone(name: str | None, pretrained: str | None, default: tuple[str
     return name, pretrained
 
 
+def _finite_json(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_json(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_json(v) for v in value)
+    return True
+
+
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict:
-    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, booleans), else as a string."""
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, booleans), else as a string.
+
+    JSON as Python reads it takes NaN, Infinity and 1e400 for floats: a value that is or holds a
+    non-finite number is refused here, naming the option, before any plugin sees it.
+    """
     options = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE")
+        # As the error shows it: one line, however the value was typed.
+        shown = printable(f"{key}={raw[:40]}") + ("..." if len(raw) > 40 else "")
         try:
-            options[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            options[key] = raw
+            value = raw
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"{flag} {shown}: {exc}") from None
+        if not _finite_json(value):
+            raise ConfigError(f"{flag} {shown}: {shown.partition('=')[0]} must be a finite number (NaN and "
+                              "infinities are never a setting)")
+        options[key] = value
     return options
 
 
