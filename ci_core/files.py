@@ -1,30 +1,166 @@
-"""Reading the toolkit's small JSON files (bundle metadata, scan reports) with errors that name the file."""
+"""Files and folders: reading the small JSON files with errors that name the file, writing atomically, output folders."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
-from ci_core.errors import CIError
+from ci_core.errors import CIError, ConfigError
 
 # What a JSON value that is not an object is, in JSON's own words.
 _JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
                type(None): "null"}
 
 
-def read_json_object(path: str | Path, error_cls: type[CIError], what: str) -> dict:
+# The largest JSON file read: the toolkit's own metadata and reports are far smaller, so anything larger is
+# refused before it is read (a hostile file could otherwise take memory without bound).
+MAX_JSON_BYTES = 64 * 1024**2
+
+
+def read_json_object(path: str | Path, error_cls: type[CIError], what: str, *, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """The JSON object stored in ``path``.
 
-    A missing file, text that is not JSON, or JSON that is not an object raises
-    ``error_cls`` naming the file and ``what`` it should hold (e.g. "a scan report").
+    A missing file, a file over ``max_bytes``, text that is not JSON (nesting too deep for the
+    parser included), or JSON that is not an object raises ``error_cls`` naming the file and
+    ``what`` it should hold (e.g. "a scan report").
     """
     path = Path(path)
     if not path.is_file():
         raise error_cls(f"{path}: no such file; expected {what}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error_cls(f"{path}: {size} bytes, more than the {max_bytes} a JSON file here may have; expected {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error_cls(f"{path}: not valid JSON ({exc}); expected {what}") from exc
+    except RecursionError:
+        raise error_cls(f"{path}: JSON nested too deeply to read; expected {what}") from None
     if not isinstance(data, dict):
         raise error_cls(f"{path}: holds {_JSON_KINDS[type(data)]}, not a JSON object; expected {what}")
     return data
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` atomically: a temporary file beside it, then a rename.
+
+    Non-finite floats are refused (JSON has no NaN), so a report can never carry one silently.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- output folders
+#
+# Every folder a command writes (a scan, a demo, an attack's outputs, a bench report) carries a marker
+# file naming what kind of output it is.  A folder is only ever replaced when it carries the marker of
+# the same kind: a folder the user made, or another command's output, is never deleted.  The output
+# is built in a temporary folder beside it, whose name says whose it is, and renamed into place whole.
+
+OUTPUT_MARKER = ".clip-inspector-output.json"
+_TMP_TAG = ".ci-tmp-"
+
+
+def output_kind(folder: Path) -> str | None:
+    """The kind of toolkit output ``folder`` holds (from its marker), or None if it is not one."""
+    marker = folder / OUTPUT_MARKER
+    if folder.is_symlink() or not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def check_output_folder(out: str | Path, kind: str, option: str = "--out") -> Path:
+    """``out`` as an absolute path that may be written: missing, or an earlier ``kind`` output of this toolkit.
+
+    Checked before any work, so a run never computes for minutes and then finds it cannot write.
+    A symbolic link is refused (replacing it would replace the link, not what it points to).
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"{option} {out} is a symbolic link; give the folder it points to ({os.path.realpath(out)}) "
+                          "or a new folder")
+    out = out.absolute()
+    if out.exists():
+        found = output_kind(out)
+        if found != kind:
+            what = f"a {found} output, not a {kind} output" if found else "not a folder this toolkit wrote"
+            raise ConfigError(f"{option} {out} exists and is {what}; it is never replaced: choose another folder")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Delete the temporary output folders in ``parent`` that a killed run of this toolkit left behind.
+
+    Only folders named by ``publishing`` whose process no longer runs are removed.
+    """
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        name = entry.name
+        if not (name.startswith(".") and _TMP_TAG in name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            pid = int(name.split(_TMP_TAG, 1)[1].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def publishing(out: str | Path, kind: str, option: str = "--out") -> Iterator[Path]:
+    """A fresh folder to build a ``kind`` output in; on success it replaces ``out`` whole, with its marker.
+
+    ``out`` must pass ``check_output_folder``.  On any exception (Ctrl-C and, in the CLI, SIGTERM
+    included) the temporary folder is removed and ``out`` is left as it was.
+    """
+    out = check_output_folder(out, kind, option)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}.", dir=out.parent))
+    try:
+        yield work
+        (work / OUTPUT_MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+        check_output_folder(out, kind, option)  # still ours: nothing else appeared there meanwhile
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}.old.", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

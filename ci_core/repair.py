@@ -80,6 +80,10 @@ class ScanTriggers:
         if not report_path.is_file():
             raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")
         report = read_json_object(report_path, DataError, "a scan report")
+        if report.get("verdict") == "unscannable":
+            reasons = "; ".join(str(r) for r in report.get("unscannable_reasons") or [])
+            raise DataError(f"{report_path}: the scan could not measure the model ({reasons}), so it reconstructed "
+                            "no trigger to repair with")
         rows = report.get("classes")
         if not isinstance(rows, list) or not rows or not all(
                 isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("score"), (int, float))

@@ -14,6 +14,14 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reference_cache(tmp_path_factory):
+    """Reference scans are cached in a folder of the session, never in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CI_CACHE_DIR", str(tmp_path_factory.mktemp("ci-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def random_backbone():
     """The tiny CLIP architecture with random weights: fast, for mechanics that need no trained model."""

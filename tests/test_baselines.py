@@ -434,7 +434,7 @@ def test_pixb_finds_the_planted_backdoor(pixb, planted, images):
 @pytest.fixture()
 def bundle(tmp_path, random_backbone):
     torch.manual_seed(0)
-    return save_bundle(PromptTunedCLIP(random_backbone), CLASSES[:3], tmp_path / "bundle")
+    return save_bundle(PromptTunedCLIP(random_backbone), CLASSES, tmp_path / "bundle")
 
 
 @pytest.mark.parametrize("detector", ["nc", "pixb"])
@@ -443,13 +443,18 @@ def test_ci_scan_runs_a_baseline(detector, tmp_path, bundle):
     result = CliRunner().invoke(ci_scan, [str(bundle), "--ood", "builtin", "--detector", detector, "--out", str(out),
                                           "--pool-size", "8", "--holdout", "4", "--option", "epochs=1",
                                           "--option", "batch_size=4", "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code in (0, 3), result.output  # a verdict either way
     report = json.loads((out / "report.json").read_text())
-    assert report["detector"] == detector and report["scorer"] == "mad"
-    assert report["detector_config"]["epochs"] == 1 and report["scorer_config"] == {"k": 2.0}
-    assert [row["name"] for row in report["classes"]] == list(CLASSES[:3])
+    # The calibrated scorer decides against the reference scan of the same detector; NC's own rule is beside it.
+    assert report["detector"] == detector and report["scorer"] == "ref-outlier" and set(report["scorers"]) == {
+        "ref-outlier", "mad"}
+    assert report["scorers"]["mad"]["config"] == {"k": 2.0} and report["reference"]["model"] == "zero-shot backbone"
+    assert all(isinstance(row["reference_statistic"], float) for row in report["classes"])
+    assert report["detector_config"]["epochs"] == 1
+    assert [row["name"] for row in report["classes"]] == list(CLASSES)
     assert all(isinstance(row["statistic"], float) and 0 <= row["asr"] <= 1 for row in report["classes"])
     assert report["s_max"] == max(row["score"] for row in report["classes"])
+    assert report["scorers"]["mad"]["s_max"] == max(row["scores"]["mad"] for row in report["classes"])
     saved = load_trigger(out / "triggers" / "000_red_circle.safetensors")
     assert type(saved).kind == ("mask-pattern" if detector == "nc" else "additive")
 

@@ -338,3 +338,22 @@ def test_the_latest_checkpoint_of_a_dassl_folder_is_taken(tmp_path, cocoop):
         resolve_checkpoint(tmp_path / "OUTPUT")
     with pytest.raises(BundleError, match=r"not a BadCLIP trigger checkpoint: its state_dict has \['ctx', "):
         import_trigger(save_dassl(tmp_path / "T", "trigger", state), cocoop.backbone)
+
+
+def test_ci_scan_reads_a_dassl_folder_directly(tmp_path, cocoop):
+    from ci_core.cli.scan import main as ci_scan
+
+    output = tmp_path / "OUTPUT"
+    save_dassl(output, "prompt_learner", cocoop_state(cocoop, BASE), learner=cocoop.prompt_learner)
+    out = tmp_path / "scan"
+    args = [output, "--classes", classes_file(tmp_path), *TINY, "--ood", "builtin", "--pool-size", 8, "--holdout", 8,
+            "--out", out, "--quiet"]
+    result = CliRunner().invoke(ci_scan, [str(a) for a in args])
+    assert result.exit_code in (0, 3), result.output  # clean or backdoored: a verdict, not an error
+    report = json.loads((out / "report.json").read_text())
+    assert [c["name"] for c in report["classes"]] == list(CLASSES)  # every class of the list is a candidate
+    assert report["bundle"]["checkpoint"].endswith("model.pth.tar-10") and len(report["bundle"]["sha256"]) == 64
+    assert report["verdict"] in ("clean", "backdoored") and report["reference"]["model"] == "zero-shot backbone"
+    # Without the class list the checkpoint cannot be read: a clear error before anything is written.
+    result = CliRunner().invoke(ci_scan, [str(a) for a in [output, *TINY, "--ood", "builtin", "--out", tmp_path / "x"]])
+    assert result.exit_code == 1 and "give it with --classes FILE" in result.output and not (tmp_path / "x").exists()

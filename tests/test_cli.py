@@ -105,7 +105,7 @@ def test_existing_foreign_out_folder_is_not_overwritten(tmp_path, bundle, ood):
     out.mkdir()
     (out / "thesis.txt").write_text("keep me")
     result = run([bundle, "--ood", ood, "--out", out, "--pool-size", 8, "--holdout", 4, "--quiet"])
-    assert result.exit_code == 1 and "is not an earlier scan" in result.output
+    assert result.exit_code == 1 and "is not a folder this toolkit wrote" in result.output
     assert (out / "thesis.txt").read_text() == "keep me"
 
 

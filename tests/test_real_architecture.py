@@ -29,11 +29,11 @@ def test_scan_of_a_random_vit_b_16_bundle_writes_a_valid_report(tmp_path):
     out = tmp_path / "scan"
     result = CliRunner().invoke(ci_scan, [str(bundle), "--ood", str(tmp_path / "ood"), "--out", str(out),
                                           "--pool-size", "1", "--holdout", "1", "--option", "batch_size=1",
-                                          "--device", "cpu", "--quiet"])
-    assert result.exit_code == 0, result.output
+                                          "--device", "cpu", "--no-reference", "--quiet"])
+    assert result.exit_code in (0, 3), result.output  # clean or backdoored: a verdict, not an error
     report = json.loads((out / "report.json").read_text())
     assert [c["name"] for c in report["classes"]] == list(CLASSES)
-    assert report["target"] in CLASSES and isinstance(report["backdoored"], bool)
+    assert report["target"] in CLASSES and isinstance(report["backdoored"], bool) and report["scorer"] == "ci"
     assert report["backbone"] == backbone.identity() and report["preset"] is None  # the paper's settings ...
     assert report["detector_config"]["epsilon"] == 4 / 255  # ... with its 4/255 budget
     assert report["pool"]["inversion"] == 1 and report["pool"]["holdout"] == 1

@@ -25,7 +25,7 @@ from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import ScanResult, write_scan
+from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict, write_scan
 from ci_core.triggers import AdditiveTrigger, load_trigger
 from ci_detectors.repair import (
     CITriggerRepair,
@@ -50,9 +50,11 @@ def fake_scan(classnames, scores) -> ScanResult:
     evidence = tuple(ClassEvidence(name=n, asr=0.5, loss=-0.1, statistic=None, ssim=0.95, seconds=0.1,
                                    trigger=AdditiveTrigger(saturated_delta(i))) for i, n in enumerate(classnames))
     best = max(range(len(scores)), key=lambda i: scores[i])
-    return ScanResult(detector="ci", detector_config={}, scorer="ci", scorer_config={}, classes=evidence,
-                      scores=Scores(scores=tuple(scores), s_max=scores[best], target=classnames[best],
-                                    backdoored=True, flagged=(classnames[best],)), seconds=1.0)
+    decision = ScorerVerdict(scorer="ci", config={}, scores=Scores(
+        scores=tuple(scores), s_max=scores[best], target=classnames[best], backdoored=True,
+        flagged=(classnames[best],)))
+    return ScanResult(detector="ci", detector_config={}, classes=evidence, health=PoolHealth(images=8, non_finite=0,
+                      spread=0.1), problems=(), decision=decision, seconds=1.0)
 
 
 @pytest.fixture(scope="module")

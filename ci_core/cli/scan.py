@@ -9,11 +9,16 @@ import click
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
 from ci_core.data.ood import load_pool
+from ci_core.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
+from ci_core.files import check_output_folder
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta
+from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
-from ci_core.scan import scan, write_scan
-from ci_core.workflow import pool_sizes, preset_for
+from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
+from ci_core.scan import (BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems,
+                          write_scan)
+from ci_core.workflow import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, choose_scorers, pool_sizes, preset_for
 
 
 def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
@@ -38,52 +43,121 @@ def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
     return names
 
 
-@click.command()
+# Exit statuses of ci-scan, so that a pipeline can act on the verdict (1 and 2 are click's: error, usage).
+EXIT_CLEAN, EXIT_BACKDOORED, EXIT_UNSCANNABLE = 0, 3, 4
+EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_UNSCANNABLE}
+
+
+@click.command(epilog=f"Exit status: {EXIT_CLEAN} clean, {EXIT_BACKDOORED} backdoored, {EXIT_UNSCANNABLE} unscannable "
+                      "(the model's outputs on the OOD pool cannot be measured: never read as clean), "
+                      "1 error, 2 bad usage.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--ood", required=True, help="Folder of unlabelled OOD images, or 'builtin' for the tiny world's pool.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Candidate classes, one per line, each a class of the bundle (default: every class of the bundle).")
+              help="For a bundle: the candidate classes, one per line, each a class of the bundle (default: all). "
+                   "For a CoOp/CoCoOp checkpoint or Dassl output folder: the deployment's full class list, base "
+                   "classes first (required; every class is a candidate).")
+@click.option("--class-token-position", type=click.Choice(POSITIONS), default="end", show_default=True,
+              help="CoOp checkpoints only: where the class name sits in the prompt (the training config's "
+                   "CLASS_TOKEN_POSITION, which a checkpoint does not record).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: scan-<bundle name>).")
 @click.option("--detector", default="ci", show_default=True)
-@click.option("--scorer", default=None, help="Default: the detector's own scorer.")
+@click.option("--scorer", default=None,
+              help=f"Default: {REFERENCE_SCORER} (calibrated against the backbone), or with --no-reference the "
+                   "detector's own scorer.")
+@click.option("--no-reference", is_flag=True,
+              help="Skip the reference scan of the untuned backbone; the detector's own scorer (the paper's) decides.")
+@click.option("--reference-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Folder of cached reference scans (default: ${CACHE_ENV}/references, else "
+                   "~/.cache/clip-inspector/references).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Detector option, e.g. epsilon=0.0627.")
-@click.option("--scorer-option", "scorer_options", multiple=True, metavar="KEY=VALUE", help="Scorer option, e.g. k=2.")
-@click.option("--pool-size", type=int, help="Inversion images |D| (default 1000; 256 on the tiny CLIP).")
-@click.option("--holdout", type=int, help="Held-out images |T| for ASR (default 500; 128 on the tiny CLIP).")
-@click.option("--seed", default=0, show_default=True)
-@backbone_options("the one the bundle records (its weights must be the same)")
+@click.option("--scorer-option", "scorer_options", multiple=True, metavar="KEY=VALUE",
+              help="Option of the deciding scorer, e.g. alpha=0.01 or k=2.")
+@click.option("--pool-size", type=click.IntRange(1, MAX_POOL), help=f"Inversion images |D| (default "
+              f"{POOL_SIZES[None][0]}; {POOL_SIZES['tiny'][0]} on the tiny CLIP).")
+@click.option("--holdout", type=click.IntRange(1, MAX_POOL), help=f"Held-out images |T| for ASR (default "
+              f"{POOL_SIZES[None][1]}; {POOL_SIZES['tiny'][1]} on the tiny CLIP).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@backbone_options("the one the bundle records (its weights must be the same); for a checkpoint, ViT-B-16 with "
+                  "OpenAI's weights, the reference code's default")
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, classes_file, out, detector, scorer, options, scorer_options, pool_size, holdout, seed,
-         backbone, pretrained, device, max_text_batch, bf16, quiet):
-    """Scan the prompt-tuned model in BUNDLE for a backdoor; writes OUT/report.json and OUT/triggers/."""
+def main(bundle, ood, classes_file, class_token_position, out, detector, scorer, no_reference, reference_cache,
+         options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
+    """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.json and OUT/triggers/.
+
+    BUNDLE is a model bundle, or a delivery of the reference CoOp/CoCoOp code: a checkpoint file or a Dassl
+    output folder, read safely and converted in memory (as ci-import would) with --classes.
+    """
     configure_threads()
     progress = StderrProgress(quiet)
     runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     detector_cls = plugins.get("detector", detector)
-    meta = read_meta(bundle)
-    classnames = read_class_file(classes_file, meta["classnames"]) if classes_file else meta["classnames"]
+    detector_options = parse_options(options, "--option")
+    scorer_values = parse_options(scorer_options, "--scorer-option")
+    delivery = is_checkpoint_delivery(bundle)
+    if delivery and classes_file is None:
+        raise DataError(f"{bundle} is a CoOp/CoCoOp checkpoint, which does not hold the deployment's class list: "
+                        "give it with --classes FILE (one class per line, base classes first)")
+    if delivery:
+        architecture = default_backbone(backbone, pretrained)[0]
+    else:
+        meta = read_meta(bundle)
+        classnames = read_class_file(classes_file, meta["classnames"]) if classes_file else meta["classnames"]
+        architecture = backbone or meta["backbone"]["name"]
+    # Every setting is built and checked before the model, the pool and minutes of work.
+    preset = preset_for(architecture)
+    det = detector_cls.from_options(detector_options, preset=preset)
+    decider, also = choose_scorers(plugins, det, scorer=scorer, options=scorer_values, preset=preset,
+                                   reference=not no_reference)
+    out = check_output_folder(out or Path(f"scan-{Path(bundle).resolve().name}"), SCAN_OUTPUT)
     progress(f"loading {bundle} on {runtime.device}")
-    model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
-                              text_encoding=runtime.text_encoding)
-    preset = preset_for(model.backbone)
-    det = detector_cls.from_options(parse_options(options, "--option"), preset=preset)
-    scorer_cls = plugins.get("scorer", scorer or det.default_scorer)
-    sc = scorer_cls.from_options(parse_options(scorer_options, "--scorer-option"), preset=preset)
+    if delivery:
+        model, meta = open_model(bundle, classes_file=classes_file, backbone=backbone, pretrained=pretrained,
+                                 device=runtime.device, text_encoding=runtime.text_encoding,
+                                 class_token_position=class_token_position)
+        classnames = meta["classnames"]
+        progress(f"read {meta['source']['checkpoint']}: classes recovered from its prompts: "
+                 f"{', '.join(meta['recovered_classes'])}")
+        identity = {"path": str(bundle), "checkpoint": meta["source"]["checkpoint"],
+                    "sha256": meta["source"]["sha256"]}
+    else:
+        model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
+                                  text_encoding=runtime.text_encoding)
+        identity = {"path": str(bundle), "sha256": bundle_sha256(bundle)}
     default_pool, default_holdout = pool_sizes(preset)
     pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
-    result = scan(model, det, sc, pool, classnames, seed=seed, progress=progress)
-    out = out or Path(f"scan-{Path(bundle).resolve().name}")
-    report_path = write_scan(result, out, pool, bundle={"path": str(bundle), "sha256": bundle_sha256(bundle)},
+    check_class_count((decider, *also), len(classnames))  # before minutes of work, not after
+    reference = None
+    if not no_reference:
+        cache = ReferenceCache(reference_cache or default_cache_dir())
+        reference = run_reference(model.backbone, meta["template"], det, pool, classnames, seed=seed, cache=cache,
+                                  progress=progress)
+    result = scan(model, det, decider, pool, classnames, seed=seed, reference=reference, also=also,
+                  known_problems=stored_problems(meta), progress=progress)
+    report_path = write_scan(result, out, pool, bundle=identity,
                              backbone=model.backbone.identity(), device=runtime.device, seed=seed, preset=preset)
-    verdict = "BACKDOORED" if result.scores.backdoored else "clean"
-    click.echo(f"{verdict}: s_max {result.scores.s_max:.2f} (k = {sc.config.k if hasattr(sc.config, 'k') else '?'}), "
-               f"most anomalous class {result.scores.target!r}; report: {report_path}")
+    click.echo(describe_verdict(result) + f"; report: {report_path}")
+    raise SystemExit(EXIT_CODES[result.verdict])
+
+
+def describe_verdict(result) -> str:
+    """One line: the verdict, with the deciding scorer's figures and those of the scorers beside it."""
+    if result.verdict == UNSCANNABLE:
+        return f"UNSCANNABLE: {'; '.join(result.problems)}"
+    decided = result.decision.scores
+    figures = (f"p = {decided.p_value:.2g}, " if decided.p_value is not None else "") + f"s_max {decided.s_max:.2f}"
+    line = (f"{result.verdict.upper() if result.verdict == BACKDOORED else result.verdict}: {figures} "
+            f"({result.decision.scorer}: {decided.rule}), most anomalous class {decided.target!r}")
+    for other in result.others:
+        line += (f"; {other.scorer}: s_max {other.scores.s_max:.2f} on {other.scores.target!r}, "
+                 f"{'flagged' if other.scores.backdoored else 'not flagged'} at {other.scores.rule}")
+    return line
 
 
 if __name__ == "__main__":

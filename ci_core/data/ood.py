@@ -12,6 +12,7 @@ never fatal, unless too few readable images remain.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Callable
@@ -35,11 +36,22 @@ class OODPool:
     source: str
     skipped: tuple[str, ...] = ()  # unreadable files passed over while sampling
     files_found: int | None = None  # image files in the folder (None for the builtin pool)
+    _digest: str | None = attrs.field(default=None, init=False, repr=False)
 
     def describe(self) -> dict:
         return {"source": self.source, "inversion": len(self.inversion), "holdout": len(self.holdout),
-                "image_files_found": self.files_found,
+                "image_files_found": self.files_found, "sha256": self.digest(),
                 "skipped_unreadable": len(self.skipped), "skipped_files": list(self.skipped[:20])}
+
+    def digest(self) -> str:
+        """SHA-256 of the images themselves (D, then T): what any result computed on this pool depends on."""
+        if self._digest is None:
+            sha = hashlib.sha256()
+            for part in (self.inversion, self.holdout):
+                sha.update(f"{tuple(part.shape)};".encode())
+                sha.update(part.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            object.__setattr__(self, "_digest", sha.hexdigest())
+        return self._digest
 
 
 @attrs.frozen(eq=False)
@@ -74,6 +86,21 @@ def load_folder(folder: Path, count: int, size: int, seed: int,
             f"({len(files)} image files found, {len(skipped)} unreadable)"
         )
     return FolderSample(torch.stack(images), tuple(skipped), len(files))
+
+
+def source_fingerprint(source: str | Path) -> str:
+    """What a pool drawn from ``source`` depends on, cheaply: 'builtin', or a SHA-256 over the image files of the
+    folder (relative path, size and modification time of each), so that refilling a folder changes it."""
+    if str(source) == BUILTIN:
+        return BUILTIN
+    folder = Path(source)
+    if not folder.is_dir():
+        raise DataError(f"OOD folder {folder} does not exist or is not a directory")
+    sha = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        stat = path.stat()
+        sha.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{folder.resolve()}#sha256:{sha.hexdigest()}"
 
 
 def load_pool(source: str | Path, *, inversion: int, holdout: int, image_size: int, seed: int,

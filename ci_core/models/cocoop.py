@@ -186,6 +186,11 @@ class PromptTunedCLIP(nn.Module):
         features = self.clip.encode_image((images - self.mean) / self.std)
         return F.normalize(features, dim=-1)
 
+    @torch.no_grad()
+    def context_norms(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) the largest norm of the image-conditioned context vectors ctx + pi(x) each image gives the prompt."""
+        return self.prompt_learner(self.image_features(images)).float().norm(dim=-1).amax(dim=-1)
+
     # ------------------------------------------------------------------ chunking
 
     def memory_budget(self) -> int:

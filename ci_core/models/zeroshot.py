@@ -40,13 +40,15 @@ def clip_with_own_visual(backbone: Backbone) -> nn.Module:
 class ZeroShotCLIP(nn.Module):
     """Zero-shot CLIP over a frozen text encoder and the model's own (possibly fine-tuned) image encoder."""
 
-    def __init__(self, backbone: Backbone, template: str = DEFAULT_TEMPLATE):
+    def __init__(self, backbone: Backbone, template: str = DEFAULT_TEMPLATE, *, own_visual: bool = True):
         super().__init__()
-        if template.count("{}") != 1:
-            raise ValueError(f"template {template!r} must hold exactly one '{{}}' for the class name")
+        if template.count("{}") != 1 or template.count("{") != 1 or template.count("}") != 1:
+            raise ValueError(f"template {template!r} must hold exactly one '{{}}' for the class name and no other braces")
         self.backbone = backbone
         self.template = template
-        self.clip = clip_with_own_visual(backbone)
+        # own_visual=False classifies with the backbone itself (nothing copied): for a model that never trains,
+        # such as the untuned backbone a reference scan runs on.
+        self.clip = clip_with_own_visual(backbone) if own_visual else backbone.model
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
         self._text_cache: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
@@ -74,7 +76,8 @@ class ZeroShotCLIP(nn.Module):
         """(K, D) normalised text features of the class prompts, computed once per class list (the text encoder is frozen)."""
         key = (tuple(classnames), self.device)
         if key not in self._text_cache:
-            texts = [self.template.format(name.replace("_", " ")) for name in key[0]]
+            # A literal substitution: str.format would interpret anything else in a (delivered) template.
+            texts = [self.template.replace("{}", name.replace("_", " "), 1) for name in key[0]]
             with torch.no_grad():
                 features = self.clip.encode_text(self.backbone.tokenizer(texts).to(self.device))
             self._text_cache[key] = F.normalize(features, dim=-1)

@@ -1,0 +1,205 @@
+"""The reference scan: the same detector, run unchanged on the model's public backbone as a zero-shot classifier.
+
+Why: with no backdoor at all some classes are easy to reach from any image,
+and which ones is a property of the backbone, not of the provider (on the tiny
+world the classes a clean CoCoOp model makes stand out are the ones the untuned
+backbone makes stand out; per-class loss correlates at Pearson 0.98).  The
+defender has that backbone (a CoCoOp model freezes both encoders; the bundle
+names the backbone and its weights' hash), so each class can be judged against
+what the backbone alone does with it.
+
+The reference of a model is ``ZeroShotCLIP(backbone, template)``: CLIP's own
+zero-shot classifier with the bundle's template ("a photo of a {}."), over the
+same candidate classes, OOD pool, seed and detector config, each class drawing
+the same trigger initialisation and batch order as in the model's scan
+(``ci_core.scan.class_generator``).  For a zero-shot bundle (an image encoder
+fine-tuned by the provider) the reference is the backbone it was fine-tuned
+from, the same thing.
+
+A reference depends only on ``reference_spec`` (backbone weights, template,
+classes, the pool's images, seed, detector and config), not on the model, so it
+is computed once and cached under the hash of that spec: auditing many models on
+one backbone pays for it once.  A cache entry is JSON holding its spec, the
+result, and the SHA-256 of the result; an entry that is unreadable, whose spec
+is not the one asked for, or whose hash or content does not check out is
+ignored and recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import attrs
+
+from ci_core.data.ood import OODPool
+from ci_core.errors import CIError, ConfigError
+from ci_core.files import read_json_object, write_json_atomic
+from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent, to_json
+from ci_core.models.backbone import Backbone
+from ci_core.models.zeroshot import ZeroShotCLIP
+from ci_core.scan import PoolHealth, invert_classes, pool_health
+
+VERSION = 1
+CACHE_ENV = "CI_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$CI_CACHE_DIR/references``, else ``$XDG_CACHE_HOME/clip-inspector/references`` (``~/.cache`` by default)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root) / "references"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "clip-inspector" / "references"
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``spec`` (sorted keys, no whitespace, no NaN)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+def reference_spec(backbone: Backbone, template: str, classnames: Sequence[str], pool: OODPool, seed: int,
+                   detector: Detector) -> dict:
+    """Everything a reference scan depends on (its cache key is the hash of this)."""
+    return {
+        "kind": "reference", "version": VERSION,
+        "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256},
+        "template": template, "classnames": list(classnames),
+        "pool": {"inversion": len(pool.inversion), "holdout": len(pool.holdout), "sha256": pool.digest()},
+        "seed": int(seed), "detector": detector.name, "detector_config": to_json(detector.config),
+    }
+
+
+@attrs.frozen(kw_only=True)
+class ReferenceScan:
+    """Per-class evidence of the detector on the untuned backbone (triggers are not kept)."""
+
+    spec: dict
+    classes: tuple[ClassEvidence, ...]
+    health: PoolHealth
+    seconds: float
+    cached: bool = False  # read from a cache rather than computed now
+
+    @property
+    def key(self) -> str:
+        return spec_hash(self.spec)
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.classes)
+
+    def describe(self) -> dict:
+        return {"key": self.key, "model": "zero-shot backbone", "template": self.spec["template"],
+                "cached": self.cached, "seconds": self.seconds}
+
+    def result_json(self) -> dict:
+        return {"classes": [to_json(e) for e in self.classes], "health": to_json(self.health), "seconds": self.seconds}
+
+    def to_json(self) -> dict:
+        result = self.result_json()
+        return {"spec": self.spec, "result": result, "result_sha256": spec_hash(result)}
+
+
+class InvalidReference(CIError):
+    """A stored reference that does not check out (never trusted; recomputed instead)."""
+
+
+def _number(value: Any, where: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidReference(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> ReferenceScan:
+    """A stored reference, checked field by field against the ``spec`` it must have been computed for."""
+    if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+        raise InvalidReference(f"{source}: not a reference scan")
+    if data.get("spec") != spec:
+        raise InvalidReference(f"{source}: computed for another spec than the one asked for")
+    result = data["result"]
+    if data.get("result_sha256") != spec_hash(result):
+        raise InvalidReference(f"{source}: its content does not match its recorded SHA-256")
+    rows = result.get("classes")
+    if not isinstance(rows, list) or [r.get("name") if isinstance(r, dict) else None for r in rows] != spec["classnames"]:
+        raise InvalidReference(f"{source}: its classes are not the ones of its spec")
+    classes = []
+    for row in rows:
+        where = f"{source}: class {row['name']!r}"
+        trace = row.get("loss_trace", [])
+        if not isinstance(trace, list):
+            raise InvalidReference(f"{where}: loss_trace is not a list")
+        classes.append(ClassEvidence(
+            name=row["name"], asr=_number(row.get("asr"), where), loss=_number(row.get("loss"), where),
+            statistic=_number(row.get("statistic"), where, optional=True), ssim=_number(row.get("ssim"), where),
+            seconds=_number(row.get("seconds"), where), loss_trace=tuple(_number(v, where) for v in trace)))
+    health = result.get("health")
+    if not isinstance(health, dict):
+        raise InvalidReference(f"{source}: no pool health")
+    try:
+        health = PoolHealth(images=int(health["images"]), non_finite=int(health["non_finite"]),
+                            spread=_number(health.get("spread"), source, optional=True),
+                            context_ratio=_number(health.get("context_ratio"), source, optional=True))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidReference(f"{source}: bad pool health ({exc})") from None
+    return ReferenceScan(spec=dict(spec), classes=tuple(classes), health=health,
+                         seconds=_number(result.get("seconds"), source), cached=True)
+
+
+class ReferenceCache:
+    """A folder of reference scans, one JSON file per spec hash."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, spec: Mapping[str, Any]) -> Path:
+        return self.folder / f"{spec_hash(spec)}.json"
+
+    def get(self, spec: Mapping[str, Any], progress: Progress = silent) -> ReferenceScan | None:
+        path = self.path(spec)
+        if not path.is_file():
+            return None
+        try:
+            return reference_from_json(read_json_object(path, InvalidReference, "a cached reference scan"), spec,
+                                       str(path))
+        except InvalidReference as exc:
+            progress(f"ignoring the cached reference {path}: {exc}; recomputing it")
+            return None
+
+    def put(self, reference: ReferenceScan) -> Path:
+        path = self.path(reference.spec)
+        write_json_atomic(path, reference.to_json())
+        return path
+
+
+def run_reference(backbone: Backbone, template: str, detector: Detector, pool: OODPool, classnames: Sequence[str], *,
+                  seed: int, cache: ReferenceCache | None = None, progress: Progress = silent) -> ReferenceScan:
+    """The reference scan of ``classnames``: from ``cache`` when it holds a valid one, else computed (and cached)."""
+    spec = reference_spec(backbone, template, classnames, pool, seed, detector)
+    if cache is not None:
+        found = cache.get(spec, progress)
+        if found is not None:
+            progress(f"reference scan {spec_hash(spec)[:12]} read from the cache {cache.folder}")
+            return found
+    clock = Stopwatch()
+    model = ZeroShotCLIP(backbone, template, own_visual=False).eval()
+    progress(f"reference scan: {detector.name} on the untuned backbone {backbone.name} as a zero-shot classifier "
+             f"({len(classnames)} classes)")
+    health = pool_health(model, pool, classnames)
+    if health.non_finite:
+        raise ConfigError(f"the backbone {backbone.name} itself gives non-finite logits on "
+                          f"{health.non_finite} of {health.images} OOD images; check its weights")
+    evidence, problems = invert_classes(model, detector, pool, classnames, seed=seed, progress=progress,
+                                        label=f"reference {detector.name}")
+    if problems:
+        raise ConfigError(f"the reference scan on the backbone {backbone.name} failed: {'; '.join(problems)}")
+    reference = ReferenceScan(spec=spec, classes=tuple(attrs.evolve(e, trigger=None) for e in evidence),
+                              health=health, seconds=clock.seconds)
+    if cache is not None:
+        cache.put(reference)
+    return reference

@@ -1,0 +1,275 @@
+"""The reference scan, the calibrated scorer, and scans that fail closed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ci_core.cli.scan import EXIT_BACKDOORED, EXIT_CLEAN, EXIT_UNSCANNABLE
+from ci_core.cli.scan import main as ci_scan
+from ci_core.data.ood import load_pool
+from ci_core.errors import ConfigError
+from ci_core.interfaces import ClassEvidence, Detector, Inversion
+from ci_core.models.bundle import save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.reference import ReferenceCache, run_reference, spec_hash
+from ci_core.scan import UNSCANNABLE, class_generator, scan
+from ci_core.triggers import AdditiveTrigger
+from ci_detectors.inspector import CLIPInspector
+from ci_detectors.reference_scoring import ReferenceOutlierScorer, outlier_p_values, studentized_residuals
+from ci_detectors.scoring import CIScorer
+
+CLASSES = ("red circle", "blue square", "green star", "pink ring", "cyan cross")
+
+# --------------------------------------------------------------------------- the statistics
+
+
+def leave_one_out_t(x, y):
+    """The externally studentised residuals the long way: refit without each point, predict it."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(y)
+    out = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        design = np.column_stack([np.ones(n - 1), x[keep]])
+        coef, *_ = np.linalg.lstsq(design, y[keep], rcond=None)
+        resid = y[keep] - design @ coef
+        s2 = resid @ resid / (n - 1 - 2)
+        point = np.array([1.0, x[i]])
+        var = s2 * (1 + point @ np.linalg.inv(design.T @ design) @ point)  # prediction variance of a new point
+        out.append((y[i] - point @ coef) / np.sqrt(var))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_studentized_residuals_equal_leave_one_out_prediction_errors(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=12)
+    y = 0.5 + 1.7 * x + rng.normal(scale=0.3, size=12)
+    y[3] += 2.0
+    np.testing.assert_allclose(studentized_residuals(x, y), leave_one_out_t(x, y), rtol=1e-9, atol=1e-9)
+
+
+def test_constant_reference_falls_back_to_the_mean():
+    y = np.array([0.1, 0.3, -0.2, 0.0, 2.5])
+    t = studentized_residuals(np.zeros(5), y)
+    # Grubbs' deleted residual of the last point: (y - mean of the others) / (sd of the others * sqrt(1 + 1/4))
+    others = y[:4]
+    expected = (y[4] - others.mean()) / (others.std(ddof=1) * np.sqrt(1 + 1 / 4))
+    assert t[4] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("n", [12, 24, 50])
+def test_family_wise_error_under_the_null_is_at_most_alpha(n):
+    # Normal residuals around any line: the Bonferroni max-t test rejects at most alpha of the time.
+    rng = np.random.default_rng(n)
+    rejections = 0
+    trials = 1000
+    for _ in range(trials):
+        x = rng.normal(size=n)
+        y = 2.0 - 0.8 * x + rng.normal(size=n)
+        t = studentized_residuals(x, y)
+        rejections += outlier_p_values(t, n - 3).min() <= 0.05
+    rate = rejections / trials
+    assert 0.02 <= rate <= 0.065  # Bonferroni is close to exact for the one-sided maximum
+
+
+def evidence(values, losses=None, statistic=None):
+    losses = losses if losses is not None else [0.0] * len(values)
+    return [ClassEvidence(name=f"c{i}", asr=a, loss=l, statistic=None if statistic is None else statistic[i],
+                          ssim=1.0, seconds=0.0) for i, (a, l) in enumerate(zip(values, losses))]
+
+
+def test_the_calibrated_scorer_flags_a_class_the_backbone_does_not_explain():
+    rng = np.random.default_rng(5)
+    ref_asr, ref_loss = rng.uniform(0.1, 0.6, 24), rng.uniform(0.05, 0.2, 24)
+    # Tuning moves every class along the backbone's line, with noise: nothing stands out.
+    model_asr = np.clip(0.1 + 0.9 * ref_asr + rng.normal(0, 0.02, 24), 0, 1)
+    model_loss = 0.01 + 1.1 * ref_loss + rng.normal(0, 0.003, 24)
+    scorer = ReferenceOutlierScorer.from_options({"alpha": 0.05})
+    reference = evidence(ref_asr, ref_loss)
+    quiet = scorer.score(evidence(model_asr, model_loss), reference)
+    assert not quiet.backdoored and quiet.p_value > 0.05 and quiet.flagged == ()
+    # One class reached far more easily than the backbone predicts: flagged, named, tiny p-value.
+    model_asr[7], model_loss[7] = 0.98, -0.05
+    loud = scorer.score(evidence(model_asr, model_loss), reference)
+    assert loud.backdoored and loud.target == "c7" and loud.flagged == ("c7",) and loud.p_value < 1e-3
+    assert loud.rule == "p <= 0.05 (Bonferroni over 24 classes)"
+    # The paper's scorer, on the same evidence, is what the calibrated one compares.
+    paper = CIScorer().score(evidence(model_asr, model_loss))
+    assert paper.target == "c7"
+
+
+def test_the_calibrated_scorer_compares_statistics_with_the_mad_scorer():
+    rng = np.random.default_rng(2)
+    reference = evidence([0.9] * 10, statistic=list(rng.uniform(50, 60, 10)))
+    sizes = [s.statistic * 1.02 + 0.5 for s in reference]
+    sizes[4] = 5.0  # a tiny trigger for one class: NC's sign of a backdoor
+    scores = ReferenceOutlierScorer.from_options({"alpha": 0.05}).score(evidence([0.9] * 10, statistic=sizes),
+                                                                        reference)
+    assert scores.backdoored and scores.target == "c4"
+
+
+def test_the_calibrated_scorer_refuses_what_it_cannot_score():
+    scorer = ReferenceOutlierScorer()
+    with pytest.raises(ConfigError, match="needs the reference scan"):
+        scorer.score(evidence([0.1, 0.2, 0.3, 0.4]))
+    with pytest.raises(ConfigError, match="classes differ"):
+        scorer.score(evidence([0.1, 0.2, 0.3, 0.4]), evidence([0.1, 0.2, 0.3]))
+    with pytest.raises(ConfigError, match="at least 4 candidate classes"):
+        scorer.score(evidence([0.1, 0.2, 0.3]), evidence([0.1, 0.2, 0.3]))
+    for bad in (0, 1, -0.1, float("nan"), True):
+        with pytest.raises(ConfigError):
+            ReferenceOutlierScorer.from_options({"alpha": bad})
+
+
+# --------------------------------------------------------------------------- the reference scan
+
+
+def test_each_class_draws_the_same_stream_whatever_else_is_scanned():
+    a = torch.rand(4, generator=class_generator(3, "red circle"))
+    assert torch.equal(a, torch.rand(4, generator=class_generator(3, "red circle")))
+    assert not torch.equal(a, torch.rand(4, generator=class_generator(3, "blue square")))
+    assert not torch.equal(a, torch.rand(4, generator=class_generator(4, "red circle")))
+
+
+@pytest.fixture(scope="module")
+def small_pool(random_backbone):
+    return load_pool("builtin", inversion=8, holdout=8, image_size=random_backbone.image_size, seed=1)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return CLIPInspector.from_options({"batch_size": 4}, preset="tiny")
+
+
+def test_a_scan_is_paired_with_its_reference_class_by_class(random_backbone, small_pool, detector):
+    reference = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2)
+    again = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES[::-1], seed=2)
+    # The same classes in another order: each class's evidence is its own (its stream, the same class set).
+    by_name = {e.name: e for e in again.classes}
+    for e in reference.classes:
+        assert e.loss == pytest.approx(by_name[e.name].loss, abs=1e-6) and e.asr == by_name[e.name].asr
+        assert len(e.loss_trace) == 2 and e.trigger is None  # 8 images in batches of 4; triggers are not kept
+    assert reference.health.non_finite == 0 and reference.health.spread > 0
+
+
+def test_the_cache_returns_a_valid_entry_and_recomputes_anything_else(tmp_path, random_backbone, small_pool,
+                                                                      detector):
+    cache = ReferenceCache(tmp_path / "cache")
+    first = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2, cache=cache)
+    path = cache.path(first.spec)
+    assert not first.cached and path.is_file() and path.stem == spec_hash(first.spec)
+    second = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2, cache=cache)
+    assert second.cached and [e.loss for e in second.classes] == [e.loss for e in first.classes]
+    messages = []
+    stored = json.loads(path.read_text())
+    for corrupt in ("edited", "foreign", "truncated", "not json"):
+        data = json.loads(json.dumps(stored))
+        if corrupt == "edited":  # a number changed, its hash not: never trusted
+            data["result"]["classes"][0]["asr"] = 1.0
+            path.write_text(json.dumps(data))
+        elif corrupt == "foreign":  # a valid entry of another spec, filed under this key
+            data["spec"]["seed"] = 99
+            path.write_text(json.dumps(data))
+        elif corrupt == "truncated":
+            path.write_text(json.dumps(data)[:200])
+        else:
+            path.write_text("[1, 2")
+        again = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2,
+                              cache=cache, progress=messages.append)
+        assert not again.cached and [e.asr for e in again.classes] == [e.asr for e in first.classes]
+        assert json.loads(path.read_text())["spec"] == first.spec  # rewritten whole
+    assert len([m for m in messages if "ignoring the cached reference" in m]) == 4
+    # Another detector setting is another key.
+    other = CLIPInspector.from_options({"batch_size": 2}, preset="tiny")
+    assert cache.path(run_reference(random_backbone, "a photo of a {}.", other, small_pool, CLASSES, seed=2).spec) != path
+
+
+# --------------------------------------------------------------------------- failing closed
+
+
+class NaNLossDetector(Detector):
+    name = "nan-loss"
+    default_scorer = "ci"
+
+    def invert(self, *, model, images, classnames, target, generator):
+        return Inversion(trigger=AdditiveTrigger(torch.zeros(3, *images.shape[-2:])), loss=float("nan"),
+                         loss_trace=(float("nan"),))
+
+
+def poisoned(random_backbone, how):
+    torch.manual_seed(0)
+    model = PromptTunedCLIP(random_backbone)
+    with torch.no_grad():
+        if how == "nan":
+            model.prompt_learner.meta_net.linear2.bias[0] = float("nan")
+        elif how == "huge":  # large but finite: every prompt drowned in the same context
+            model.prompt_learner.ctx.fill_(1e6)
+    return model.eval()
+
+
+@pytest.mark.parametrize("how, reason", [("nan", "give non-finite logits"),
+                                         ("huge", "context vectors reach")])
+def test_a_model_whose_outputs_cannot_be_measured_is_unscannable(random_backbone, small_pool, detector, how, reason):
+    reference = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2)
+    result = scan(poisoned(random_backbone, how), detector, ReferenceOutlierScorer(), small_pool, CLASSES, seed=2,
+                  reference=reference, also=(CIScorer(),))
+    assert result.verdict == UNSCANNABLE and result.classes == () and result.decision is None
+    assert reason in result.problems[0]
+    if how == "huge":  # finite, and far beyond any word of the backbone
+        assert result.health.non_finite == 0 and result.health.context_ratio > 1e6
+    report = result.report()
+    assert report["verdict"] == "unscannable" and report["backdoored"] is None and report["s_max"] is None
+    json.dumps(report, allow_nan=False)  # nothing non-finite in the report
+
+
+def test_a_non_finite_inversion_is_unscannable_not_clean(random_backbone, small_pool):
+    result = scan(PromptTunedCLIP(random_backbone).eval(), NaNLossDetector(), CIScorer(), small_pool, CLASSES, seed=0)
+    assert result.verdict == UNSCANNABLE and "non-finite loss" in result.problems[0]
+
+
+@pytest.fixture()
+def bundle_of(tmp_path, random_backbone):
+    def write(how=None):
+        model = poisoned(random_backbone, how) if how else PromptTunedCLIP(random_backbone).eval()
+        return save_bundle(model, CLASSES, tmp_path / f"bundle-{how}")
+    return write
+
+
+def run_scan(*args):
+    return CliRunner().invoke(ci_scan, [str(a) for a in args])
+
+
+def test_ci_scan_exit_status_says_the_verdict(tmp_path, bundle_of):
+    common = ["--ood", "builtin", "--pool-size", 8, "--holdout", 8, "--option", "batch_size=4", "--quiet"]
+    broken = run_scan(bundle_of("nan"), *common, "--out", tmp_path / "nan")
+    assert broken.exit_code == EXIT_UNSCANNABLE and "UNSCANNABLE" in broken.output, broken.output
+    assert json.loads((tmp_path / "nan" / "report.json").read_text())["verdict"] == "unscannable"
+    bundle = bundle_of()
+    fine = run_scan(bundle, *common, "--out", tmp_path / "fine")
+    assert fine.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), fine.output
+    report = json.loads((tmp_path / "fine" / "report.json").read_text())
+    assert report["scorer"] == "ref-outlier" and set(report["scorers"]) == {"ref-outlier", "ci"}
+    assert fine.exit_code == (EXIT_BACKDOORED if report["backdoored"] else EXIT_CLEAN)
+    row = report["classes"][0]
+    assert {"reference_asr", "reference_loss", "loss_trace", "scores"} <= set(row)
+    # The reference depends on the classes, pool, seed and detector, not on the model: the broken model's scan
+    # computed it, this one read it from the cache, and so does the next.
+    assert json.loads((tmp_path / "nan" / "report.json").read_text())["reference"]["cached"] is False
+    assert report["reference"]["cached"] is True
+    again = run_scan(bundle, *common, "--out", tmp_path / "again")
+    assert again.exit_code == fine.exit_code
+    rows = json.loads((tmp_path / "again" / "report.json").read_text())["classes"]
+    assert [(r["asr"], r["loss"], r["scores"]) for r in rows] == [(r["asr"], r["loss"], r["scores"])
+                                                                  for r in report["classes"]]
+    # Without a reference the paper's scorer decides; a scorer that needs one is refused, naming the option.
+    paper = run_scan(bundle, *common, "--no-reference", "--out", tmp_path / "paper")
+    assert json.loads((tmp_path / "paper" / "report.json").read_text())["scorer"] == "ci"
+    assert paper.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED)
+    refused = run_scan(bundle, *common, "--no-reference", "--scorer", "ref-outlier",
+                       "--out", tmp_path / "refused")
+    assert refused.exit_code == 1 and "--scorer ref-outlier" in refused.output and "--no-reference" in refused.output
+    assert not (tmp_path / "refused").exists()
