@@ -16,7 +16,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from ci_core.bench import Store, SweepSettings, plan_sweep
 from ci_core.bench.plan import cell_from_json
-from ci_core.bench.metrics import auroc, class_counts, confusion, roc_curve, youden_threshold
+from ci_core.bench.metrics import auroc, class_counts, clopper_pearson, confusion, roc_curve, youden_threshold
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
@@ -58,6 +58,22 @@ def test_youden_on_a_hand_computed_list():
     assert (best.threshold, best.tpr, best.fpr) == (2.5, 1.0, 0.0) and best.j == 1.0
     best = youden_threshold([1, 0, 1, 0, 0], [3.0, 2.6, 2.5, 1.0, 0.0])
     assert best.threshold == 2.5 and best.j == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 30), (1, 30), (3, 57), (30, 30), (1, 1), (0, 1), (17, 40)])
+def test_clopper_pearson_matches_scipys_exact_interval(successes, trials):
+    from scipy.stats import binomtest
+
+    expected = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="exact")
+    assert clopper_pearson(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-9)
+
+
+def test_clopper_pearson_known_values_and_bad_counts():
+    # 0 of 30: the "rule of three" bound is about 3/30; the exact one is 1 - 0.025 ** (1/30).
+    assert clopper_pearson(0, 30) == pytest.approx((0.0, 1 - 0.025 ** (1 / 30)))
+    for bad in ((4, 3), (-1, 3), (0, 0)):
+        with pytest.raises(ValueError):
+            clopper_pearson(*bad)
 
 
 def test_auroc_needs_both_labels():
@@ -106,7 +122,8 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
     plugins = registry()
     base = plan_sweep(settings(), tiny_backbone, plugins)
     assert keys(base) == keys(plan_sweep(settings(), tiny_backbone, plugins))
-    assert len(set(keys(base))) == 4
+    assert len(set(keys(base))) == 5  # two models, their scans, and one reference both scans share
+    assert len(base.references) == 1 and {c.reference_key for c in base.scans} == {base.references[0].key}
     model_keys = {c.key for c in base.models}
     inversion, holdout = pool_sizes(preset_for(tiny_backbone))  # whatever the preset's are, change them
     variants = {
@@ -116,7 +133,6 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         "pool size": settings(pool_sizes=(inversion + 1,)),
         "holdout": settings(holdout=holdout + 1),
         "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
-        "scorer option": settings(scorer_options={"ci": {"k": 2.5}}),
         "loss": settings(losses=("ce",)),
         "inversion data": settings(inversion_data=("id",)),
     }
@@ -125,10 +141,17 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         assert not set(c.key for c in plan.scans) & set(c.key for c in base.scans), what
         scan_only = what not in ("shots", "test images", "seed")
         assert ({c.key for c in plan.models} == model_keys) is scan_only, what
-    # Only badclip's option changed: the clean model and its scan are reused, badclip's model and scan are new.
+        reference_too = what not in ("shots", "test images")  # a reference never depends on the models
+        assert (not {c.key for c in plan.references} & {c.key for c in base.references}) is reference_too, what
+    # Scorers read the stored evidence: a scorer option changes no model, reference or scan.
+    rescored = plan_sweep(settings(scorer_options={"ci": {"k": 2.5}, "ref-outlier": {"alpha": 0.05}}), tiny_backbone,
+                          plugins)
+    assert keys(rescored) == keys(base) and rescored.scoring["ref-outlier"]["alpha"] == 0.05
+    # Only badclip's option changed: the clean model, its scan and the reference are reused; badclip's model and
+    # scan are new.
     plan = plan_sweep(settings(attack_options={"badclip": {"epochs": 3}}), tiny_backbone, plugins)
-    assert [c.key for c in plan.cells()][:2] == keys(base)[:2]
-    assert not set(keys(plan)[2:]) & set(keys(base))
+    reused = {base.models[0].key, base.scans[0].key, base.references[0].key}
+    assert set(keys(plan)) & set(keys(base)) == reused
     assert plan.scans[1].spec["model"] == plan.models[1].key  # the scan's key follows its model's
     # Where the files are is not what they are: a data root leaves every key alone.
     assert keys(plan_sweep(settings(data_root="/elsewhere"), tiny_backbone, plugins)) == keys(base)
@@ -139,7 +162,7 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
 def test_every_kind_of_cell_survives_its_json(tiny_backbone):
     plan = plan_sweep(settings(repairers=("ci-trigger",), repair_shots=1, data_root="/data"), tiny_backbone,
                       registry())
-    assert {c.kind for c in plan.cells()} == {"model", "scan", "repair"}
+    assert {c.kind for c in plan.cells()} == {"model", "reference", "scan", "repair"}
     for cell in plan.cells():
         sent = json.loads(json.dumps(cell.to_json()))  # as a worker receives it
         back = cell_from_json(sent)
@@ -149,7 +172,9 @@ def test_every_kind_of_cell_survives_its_json(tiny_backbone):
 def test_ablations_cross_into_scan_cells(tiny_backbone):
     plan = plan_sweep(settings(attacks=("clean",), pool_sizes=(8, 16), batch_sizes=(1, 4), losses=("margin", "ce"),
                                inversion_data=("ood", "id")), tiny_backbone, registry())
-    assert len(plan.models) == 1 and len(plan.scans) == 16 and len(set(keys(plan))) == 17
+    # one reference per setting: the pool, batch size and loss all change what the backbone gives
+    assert len(plan.models) == 1 and len(plan.scans) == 16 and len(plan.references) == 16
+    assert len(set(keys(plan))) == 33
     combos = {(v["pool_size"], v["batch_size"], v["loss"], v["inversion_data"]) for v in (c.variant for c in plan.scans)}
     assert len(combos) == 16
     assert all(c.spec["detector_config"]["batch_size"] == c.variant["batch_size"] for c in plan.scans)
@@ -282,16 +307,16 @@ def run_bench(args):
 
 
 def finished(store_dir, kind):
-    folder = Path(store_dir) / {"model": "models", "scan": "scans"}[kind]
+    folder = Path(store_dir) / {"model": "models", "scan": "scans", "reference": "references"}[kind]
     return sorted(d.name for d in folder.iterdir()) if folder.is_dir() else []
 
 
 def assert_store_whole(store_dir):
     """No half-written cell anywhere: every final folder is complete, nothing waits under .tmp."""
-    for kind in ("model", "scan"):
+    for kind in ("model", "reference", "scan"):
         for name in finished(store_dir, kind):
             cell = json.loads((Path(store_dir) / f"{kind}s" / name / "cell.json").read_text())
-            assert cell["key"] == name
+            assert cell["key"] == name and (Path(store_dir) / f"{kind}s" / name / "manifest.json").is_file()
     tmp = Path(store_dir) / ".tmp"
     assert not tmp.exists() or not any(tmp.iterdir())
 
@@ -325,15 +350,16 @@ def test_resume_after_kill_redoes_only_the_killed_cell(tmp_path, fake_plugins, k
     assert killed.returncode == -9, killed.stderr
     leftovers = list((out / ".tmp").iterdir())
     assert len(leftovers) == 1
-    before = {kind: finished(out, kind) for kind in ("model", "scan")}
+    before = {kind: finished(out, kind) for kind in ("model", "reference", "scan")}
+    assert len(before["reference"]) == 1  # the clean model's scan needed it first
     if kill_point == "between write and rename":
         assert (leftovers[0] / "cell.json").is_file()  # whole, but never published
         assert len(before["model"]) == 2 and len(before["scan"]) == 1
-        expected_run, expected_reused = 1, 3
+        expected_run, expected_reused = 1, 4
     else:
         assert not (leftovers[0] / "cell.json").exists()
         assert len(before["model"]) == 1 and len(before["scan"]) == 1
-        expected_run, expected_reused = 2, 2
+        expected_run, expected_reused = 2, 3
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*s/*/cell.json")}
 
     result = run_bench([*FAKE_SWEEP, "--out", out])
@@ -346,7 +372,7 @@ def test_resume_after_kill_redoes_only_the_killed_cell(tmp_path, fake_plugins, k
     assert len(mtimes) == expected_reused
 
     again = run_bench([*FAKE_SWEEP, "--out", out, "--quiet"])
-    assert again.exit_code == 0 and "0 cells run, 4 reused" in again.output
+    assert again.exit_code == 0 and "0 cells run, 5 reused" in again.output
 
 
 def test_failing_cell_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_path, fake_plugins):
@@ -357,7 +383,7 @@ def test_failing_cell_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert "2 cell(s) failed" in result.output and "RuntimeError: fake attack failure" in result.output
-    assert "4 cells run, 0 reused from the store, 2 failed" in result.output
+    assert "5 cells run, 0 reused from the store, 2 failed" in result.output
     failures = Store.open(out).failures()
     assert sorted(f["kind"] for f in failures) == ["model", "scan"]
     assert all("fake-backdoor" in f["label"] for f in failures)
@@ -371,16 +397,25 @@ def test_failing_cell_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_
     assert {(f["kind"], f["label"]) for f in data["failures"]} == {
         ("model", "fake-backdoor/fake-shapes/seed 1"), ("scan", "fake-detector on fake-backdoor/fake-shapes/seed 1")}
     assert "RuntimeError: fake attack failure" in report.output
-    # The report's numbers are those of the cells: AUROC and class counts recomputed here.
-    scans = [json.loads(p.read_text()) for p in (out / "scans").glob("*/cell.json")]
-    truth = [s["true_target"] is not None for s in scans]
-    group = data["detectors"][0]
-    assert group["model_level"]["auroc"] == pytest.approx(roc_auc_score(truth, [s["s_max"] for s in scans]))
-    totals = next(r for r in group["class_level"]["attack"] if r["name"] == "all")
-    flagged_target = sum(s["true_target"] in s["flagged"] for s in scans)
-    assert totals["tp"] == flagged_target and totals["classes"] == 8
-    assert totals["fp"] == sum(len(set(s["flagged"]) - {s["true_target"]}) for s in scans)
-    assert {p.name for p in (out / "report").iterdir()} == {"report.md", "report.json", "roc.png", "anomaly_scores.png"}
+    # The report's numbers are those of the scans: AUROC and class counts recomputed here, per scorer, from the
+    # verdicts each scan recorded with the same (default) scorer configs.
+    cells = [json.loads(p.read_text()) for p in (out / "scans").glob("*/cell.json")]
+    reports = [json.loads(p.read_text()) for p in (out / "scans").glob("*/scan/report.json")]
+    truth = [c["true_target"] is not None for c in cells]
+    assert [g["label"] for g in data["detectors"]] == ["fake-detector / ref-outlier", "fake-detector / ci"]
+    for group in data["detectors"]:
+        verdicts = [r["scorers"][group["scorer"]] for r in reports]
+        assert group["model_level"]["auroc"] == pytest.approx(roc_auc_score(truth, [v["s_max"] for v in verdicts]))
+        totals = next(r for r in group["class_level"]["attack"] if r["name"] == "all")
+        flagged_target = sum(c["true_target"] in v["flagged"] for c, v in zip(cells, verdicts))
+        assert totals["tp"] == flagged_target and totals["classes"] == 8
+        assert totals["fp"] == sum(len(set(v["flagged"]) - {c["true_target"]}) for c, v in zip(cells, verdicts))
+        verdict = group["verdict"]
+        assert verdict["clean"] == 1 and verdict["false_positives"] == sum(v["backdoored"] for c, v in zip(cells, verdicts)
+                                                                           if c["true_target"] is None)
+        assert verdict["fpr_ci95"] == pytest.approx(list(clopper_pearson(verdict["false_positives"], 1)))
+    assert {p.name for p in (out / "report").iterdir()} == {"report.md", "report.json", "roc.png", "anomaly_scores.png",
+                                                            ".clip-inspector-output.json"}
     assert (out / "report" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -414,14 +449,18 @@ def comparable(store_dir):
     def strip(cell):
         return {k: v for k, v in cell.items() if k not in ("seconds", "scan_seconds", "cpu_seconds")}
     out = {}
-    for kind in ("model", "scan"):
+    for kind in ("model", "reference", "scan"):
         for name in finished(store_dir, kind):
             folder = Path(store_dir) / f"{kind}s" / name
             out[name] = strip(json.loads((folder / "cell.json").read_text()))
             if kind == "scan":
                 report = json.loads((folder / "scan" / "report.json").read_text())
-                out[name]["classes"] = [{k: c[k] for k in ("name", "asr", "loss", "ssim", "score")}
+                out[name]["classes"] = [{k: c[k] for k in ("name", "asr", "loss", "ssim", "score", "loss_trace")}
                                         for c in report["classes"]]
+            if kind == "reference":
+                result = json.loads((folder / "reference.json").read_text())["result"]
+                out[name]["classes"] = [{k: c[k] for k in ("name", "asr", "loss", "loss_trace")}
+                                        for c in result["classes"]]
     return out
 
 
@@ -431,6 +470,6 @@ def test_local_and_ray_executors_give_identical_results(tmp_path):
     assert local.exit_code == 0, local.output
     on_ray = run_bench([*REAL_SWEEP, "--out", tmp_path / "ray", "--executor", "ray", "--ray-cpus", "1"])
     assert on_ray.exit_code == 0, on_ray.output
-    assert "2 cells run, 0 reused" in on_ray.output
+    assert "3 cells run, 0 reused" in on_ray.output
     a, b = comparable(tmp_path / "local"), comparable(tmp_path / "ray")
-    assert len(a) == 2 and a == b  # same keys, same bundle hash, same metrics, same per-class evidence
+    assert len(a) == 3 and a == b  # same keys, same bundle hash, same metrics, same per-class evidence

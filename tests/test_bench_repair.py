@@ -173,7 +173,7 @@ def test_dry_run_lists_repair_cells_and_the_skipped_attacks(tmp_path, fake_plugi
     assert "no repair cells for fake-zeroshot (ci-trigger, clean-only, random-delta, wrong-class-delta): its models " \
            "are 'zeroshot' bundles" in result.output
     assert "no repair cells for clean" in result.output
-    assert "10 cells (3 models, 3 scans, 4 repairs), 0 already stored" in result.output
+    assert "11 cells (3 models, 3 scans, 1 references, 4 repairs), 0 already stored" in result.output
     assert not (tmp_path / "store").exists()
 
 
@@ -182,16 +182,16 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     # A store made without repairs ...
     first = run_bench([*SWEEP, "--out", out, "--quiet"])
     assert first.exit_code == 0, first.output
-    assert "6 cells run, 0 reused" in first.output
+    assert "7 cells run, 0 reused" in first.output
     earlier = cell_files(out)
-    assert len(earlier) == 6
+    assert len(earlier) == 7
 
     # ... gets repairs added; this run is killed (-9) between writing random-delta's cell and publishing it.
     env = {**os.environ, "FAKE_BENCH_KILL_BEFORE": "random-delta-fake-backdoor"}
     killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *SWEEP, *WITH_REPAIRS, "--out", str(out)],
                             env=env, capture_output=True, text=True, timeout=1800)
     assert killed.returncode == -9, killed.stderr
-    assert "10 cells (3 models, 3 scans, 4 repairs): 6 already in" in killed.stderr
+    assert "11 cells (3 models, 3 scans, 1 references, 4 repairs): 7 already in" in killed.stderr
     assert "no repair cells for fake-zeroshot" in killed.stderr
     repaired = sorted(p.name.rsplit("-", 1)[0] for p in (out / "repairs").iterdir())
     assert repaired == ["ci-trigger-fake-backdoor-fake-shapes-s1", "clean-only-fake-backdoor-fake-shapes-s1"]
@@ -201,11 +201,11 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     resumed = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out])
     assert resumed.exit_code == 0, resumed.output
     assert "deleted 1 half-written cell(s)" in resumed.output
-    assert "2 cells run, 8 reused from the store, 0 failed" in resumed.output
+    assert "2 cells run, 9 reused from the store, 0 failed" in resumed.output
     assert {p: t for p, t in cell_files(out).items() if p in done} == done  # finished repairs untouched
     assert_store_whole(out)
     again = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out, "--quiet"])
-    assert again.exit_code == 0 and "0 cells run, 10 reused" in again.output
+    assert again.exit_code == 0 and "0 cells run, 11 reused" in again.output
 
     store = Store.open(out)
     model = next(m for m in store.cells("model") if m["attack"] == "fake-backdoor")
@@ -243,7 +243,7 @@ def test_a_failed_model_fails_its_scan_and_repairs_and_the_sweep_goes_on(tmp_pat
     result = run_bench([*BASE, "--attacks", "fake-backdoor,fake-zeroshot", "--attack-option",
                         "fake-backdoor.fail=true", "--repairers", "ci-trigger", "--repair-shots", "1", "--out", out])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "2 cells run, 0 reused from the store, 3 failed" in result.output
+    assert "3 cells run, 0 reused from the store, 3 failed" in result.output
     failures = {f["kind"]: f for f in Store.open(out).failures()}
     assert set(failures) == {"model", "scan", "repair"}
     assert "its model cell fake-backdoor/fake-shapes/seed 1 failed" in failures["repair"]["error"]
@@ -263,12 +263,18 @@ def test_repairs_run_alike_on_ray(tmp_path, fake_plugins):
     assert local.exit_code == 0, local.output
     on_ray = run_bench([*sweep, "--out", tmp_path / "ray", "--executor", "ray", "--ray-cpus", "1"])
     assert on_ray.exit_code == 0, on_ray.output
-    assert "4 cells run, 0 reused" in on_ray.output
+    assert "5 cells run, 0 reused" in on_ray.output
     a, b = comparable_repairs(tmp_path / "local"), comparable_repairs(tmp_path / "ray")
     assert len(a) == 2 and a == b  # same keys, same repaired bundles, same ACC and ASR
 
 
 # --------------------------------------------------------------------------- the report table from hand-made cells
+
+
+def put_cell(store, kind, record):
+    """File a hand-made cell record as a sweep would: whole, with its manifest."""
+    with store.writing(kind, record["key"]) as work:
+        write_json(work / "cell.json", record)
 
 
 def test_report_repair_table_from_hand_made_cells(tmp_path):
@@ -280,7 +286,7 @@ def test_report_repair_table_from_hand_made_cells(tmp_path):
         for seed in (1, 2, 3):
             model_key = f"{attack}-s{seed}"
             before = {m: float(rng.uniform()) for m in metrics} | {"trigger_ssim": 0.9}
-            write_json(store.cell_dir("model", model_key) / "cell.json", {
+            put_cell(store, "model", {
                 "kind": "model", "key": model_key, "label": model_key, "spec": {}, "dataset": "tiny-palette",
                 "attack": attack, "seed": seed, "target": "red stripes", "metrics": before, "seconds": 1.0})
             for repairer in ("ci-trigger", "clean-only"):
@@ -290,7 +296,7 @@ def test_report_repair_table_from_hand_made_cells(tmp_path):
                           "scan_target": "red stripes" if seed < 3 else "blue dots", "before": before,
                           "after": {m: float(rng.uniform()) for m in metrics} | {"trigger_ssim": 0.9},
                           "repair_seconds": float(seed), "repair_cpu_seconds": 2.0 * seed}
-                write_json(store.cell_dir("repair", record["key"]) / "cell.json", record)
+                put_cell(store, "repair", record)
                 cells.append(record)
     write_json(store.root / "plans" / "p.json", {"cells": [], "skipped_repairs": [
         {"attack": "encoder-blended", "repairers": ["ci-trigger", "clean-only"], "reason": "zeroshot bundles"}]})

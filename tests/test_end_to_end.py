@@ -39,21 +39,29 @@ def test_badclip_implants(demo):
 def test_ci_flags_badclip_with_the_true_target(demo):
     _, rows, _ = demo
     bad = rows["badclip"]
-    assert bad["backdoored"] is True
-    assert bad["predicted_target"] == bad["true_target"]
+    assert bad["verdict"] == "backdoored" and bad["backdoored"] is True and bad["scorer"] == "ref-outlier"
+    assert bad["predicted_target"] == bad["true_target"] and bad["p_value"] <= 0.01
 
 
 def test_clean_model_scores_below_the_backdoored_one(demo):
     _, rows, _ = demo
     assert rows["clean"]["s_max"] < rows["badclip"]["s_max"]
+    assert rows["clean"]["p_value"] > rows["badclip"]["p_value"]
 
 
-@pytest.mark.xfail(strict=True, reason="known false positive on the tiny world at k = 2: clean models' s_max was "
-                   "2.41 / 2.72 on seeds 2 / 3 ('green ring', 'purple ring': 8/255 perturbations pull OOD images to "
-                   "some clean classes, ASR 0.89)")
-def test_ci_does_not_flag_the_clean_model(demo):
+def test_the_calibrated_verdict_passes_the_clean_model(demo):
     _, rows, _ = demo
-    assert rows["clean"]["backdoored"] is False
+    assert rows["clean"]["verdict"] == "clean" and rows["clean"]["backdoored"] is False
+
+
+def test_the_papers_scorer_is_reported_beside_the_verdict(demo):
+    _, rows, output = demo
+    for row in rows.values():
+        assert row["paper_scorer"] == "ci" and isinstance(row["paper_s_max"], float)
+        assert row["paper_flagged"] == (row["paper_s_max"] >= 2.0)
+    assert "PAPER-S_MAX" in output and "VERDICT" in output
+    # The reference was scanned once for both models (same classes, pool and seed) and then read from the cache.
+    assert sorted(row["reference_cached"] for row in rows.values()) == [False, True]
 
 
 def test_demo_prints_the_table_and_keeps_its_outputs(demo):
@@ -61,7 +69,7 @@ def test_demo_prints_the_table_and_keeps_its_outputs(demo):
     assert "MODEL" in output and "badclip" in output and "clean" in output
     for name in rows:
         report = json.loads((out / "scans" / name / "report.json").read_text())
-        assert report["backdoored"] == rows[name]["backdoored"]
+        assert report["verdict"] == rows[name]["verdict"] and report["p_value"] == rows[name]["p_value"]
         load_bundle(out / "models" / name)  # every saved bundle loads again
 
 
@@ -76,8 +84,8 @@ def test_ci_scan_cli_on_the_demo_bundle(demo, tmp_path):
     scan_out = tmp_path / "scan"
     result = CliRunner().invoke(ci_scan, [str(bundle), "--ood", "builtin", "--classes", str(classes),
                                           "--out", str(scan_out), "--seed", "2", "--quiet"])
-    assert result.exit_code == 0, result.output
     report = json.loads((scan_out / "report.json").read_text())
+    assert result.exit_code == {"clean": 0, "backdoored": 3}[report["verdict"]], result.output
     assert [c["name"] for c in report["classes"]] == candidates
     # With only 9 candidates the standardised scores are coarse (on the first-stage tiny CLIP, seed 1's demo bundle:
     # 'green ring' outscored the target here although the full 36-class scan named it); the target's

@@ -1,4 +1,4 @@
-"""Running one cell: train a model, scan one or repair one, and file the result in the store.
+"""Running one cell: train a model, scan one (or its backbone, for a reference) or repair one, and file the result.
 
 ``execute`` is what every executor calls, in-process or as a Ray task.  It
 takes plain JSON (the cell) and returns plain JSON (the outcome), never raises
@@ -18,28 +18,31 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import attrs
 import numpy as np
 import torch
 
-from ci_core.bench.plan import Cell, ModelCell, RepairCell, ScanCell, cell_from_json
-from ci_core.bench.store import CELL_FILE, Store, write_json
+from ci_core.bench.plan import Cell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
+from ci_core.bench.store import CELL_FILE, Store, read_json, write_json
 from ci_core.cli.common import StderrProgress, resolve_device
 from ci_core.data.datasets import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
 from ci_core.errors import ConfigError
 from ci_core.evaluation import evaluate
-from ci_core.interfaces import Progress, to_json
+from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
 from ci_core.plugins import registry
+from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
 from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import scan, write_scan
+from ci_core.scan import apply_scorer, scan, stored_problems, write_scan
 from ci_core.triggers import load_trigger
-from ci_core.workflow import choose_target, load_task, sample_candidates, train_and_evaluate
+from ci_core.workflow import REFERENCE_SCORER, choose_target, load_task, sample_candidates, train_and_evaluate
 
 BUNDLE = "bundle"
 TRIGGER = "trigger.safetensors"
 SCAN = "scan"
+REFERENCE = "reference.json"
 
 
 @functools.lru_cache(maxsize=2)
@@ -92,7 +95,9 @@ def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Prog
         dataset = plugins.get("dataset", spec["dataset"]).open(cell.data_root)
         task = load_task(dataset, backbone, seed=spec["seed"], shots=spec["shots"],
                          test_per_class=spec["test_per_class"], progress=progress)
-        target = choose_target(task, spec["seed"]) if spec["backdoor"] else None
+        # A control gets the target too (its attack's code wants one) and poisons nothing with it.
+        control = bool(spec.get("control"))
+        target = choose_target(task, spec["seed"]) if spec["backdoor"] or control else None
         outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=spec["seed"],
                                               progress=progress)
         save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
@@ -104,7 +109,9 @@ def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Prog
             outcome.trigger.save(work / TRIGGER)
         record = {
             "kind": "model", "key": cell.key, "label": cell.label, "spec": spec,
-            "dataset": spec["dataset"], "attack": spec["attack"], "seed": spec["seed"], "target": target,
+            "dataset": spec["dataset"], "attack": spec["attack"], "seed": spec["seed"],
+            "target": None if control else target, "control": control,
+            "control_target": target if control else None,  # whose trigger the control's ASR was measured with
             "base_classes": list(task.base), "new_classes": list(task.new), "metrics": to_json(metrics),
             "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
             "bundle_sha256": bundle_sha256(work / BUNDLE), "log": to_json(outcome.log),
@@ -116,15 +123,63 @@ def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Prog
     return record
 
 
+def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progress: Progress) -> dict:
+    spec = cell.spec
+    plugins = registry()
+    backbone = cell_backbone(cell, device)
+    detector = plugins.get("detector", spec["detector"]).from_options(spec["detector_config"])
+    with store.writing("reference", cell.key) as work:
+        clock, cpu = time.perf_counter(), time.process_time()
+        pool = inversion_pool(spec["pool"], cell.dataset, cell.data_root, backbone.image_size, spec["seed"])
+        reference = run_reference(backbone, spec["template"], detector, pool, spec["classnames"], seed=spec["seed"],
+                                  progress=progress)
+        write_json(work / REFERENCE, reference.to_json())
+        record = {
+            "kind": "reference", "key": cell.key, "label": cell.label, "spec": spec, "reference_key": reference.key,
+            "pool_sha256": pool.digest(), "detector": spec["detector"], "n_classes": len(reference.classes),
+            "scan_seconds": reference.seconds,
+            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
+            "device": device, "threads": torch.get_num_threads(),
+        }
+        write_json(work / CELL_FILE, record)
+    return record
+
+
+def read_reference(store: Store, key: str) -> ReferenceScan:
+    """A reference cell's scan, checked against the spec it was computed for (``ci_core.reference``)."""
+    data = read_json(store.cell_dir("reference", key) / REFERENCE, "reference scan")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{store.cell_dir('reference', key)}: its reference scan has no spec")
+    try:
+        return reference_from_json(data, spec, str(store.cell_dir("reference", key) / REFERENCE))
+    except InvalidReference as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def cell_scorers(plugins, scoring: Mapping[str, Mapping[str, Any]], detector_name: str,
+                 with_reference: bool) -> tuple[Any, tuple[Any, ...]]:
+    """(deciding scorer, the others) of a scan by ``detector_name`` with the configs in ``scoring``."""
+    own = plugins.get("detector", detector_name).default_scorer
+    names = ([REFERENCE_SCORER] if with_reference else []) + [own]
+    scorers = [plugins.get("scorer", name).from_options(scoring.get(name, {})) for name in names]
+    return scorers[0], tuple(scorers[1:])
+
+
 def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
     if not store.is_done("model", cell.model_key):
         raise ConfigError(f"its model cell {cell.model_key} has no result in the store")
+    reference = None
+    if cell.reference_key is not None:
+        if not store.is_done("reference", cell.reference_key):
+            raise ConfigError(f"its reference cell {cell.reference_key} has no result in the store")
+        reference = read_reference(store, cell.reference_key)
     model_record = store.read_cell("model", cell.model_key)
     plugins = registry()
     backbone = cell_backbone(cell, device)
     detector = plugins.get("detector", spec["detector"]).from_options(spec["detector_config"])
-    scorer = plugins.get("scorer", spec["scorer"]).from_options(spec["scorer_config"])
+    decider, also = cell_scorers(plugins, cell.scoring, spec["detector"], reference is not None)
     with store.writing("scan", cell.key) as work:
         clock, cpu = time.perf_counter(), time.process_time()
         bundle = store.cell_dir("model", cell.model_key) / BUNDLE
@@ -133,23 +188,39 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
         # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them.
         candidates = sample_candidates(meta["classnames"], seed=spec["seed"], target=model_record["target"],
                                        count=spec["candidates"])
-        result = scan(model, detector, scorer, pool, candidates, seed=spec["seed"], progress=progress)
+        if reference is not None:
+            check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
+        result = scan(model, detector, decider, pool, candidates, seed=spec["seed"], reference=reference, also=also,
+                      known_problems=stored_problems(meta), progress=progress)
         write_scan(result, work / SCAN, pool, seed=spec["seed"],
                    bundle={"model_cell": cell.model_key, "sha256": bundle_sha256(bundle)})
         record = {
             "kind": "scan", "key": cell.key, "label": cell.label, "spec": spec, "model": cell.model_key,
+            "reference": cell.reference_key,
             "dataset": model_record["dataset"], "attack": model_record["attack"], "seed": model_record["seed"],
-            "true_target": model_record["target"], "detector": spec["detector"], "scorer": spec["scorer"],
-            "variant": cell.variant, "threshold": spec["scorer_config"].get("k"),
-            "backdoored": result.scores.backdoored, "s_max": result.scores.s_max,
-            "predicted_target": result.scores.target, "flagged": list(result.scores.flagged),
-            "n_classes": len(result.classes), "scan_seconds": result.seconds,
+            "control": bool(model_record.get("control")),
+            "true_target": model_record["target"], "detector": spec["detector"], "variant": cell.variant,
+            "pool_sha256": pool.digest(), "n_classes": len(candidates), "scan_seconds": result.seconds,
+            # the verdict with the plan's scorers; `ci-bench report` scores the stored evidence again
+            "scoring": cell.scoring, **result.summary(),
             # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
             "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
             "device": device, "threads": torch.get_num_threads(),
         }
         write_json(work / CELL_FILE, record)
     return record
+
+
+def check_reference_fits(reference: ReferenceScan, classnames, pool: OODPool, template: str, key: str) -> None:
+    """The reference must have been computed on exactly this scan's classes, pool images and template."""
+    spec = reference.spec
+    if tuple(reference.classnames) != tuple(classnames):
+        raise ConfigError(f"reference cell {key} covers other classes than the scan")
+    if spec["template"] != template:
+        raise ConfigError(f"reference cell {key} used template {spec['template']!r}; the bundle records {template!r}")
+    if spec["pool"].get("sha256") != pool.digest():
+        raise ConfigError(f"reference cell {key} was computed on other OOD images than the scan's (pool sha256 "
+                          f"{str(spec['pool'].get('sha256'))[:16]}... against {pool.digest()[:16]}...)")
 
 
 def repair_set(train: LabeledImages, shots: int, seed: int) -> LabeledImages:
@@ -184,7 +255,7 @@ def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Pr
     target = model_record["target"]
     if target is None or not (model_dir / TRIGGER).is_file():
         raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure ASR with")
-    triggers = ScanTriggers.read(store.cell_dir("scan", cell.scan_key) / SCAN)
+    triggers = rescored_triggers(store, cell)
     check_same_bundle(triggers, bundle)
     with store.writing("repair", cell.key) as work:
         clock, cpu = time.perf_counter(), time.process_time()
@@ -223,7 +294,36 @@ def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Pr
     return record
 
 
-RUNNERS = {"model": run_model_cell, "scan": run_scan_cell, "repair": run_repair_cell}
+def rescored_triggers(store: Store, cell: RepairCell) -> ScanTriggers:
+    """The scan's triggers, with the scores and ĉ of the scorer the repair's spec names (so that ĉ follows the
+    repair's key, not the scorer settings that happened to write the scan report)."""
+    triggers = ScanTriggers.read(store.cell_dir("scan", cell.scan_key) / SCAN)
+    scoring = cell.spec["scoring"]
+    plugins = registry()
+    scorer = plugins.get("scorer", scoring["scorer"]).from_options(scoring["config"])
+    evidence = stored_evidence(store.cell_dir("scan", cell.scan_key) / SCAN / "report.json")
+    reference = read_reference(store, scoring["reference"]).classes if scoring.get("reference") else None
+    scores = apply_scorer(scorer, evidence, reference).scores
+    return attrs.evolve(triggers, scores=scores.scores, target=scores.target)
+
+
+def stored_evidence(report_path: Path) -> tuple[ClassEvidence, ...]:
+    """The per-class evidence of a stored scan report (without triggers)."""
+    report = read_json(report_path, "scan report")
+    rows = report.get("classes")
+    if not isinstance(rows, list):
+        raise ConfigError(f"{report_path}: no 'classes' list")
+    try:
+        return tuple(ClassEvidence(name=r["name"], asr=float(r["asr"]), loss=float(r["loss"]),
+                                   statistic=None if r.get("statistic") is None else float(r["statistic"]),
+                                   ssim=float(r["ssim"]), seconds=float(r["seconds"]),
+                                   loss_trace=tuple(float(v) for v in r.get("loss_trace", ())))
+                     for r in rows)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{report_path}: a class row is malformed ({exc})") from None
+
+
+RUNNERS = {"model": run_model_cell, "reference": run_reference_cell, "scan": run_scan_cell, "repair": run_repair_cell}
 
 
 @contextlib.contextmanager

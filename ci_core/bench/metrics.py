@@ -129,3 +129,19 @@ def class_counts(classes: Iterable[str], flagged: Iterable[str], target: str | N
     if target is not None and target not in classes:
         raise ValueError(f"target {target!r} is not a candidate class")
     return confusion([c == target for c in classes], [c in flagged for c in classes])
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided confidence interval of a binomial proportion.
+
+    The bounds are the beta quantiles that make each one-sided tail probability (1 - confidence) / 2;
+    0 successes give a lower bound of 0, all successes an upper bound of 1.
+    """
+    from scipy.stats import beta
+
+    if not (isinstance(trials, int) and trials >= 1 and isinstance(successes, int) and 0 <= successes <= trials):
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    tail = (1 - confidence) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    return low, high

@@ -1,8 +1,15 @@
 """Sweep planning: which models to train, scans to run and repairs to try, each with the key of its result.
 
 A model cell is one (dataset, attack, seed); a scan cell is one (model, detector,
-ablation setting); a repair cell is one (backdoored model, repairer) and uses
-the ``ci`` scan of that model at the default ablation setting.  Planning builds
+ablation setting); a reference cell is the same detector setting run on the
+untuned backbone as a zero-shot classifier (``ci_core.reference``), one per
+distinct (classes, pool, seed, detector setting) and shared by every model it
+applies to; a repair cell is one (backdoored model, repairer) and uses
+the ``ci`` scan of that model at the default ablation setting.  Besides the
+attacks, a sweep may train clean controls: ``--controls`` adds, per attack, a
+model trained on that attack's own schedule with its backdoor turned off
+(``Attack.control_options``), and ``--clean-seeds`` extra honest models, so that a
+false-positive rate rests on clean models trained like the attacked ones.  Planning builds
 every plugin's full config (defaults, the backbone's preset, the sweep's
 overrides) and hashes it into the cell's key; it runs nothing, so it is cheap
 and can be printed with ``--dry-run``.  Repairs only add cells: the keys of
@@ -13,18 +20,21 @@ reused as it is when they are added.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 
 from ci_core.bench.store import VERSION, spec_hash
+from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
+from ci_core.data.ood import source_fingerprint
 from ci_core.errors import ConfigError
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
+from ci_core.models.cocoop import DEFAULT_TEMPLATE
 from ci_core.plugins import Registry
-from ci_core.workflow import BENCHMARK_CANDIDATES, pool_sizes, preset_for
+from ci_core.workflow import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, default_target, pool_sizes, preset_for,
+                              sample_candidates)
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.
@@ -74,6 +84,9 @@ class SweepSettings:
     repairers: tuple[str, ...] = ()  # () = no repair cells
     repair_shots: int = 4  # labelled clean images per base class for a repair: a subset of the model's training set
     repairer_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    reference: bool = True  # reference scans of the untuned backbone (what the calibrated scorer compares with)
+    controls: tuple[str, ...] = ()  # attacks that get a clean control model on their own schedule
+    clean_seeds: tuple[int, ...] = ()  # extra clean models (the clean attack) for these seeds, on every dataset
 
     def __attrs_post_init__(self):
         for name, values in (("--attacks", self.attacks), ("--detectors", self.detectors),
@@ -83,9 +96,13 @@ class SweepSettings:
             _distinct(name, values)
         for name, values in (("--pool-sizes", self.pool_sizes), ("--batch-sizes", self.batch_sizes),
                              ("--losses", self.losses), ("--inversion-data", self.inversion_data),
-                             ("--repairers", self.repairers)):
+                             ("--repairers", self.repairers), ("--clean-seeds", self.clean_seeds),
+                             ("--controls", self.controls)):
             _distinct(name, values)
         _positive("--pool-sizes", self.pool_sizes)
+        too_large = [v for v in self.pool_sizes + ((self.holdout,) if self.holdout else ()) if v > MAX_POOL]
+        if too_large:
+            raise ConfigError(f"--pool-sizes / --holdout: at most {MAX_POOL} images, got {too_large}")
         _positive("--batch-sizes", self.batch_sizes)
         _positive("--shots", [self.shots])
         _positive("--repair-shots", [self.repair_shots])
@@ -100,8 +117,9 @@ class SweepSettings:
             _positive("--holdout", [self.holdout])
         if self.test_per_class is not None:
             _positive("--test-per-class", [self.test_per_class])
-        if any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds):
-            raise ConfigError(f"--seeds: expected whole numbers, got {list(self.seeds)}")
+        for name, values in (("--seeds", self.seeds), ("--clean-seeds", self.clean_seeds)):
+            if any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63 for s in values):
+                raise ConfigError(f"{name}: expected whole numbers from 0 to 2**63 - 1, got {list(values)}")
         if not self.inversion_data or not set(self.inversion_data) <= set(INVERSION_DATA):
             raise ConfigError(f"--inversion-data: expected some of {', '.join(INVERSION_DATA)}, "
                               f"got {', '.join(self.inversion_data) or 'nothing'}")
@@ -132,6 +150,23 @@ class ModelCell(_CellJSON):
 
 
 @attrs.frozen(kw_only=True, eq=False)
+class ReferenceCell(_CellJSON):
+    """The detector run on the untuned backbone (zero-shot) over one set of classes, pool and seed."""
+
+    kind: ClassVar[str] = "reference"
+    key: str
+    spec: dict
+    label: str
+    backbone_source: str
+    dataset: str  # whose images an in-distribution inversion set takes (not part of the key unless used)
+    data_root: str | None = None
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return ()
+
+
+@attrs.frozen(kw_only=True, eq=False)
 class ScanCell(_CellJSON):
     kind: ClassVar[str] = "scan"
     key: str
@@ -140,11 +175,13 @@ class ScanCell(_CellJSON):
     backbone_source: str
     model_key: str
     variant: dict  # the ablation values of this scan (pool size, batch size, loss, inversion data)
+    reference_key: str | None = None  # its reference cell (None: the sweep runs without references)
+    scoring: dict = attrs.Factory(dict)  # scorer name -> config its verdict is read with (not part of the key)
     data_root: str | None = None
 
     @property
     def depends_on(self) -> tuple[str, ...]:
-        return (self.model_key,)
+        return (self.model_key,) + ((self.reference_key,) if self.reference_key else ())
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -163,13 +200,14 @@ class RepairCell(_CellJSON):
         return (self.model_key, self.scan_key)
 
 
-Cell = ModelCell | ScanCell | RepairCell
+Cell = ModelCell | ReferenceCell | ScanCell | RepairCell
+CELL_CLASSES = {cls.kind: cls for cls in (ModelCell, ReferenceCell, ScanCell, RepairCell)}
 
 
 def cell_from_json(data: Mapping[str, Any]) -> Cell:
     data = dict(data)
     kind = data.pop("kind")
-    return {"model": ModelCell, "scan": ScanCell, "repair": RepairCell}[kind](**data)
+    return CELL_CLASSES[kind](**data)
 
 
 @attrs.frozen(kw_only=True)
@@ -189,23 +227,32 @@ class Plan:
     models: tuple[ModelCell, ...]
     scans: tuple[ScanCell, ...]
     repairs: tuple[RepairCell, ...] = ()
+    references: tuple[ReferenceCell, ...] = ()
     skipped_repairs: tuple[SkippedRepairs, ...] = ()
     repair_setting: dict | None = None  # the ablation values of the scans repairs use (None: no repairs asked)
+    scoring: dict = attrs.Factory(dict)  # scorer name -> config the verdicts are read with (not part of any key)
 
     def cells(self) -> list[Cell]:
-        """Each model followed by its scans and then its repairs, so that results for every setting appear early."""
+        """Each model followed by its scans (each after its reference) and then its repairs, so that results for
+        every setting appear early."""
         after: dict[str, list[Cell]] = {}
         for cell in self.scans + self.repairs:
             after.setdefault(cell.model_key, []).append(cell)
+        references = {cell.key: cell for cell in self.references}
         ordered: list[Cell] = []
         for model in self.models:
             ordered.append(model)
-            ordered.extend(after.get(model.key, ()))
-        return ordered
+            for cell in after.get(model.key, ()):
+                reference = references.pop(getattr(cell, "reference_key", None) or "", None)
+                if reference is not None:
+                    ordered.append(reference)
+                ordered.append(cell)
+        return ordered + list(references.values())
 
     def counts(self) -> str:
-        """'2 models, 4 scans' (and ', 8 repairs' when the plan has repairs)."""
+        """'2 models, 4 scans' (and ', 2 references', ', 8 repairs' when the plan has them)."""
         text = f"{len(self.models)} models, {len(self.scans)} scans"
+        text += f", {len(self.references)} references" if self.references else ""
         return text + (f", {len(self.repairs)} repairs" if self.repairs else "")
 
     def describe(self) -> dict:
@@ -232,8 +279,8 @@ def backbone_key(backbone: Backbone) -> dict:
 
 
 def _ood_identity(source: str) -> str:
-    # A folder is identified by its resolved path: refilling the same folder needs a new --out.
-    return source if source == BUILTIN_POOL else str(Path(source).resolve())
+    # A folder is identified by its path and a fingerprint of its image files: refilling it changes the keys.
+    return source_fingerprint(source)
 
 
 def _check_option_targets(flag: str, options: Mapping[str, Mapping], selected: Sequence[str]) -> None:
@@ -296,6 +343,13 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
     holdout = settings.holdout or default_holdout
     ident = backbone_key(backbone)
 
+    unknown = sorted(set(settings.controls) - set(settings.attacks))
+    if unknown:
+        raise ConfigError(f"--controls: {', '.join(unknown)} is not in this sweep's --attacks")
+    lacking = [name for name in settings.controls if not plugins.get("attack", name).control_options]
+    if lacking:
+        raise ConfigError(f"--controls: {', '.join(lacking)} has no clean control (no control_options: "
+                          f"{CLEAN_ATTACK!r} is honest already)")
     for flag, options, selected in (("--attack-option", settings.attack_options, settings.attacks),
                                     ("--detector-option", settings.detector_options, settings.detectors),
                                     ("--repairer-option", settings.repairer_options, settings.repairers)):
@@ -315,58 +369,82 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
             raise ConfigError(f"{flag}: none of the detectors ({', '.join(settings.detectors)}) has a {field!r} option")
     detectors = {name: _detector_variants(cls, settings.detector_options.get(name, {}), settings, preset)
                  for name, cls in detector_classes.items()}
-    scorer_names = sorted({d.default_scorer for variants in detectors.values() for d in variants})
+    own_scorers = sorted({d.default_scorer for variants in detectors.values() for d in variants})
+    scorer_names = ([REFERENCE_SCORER] if settings.reference else []) + own_scorers
     _check_option_targets("--scorer-option", settings.scorer_options, scorer_names)
     scorers = {name: plugins.get("scorer", name).from_options(settings.scorer_options.get(name), preset=preset)
                for name in scorer_names}
+    scoring = {name: to_json(scorer.config) for name, scorer in scorers.items()}
     repair_variant = None
     if repairers:
         repair_variant = _repair_variant(detector_classes[REPAIR_DETECTOR],
                                          settings.detector_options.get(REPAIR_DETECTOR, {}), settings, preset,
                                          default_inversion)
+        # How a repair's class ĉ is chosen: by the scorer that decides the repair detector's verdict.
+        repair_decider = REFERENCE_SCORER if settings.reference else detector_classes[REPAIR_DETECTOR].default_scorer
     skipped: dict[tuple[str, str], tuple[str, ...]] = {}
     for attack_name in attacks if repairers else ():
         for reason, names in _repair_skips(attack_name, attack_classes[attack_name], repairers).items():
             skipped[(attack_name, reason)] = names
 
-    models, scans, repairs = [], [], []
+    jobs = _model_jobs(settings, attacks, attack_classes, plugins, preset)
+    base_classes = {name: base_new_split(plugins.get("dataset", name).open(settings.data_root).classnames)
+                    for name in datasets}
+    ood = _ood_identity(settings.ood)
+    models, scans, repairs, references = [], [], [], {}
     repair_setting = None
-    for seed, dataset, (attack_name, attack) in itertools.product(settings.seeds, datasets, attacks.items()):
+    for job in jobs:
+        seed, dataset, attack_name, config, role = job
+        control = role == "control"
+        backdoor = role == "attack" and attack_name != CLEAN_ATTACK
         model_spec = {
             "kind": "model", "store_version": VERSION, "dataset": dataset, "seed": seed, "shots": settings.shots,
             "test_per_class": settings.test_per_class,
-            "attack": attack_name, "attack_config": to_json(attack.config),
-            "backdoor": attack_name != CLEAN_ATTACK, "backbone": ident,
+            "attack": attack_name, "attack_config": config,
+            "backdoor": backdoor, "backbone": ident,
         }
-        model_key = f"{_slug(attack_name)}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
+        if control:
+            model_spec["control"] = True
+        shown = f"{attack_name} control" if control else attack_name
+        model_key = f"{_slug(shown.replace(' ', '-'))}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
+        if any(m.key == model_key for m in models):
+            continue  # a --clean-seeds model the attacks already train
+        base, new = base_classes[dataset]
+        target = default_target(base, seed) if backdoor else None
+        candidates = sample_candidates(base + new, seed=seed, target=target)
         repair_scan = None  # the scan this model's repairs use
-        models.append(ModelCell(key=model_key, spec=model_spec, label=f"{attack_name}/{dataset}/seed {seed}",
+        models.append(ModelCell(key=model_key, spec=model_spec, label=f"{shown}/{dataset}/seed {seed}",
                                 backbone_source=backbone.pretrained, data_root=settings.data_root))
         for detector_name, variants in detectors.items():
             several = len(variants) * len(inversion_sizes) * len(settings.inversion_data) > 1
             for detector, inversion, data in itertools.product(variants, inversion_sizes, settings.inversion_data):
-                scorer = scorers[detector.default_scorer]
                 detector_config = to_json(detector.config)
-                pool = {"source": _ood_identity(settings.ood), "inversion": inversion, "holdout": holdout,
-                        "inversion_data": data}
+                pool = {"source": ood, "inversion": inversion, "holdout": holdout, "inversion_data": data}
+                variant = {"pool_size": inversion, "holdout": holdout, "inversion_data": data,
+                           "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
+                reference = None
+                if settings.reference:
+                    reference = _reference_cell(detector_name, detector_config, candidates, pool, seed, dataset,
+                                                ident, variant if several else None, settings, backbone)
+                    reference = references.setdefault(reference.key, reference)
                 scan_spec = {
                     "kind": "scan", "store_version": VERSION, "model": model_key, "seed": seed,
                     "candidates": BENCHMARK_CANDIDATES,
                     "detector": detector_name, "detector_config": detector_config,
-                    "scorer": scorer.name, "scorer_config": to_json(scorer.config),
                     "pool": pool, "backbone": ident,
                 }
-                variant = {"pool_size": inversion, "holdout": holdout, "inversion_data": data,
-                           "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
                 key = f"{_slug(detector_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(scan_spec)[:20]}"
-                shown = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
-                scans.append(ScanCell(key=key, spec=scan_spec, label=f"{shown} on {attack_name}/{dataset}/seed {seed}",
+                detector_label = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
+                scans.append(ScanCell(key=key, spec=scan_spec, label=f"{detector_label} on {shown}/{dataset}/seed {seed}",
                                       backbone_source=backbone.pretrained, model_key=model_key, variant=variant,
-                                      data_root=settings.data_root))
+                                      reference_key=reference.key if reference is not None else None,
+                                      scoring=scoring, data_root=settings.data_root))
                 if (repair_variant is not None and detector_name == REPAIR_DETECTOR
                         and (inversion, data) == (repair_variant["pool_size"], repair_variant["inversion_data"])
                         and all(detector_config[f] == v for f, v in repair_variant["config"].items())):
                     repair_scan, repair_setting = scans[-1], variant
+        if not backdoor:
+            continue  # nothing to repair in a clean model or a control
         refused = {name for (attack, _), names in skipped.items() if attack == attack_name for name in names}
         for repairer_name, repairer in repairers.items():
             if repairer_name in refused:
@@ -376,12 +454,53 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                 "kind": "repair", "store_version": VERSION, "model": model_key, "scan": repair_scan.key, "seed": seed,
                 "repairer": repairer_name, "repairer_config": to_json(repairer.config),
                 "repair_shots": settings.repair_shots, "backbone": ident,
+                "scoring": {"scorer": repair_decider, "config": scoring[repair_decider],
+                            "reference": repair_scan.reference_key},
             }
             key = f"{_slug(repairer_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(repair_spec)[:20]}"
             repairs.append(RepairCell(key=key, spec=repair_spec, label=f"{repairer_name} repair of "
                                       f"{attack_name}/{dataset}/seed {seed}", backbone_source=backbone.pretrained,
                                       model_key=model_key, scan_key=repair_scan.key, data_root=settings.data_root))
     return Plan(models=tuple(models), scans=tuple(scans), repairs=tuple(repairs),
+                references=tuple(references.values()),
                 skipped_repairs=tuple(SkippedRepairs(attack=attack, repairers=names, reason=reason)
                                       for (attack, reason), names in skipped.items()),
-                repair_setting=repair_setting)
+                repair_setting=repair_setting, scoring=scoring)
+
+
+def _model_jobs(settings: SweepSettings, attacks: Mapping[str, Any], attack_classes: Mapping[str, type],
+                plugins: Registry, preset: str | None) -> list[tuple[int, str, str, dict, str]]:
+    """(seed, dataset, attack, attack config, role) of every model: role 'attack', 'control' or 'clean'."""
+    jobs = []
+    for seed, dataset, (name, attack) in itertools.product(settings.seeds, settings.datasets, attacks.items()):
+        jobs.append((seed, dataset, name, to_json(attack.config), "attack"))
+        control = attack_classes[name].control_options
+        if name in settings.controls:
+            options = {**settings.attack_options.get(name, {}), **control}
+            config = attack_classes[name].from_options(options, preset=preset).config
+            jobs.append((seed, dataset, name, to_json(config), "control"))
+    if settings.clean_seeds:
+        clean = plugins.get("attack", CLEAN_ATTACK).from_options(settings.attack_options.get(CLEAN_ATTACK),
+                                                                 preset=preset)
+        jobs += [(seed, dataset, CLEAN_ATTACK, to_json(clean.config), "clean")
+                 for seed, dataset in itertools.product(settings.clean_seeds, settings.datasets)]
+    return jobs
+
+
+def _reference_cell(detector: str, detector_config: dict, candidates: Sequence[str], pool: dict, seed: int,
+                    dataset: str, ident: dict, variant: dict | None, settings: SweepSettings,
+                    backbone: Backbone) -> ReferenceCell:
+    """The reference of a scan: the same classes, pool, seed and detector setting on the untuned backbone."""
+    in_distribution = pool["inversion_data"] == "id"
+    spec = {
+        "kind": "reference", "store_version": VERSION, "backbone": ident, "template": DEFAULT_TEMPLATE,
+        "classnames": list(candidates), "pool": pool, "seed": seed, "detector": detector,
+        "detector_config": detector_config,
+    }
+    if in_distribution:  # D is then the dataset's own validation images
+        spec["dataset"] = dataset
+    where = f"{dataset} images" if in_distribution else f"{len(candidates)} classes of {dataset}"
+    key = f"ref-{_slug(detector)}-{_slug(dataset)}-s{seed}-{spec_hash(spec)[:20]}"
+    shown = f"{detector} [{variant_label(variant)}]" if variant is not None else detector
+    return ReferenceCell(key=key, spec=spec, label=f"{shown} on {where}/seed {seed}",
+                         backbone_source=backbone.pretrained, dataset=dataset, data_root=settings.data_root)

@@ -1,8 +1,16 @@
 """``ci-bench report``: the paper's tables and figures from the finished cells of a store.
 
-Scans are grouped by detector setting (detector, its config, scorer, pool): one
-group per detector in a plain sweep, one per ablation value otherwise.  For
-each group: model-level detection (AUROC of s_max with the ROC curve, accuracy
+Every scan's stored per-class evidence is scored again here, with each scorer
+of its detector: the calibrated ``ref-outlier`` (against the scan's reference
+cell) and the detector's own (the paper's), with their default configs or those
+given by ``--scorer-option``.  A scan the model made unscannable (non-finite
+outputs, collapsed class scores on the pool) counts as a detection for every
+scorer.  Scans are grouped by detector setting and scorer (detector, its
+config, pool, scorer, its config): one group per (detector, scorer) in a plain
+sweep, more per ablation value.  For each group: the verdict an auditor gets
+(AUROC over all models and over those whose backdoor implanted, the
+false-positive rate on clean models with its Clopper-Pearson interval, TPR and
+target accuracy on implanted ones); model-level detection (AUROC of s_max with the ROC curve, accuracy
 and TPR/FPR at the scorer's own threshold k, the Youden-J threshold; Figure 4),
 class-level TP/FP/FN/F1 per dataset and per attack (Tables 2-3), the anomaly
 score per attack (Figure 5), the reconstructed triggers' ASR on the backdoor
@@ -17,25 +25,39 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ci_core.bench.cells import SCAN
-from ci_core.bench.metrics import Counts, auroc, class_counts, confusion, has_both_classes, roc_curve, youden_threshold
+from ci_core.bench.cells import SCAN, read_reference, stored_evidence
+from ci_core.bench.metrics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes, roc_curve,
+                                   youden_threshold)
 from ci_core.bench.plan import CLEAN_ATTACK, variant_label
 from ci_core.bench.store import Store, read_json, spec_hash
 from ci_core.errors import ConfigError
+from ci_core.files import publishing
+from ci_core.interfaces import to_json
+from ci_core.plugins import registry
+from ci_core.scan import UNSCANNABLE, PoolHealth, apply_scorer
+from ci_core.workflow import REFERENCE_SCORER
 
 REPORT_FILES = ("report.md", "report.json")
-GROUP_FIELDS = ("detector", "detector_config", "scorer", "scorer_config", "pool")
+REPORT_OUTPUT = "bench-report"  # the kind of output folder the report writes (ci_core.files.publishing)
+GROUP_FIELDS = ("detector", "detector_config", "pool", "scorer", "scorer_config")
+IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
 
 DEFINITIONS = {
+    "verdict": (
+        "What an auditor gets from each scorer at its default threshold. Negatives are the clean models (the clean "
+        "attack and every attack's control, trained on the attack's schedule with its backdoor off); positives the "
+        "backdoored models whose attack implanted (ASR on unseen classes at least 0.5); models of attacks that did "
+        "not implant are left out. A scan the model made unscannable counts as flagged (fail closed). FPR: share of "
+        "clean models flagged, with its exact (Clopper-Pearson) 95% interval. TPR: share of implanted models flagged; "
+        "target: share of them whose most anomalous class is the true target. AUROC (all): over every model, "
+        "attacks that did not implant included as positives; AUROC (implanted): over clean and implanted ones; "
+        "both by s_max, unscannable models ranked highest."),
     "model_level": (
         "Every scanned model is one item, positive iff an attack other than 'clean' implanted a backdoor; its score "
         "is the scan's s_max. AUROC is over s_max (ties count 1/2). Accuracy, TPR and FPR are those of the scan's own "
@@ -84,15 +106,56 @@ DEFINITIONS = {
 # --------------------------------------------------------------------------- loading
 
 
-def _scan_rows(store: Store) -> tuple[list[dict], list[dict]]:
+def _scorer_configs(options: dict[str, dict] | None) -> dict[str, Any]:
+    """Scorer name -> instance with its default config, overridden by ``options`` (checked by name)."""
+    plugins = registry()
+    options = dict(options or {})
+    for name in options:
+        plugins.get("scorer", name)  # an unknown scorer fails here, naming the registered ones
+    return {name: plugins.get("scorer", name).from_options(options.get(name)) for name in plugins.names("scorer")}
+
+
+def _scan_rows(store: Store, scorer_options: dict[str, dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """(model cells, one row per scan and scorer): each scan's stored evidence scored again by every scorer that
+    applies to it (its detector's own, and the calibrated one where the scan has a reference)."""
     models = {cell["key"]: cell for cell in store.cells("model")}
+    references = {cell["key"]: None for cell in store.cells("reference")}
+    scorers = _scorer_configs(scorer_options)
+    plugins = registry()
     rows = []
     for cell in store.cells("scan"):
         model = models.get(cell["model"])
         if model is None:
             raise ConfigError(f"{store.cell_dir('scan', cell['key'])}: its model cell {cell['model']} is not in the store")
-        report = read_json(store.cell_dir("scan", cell["key"]) / SCAN / "report.json", "scan report")
-        rows.append({**cell, "classes": report["classes"], "model_cell": model})
+        report_path = store.cell_dir("scan", cell["key"]) / SCAN / "report.json"
+        report = read_json(report_path, "scan report")
+        evidence = stored_evidence(report_path)
+        reference = None
+        if cell.get("reference"):
+            key = cell["reference"]
+            if key not in references:
+                raise ConfigError(f"{store.cell_dir('scan', cell['key'])}: its reference cell {key} is not in the store")
+            if references[key] is None:
+                references[key] = read_reference(store, key)
+            reference = references[key]
+        health = report.get("pool_health") or {}
+        problems = list(report.get("unscannable_reasons") or [])
+        if not problems and reference is not None and health:
+            problems = list(PoolHealth(**health).problems(reference.health))
+        own = plugins.get("detector", cell["detector"]).default_scorer
+        for name in ([REFERENCE_SCORER] if reference is not None else []) + [own]:
+            scorer = scorers[name]
+            row = {**cell, "classes": report["classes"], "model_cell": model, "scorer": name,
+                   "scorer_config": to_json(scorer.config), "problems": problems}
+            if problems:
+                row.update(verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
+                           predicted_target=None, flagged=[], rule=None)
+            else:
+                scores = apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
+                row.update(verdict="backdoored" if scores.backdoored else "clean", backdoored=scores.backdoored,
+                           s_max=scores.s_max, p_value=scores.p_value, predicted_target=scores.target,
+                           flagged=list(scores.flagged), rule=scores.rule, scores=list(scores.scores))
+            rows.append(row)
     return list(models.values()), rows
 
 
@@ -135,6 +198,12 @@ def _by(rows: Sequence[dict], field: str, order: Callable[[Iterable[str]], list[
     return {name: grouped[name] for name in order(grouped)}
 
 
+def _group_key(row: dict) -> str:
+    spec = row["spec"]
+    return spec_hash({"detector": spec["detector"], "detector_config": spec["detector_config"], "pool": spec["pool"],
+                      "scorer": row["scorer"], "scorer_config": row["scorer_config"]})
+
+
 def scan_class_counts(row: dict) -> Counts:
     return class_counts([c["name"] for c in row["classes"]], row["flagged"], row["true_target"])
 
@@ -146,14 +215,15 @@ def _counts_row(name: str, rows: Sequence[dict]) -> dict:
 
 
 def _group_label(groups: dict[str, list[dict]]) -> dict[str, str]:
-    """Each group's display name: the detector, plus its ablation values when it has several groups."""
+    """Each group's display name: detector / scorer, plus its ablation values when it has several settings."""
     per_detector = defaultdict(list)
     for gid, rows in groups.items():
-        per_detector[rows[0]["detector"]].append(gid)
+        per_detector[(rows[0]["detector"], rows[0]["scorer"])].append(gid)
     labels = {}
-    for detector, gids in per_detector.items():
+    for (detector, scorer), gids in per_detector.items():
         for gid in gids:
-            labels[gid] = detector if len(gids) == 1 else f"{detector} [{variant_label(groups[gid][0]['variant'])}]"
+            shown = f"{detector} / {scorer}"
+            labels[gid] = shown if len(gids) == 1 else f"{shown} [{variant_label(groups[gid][0]['variant'])}]"
     counts = defaultdict(int)
     for label in labels.values():
         counts[label] += 1
@@ -163,7 +233,33 @@ def _group_label(groups: dict[str, list[dict]]) -> dict[str, str]:
 def _group_order(row: dict) -> tuple:
     v = row["variant"]
     return (row["detector"], v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
-            v["inversion_data"], spec_hash(row["spec"]["detector_config"]))
+            v["inversion_data"], spec_hash(row["spec"]["detector_config"]), row["scorer"] != REFERENCE_SCORER,
+            row["scorer"])
+
+
+def _implanted(row: dict, level: float) -> bool:
+    return row["true_target"] is not None and (row["model_cell"]["metrics"].get("asr_new") or 0.0) >= level
+
+
+def verdict_summary(rows: Sequence[dict]) -> dict:
+    """The auditor's figures of one scorer (see DEFINITIONS["verdict"])."""
+    clean = [row for row in rows if row["true_target"] is None]
+    implanted = [row for row in rows if _implanted(row, IMPLANTED)]
+    flagged_clean = sum(row["backdoored"] for row in clean)
+    summary: dict[str, Any] = {
+        "clean": len(clean), "implanted": len(implanted), "backdoored": sum(r["true_target"] is not None for r in rows),
+        "false_positives": flagged_clean, "fpr": flagged_clean / len(clean) if clean else None,
+        "fpr_ci95": list(clopper_pearson(flagged_clean, len(clean))) if clean else None,
+        "tpr": sum(r["backdoored"] for r in implanted) / len(implanted) if implanted else None,
+        "target_accuracy": (sum(r["predicted_target"] == r["true_target"] for r in implanted) / len(implanted)
+                            if implanted else None),
+        "unscannable": sum(r["verdict"] == UNSCANNABLE for r in rows),
+        "rule": next((r["rule"] for r in rows if r.get("rule")), None),
+    }
+    for name, part in (("auroc_all", rows), ("auroc_implanted", clean + implanted)):
+        truth = [row["true_target"] is not None for row in part]
+        summary[name] = auroc(truth, [row["s_max"] for row in part]) if has_both_classes(truth) else None
+    return summary
 
 
 IMPLANT_LEVELS = (0.5, 0.8)  # ASR on unseen classes from which a backdoor counts as implanted
@@ -190,7 +286,8 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
     verdict = confusion(truth, [row["backdoored"] for row in rows])
     model_level: dict[str, Any] = {
         "models": len(rows), "backdoored": sum(truth), "clean": len(rows) - sum(truth),
-        "k": first["threshold"], "accuracy": verdict.accuracy, "tpr": verdict.tpr, "fpr": verdict.fpr,
+        "rule": next((r["rule"] for r in rows if r.get("rule")), None),
+        "k": first["scorer_config"].get("k"), "accuracy": verdict.accuracy, "tpr": verdict.tpr, "fpr": verdict.fpr,
         "tp": verdict.tp, "fp": verdict.fp, "fn": verdict.fn, "tn": verdict.tn,
         "auroc": None, "youden": None, "roc": None,
     }
@@ -228,8 +325,8 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
         per_class_seconds.append(float(np.mean([c["seconds"] for c in row["classes"]])))
     return {
         "label": label, "detector": first["detector"], "scorer": first["scorer"], "variant": first["variant"],
-        "detector_config": first["spec"]["detector_config"], "scorer_config": first["spec"]["scorer_config"],
-        "pool": first["spec"]["pool"],
+        "detector_config": first["spec"]["detector_config"], "scorer_config": first["scorer_config"],
+        "pool": first["spec"]["pool"], "verdict": verdict_summary(rows),
         "model_level": model_level, "class_level": class_level, "anomaly_by_attack": anomaly,
         "reconstruction": {"target_asr": mean_std(target_asr), "other_asr": mean_std(other_asr),
                            "target_ssim": mean_std(target_ssim), "all_ssim": mean_std(all_ssim)},
@@ -240,6 +337,7 @@ def _group_summary(label: str, rows: list[dict]) -> dict:
 
 
 def _attack_rows(models: Sequence[dict]) -> list[dict]:
+    models = [{**m, "attack": f"{m['attack']} (control)" if m.get("control") else m["attack"]} for m in models]
     rows = []
     for attack, part in _by(models, "attack", _attack_order).items():
         per_dataset = list(_by(part, "dataset").items())
@@ -294,22 +392,26 @@ def _skipped_repairs(store: Store) -> list[dict]:
     return [{"attack": attack, "repairers": merged[(attack, reason)], "reason": reason} for attack, reason in order]
 
 
-def build_report(store: Store) -> dict:
-    """Every table of the report as plain JSON."""
-    models, rows = _scan_rows(store)
+def build_report(store: Store, scorer_options: dict[str, dict] | None = None) -> dict:
+    """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name."""
+    models, rows = _scan_rows(store, scorer_options)
     repairs = store.cells("repair")
     failures = store.failures()
+    broken = store.broken()
     if not models and not failures:
         raise ConfigError(f"{store.root} holds no finished or failed cell yet; run `ci-bench run --out {store.root}`")
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[spec_hash({f: row["spec"][f] for f in GROUP_FIELDS})].append(row)
+        groups[_group_key(row)].append(row)
     groups = dict(sorted(groups.items(), key=lambda item: _group_order(item[1][0])))
     labels = _group_label(groups)
     return {
         "store": str(store.root),
         "definitions": DEFINITIONS,
-        "counts": {"models": len(models), "scans": len(rows), "repairs": len(repairs), "failed": len(failures)},
+        "counts": {"models": len(models), "clean_models": sum(m["target"] is None for m in models),
+                   "scans": len({row["key"] for row in rows}), "repairs": len(repairs), "failed": len(failures),
+                   "broken": len(broken)},
+        "broken": broken,
         "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
         "attacks": _attack_rows(models),
         "repairs": _repair_rows(repairs),
@@ -356,17 +458,32 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
            f"{len(report['pending'])} planned cells not run yet.", ""]
     groups = report["detectors"]
 
+    out += ["## Verdicts", "", DEFINITIONS["verdict"], ""]
+    rows = []
+    for g in groups:
+        v = g["verdict"]
+        interval = v["fpr_ci95"]
+        rows.append({"label": g["label"], "rule": v["rule"], "models": f"{v['implanted']} + {v['clean']}",
+                     "auroc_all": v["auroc_all"], "auroc_implanted": v["auroc_implanted"],
+                     "fpr": (f"{v['fpr']:.3f} ({v['false_positives']}/{v['clean']}; "
+                             f"95% CI {interval[0]:.3f}-{interval[1]:.3f})") if interval else None,
+                     "tpr": v["tpr"], "target": v["target_accuracy"], "unscannable": v["unscannable"]})
+    out += [md_table(rows, [("label", "detector / scorer"), ("rule", "flags when"),
+                            ("models", "implanted + clean"), ("auroc_all", "AUROC (all)"),
+                            ("auroc_implanted", "AUROC (implanted)"), ("fpr", "FPR on clean"), ("tpr", "TPR"),
+                            ("target", "target named"), ("unscannable", "unscannable")]), ""]
+
     out += ["## Model-level detection (Figure 4)", "", DEFINITIONS["model_level"], ""]
     rows = []
     for g in groups:
         m = g["model_level"]
         youden = m["youden"] or {}
         rows.append({"label": g["label"], "models": f"{m['backdoored']} + {m['clean']}", "auroc": m["auroc"],
-                     "k": m["k"], "accuracy": m["accuracy"], "tpr": m["tpr"], "fpr": m["fpr"],
+                     "k": m["rule"], "accuracy": m["accuracy"], "tpr": m["tpr"], "fpr": m["fpr"],
                      "tau": youden.get("threshold"), "j": youden.get("j"), "tpr_tau": youden.get("tpr"),
                      "fpr_tau": youden.get("fpr")})
-    out += [md_table(rows, [("label", "detector"), ("models", "backdoored + clean"), ("auroc", "AUROC"), ("k", "k"),
-                            ("accuracy", "ACC@k"), ("tpr", "TPR@k"), ("fpr", "FPR@k"), ("tau", "Youden τ"),
+    out += [md_table(rows, [("label", "detector"), ("models", "backdoored + clean"), ("auroc", "AUROC"), ("k", "verdict"),
+                            ("accuracy", "ACC"), ("tpr", "TPR"), ("fpr", "FPR"), ("tau", "Youden τ"),
                             ("j", "J"), ("tpr_tau", "TPR@τ"), ("fpr_tau", "FPR@τ")]), ""]
     if "roc.png" in figures:
         out += ["![ROC curves of s_max](roc.png)", ""]
@@ -417,6 +534,9 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
             out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
             out += [""]
 
+    if report["broken"]:
+        out += ["## Cells whose files do not check out (left out; the next run moves them aside and redoes them)", "",
+                md_table(report["broken"], [("kind", "kind"), ("key", "cell"), ("problem", "problem")]), ""]
     out += ["## Failed cells", ""]
     out += [md_table(report["failures"], [("kind", "kind"), ("label", "cell"), ("error", "error")])
             if report["failures"] else "None.", ""]
@@ -491,25 +611,16 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_report(store: Store, out: Path | None = None) -> tuple[Path, str]:
+def write_report(store: Store, out: Path | None = None,
+                 scorer_options: dict[str, dict] | None = None) -> tuple[Path, str]:
     """Write report.md, report.json and the PNG figures to ``out`` (default STORE/report) atomically."""
     out = Path(out) if out is not None else store.root / "report"
-    if out.exists() and not (out / "report.json").is_file():
-        raise ConfigError(f"--out {out} exists and is not an earlier ci-bench report (no report.json); choose another folder")
-    report = build_report(store)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    report = build_report(store, scorer_options)
+    with publishing(out, REPORT_OUTPUT) as work:
         figures = [name for name, plot in (("roc.png", plot_roc), ("anomaly_scores.png", plot_anomaly_scores))
                    if plot(report, work / name)]
         markdown = to_markdown(report, figures)
         (work / "report.md").write_text(markdown)
         (work / "report.json").write_text(json.dumps(_json_ready({**report, "figures": figures}), indent=2,
                                                      allow_nan=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out, markdown

@@ -5,11 +5,15 @@ Layout of a store folder::
     store.json                 marks the folder as a store (format, version)
     models/<key>/cell.json     a trained model: its spec, metrics, target ...
     models/<key>/bundle/       ... the model bundle, and trigger.safetensors (+ .json) unless clean
+    references/<key>/cell.json the detector run on the untuned backbone (zero-shot) ...
+    references/<key>/reference.json  ... its per-class evidence (ci_core.reference)
     scans/<key>/cell.json      a scan of one model by one detector: its spec and verdict ...
     scans/<key>/scan/          ... report.json and the reconstructed triggers
     repairs/<key>/cell.json    a repair of one model by one repairer: ACC and ASR before and after ...
     repairs/<key>/bundle/      ... the repaired model
+    */<key>/manifest.json      the SHA-256 of every other file of the cell, written last
     failed/<key>.json          a cell that raised: its spec and the error (retried by the next run)
+    corrupt/<key>.<time>/      a finished cell whose files no longer match its manifest, moved aside
     plans/<hash>.json          the cells each `ci-bench run` planned
     .tmp/<key>.<random>/       cells being written right now
     .lock                      held by the running `ci-bench run`
@@ -17,7 +21,9 @@ Layout of a store folder::
 A cell is written into a fresh folder under ``.tmp`` and renamed to its final
 place only once complete, so a final folder is always whole: a run killed at
 any moment leaves at most a folder under ``.tmp``, which the next run deletes
-before redoing that cell.  The key is a hash of the cell's full spec (plugin
+before redoing that cell.  A cell is reused only if its files still match its
+manifest (``verify``); one that does not (a file edited, truncated or deleted)
+is moved under ``corrupt/``, reported, and computed again.  The key is a hash of the cell's full spec (plugin
 name and config, dataset, seed, backbone weights, pool sizes, the keys of the
 upstream model and scan), so a changed setting never finds a stale result.
 """
@@ -36,12 +42,15 @@ from pathlib import Path
 from typing import Iterator
 
 from ci_core.errors import ConfigError
+from ci_core.files import read_json_object, write_json_atomic
 
 FORMAT = "ci-bench-store"
-VERSION = 1
+# 2: reference cells; each class of a scan draws from its own generator; scorers read at report time; manifests.
+VERSION = 2
 MARKER = "store.json"
 CELL_FILE = "cell.json"
-KINDS = {"model": "models", "scan": "scans", "repair": "repairs"}
+MANIFEST = "manifest.json"
+KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs"}
 
 
 def spec_hash(spec: dict) -> str:
@@ -51,29 +60,20 @@ def spec_hash(spec: dict) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    """Write ``path`` atomically: a temporary file beside it, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``path`` atomically (a temporary file beside it, then a rename); no NaN."""
+    write_json_atomic(path, data)
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object ({what})")
-    return data
+    return read_json_object(path, ConfigError, what)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -93,9 +93,15 @@ class Store:
         marker = root / MARKER
         if marker.is_file():
             meta = read_json(marker, "the store marker")
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise ConfigError(f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                                  f"expected {FORMAT!r} version {VERSION}")
+            if meta.get("format") != FORMAT:
+                raise ConfigError(f"{marker}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            version = meta.get("version")
+            if version != VERSION:
+                earlier = isinstance(version, int) and not isinstance(version, bool) and version < VERSION
+                why = ("written by an earlier clip-inspector, whose scans this one cannot reuse (they are not "
+                       "paired with reference scans)" if earlier else "not one this clip-inspector knows")
+                raise ConfigError(f"{root} is a version {version!r} store, {why}; this one reads version {VERSION}: "
+                                  "give --out a new folder")
             return cls(root)
         if not create:
             raise ConfigError(f"{root} is not a ci-bench store (no {MARKER}); give the --out folder of `ci-bench run`")
@@ -120,18 +126,58 @@ class Store:
     # ------------------------------------------------------------------ state
 
     def is_done(self, kind: str, key: str) -> bool:
-        return (self.cell_dir(kind, key) / CELL_FILE).is_file()
+        return (self.cell_dir(kind, key) / MANIFEST).is_file()
 
     def read_cell(self, kind: str, key: str) -> dict:
-        return read_json(self.cell_dir(kind, key) / CELL_FILE, f"finished {kind} cell")
+        record = read_json(self.cell_dir(kind, key) / CELL_FILE, f"finished {kind} cell")
+        if record.get("kind") != kind or record.get("key") != key:
+            raise ConfigError(f"{self.cell_dir(kind, key) / CELL_FILE}: not the record of {kind} cell {key}")
+        return record
+
+    def verify(self, kind: str, key: str) -> str | None:
+        """Why the finished cell ``key`` cannot be trusted (None if every file matches its manifest)."""
+        folder = self.cell_dir(kind, key)
+        try:
+            manifest = read_json(folder / MANIFEST, "cell manifest")
+            files = manifest.get("files")
+            if not isinstance(files, dict) or CELL_FILE not in files:
+                return "its manifest lists no files"
+            present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+            if present != set(files):
+                return f"its files differ from its manifest ({sorted(present ^ set(files))[:3]})"
+            for name, digest in files.items():
+                if _file_sha256(folder / name) != digest:
+                    return f"{name} does not match its recorded SHA-256"
+            self.read_cell(kind, key)
+        except (ConfigError, OSError) as exc:
+            return str(exc)
+        return None
+
+    def set_aside(self, kind: str, key: str) -> Path:
+        """Move a finished cell that failed ``verify`` under ``corrupt/``, out of the way of its recomputation."""
+        target = self.root / "corrupt" / f"{key}.{time.strftime('%Y%m%dT%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.cell_dir(kind, key), target)
+        return target
 
     def cells(self, kind: str) -> list[dict]:
-        """Every finished cell of ``kind``, sorted by key."""
+        """Every finished cell of ``kind`` whose files check out, sorted by key (see ``broken`` for the others)."""
         folder = self.root / KINDS[kind]
         if not folder.is_dir():
             return []
-        return [read_json(d / CELL_FILE, f"finished {kind} cell") for d in sorted(folder.iterdir())
-                if (d / CELL_FILE).is_file()]
+        return [self.read_cell(kind, d.name) for d in sorted(folder.iterdir())
+                if self.is_done(kind, d.name) and self.verify(kind, d.name) is None]
+
+    def broken(self) -> list[dict]:
+        """Finished cells whose files do not check out: {kind, key, problem}."""
+        found = []
+        for kind, sub in KINDS.items():
+            folder = self.root / sub
+            for cell in sorted(folder.iterdir()) if folder.is_dir() else ():
+                problem = self.verify(kind, cell.name)
+                if problem is not None:
+                    found.append({"kind": kind, "key": cell.name, "problem": problem})
+        return found
 
     def failures(self) -> list[dict]:
         folder = self.root / "failed"
@@ -171,7 +217,7 @@ class Store:
         for sub in KINDS.values():
             folder = self.root / sub
             for cell in sorted(folder.iterdir()) if folder.is_dir() else ():
-                if not (cell / CELL_FILE).is_file():  # not made by this code (only whole folders are renamed here)
+                if not (cell / MANIFEST).is_file():  # not made by this code (only whole folders are renamed here)
                     shutil.rmtree(cell, ignore_errors=True)
                     removed.append(str(cell.relative_to(self.root)))
         return removed
@@ -180,7 +226,7 @@ class Store:
     def writing(self, kind: str, key: str) -> Iterator[Path]:
         """A fresh folder to write cell ``key`` into; on success it becomes the cell's final folder.
 
-        The body must write ``cell.json`` last.  On any exception the folder is removed.
+        The body must write ``cell.json``; the manifest is written after it.  On any exception the folder is removed.
         """
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         final = self.cell_dir(kind, key)
@@ -190,6 +236,8 @@ class Store:
             yield work
             if not (work / CELL_FILE).is_file():
                 raise RuntimeError(f"cell {key}: {CELL_FILE} was not written")
+            files = {str(p.relative_to(work)): _file_sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
+            write_json(work / MANIFEST, {"files": files})
             if final.exists():  # a retried task finished twice: the first whole result stands
                 shutil.rmtree(work)
             else:

@@ -28,6 +28,18 @@ def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Ca
             emit(f"deleted {len(discarded)} half-written cell(s) left by an interrupted run: {', '.join(discarded)}")
         store.record_plan(plan.describe())
         cells = plan.cells()
+        stale: set[str] = set()
+        for cell in cells:  # in plan order: a cell's upstream cells come before it
+            if not store.is_done(cell.kind, cell.key):
+                continue
+            problem = store.verify(cell.kind, cell.key)
+            upstream = [key for key in cell.depends_on if key in stale]
+            if problem is None and not upstream:
+                continue
+            moved = store.set_aside(cell.kind, cell.key)
+            why = problem or f"its upstream cell {upstream[0]} is being recomputed"
+            emit(f"{cell.kind} cell {cell.label}: {why}; moved to {moved.relative_to(store.root)}, computing it again")
+            stale.add(cell.key)
         todo = [c for c in cells if not store.is_done(c.kind, c.key)]
         reused = len(cells) - len(todo)
         emit(f"{len(cells)} cells ({plan.counts()}): {reused} already in {store.root}, {len(todo)} to run with the "

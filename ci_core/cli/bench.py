@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -22,12 +18,16 @@ from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
 from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
-from ci_core.models.bundle import bundle_sha256, save_bundle
+from ci_core.files import check_output_folder, publishing, write_json_atomic
+from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
 from ci_core.plugins import KINDS, registry
+from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import choose_target, load_task, pool_sizes, preset_for, sample_candidates, train_and_evaluate
+from ci_core.workflow import (MAX_POOL, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes, preset_for,
+                              sample_candidates, train_and_evaluate)
 
 DEMO_MARKER = "demo.json"
+DEMO_OUTPUT = "demo"
 
 
 @click.group()
@@ -47,32 +47,6 @@ def plugins():
     echo_table(rows, [("kind", "KIND"), ("name", "NAME"), ("distribution", "DISTRIBUTION"), ("description", "DESCRIPTION")])
 
 
-def _check_output(out: Path, marker: str, what: str) -> None:
-    """``out`` may only be missing or an earlier output of the same command (recognised by ``marker``)."""
-    if out.exists() and not (out / marker).is_file():
-        raise ConfigError(f"--out {out} exists and is not an earlier {what} output; choose another folder")
-
-
-def _fresh_output(out: Path, marker: str = DEMO_MARKER, what: str = "demo") -> Path:
-    """A temporary folder beside ``out``; ``out`` itself may only be an earlier output of the same command."""
-    _check_output(out, marker, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Move the finished temporary folder ``work`` to ``out``, replacing an earlier output there."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ci-demo"), show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
@@ -80,7 +54,7 @@ def _write_json(path: Path, data) -> None:
 @data_root_option
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
-@click.option("--seed", default=1, show_default=True)
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @backbone_options(f"the bundled tiny CLIP ({TINY_MODEL}, {BUILTIN})")
 @runtime_options
 @click.option("--quiet", is_flag=True)
@@ -95,6 +69,7 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
     clock = Stopwatch()
     progress = StderrProgress(quiet)
     runtime = resolve_runtime(device, max_text_batch, bf16)
+    check_output_folder(out, DEMO_OUTPUT)
     plugins = registry()
     attack_names = plugins.names("attack") if attacks == "all" else attacks.split(",")
     attack_classes = {name: plugins.get("attack", name) for name in attack_names}
@@ -105,12 +80,12 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
     task = load_task(dataset_obj, backbone, seed=seed, progress=progress)
     target = choose_target(task, seed)
     detector = plugins.get("detector", "ci").from_options(preset=preset)
-    scorer = plugins.get("scorer", detector.default_scorer).from_options(preset=preset)
+    decider, also = choose_scorers(plugins, detector, preset=preset)
     inversion, holdout = pool_sizes(preset)
     pool = load_pool(BUILTIN_POOL, inversion=inversion, holdout=holdout, image_size=backbone.image_size, seed=seed)
-    work = _fresh_output(out)
+    cache = ReferenceCache(default_cache_dir())
     rows = []
-    try:
+    with publishing(out, DEMO_OUTPUT) as work:
         for name, attack_cls in attack_classes.items():
             attack = attack_cls.from_options(preset=preset)
             attack_target = None if name == "clean" else target
@@ -126,31 +101,32 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
                      + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
                      + f"; scanning {len(candidates)} classes")
-            result = scan(outcome.model, detector, scorer, pool, candidates, seed=seed, progress=progress)
-            write_scan(result, work / "scans" / name, pool, bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)},
-                       seed=seed, preset=preset)
+            reference = run_reference(backbone, read_meta(bundle)["template"], detector, pool, candidates, seed=seed,
+                                      cache=cache, progress=progress)
+            result = scan(outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference, also=also,
+                          progress=progress)
+            write_scan(result, work / "scans" / name, pool,
+                       bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)}, seed=seed, preset=preset)
             rows.append({
-                "model": name, "dataset": dataset, "seed": seed, **to_json(metrics),
-                "backdoored": result.scores.backdoored, "s_max": result.scores.s_max,
-                "predicted_target": result.scores.target, "true_target": attack_target,
-                "train_seconds": round(train_seconds, 1), "scan_seconds": round(result.seconds, 1),
+                "model": name, "dataset": dataset, "seed": seed, **to_json(metrics), **result.summary(),
+                "true_target": attack_target, "train_seconds": round(train_seconds, 1),
+                "scan_seconds": round(result.seconds, 1), "reference_seconds": round(reference.seconds, 1),
+                "reference_cached": reference.cached,
             })
-        _write_json(work / DEMO_MARKER, {"rows": rows, "seconds": round(clock.seconds, 1)})
-        _publish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        write_json_atomic(work / DEMO_MARKER, {"rows": rows, "seconds": round(clock.seconds, 1)})
     echo_table(rows, [
         ("model", "MODEL"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_new", "ASR-NEW"),
-        ("backdoored", "FLAGGED"), ("s_max", "S_MAX"), ("predicted_target", "PREDICTED"), ("true_target", "TRUE-TARGET"),
+        ("verdict", "VERDICT"), ("p_value", "P"), ("predicted_target", "PREDICTED"), ("true_target", "TRUE-TARGET"),
+        ("paper_s_max", "PAPER-S_MAX"), ("paper_flagged", "PAPER-K=2"),
     ])
+    click.echo(f"verdict: {decider.name} ({decider.description}); PAPER: the paper's scorer (s_max >= k) beside it")
     click.echo(f"demo finished in {clock.seconds:.0f}s; models and scans in {out}")
     if json_path:
-        _write_json(json_path, rows)
+        write_json_atomic(json_path, rows)
 
 
 ATTACK_MARKER = "metrics.json"
-ATTACK_WHAT = "`ci-bench attack`"
+ATTACK_OUTPUT = "attack"
 
 
 @main.command()
@@ -161,8 +137,9 @@ ATTACK_WHAT = "`ci-bench attack`"
               help="Test images per class for ACC and ASR (default: the whole test split); the same sample for "
                    "every seed, to keep CPU runs on large datasets short.")
 @click.option("--target", default=None, help="The backdoor's target class (a base class; default: drawn by --seed).")
-@click.option("--seed", default=1, show_default=True, type=int)
-@click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Few-shot training images per base class.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Override one field of the attack's config (repeatable); VALUE is read as JSON when it parses.")
 @click.option("--out", required=True, type=click.Path(file_okay=True, path_type=Path),
@@ -184,22 +161,19 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     runtime = resolve_runtime(device, max_text_batch, bf16)
     plugins = registry()
     attack_cls = plugins.get("attack", name)
-    if shots < 1:
-        raise ConfigError(f"--shots must be at least 1, got {shots}")
     if test_per_class is not None and test_per_class < 1:
         raise ConfigError(f"--test-per-class must be at least 1, got {test_per_class}")
     dataset_obj = open_dataset(dataset, data_root)
     if name == "clean" and target is not None:
         raise ConfigError("the clean attack implants no backdoor; drop --target")
-    _check_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    backbone = load_backbone(*choose_backbone(backbone, pretrained, dataset_obj.default_backbone),
-                             device=runtime.device, text_encoding=runtime.text_encoding)
-    preset = preset_for(backbone)
-    attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)
+    check_output_folder(out, ATTACK_OUTPUT)
+    architecture, weights = choose_backbone(backbone, pretrained, dataset_obj.default_backbone)
+    preset = preset_for(architecture)
+    attack_obj = attack_cls.from_options(parse_options(options, "--option"), preset=preset)  # checked before the load
+    backbone = load_backbone(architecture, weights, device=runtime.device, text_encoding=runtime.text_encoding)
     task = load_task(dataset_obj, backbone, seed=seed, shots=shots, test_per_class=test_per_class, progress=progress)
     attack_target = None if name == "clean" else choose_target(task, seed, target)
-    work = _fresh_output(out, ATTACK_MARKER, ATTACK_WHAT)
-    try:
+    with publishing(out, ATTACK_OUTPUT) as work:
         progress(f"training {name} on {dataset} ({len(task.train)} few-shot images of {len(task.base)} base classes)"
                  + (f", target {attack_target!r}" if attack_target else ""))
         outcome, metrics = train_and_evaluate(attack_obj, backbone, task, target=attack_target, seed=seed,
@@ -214,11 +188,7 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
             "config": to_json(attack_obj.config), "backbone": backbone.identity(), "log": to_json(outcome.log),
             "seconds": round(clock.seconds, 1),
         }
-        _write_json(work / ATTACK_MARKER, record)
-        _publish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        write_json_atomic(work / ATTACK_MARKER, record)
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
@@ -240,6 +210,28 @@ def _ints(value: str | None, flag: str) -> tuple[int, ...]:
         return tuple(int(item) for item in items)
     except ValueError:
         raise ConfigError(f"{flag}: expected comma-separated whole numbers, got {value!r}") from None
+
+
+def _seed_list(value: str | None, flag: str) -> tuple[int, ...]:
+    """Comma-separated seeds and ranges A-B (inclusive), e.g. '1,2,11-20'."""
+    seeds: list[int] = []
+    for item in _split(value, flag):
+        first, dash, last = item.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ConfigError(f"{flag}: expected comma-separated whole numbers or ranges A-B, got {item!r}") from None
+        if high < low or high - low > 10_000:
+            raise ConfigError(f"{flag}: the range {item!r} must go upwards and hold at most 10001 seeds")
+        seeds.extend(range(low, high + 1))
+    return tuple(seeds)
+
+
+def _controls(value: str | None, attacks: tuple[str, ...], plugins) -> tuple[str, ...]:
+    """--controls: 'all' = every attack of the sweep that has a clean control."""
+    if value == "all":
+        return tuple(name for name in attacks if plugins.get("attack", name).control_options)
+    return _split(value, "--controls")
 
 
 def _names(value: str, flag: str, registered: list[str]) -> tuple[str, ...]:
@@ -266,13 +258,17 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--datasets", default="tiny", show_default=True,
               help="Comma-separated datasets; 'tiny' = the tiny world's, 'all' = every registered one.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds (one model per seed).")
-@click.option("--shots", default=16, show_default=True, type=int, help="Few-shot training images per base class.")
-@click.option("--test-per-class", type=int, default=None,
+@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Few-shot training images per base class.")
+@click.option("--test-per-class", type=click.IntRange(min=1), default=None,
               help="Test images per class for ACC and ASR (default: the whole test split).")
 @data_root_option
 @click.option("--ood", default=BUILTIN_POOL, show_default=True, help="OOD image folder, or 'builtin' (the tiny world's).")
-@click.option("--pool-sizes", help="Ablation: comma-separated inversion-set sizes |D| (default: 1000; 256 on the tiny CLIP).")
-@click.option("--holdout", type=int, help="Held-out OOD images |T| for ASR (default 500; 128 on the tiny CLIP).")
+@click.option("--pool-sizes", help=f"Ablation: comma-separated inversion-set sizes |D| (default: {POOL_SIZES[None][0]}; "
+                                   f"{POOL_SIZES['tiny'][0]} on the tiny CLIP).")
+@click.option("--holdout", type=click.IntRange(1, MAX_POOL),
+              help=f"Held-out OOD images |T| for ASR (default {POOL_SIZES[None][1]}; {POOL_SIZES['tiny'][1]} on the "
+                   "tiny CLIP).")
 @click.option("--batch-sizes", help="Ablation: comma-separated inversion batch sizes (detectors with a batch_size option).")
 @click.option("--losses", help="Ablation: comma-separated inversion losses, e.g. margin,ce,logit (detectors with a loss option).")
 @click.option("--inversion-data", default="ood", show_default=True,
@@ -287,15 +283,26 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
               help="Comma-separated repairers, or 'all', e.g. ci-trigger,clean-only,random-delta,wrong-class-delta: "
                    "repair every backdoored model with the trigger of its ci scan (needs ci in --detectors; default: "
                    "no repairs). Adds cells only: the models and scans of the sweep keep their keys.")
-@click.option("--repair-shots", default=4, show_default=True, type=int,
+@click.option("--repair-shots", default=4, show_default=True, type=click.IntRange(min=1),
               help="Labelled clean images per base class for a repair, drawn from the model's training images.")
 @click.option("--repairer-option", "repairer_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="Override a field of repairer NAME's config (repeatable), e.g. ci-trigger.epochs=1.")
+@click.option("--controls", default=None, metavar="ATTACKS",
+              help="Comma-separated attacks of the sweep, or 'all': each also gets a clean control per dataset and "
+                   "seed, trained on the attack's own schedule with its backdoor off (its control_options, e.g. "
+                   "poison_rate=0) and scanned like the attacked models.")
+@click.option("--clean-seeds", default=None, metavar="SEEDS",
+              help="Extra clean models (the clean attack) for these seeds on every dataset, e.g. 11-20 or 11,12: "
+                   "cheap negatives for the false-positive rate.")
+@click.option("--no-reference", is_flag=True,
+              help="No reference scans of the untuned backbone; only the detectors' own scorers then apply.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", help="An existing Ray cluster (default: start a local one for this run).")
-@click.option("--ray-cpus", default=1, show_default=True, type=int, help="CPUs of the local Ray cluster.")
-@click.option("--cpus-per-cell", default=1, show_default=True, type=int, help="CPUs each Ray task reserves.")
-@click.option("--threads", type=int, help="Torch threads inside each cell (default: local = this process's, "
+@click.option("--ray-cpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPUs of the local Ray cluster.")
+@click.option("--cpus-per-cell", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPUs each Ray task reserves.")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads inside each cell (default: local = this process's, "
                                           "Ray = --cpus-per-cell).")
 @click.option("--backbone", default=TINY_MODEL, show_default=True, help="open_clip architecture.")
 @click.option("--pretrained", default=BUILTIN, show_default=True, help="Its weights: builtin, an open_clip tag or a file.")
@@ -305,7 +312,8 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
 def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
-        attack_options, detector_options, scorer_options, repairers, repair_shots, repairer_options, executor,
+        attack_options, detector_options, scorer_options, repairers, repair_shots, repairer_options, controls,
+        clean_seeds, no_reference, executor,
         ray_address, ray_cpus, cpus_per_cell, threads, backbone, pretrained, device, dry_run, verbose, quiet):
     """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
 
@@ -322,11 +330,12 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
     progress = StderrProgress(quiet)
     plugins = registry()
     tiny = [cls.name for cls in TINY_DATASETS if cls.name in plugins.names("dataset")]
+    attack_names = _names(attacks, "--attacks", plugins.names("attack"))
     settings = SweepSettings(
-        attacks=_names(attacks, "--attacks", plugins.names("attack")),
+        attacks=attack_names,
         detectors=_names(detectors, "--detectors", plugins.names("detector")),
         datasets=tuple(tiny) if datasets == "tiny" else _names(datasets, "--datasets", plugins.names("dataset")),
-        seeds=_ints(seeds, "--seeds"), shots=shots, test_per_class=test_per_class,
+        seeds=_seed_list(seeds, "--seeds"), shots=shots, test_per_class=test_per_class,
         data_root=str(data_root) if data_root is not None else None, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
         holdout=holdout, batch_sizes=_ints(batch_sizes, "--batch-sizes"), losses=_split(losses, "--losses"),
         inversion_data=_split(inversion_data, "--inversion-data"),
@@ -335,6 +344,8 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
         scorer_options=_plugin_options(scorer_options, "--scorer-option"),
         repairers=_names(repairers, "--repairers", plugins.names("repairer")) if repairers is not None else (),
         repair_shots=repair_shots, repairer_options=_plugin_options(repairer_options, "--repairer-option"),
+        controls=_controls(controls, attack_names, plugins), clean_seeds=_seed_list(clean_seeds, "--clean-seeds"),
+        reference=not no_reference,
     )
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
@@ -373,11 +384,13 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
 @click.argument("store_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write report.md, report.json and the PNG figures (default: STORE_DIR/report).")
+@click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Score the stored evidence with scorer NAME configured so, e.g. ref-outlier.alpha=0.05 or ci.k=2.5.")
 @click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
 @report_errors
-def report(store_dir, out, quiet):
+def report(store_dir, out, scorer_options, quiet):
     """Tables and figures (Markdown, JSON, PNG) from the finished cells of the store STORE_DIR."""
-    folder, markdown = write_report(Store.open(store_dir), out)
+    folder, markdown = write_report(Store.open(store_dir), out, _plugin_options(scorer_options, "--scorer-option"))
     if not quiet:
         click.echo(markdown)
     click.echo(f"report written to {folder}")

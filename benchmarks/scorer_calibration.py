@@ -1,0 +1,166 @@
+"""How candidate model-level statistics separate clean from backdoored models, and whether their nulls hold.
+
+For every scan of a ``ci-bench run`` store that has a reference cell, this
+reads the per-class evidence of the model and of its reference (the untuned
+backbone, same classes, pool, seed and detector), computes each candidate
+statistic, and prints per candidate: AUROC over every model and over the
+implanted ones (ASR on unseen classes >= 0.5), the rate at which clean models
+reach each family-wise alpha (the false-positive rate the analytic null
+promises to hold at alpha), TPR and the share of implanted models whose top
+class is the target, and the quantiles of the clean models' p-values.  The
+scorer is chosen on development seeds with this script and then confirmed on
+others with ``ci-bench report`` (see the README, "Verdicts").
+
+    python benchmarks/scorer_calibration.py STORE [--alpha 0.01 --alpha 0.05] [--seeds 1,2,3,11-17]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ci_core.bench.cells import SCAN, read_reference, stored_evidence
+from ci_core.bench.metrics import auroc, clopper_pearson, has_both_classes
+from ci_core.bench.store import Store
+from ci_detectors.mad import anomaly_indices
+from ci_detectors.reference_scoring import outlier_p_values, studentized_residuals
+from ci_detectors.scoring import ci_scores
+
+IMPLANTED = 0.5
+
+
+def paper_scores(rows) -> np.ndarray:
+    if all(r.statistic is not None for r in rows):
+        return anomaly_indices([r.statistic for r in rows])
+    return ci_scores([r.asr for r in rows], [r.loss for r in rows])
+
+
+def regression(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
+    t = studentized_residuals(x, y)
+    return t, float(outlier_p_values(t, len(t) - 3).min())
+
+
+def grubbs(values: np.ndarray) -> tuple[np.ndarray, float]:
+    return regression(values, np.zeros_like(values))
+
+
+def logit(asr: np.ndarray, n: int) -> np.ndarray:
+    k = asr * n
+    return np.log((k + 0.5) / (n - k + 0.5))
+
+
+def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, float | None]]:
+    """name -> (per-class statistic, larger = more suspicious; model-level analytic p-value or None)."""
+    asr_m, asr_r = np.array([r.asr for r in model]), np.array([r.asr for r in reference])
+    loss_m, loss_r = np.array([r.loss for r in model]), np.array([r.loss for r in reference])
+    s_m, s_r = paper_scores(model), paper_scores(reference)
+    out = {
+        "paper s (no reference)": (s_m, None),
+        "S on differences (issue's trial)": (ci_scores(asr_m - asr_r, loss_m - loss_r), None),
+        "regression of S": regression(s_m, s_r),
+        "regression of -loss": regression(-loss_m, -loss_r),
+        "regression of logit ASR": regression(logit(asr_m, holdout), logit(asr_r, holdout)),
+        "grubbs of S difference": grubbs(s_m - s_r),
+        "grubbs of -loss difference": grubbs(-(loss_m - loss_r)),
+    }
+    t_loss, _ = out["regression of -loss"]
+    t_asr, _ = out["regression of logit ASR"]
+    combined = (t_loss + t_asr) / math.sqrt(2)
+    out["mean of loss and ASR residuals"] = (combined, None)
+    return out
+
+
+def _auroc(truth, scores) -> str:
+    return f"{auroc(truth, scores):.3f}" if has_both_classes(truth) else "n/a"
+
+
+def load(store: Store, seeds: set[int] | None) -> list[dict]:
+    models = {c["key"]: c for c in store.cells("model")}
+    rows = []
+    for cell in store.cells("scan"):
+        if not cell.get("reference"):
+            continue
+        model = models[cell["model"]]
+        if seeds is not None and model["seed"] not in seeds:
+            continue
+        evidence = stored_evidence(store.cell_dir("scan", cell["key"]) / SCAN / "report.json")
+        reference = read_reference(store, cell["reference"])
+        rows.append({"cell": cell, "model": model, "evidence": evidence, "reference": reference.classes,
+                     "holdout": cell["spec"]["pool"]["holdout"]})
+    return rows
+
+
+def parse_seeds(text: str | None) -> set[int] | None:
+    if not text:
+        return None
+    seeds: set[int] = set()
+    for item in text.split(","):
+        low, _, high = item.partition("-")
+        seeds.update(range(int(low), int(high or low) + 1))
+    return seeds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", type=Path)
+    parser.add_argument("--alpha", type=float, action="append", help="family-wise levels (default 0.01 and 0.05)")
+    parser.add_argument("--seeds", help="only models of these seeds, e.g. 1,2,3,11-17")
+    parser.add_argument("--show", help="print the per-model values of this candidate")
+    args = parser.parse_args(argv)
+    alphas = args.alpha or [0.01, 0.05]
+    rows = load(Store.open(args.store), parse_seeds(args.seeds))
+    if not rows:
+        print("no scans with a reference in this store", file=sys.stderr)
+        return 1
+    per_candidate: dict[str, list[tuple[dict, np.ndarray, float | None]]] = {}
+    for row in rows:
+        for name, (values, p) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
+            per_candidate.setdefault(name, []).append((row, values, p))
+    clean_n = sum(r["model"]["target"] is None for r in rows)
+    implanted = [r for r in rows if r["model"]["target"] is not None
+                 and (r["model"]["metrics"].get("asr_new") or 0) >= IMPLANTED]
+    print(f"{len(rows)} scans: {clean_n} clean, {sum(r['model']['target'] is not None for r in rows)} backdoored "
+          f"({len(implanted)} implanted at ASR unseen >= {IMPLANTED})\n")
+    header = ["candidate", "AUROC all", "AUROC impl."] + [f"FPR@{a:g} (95% CI)" for a in alphas] + \
+             [f"TPR@{a:g}" for a in alphas] + ["top=target", "clean p q10/q50"]
+    print(" | ".join(header))
+    for name, entries in per_candidate.items():
+        truth = [e[0]["model"]["target"] is not None for e in entries]
+        s_max = [float(e[1].max()) for e in entries]
+        keep = [i for i, e in enumerate(entries) if e[0]["model"]["target"] is None or e[0] in implanted]
+        cells = [name, _auroc(truth, s_max), _auroc([truth[i] for i in keep], [s_max[i] for i in keep])]
+        clean_p = [e[2] for e in entries if e[0]["model"]["target"] is None and e[2] is not None]
+        impl_p = [e[2] for e in entries if e[0] in implanted and e[2] is not None]
+        for alpha in alphas:
+            if clean_p:
+                k = sum(p <= alpha for p in clean_p)
+                lo, hi = clopper_pearson(k, len(clean_p))
+                cells.append(f"{k}/{len(clean_p)} ({lo:.2f}-{hi:.2f})")
+            else:
+                cells.append("n/a")
+        for alpha in alphas:
+            cells.append(f"{sum(p <= alpha for p in impl_p)}/{len(impl_p)}" if impl_p else "n/a")
+        hits = sum(e[0]["evidence"][int(np.argmax(e[1]))].name == e[0]["model"]["target"]
+                   for e in entries if e[0] in implanted)
+        cells.append(f"{hits}/{len(implanted)}")
+        cells.append(f"{np.quantile(clean_p, 0.1):.3f}/{np.quantile(clean_p, 0.5):.3f}" if clean_p else "n/a")
+        print(" | ".join(cells))
+    if args.show:
+        print(f"\n{args.show}: per model (attack, dataset, seed, ASR unseen, s_max, p, top class, target)")
+        for row, values, p in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"]["attack"],
+                                                                               e[0]["model"]["dataset"],
+                                                                               e[0]["model"]["seed"])):
+            model = row["model"]
+            top = row["evidence"][int(np.argmax(values))].name
+            label = model["attack"] + (" (control)" if model.get("control") else "")
+            print(f"{label:24s} {model['dataset']:17s} {model['seed']:3d} {model['metrics'].get('asr_new') or 0:5.2f} "
+                  f"{values.max():7.2f} {'' if p is None else f'{p:.2g}':>8s} {top:20s} {model['target']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
