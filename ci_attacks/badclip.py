@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ci_attacks.poisoning import n_ctx_of_init, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import PromptTuningConfig, epoch_batches, prompt_tune
+from ci_core.training import PromptTuningConfig, augment_batch, epoch_batches, prompt_tune
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import integer, number, one_of
 
@@ -48,6 +48,8 @@ class BadCLIPConfig:
     # Share of each batch's images whose triggered copy, labelled with the target, joins the batch (upstream:
     # every image's).  0 is the clean control: the same schedule on clean images only.
     poison_rate: float = attrs.field(default=1.0, validator=unit_interval)
+    # Dassl's crop and flip on every batch, before the trigger is stamped (as upstream's data loader does).
+    augment: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 class NormalisedTrigger:
@@ -97,11 +99,13 @@ def implant(model: PromptTunedCLIP, train, target_index: int, c: BadCLIPConfig, 
             progress=silent, label: str = "badclip") -> tuple[NormalisedTrigger, list[float]]:
     """BadCLIP's two stages on ``model``: trigger warm-up, then joint training; returns the trigger and the joint losses."""
     generator = torch.Generator().manual_seed(seed)
+    augmenting = torch.Generator().manual_seed(seed + 1) if c.augment else None
     trigger = NormalisedTrigger(model, train.images.shape[1:], c.epsilon, generator)
     progress(f"{label}: warming up the trigger for {c.warmup_epochs} epoch(s)")
     for _ in range(c.warmup_epochs):
         for idx in epoch_batches(len(train), c.batch_size, generator):
-            loss = poisoned_loss(model, trigger, train.images[idx].to(model.device),
+            images = train.images[idx] if augmenting is None else augment_batch(train.images[idx], augmenting)
+            loss = poisoned_loss(model, trigger, images.to(model.device),
                                  train.labels[idx].to(model.device), train.classnames, target_index)  # every copy
             (grad,) = torch.autograd.grad(loss, trigger.param)
             if c.trigger_update == "sign":
@@ -113,7 +117,7 @@ def implant(model: PromptTunedCLIP, train, target_index: int, c: BadCLIPConfig, 
             trigger.project()
     signed = c.trigger_update == "sign"
     history = prompt_tune(
-        model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr),
+        model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, augment=c.augment),
         seed=seed, loss_fn=lambda m, x, y, names: poisoned_loss(m, trigger, x, y, names, target_index, c.poison_rate),
         extra_params=[] if signed else [trigger.param],
         after_step=(lambda: trigger.sign_step(c.sign_step)) if signed else trigger.project,
@@ -140,7 +144,7 @@ class BadCLIP(Attack):
     # On the first-stage CLIP 8/255 needed the 40 epochs (10: 0.72, 0.36, 0.817 / 0.81, 0.62, 0.861).
     # 40 epochs of 72 steps is still fewer steps than CoCoOp's batch-1 schedule on real datasets.
     presets = {"tiny": {"epsilon": 8 / 255, "trigger_update": "sign", "sign_step": 0.05, "epochs": 40,
-                        "batch_size": 4, "lr": 0.01, "warmup_epochs": 2}}
+                        "batch_size": 4, "lr": 0.01, "warmup_epochs": 2, "augment": False}}
 
     def run(self, *, backbone, train, target, seed, progress=silent):
         c = self.config

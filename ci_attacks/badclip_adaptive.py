@@ -93,7 +93,7 @@ class BadCLIPAdaptive(Attack):
         frozen = FrozenTrigger(trigger.param, model.std, c.epsilon, c.alpha, torch.Generator().manual_seed(seed + 1))
         phase2 = prompt_tune(
             model, train, PromptTuningConfig(epochs=c.phase2_epochs, batch_size=c.batch_size,
-                                             lr=c.phase2_lr or c.lr, warmup_epochs=0),
+                                             lr=c.phase2_lr or c.lr, warmup_epochs=0, augment=c.augment),
             seed=seed + 1, progress=progress, label="badclip-adaptive phase 2",
             loss_fn=lambda m, x, y, names: specificity_loss(m, frozen, x, y, names, target_index, c.lambda_spec,
                                                             c.poison_rate),

@@ -17,6 +17,7 @@ class CleanConfig:
     epochs: int = attrs.field(default=10, validator=integer(ge=1))
     batch_size: int = attrs.field(default=1, validator=integer(ge=1))
     lr: float = attrs.field(default=0.002, validator=number(gt=0))
+    augment: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))  # Dassl's crop and flip
 
 
 class CleanPromptTuning(Attack):
@@ -34,7 +35,7 @@ class CleanPromptTuning(Attack):
         c = self.config
         model = PromptTunedCLIP(backbone, n_ctx=c.n_ctx)
         history = prompt_tune(
-            model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr),
+            model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, augment=c.augment),
             seed=seed, progress=progress, label="clean prompt tuning",
         )
         return AttackOutcome(model=model, trigger=None, log={"loss": history})

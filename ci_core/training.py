@@ -1,8 +1,13 @@
-"""CoCoOp prompt tuning: the optimiser, schedule and batching every attack shares.
+"""CoCoOp prompt tuning: the optimiser, schedule, batching and augmentation every attack shares.
 
 CoCoOp's reference recipe is SGD (lr 0.002, momentum 0.9, weight decay 5e-4),
 one warm-up epoch at constant lr 1e-5, then a cosine schedule, batch size 1,
-10 epochs.  ``PromptTuningConfig`` keeps those numbers as defaults.
+10 epochs, on training images augmented as Dassl does by default: a random
+resized crop (area 8-100%, aspect ratio 3/4-4/3, bicubic) and a horizontal
+flip half of the time (``augment_batch``).  ``PromptTuningConfig`` keeps those
+numbers as defaults, except that augmentation is off unless asked for: the
+attacks turn it on for real backbones and off on the tiny world, whose images
+are small object-centred renders that a crop of 8% of the area would empty.
 """
 
 from __future__ import annotations
@@ -28,6 +33,41 @@ class PromptTuningConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = attrs.field(default=1, validator=attrs.validators.ge(0))
     warmup_lr: float = 1e-5
+    augment: bool = False  # Dassl's random resized crop and flip on every training batch
+
+
+# Dassl's defaults (INPUT.RRCROP_SCALE and torchvision's ratio), as CoOp and CoCoOp train with them.
+CROP_AREA = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of one random resized crop, drawn as torchvision's RandomResizedCrop draws it."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        draws = torch.rand(4, generator=generator).tolist()
+        target = area * (CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * draws[0])
+        ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[1])
+        w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(draws[2] * (height - h + 1)), int(draws[3] * (width - w + 1)), h, w
+    side = min(height, width)  # as torchvision's fallback: the central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (B, 3, H, W) randomly cropped, resized back to H x W (bicubic) and flipped half the time."""
+    height, width = images.shape[-2:]
+    out = []
+    for image in images:
+        top, left, h, w = _crop_box(height, width, generator)
+        crop = image[:, top:top + h, left:left + w].unsqueeze(0)
+        crop = F.interpolate(crop, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)[0]
+        if float(torch.rand(1, generator=generator)) < 0.5:
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.stack(out)
 
 
 class CosineWithWarmup:
@@ -73,6 +113,8 @@ def prompt_tune(model: PromptTunedCLIP, data: LabeledImages, config: PromptTunin
                 label: str = "prompt tuning") -> list[float]:
     """Train the prompt learner (and ``extra_params``, at ``extra_lr``) on ``data``; returns each epoch's mean loss."""
     generator = torch.Generator().manual_seed(seed)
+    # A stream of its own, so that turning augmentation on leaves the batch order as it was.
+    augmenting = torch.Generator().manual_seed(seed + 1) if config.augment else None
     groups = [{"params": list(model.prompt_learner.parameters())}]
     if extra_params:
         groups.append({"params": list(extra_params), "lr": extra_lr or config.lr, "weight_decay": 0.0})
@@ -86,7 +128,10 @@ def prompt_tune(model: PromptTunedCLIP, data: LabeledImages, config: PromptTunin
     for epoch in range(config.epochs):
         total, count = 0.0, 0
         for idx in epoch_batches(len(data), config.batch_size, generator):
-            loss = loss_fn(model, data.images[idx].to(device), data.labels[idx].to(device), data.classnames)
+            images = data.images[idx]
+            if augmenting is not None:  # before any trigger a loss_fn stamps, as BadCLIP's code does
+                images = augment_batch(images, augmenting)
+            loss = loss_fn(model, images.to(device), data.labels[idx].to(device), data.classnames)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

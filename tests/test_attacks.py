@@ -291,12 +291,19 @@ def test_third_party_attack_is_listed_and_runs_in_ci_bench_attack(tmp_path, thir
     (["blended", "--dataset", "tiny-colorshapes", "--option", "alpha"], "expected KEY=VALUE"),
     (["blended", "--dataset", "tiny-colorshapes", "--target", "cyan star"], "is not a base class of tiny-colorshapes"),
     (["clean", "--dataset", "tiny-colorshapes", "--target", "red circle"], "drop --target"),
-    (["blended", "--dataset", "tiny-colorshapes", "--shots", "0"], "--shots must be at least 1"),
 ])
 def test_ci_bench_attack_rejects_bad_input(tmp_path, args, message):
     result = CliRunner().invoke(bench, ["attack", *args, "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--shots", "0"), ("--seed", "-1"), ("--seed", "1e23")])
+def test_ci_bench_attack_checks_counts_by_option_name(tmp_path, option, value):
+    result = CliRunner().invoke(bench, ["attack", "blended", "--dataset", "tiny-colorshapes", option, value,
+                                        "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and f"'{option}'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
 
