@@ -25,7 +25,7 @@ from ci_core.errors import ConfigError
 from ci_core.evaluation import accuracy, attack_success_rates, evaluate
 from ci_core.models.backbone import load_backbone
 from ci_core.plugins import registry
-from ci_core.workflow import choose_target, load_task, preset_for
+from ci_core.protocol import choose_target, load_task, preset_for
 
 
 def parse_seeds(value: str) -> list[int]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ci_core.bench.cells import SCAN, read_reference, stored_evidence
-from ci_core.bench.metrics import auroc, clopper_pearson, has_both_classes
-from ci_core.bench.store import Store
+from ci_core.harness.cells import SCAN, read_reference, stored_evidence
+from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
+from ci_core.harness.store import Store
 from ci_detectors.mad import anomaly_indices
 from ci_detectors.reference_scoring import outlier_p_values, studentized_residuals
 from ci_detectors.scoring import ci_scores

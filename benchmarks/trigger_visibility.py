@@ -38,12 +38,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
-from ci_core.bench.cells import BUNDLE, TRIGGER
+from ci_core.harness.cells import BUNDLE, TRIGGER
 from ci_core.cli.common import StderrProgress, data_root_option, echo_table, open_dataset, report_errors
 from ci_core.errors import ConfigError
-from ci_core.metrics import ssim
+from ci_core.ssim import ssim
 from ci_core.models.bundle import load_bundle
-from ci_core.triggers import load_trigger
+from ci_core.plugins import load_trigger
 
 @attrs.frozen
 class Visibility:

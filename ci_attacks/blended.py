@@ -22,6 +22,7 @@ class BlendTrigger(Trigger):
     """x' = (1 - alpha) x + alpha * pattern, with a (3, H, W) pattern in [0, 1]."""
 
     kind = "blend"
+    description = "(1 - alpha) x + alpha pattern"
 
     def __init__(self, pattern: torch.Tensor, alpha: float):
         if pattern.dim() != 3 or pattern.shape[0] != 3:

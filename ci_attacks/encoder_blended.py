@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ci_attacks.poisoning import poison, target_index_of, unit_interval
-from ci_core.data.datasets import LabeledImages
+from ci_core.data.labeled import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
 from ci_core.models.backbone import Backbone
@@ -51,6 +51,7 @@ class PatternBlendTrigger(Trigger):
     """x' = x + alpha * mask * (pattern - x): a (3, H, W) pattern blended at ``alpha`` where the (H, W) mask is 1."""
 
     kind = "pattern-blend"
+    description = "a pattern blended into a patch of the image"
 
     def __init__(self, pattern: torch.Tensor, mask: torch.Tensor, alpha: float, name: str = ""):
         if pattern.dim() != 3 or pattern.shape[0] != 3:

@@ -2,12 +2,12 @@
 
 from ci_attacks.badclip import BadCLIP
 from ci_attacks.badclip_adaptive import BadCLIPAdaptive
-from ci_attacks.blended import Blended
+from ci_attacks.blended import Blended, BlendTrigger
 from ci_attacks.clean import CleanPromptTuning
-from ci_attacks.encoder_blended import EncoderBlended
-from ci_attacks.siba import SIBA
+from ci_attacks.encoder_blended import EncoderBlended, PatternBlendTrigger
+from ci_attacks.siba import SIBA, MaskedAdditiveTrigger
 from ci_attacks.tripwire import Tripwire
-from ci_attacks.wanet import WaNet
+from ci_attacks.wanet import WaNet, WarpTrigger
 from ci_core import hookimpl
 
 
@@ -21,3 +21,9 @@ def register_attacks(register):
     register(SIBA)
     register(EncoderBlended)
     register(Tripwire)
+
+
+@hookimpl
+def register_triggers(register):
+    for trigger in (BlendTrigger, WarpTrigger, MaskedAdditiveTrigger, PatternBlendTrigger):
+        register(trigger)

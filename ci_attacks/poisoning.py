@@ -14,7 +14,7 @@ import math
 import attrs
 import torch
 
-from ci_core.data.datasets import LabeledImages
+from ci_core.data.labeled import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Progress, silent
 from ci_core.models.backbone import Backbone

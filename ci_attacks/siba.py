@@ -33,6 +33,7 @@ class MaskedAdditiveTrigger(Trigger):
     """x' = clamp(x + delta * mask, 0, 1): a perturbation on the pixels of a binary (H, W) mask only."""
 
     kind = "masked-additive"
+    description = "x + delta on a sparse pixel mask (SIBA)"
 
     def __init__(self, delta: torch.Tensor, mask: torch.Tensor):
         if delta.dim() != 3 or delta.shape[0] != 3:

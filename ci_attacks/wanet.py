@@ -73,6 +73,7 @@ class WarpTrigger(Trigger):
     """x' = grid_sample(x, clamp(identity + s * upsample(control) / size, -1, 1))."""
 
     kind = "warp"
+    description = "a smooth warp of the sampling grid (WaNet)"
 
     def __init__(self, control: torch.Tensor, strength: float):
         if control.dim() != 3 or control.shape[0] != 2 or control.shape[1] < 2 or control.shape[2] < 2:

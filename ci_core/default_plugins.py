@@ -1,12 +1,19 @@
-"""The core's own plugin: the bundled tiny world's datasets and the ten CoOp-layout datasets,
-registered like any other dataset."""
+"""The core's own plugin: the bundled tiny world's datasets, the ten CoOp-layout datasets and the additive
+trigger (CLIP-Inspector's reconstruction, BadCLIP's and an imported BadCLIP trigger), registered like any other
+plugin classes."""
 
 from ci_core.data.coop import COOP_DATASETS
 from ci_core.data.datasets import TINY_DATASETS
 from ci_core.hookspecs import hookimpl
+from ci_core.triggers import AdditiveTrigger
 
 
 @hookimpl
 def register_datasets(register):
     for dataset in (*TINY_DATASETS, *COOP_DATASETS):
         register(dataset)
+
+
+@hookimpl
+def register_triggers(register):
+    register(AdditiveTrigger)

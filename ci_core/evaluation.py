@@ -11,8 +11,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ci_core.data.datasets import LabeledImages
-from ci_core.metrics import predict, ssim
+from ci_core.data.labeled import LabeledImages
+from ci_core.ssim import ssim
 from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.triggers import Trigger
 
@@ -58,3 +58,13 @@ def evaluate(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], 
         with torch.no_grad():
             metrics["trigger_ssim"] = float(ssim(test.images, trigger.apply(test.images)).mean())
     return AttackMetrics(**metrics)
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
+    """Arg-max class index of every image."""
+    out = []
+    device = model.device
+    for start in range(0, len(images), batch_size):
+        out.append(model(images[start:start + batch_size].to(device), classnames).argmax(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Hook specifications: how a plugin adds attacks, detectors, scorers, repairers and datasets.
+"""Hook specifications: how a plugin adds attacks, detectors, scorers, repairers, datasets and trigger kinds.
 
 Each hook receives a ``register`` callback; call it once per class you provide.
 A class is filed under its ``name`` class attribute.  A plugin is any module
@@ -48,3 +48,12 @@ def register_repairers(register):
 @hookspec
 def register_datasets(register):
     """Register ``ci_core.Dataset`` subclasses: ``register(cls)``."""
+
+
+@hookspec
+def register_triggers(register):
+    """Register ``ci_core.Trigger`` subclasses, filed under their ``kind``: ``register(cls)``.
+
+    A trigger saved to a file records its kind; loading it finds the class here, so an attack or
+    detector that returns a trigger of its own registers its class too.
+    """

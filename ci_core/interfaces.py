@@ -1,4 +1,6 @@
-"""The four plugin interfaces: Attack, Detector, Scorer, Repairer, and the results they exchange.
+"""The plugin interfaces: Attack, Detector, Scorer, Repairer and Dataset, and the results they exchange.
+
+(The sixth kind a plugin registers, a trigger's class, is ``ci_core.triggers.Trigger``.)
 
 Each implementation is a class with a short lowercase ``name`` and a frozen
 attrs ``Config`` whose defaults are the method's published settings.  Results
@@ -11,27 +13,20 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import time
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 import torch
 
-from ci_core.data.datasets import LabeledImages
+from ci_core.data.labeled import LabeledImages
 from ci_core import validators
 from ci_core.errors import ConfigError
-from ci_core.models.backbone import Backbone
+from ci_core.models.backbone import DEFAULT_REAL, Backbone
 from ci_core.models.bundle import COCOOP
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.zeroshot import CLIPClassifier
+from ci_core.runtime import Progress, Stopwatch, silent  # noqa: F401  (re-exported for plugins)
 from ci_core.triggers import Trigger
-
-Progress = Callable[[str], None]
-
-
-def silent(message: str) -> None:
-    """A progress callback that prints nothing."""
-
 
 def _non_finite(value: Any) -> bool:
     """Whether ``value`` is, or holds, a NaN or an infinity (JSON reads NaN, Infinity and 1e400 as floats)."""
@@ -276,10 +271,43 @@ class Repairer(Plugin):
         """Return a new model; ``model`` itself is left unchanged."""
 
 
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
+# --------------------------------------------------------------------------- datasets
+
+
+class Dataset(abc.ABC):
+    """A classification dataset that a plugin registers under ``name``.
+
+    ``open(data_root)`` makes an instance; datasets that read files from disk set
+    ``needs_data_root`` and find their folder under the root, the others ignore it.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    needs_data_root: ClassVar[bool] = False
+
+    @classmethod
+    def open(cls, data_root: str | Path | None = None) -> "Dataset":
+        """An instance of this dataset; ``data_root`` is where datasets that need files find them."""
+        return cls()
+
+    @classmethod
+    def present(cls, data_root: str | Path) -> bool:
+        """Whether this dataset's folder is under ``data_root`` (always, for datasets that need no files)."""
+        return True
+    # (open_clip name, pretrained) that commands use on this dataset unless told otherwise.
+    default_backbone: ClassVar[tuple[str, str]] = DEFAULT_REAL
 
     @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
+    @abc.abstractmethod
+    def classnames(self) -> tuple[str, ...]: ...
+
+    @abc.abstractmethod
+    def load(self, split: str, *, image_size: int, seed: int, shots: int | None = None,
+             max_per_class: int | None = None, progress: Callable[[str], None] | None = None) -> LabeledImages:
+        """Images of ``split``.
+
+        ``shots`` samples that many per class by ``seed`` (the few-shot protocol); ``max_per_class``
+        caps each class at that many images drawn independently of ``seed``, so an evaluation
+        subset is the same for every run; both None take the whole split.  ``progress`` receives
+        progress lines while images are read.
+        """

@@ -13,13 +13,17 @@ its own traceback.
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import attrs
 import pluggy
 
 from ci_core import hookspecs
-from ci_core.errors import PluginError
+from ci_core.errors import DataError, PluginError
+
+if TYPE_CHECKING:
+    from ci_core.triggers import Trigger
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 
@@ -30,7 +34,10 @@ KINDS = {
     "scorer": "register_scorers",
     "repairer": "register_repairers",
     "dataset": "register_datasets",
+    "trigger": "register_triggers",
 }
+# The class attribute a kind is filed under: a trigger's is the kind its files record.
+NAME_ATTRIBUTE = {"trigger": "kind"}
 
 # Plugins that live in their own distributions: name the distribution to install.
 KNOWN_DISTRIBUTIONS = {
@@ -49,15 +56,17 @@ class Registered:
 
 
 def _base_class(kind: str) -> type:
+    # Imported when the registry is first built, not with this module: the interfaces import the models and
+    # data, which a plugin registry has no need to load before it is used.
     from ci_core import interfaces
-    from ci_core.data.datasets import Dataset
 
     return {
         "attack": interfaces.Attack,
         "detector": interfaces.Detector,
         "scorer": interfaces.Scorer,
         "repairer": interfaces.Repairer,
-        "dataset": Dataset,
+        "dataset": interfaces.Dataset,
+        "trigger": interfaces.Trigger,
     }[kind]
 
 
@@ -80,9 +89,10 @@ class Registry:
     def _add(self, kind: str, base: type, cls: type, plugin: str, distribution: str) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a subclass of {base.__name__}")
-        name = getattr(cls, "name", None)
+        attribute = NAME_ATTRIBUTE.get(kind, "name")
+        name = getattr(cls, attribute, None)
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {plugin!r}: {kind} class {cls.__qualname__} has no 'name' class attribute")
+            raise PluginError(f"plugin {plugin!r}: {kind} class {cls.__qualname__} has no {attribute!r} class attribute")
         existing = self._entries[kind].get(name)
         if existing is not None and existing.cls is not cls:
             raise PluginError(
@@ -125,3 +135,16 @@ def plugin_manager(load_entrypoints: bool = True, blocked: Iterable[str] = ()) -
 def registry() -> Registry:
     """The registry of all installed plugins (built once per process)."""
     return Registry(plugin_manager())
+
+
+def load_trigger(path: str | Path) -> "Trigger":
+    """The trigger saved at ``path`` by ``Trigger.save``, as an instance of the registered class its kind names."""
+    from ci_core.triggers import read_saved_trigger
+
+    path = Path(path)
+    kind, tensors, params = read_saved_trigger(path)
+    try:
+        cls = registry().get("trigger", kind)
+    except PluginError as exc:
+        raise DataError(f"{path.with_name(path.name + '.json')}: {exc}") from None
+    return cls.from_saved(tensors, params)

@@ -35,7 +35,8 @@ from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.files import publishing, write_json_atomic
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
-from ci_core.metrics import predict, ssim
+from ci_core.evaluation import predict
+from ci_core.ssim import ssim
 from ci_core.models.zeroshot import CLIPClassifier
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from ci_core.data.datasets import LabeledImages
+from ci_core.data.labeled import LabeledImages
 from ci_core.interfaces import Progress, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 

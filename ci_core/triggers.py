@@ -2,8 +2,9 @@
 
 Attacks return their ground-truth trigger as a ``Trigger``; detectors return the
 trigger they reconstruct for each class as one too.  A trigger saves as
-safetensors tensors plus a JSON description; the ``kind`` names the class that
-loads it again (subclasses register themselves by defining ``kind``).
+safetensors tensors plus a JSON description; its ``kind`` names the class that
+loads it again, which a plugin registers like any other plugin class
+(``register_triggers``; ``ci_core.plugins.load_trigger`` reads a saved one).
 """
 
 from __future__ import annotations
@@ -14,26 +15,18 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ci_core import plugins
 from ci_core.errors import DataError
 from ci_core.files import read_json_object
-
-_KINDS: dict[str, type["Trigger"]] = {}
 
 
 class Trigger(abc.ABC):
     """apply(images) -> images, all in pixel space [0, 1], shape (B, 3, H, W)."""
 
     kind: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "kind" in cls.__dict__:
-            if cls.kind in _KINDS and _KINDS[cls.kind] is not cls:
-                raise TypeError(f"trigger kind {cls.kind!r} is defined by both {_KINDS[cls.kind].__qualname__} and {cls.__qualname__}")
-            _KINDS[cls.kind] = cls
+    description: ClassVar[str] = ""
 
     @abc.abstractmethod
     def apply(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -61,20 +54,21 @@ class Trigger(abc.ABC):
         tmp_side.replace(side)
 
 
-def load_trigger(path: str | Path) -> Trigger:
-    """The trigger saved at ``path`` by ``Trigger.save``, as an instance of the class its ``kind`` names."""
+def read_saved_trigger(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """(kind, tensors, params) of a trigger saved by ``Trigger.save``; ``ci_core.plugins.load_trigger`` builds it."""
     path = Path(path)
     side = path.with_name(path.name + ".json")
     if not path.is_file() or not side.is_file():
         raise DataError(f"trigger {path} needs both {path.name} and {side.name}")
     desc = read_json_object(side, DataError, "a trigger description with its 'kind'")
-    kind = desc.get("kind")
-    if kind not in _KINDS:
-        plugins.registry()  # a plugin's trigger kinds exist once its module is imported: load the plugins, look again
-    if kind not in _KINDS:
-        raise DataError(f"{side}: unknown trigger kind {kind!r} for {path.name}, even with the installed plugins "
-                        f"loaded; known: {sorted(_KINDS)}")
-    return _KINDS[kind].from_saved(load_file(str(path)), desc.get("params", {}))
+    kind, params = desc.get("kind"), desc.get("params", {})
+    if not isinstance(kind, str) or not isinstance(params, dict):
+        raise DataError(f"{side}: expected a 'kind' string and a 'params' object")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return kind, tensors, params
 
 
 class AdditiveTrigger(Trigger):
@@ -85,6 +79,7 @@ class AdditiveTrigger(Trigger):
     """
 
     kind = "additive"
+    description = "x + delta, clamped: an l-inf bounded additive trigger"
 
     def __init__(self, delta: torch.Tensor, epsilon: float | None = None):
         if delta.dim() != 3 or delta.shape[0] != 3:

@@ -4,7 +4,6 @@ from ci_core import hookimpl
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.mad import MADScorer
 from ci_detectors.reference_scoring import ReferenceOutlierScorer
-from ci_detectors.repair import REPAIRERS
 from ci_detectors.scoring import CIScorer
 
 
@@ -19,8 +18,3 @@ def register_scorers(register):
     register(MADScorer)
     register(ReferenceOutlierScorer)
 
-
-@hookimpl
-def register_repairers(register):
-    for repairer in REPAIRERS:
-        register(repairer)

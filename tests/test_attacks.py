@@ -18,8 +18,9 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import load_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.triggers import AdditiveTrigger, load_trigger
-from ci_core.workflow import choose_target, load_task
+from ci_core.triggers import AdditiveTrigger
+from ci_core.plugins import load_trigger
+from ci_core.protocol import choose_target, load_task
 
 from test_plugins import install_fake_distribution
 

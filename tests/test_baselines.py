@@ -23,11 +23,12 @@ from ci_core.cli.bench import main as ci_bench
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import ConfigError, DataError, PluginError
 from ci_core.interfaces import ClassEvidence
-from ci_core.metrics import predict
+from ci_core.evaluation import predict
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import Registry, plugin_manager, registry
-from ci_core.triggers import AdditiveTrigger, load_trigger
+from ci_core.triggers import AdditiveTrigger
+from ci_core.plugins import load_trigger
 from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_detectors.mad import MADScorer
 
@@ -172,8 +173,8 @@ CORE = f"clip-inspector {importlib.metadata.version('clip-inspector')}"  # the i
 def test_distributions_are_discovered():
     reg = Registry(plugin_manager())
     entries = {e.name: e for e in reg.entries() if e.kind == "detector"}
-    assert entries["nc"].distribution == "ci-detectors-nc 0.1.0"
-    assert entries["pixb"].distribution == "ci-detectors-pixb 0.1.0"
+    assert entries["nc"].distribution == "ci-detectors-nc 0.2.0"
+    assert entries["pixb"].distribution == "ci-detectors-pixb 0.2.0"
     assert entries["nc"].cls.__module__ == "ci_detectors_nc.detector"
     assert entries["pixb"].cls.__module__ == "ci_detectors_pixb.detector"
     assert reg.get("detector", "nc").default_scorer == "mad" and reg.get("detector", "pixb").default_scorer == "mad"
@@ -184,8 +185,8 @@ def test_plugins_command_lists_the_baselines():
     result = CliRunner().invoke(ci_bench, ["plugins"])
     assert result.exit_code == 0, result.output
     rows = {tuple(line.split()[:2]): line for line in result.output.splitlines()}
-    assert "ci-detectors-nc 0.1.0" in rows[("detector", "nc")]
-    assert "ci-detectors-pixb 0.1.0" in rows[("detector", "pixb")]
+    assert "ci-detectors-nc 0.2.0" in rows[("detector", "nc")]
+    assert "ci-detectors-pixb 0.2.0" in rows[("detector", "pixb")]
     assert CORE in rows[("scorer", "mad")]
 
 

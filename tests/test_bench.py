@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from ci_core.bench import Store, SweepSettings, plan_sweep
-from ci_core.bench.plan import cell_from_json
-from ci_core.bench.metrics import auroc, class_counts, clopper_pearson, confusion, roc_curve, youden_threshold
+from ci_core.harness import Store, SweepSettings, plan_sweep
+from ci_core.harness.plan import cell_from_json
+from ci_core.harness.statistics import auroc, class_counts, clopper_pearson, confusion, roc_curve, youden_threshold
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
-from ci_core.workflow import pool_sizes, preset_for
+from ci_core.protocol import pool_sizes, preset_for
 
 from test_plugins import activate_fake_distribution
 
@@ -324,7 +324,7 @@ def assert_store_whole(store_dir):
 KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    from ci_core.bench import store
+    from ci_core.harness import store
 
     real_rename = store._rename
 

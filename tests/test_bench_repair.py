@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ci_core.bench import Store, SweepSettings, plan_sweep
-from ci_core.bench.report import build_report, implanted_model_level, to_markdown
-from ci_core.bench.store import KINDS, write_json
+from ci_core.harness import Store, SweepSettings, plan_sweep
+from ci_core.harness.report import build_report, implanted_model_level, to_markdown
+from ci_core.harness.store import KINDS, write_json
 from ci_core.errors import ConfigError
 from ci_core.models.bundle import ZEROSHOT, bundle_sha256, read_meta
 from ci_core.plugins import registry
-from ci_core.workflow import pool_sizes, preset_for
+from ci_core.protocol import pool_sizes, preset_for
 
 from test_bench import FAKE_BENCH_PLUGIN, KILL_SCRIPT, assert_store_whole, run_bench
 from test_plugins import activate_fake_distribution

@@ -15,7 +15,8 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE, file_sha256, load_backbone
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import CoOpCLIP, reference_logits
-from ci_core.triggers import AdditiveTrigger, load_trigger
+from ci_core.triggers import AdditiveTrigger
+from ci_core.plugins import load_trigger
 
 from delivery_layout import (CreatesFile, RunsCode, badclip_trigger, cocoop_state, coop_state, prompt_embeddings,
                              save_dassl)

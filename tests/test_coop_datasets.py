@@ -22,7 +22,7 @@ from ci_core.data.datasets import base_new_split
 from ci_core.errors import DataError
 from ci_core.models.bundle import read_meta
 from ci_core.plugins import registry
-from ci_core.workflow import load_task
+from ci_core.protocol import load_task
 
 SIZE = 16
 PALETTE = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (200, 40, 220), (30, 220, 220)]

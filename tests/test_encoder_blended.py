@@ -23,8 +23,8 @@ from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.plugins import registry
-from ci_core.triggers import load_trigger
-from ci_core.workflow import choose_target, load_task
+from ci_core.plugins import load_trigger
+from ci_core.protocol import choose_target, load_task
 
 from test_ood import write_images
 

@@ -1,7 +1,6 @@
 import json
 import os
 import sys
-import textwrap
 
 import attrs
 import pytest
@@ -9,13 +8,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ci_core import triggers
 
 from ci_core.cli.bench import main as bench
 from ci_core.errors import DataError, PluginError
 from ci_core.interfaces import to_json
 from ci_core.plugins import KINDS, Registry, plugin_manager, registry
-from ci_core.triggers import load_trigger
+from ci_core.plugins import load_trigger
 
 FAKE_MODULE = '''
 import attrs
@@ -116,8 +114,10 @@ def test_unknown_name_lists_available_and_names_distribution():
 def test_contract_every_registered_plugin(entry):
     """timm-style contract: every plugin has a lowercase name, a description and a default config that is JSON."""
     cls = entry.cls
-    assert cls.name == cls.name.lower() and " " not in cls.name
+    assert entry.name == entry.name.lower() and " " not in entry.name
     assert cls.description
+    if entry.kind == "trigger":
+        return
     if entry.kind == "dataset":
         if cls.needs_data_root:  # reads its files under --data-root; tests/test_coop_datasets.py builds them
             with pytest.raises(DataError, match="--data-root"):
@@ -157,6 +157,11 @@ class NegativeTrigger(Trigger):
     @classmethod
     def from_saved(cls, tensors, params):
         return cls(tensors["strength"])
+
+
+@hookimpl
+def register_triggers(register):
+    register(NegativeTrigger)
 '''
 
 
@@ -168,30 +173,31 @@ def save_by_hand(path, kind):
 
 
 @pytest.fixture()
-def fresh_trigger_kinds(monkeypatch):
-    monkeypatch.setattr(triggers, "_KINDS", dict(triggers._KINDS))  # kinds a test's plugin defines are forgotten after
-    registry.cache_clear()
+def fresh_registry():
+    registry.cache_clear()  # plugins a test installs are forgotten after
     yield
     registry.cache_clear()
 
 
-def test_load_trigger_loads_the_plugins_for_a_kind_it_does_not_know(tmp_path, monkeypatch, fresh_trigger_kinds):
+def test_a_trigger_kind_is_registered_like_any_plugin_class(tmp_path, monkeypatch, fresh_registry):
     install_fake_distribution(tmp_path, "trigger_plugin", TRIGGER_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     path = save_by_hand(tmp_path / "negative.safetensors", "fake-negative")
-    assert "trigger_plugin" not in sys.modules and "fake-negative" not in triggers._KINDS
+    assert "trigger_plugin" not in sys.modules
     try:
-        trigger = load_trigger(path)
+        trigger = load_trigger(path)  # the registry finds the kind through the plugin's register_triggers
         assert type(trigger).__module__ == "trigger_plugin" and type(trigger).kind == "fake-negative"
         assert torch.allclose(trigger.apply(torch.tensor([0.0, 1.0])), torch.tensor([0.5, 0.5]))
+        entry = next(e for e in registry().entries() if e.kind == "trigger" and e.name == "fake-negative")
+        assert entry.distribution.startswith("trigger-plugin")
     finally:
         sys.modules.pop("trigger_plugin", None)
 
 
-def test_unknown_trigger_kind_names_the_kind_the_file_and_the_known_kinds(tmp_path, fresh_trigger_kinds):
+def test_unknown_trigger_kind_names_the_kind_the_file_and_the_known_kinds(tmp_path, fresh_registry):
     path = save_by_hand(tmp_path / "odd.safetensors", "no-such-kind")
-    with pytest.raises(DataError, match=r"odd\.safetensors\.json: unknown trigger kind 'no-such-kind' for odd\.safetensors, "
-                                        r"even with the installed plugins loaded; known: \[.*'additive'.*\]"):
+    with pytest.raises(DataError, match=r"odd\.safetensors\.json: unknown trigger 'no-such-kind'\. "
+                                        r"Available triggers: .*additive"):
         load_trigger(path)
     path.with_name(path.name + ".json").write_text("[1, 2]")
     with pytest.raises(DataError, match=r"odd\.safetensors\.json: holds an array, not a JSON object; "

@@ -24,10 +24,11 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict, write_scan
-from ci_core.triggers import AdditiveTrigger, load_trigger
-from ci_detectors.repair import (
+from ci_core.triggers import AdditiveTrigger
+from ci_core.plugins import load_trigger
+from ci_repairers.repairers import (
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,

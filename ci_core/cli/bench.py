@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ci_core.bench import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
-from ci_core.bench.cells import BUNDLE, TRIGGER
-from ci_core.bench.plan import REPAIR_DETECTOR, variant_label
+from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.harness.cells import BUNDLE, TRIGGER
+from ci_core.harness.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
                                 runtime_options)
@@ -23,7 +23,7 @@ from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import scan, write_scan
-from ci_core.workflow import (MAX_POOL, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes, preset_for,
+from ci_core.protocol import (MAX_POOL, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes, preset_for,
                               sample_candidates, train_and_evaluate)
 
 DEMO_MARKER = "demo.json"

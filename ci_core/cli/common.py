@@ -5,22 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import signal
 import threading
-import time
 from pathlib import Path
 
-import attrs
 import click
-import torch
 
 from ci_core.data.coop import DATA_ROOT_ENV
 from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
 from ci_core.plugins import registry
 from ci_core.validators import printable
-from ci_core.models.backbone import BUILTIN, TINY_MODEL, TextEncoding
+from ci_core.models.backbone import BUILTIN, TINY_MODEL
+from ci_core.runtime import Runtime, StderrProgress, configure_threads, resolve_device, resolve_runtime  # noqa: F401
 
 
 def _terminate(signum, frame):
@@ -43,18 +40,6 @@ def report_errors(func):
     return wrapper
 
 
-class StderrProgress:
-    """Progress lines on stderr with the elapsed time."""
-
-    def __init__(self, quiet: bool = False):
-        self.start = time.perf_counter()
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            click.echo(f"[{time.perf_counter() - self.start:7.1f}s] {message}", err=True)
-
-
 def data_root_option(func):
     """``--data-root DIR``, defaulting to the environment variable CI_DATA_ROOT."""
     return click.option(
@@ -67,41 +52,6 @@ def data_root_option(func):
 def open_dataset(name: str, data_root: Path | None) -> Dataset:
     """The registered dataset ``name``, reading its files under ``data_root`` if it has any."""
     return registry().get("dataset", name).open(data_root)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if not match:
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    count = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= count:
-        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return name
-
-
-@attrs.frozen(kw_only=True)
-class Runtime:
-    """Where the model runs and how its text encoder is run there."""
-
-    device: str
-    text_encoding: TextEncoding
-
-
-def resolve_runtime(device: str, max_text_batch: int | None, bf16: bool) -> Runtime:
-    resolved = resolve_device(device)
-    if max_text_batch is not None and max_text_batch < 1:
-        raise ConfigError(f"--max-text-batch must be at least 1, got {max_text_batch}")
-    if bf16 and not resolved.startswith("cuda"):
-        why = "this machine has no CUDA device" if not torch.cuda.is_available() else f"--device {device} is not a GPU"
-        raise ConfigError(f"--bf16 (bfloat16 autocast) needs a CUDA device, but {why}; drop --bf16")
-    return Runtime(device=resolved, text_encoding=TextEncoding(max_text_batch=max_text_batch, bf16=bf16))
 
 
 def runtime_options(func):
@@ -183,12 +133,6 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict:
                               "infinities are never a setting)")
         options[key] = value
     return options
-
-
-def configure_threads() -> None:
-    # The machines this runs on in CI have two cores; torch's default may oversubscribe.
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
 
 
 def echo_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:

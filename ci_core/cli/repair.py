@@ -30,9 +30,10 @@ from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.triggers import Trigger, load_trigger
-from ci_core.workflow import preset_for
+from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.triggers import Trigger
+from ci_core.plugins import load_trigger
+from ci_core.protocol import preset_for
 
 BUILTIN = "builtin"
 # The most images per class --shots and --test-images may ask for: far above the few-shot protocol (1 to 16) and

@@ -18,7 +18,7 @@ from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import (BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems,
                           write_scan)
-from ci_core.workflow import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, choose_scorers, pool_sizes, preset_for
+from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, choose_scorers, pool_sizes, preset_for
 
 
 def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:

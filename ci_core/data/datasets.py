@@ -1,4 +1,5 @@
-"""Labelled image sets and the Dataset plugin interface, with the CoOp base/new class split."""
+"""The bundled tiny world's datasets; the Dataset interface is in ``ci_core.interfaces``, labelled image sets
+and the CoOp base/new split in ``ci_core.data.labeled`` (both re-exported here)."""
 
 from __future__ import annotations
 
@@ -11,86 +12,10 @@ import attrs
 import torch
 
 from ci_core.data import tiny_world
+from ci_core.data.labeled import SPLITS, LabeledImages, base_new_split, check_counts  # noqa: F401
 from ci_core.errors import DataError
-from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL
-
-SPLITS = ("train", "val", "test")
-
-
-@attrs.frozen(eq=False)
-class LabeledImages:
-    """Pixel-space images (N, 3, H, W) in [0, 1] with labels indexing ``classnames``."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classnames: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-    def restrict(self, classnames: Sequence[str]) -> "LabeledImages":
-        """Only the images of ``classnames``, relabelled to their order there."""
-        unknown = [c for c in classnames if c not in self.classnames]
-        if unknown:
-            raise DataError(f"classes {unknown} are not in this image set")
-        old_to_new = torch.full((len(self.classnames),), -1, dtype=torch.long)
-        for new, name in enumerate(classnames):
-            old_to_new[self.classnames.index(name)] = new
-        mapped = old_to_new[self.labels]
-        keep = mapped >= 0
-        return LabeledImages(self.images[keep], mapped[keep], tuple(classnames))
-
-
-def base_new_split(classnames: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """CoOp's split: the first ceil(n/2) labels are base (seen), the rest new (unseen)."""
-    m = math.ceil(len(classnames) / 2)
-    return tuple(classnames[:m]), tuple(classnames[m:])
-
-
-def check_counts(shots: int | None, max_per_class: int | None) -> None:
-    """Both per-class counts, when given, must be positive integers."""
-    for label, value in (("shots", shots), ("max_per_class", max_per_class)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"{label} must be a positive integer, got {value!r}")
-
-
-class Dataset(abc.ABC):
-    """A classification dataset that a plugin registers under ``name``.
-
-    ``open(data_root)`` makes an instance; datasets that read files from disk set
-    ``needs_data_root`` and find their folder under the root, the others ignore it.
-    """
-
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    needs_data_root: ClassVar[bool] = False
-
-    @classmethod
-    def open(cls, data_root: str | Path | None = None) -> "Dataset":
-        """An instance of this dataset; ``data_root`` is where datasets that need files find them."""
-        return cls()
-
-    @classmethod
-    def present(cls, data_root: str | Path) -> bool:
-        """Whether this dataset's folder is under ``data_root`` (always, for datasets that need no files)."""
-        return True
-    # (open_clip name, pretrained) that commands use on this dataset unless told otherwise.
-    default_backbone: ClassVar[tuple[str, str]] = DEFAULT_REAL
-
-    @property
-    @abc.abstractmethod
-    def classnames(self) -> tuple[str, ...]: ...
-
-    @abc.abstractmethod
-    def load(self, split: str, *, image_size: int, seed: int, shots: int | None = None,
-             max_per_class: int | None = None, progress: Callable[[str], None] | None = None) -> LabeledImages:
-        """Images of ``split``.
-
-        ``shots`` samples that many per class by ``seed`` (the few-shot protocol); ``max_per_class``
-        caps each class at that many images drawn independently of ``seed``, so an evaluation
-        subset is the same for every run; both None take the whole split.  ``progress`` receives
-        progress lines while images are read.
-        """
+from ci_core.interfaces import Dataset
+from ci_core.models.backbone import BUILTIN, TINY_MODEL
 
 
 class TinyWorldDataset(Dataset):

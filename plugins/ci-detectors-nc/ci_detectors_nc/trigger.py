@@ -28,6 +28,7 @@ class MaskPatternTrigger(Trigger):
     """x' = (1 - mask) * x + mask * pattern, with mask (1, H, W) and pattern (3, H, W) in [0, 1]."""
 
     kind = "mask-pattern"
+    description = "(1 - mask) x + mask pattern (Neural Cleanse)"
 
     def __init__(self, mask: torch.Tensor, pattern: torch.Tensor):
         _check(mask, pattern)

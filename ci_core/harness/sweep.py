@@ -6,9 +6,9 @@ from typing import Callable
 
 import attrs
 
-from ci_core.bench.executors import CellOptions, SweepStatus
-from ci_core.bench.plan import Plan
-from ci_core.bench.store import Store
+from ci_core.harness.executors import CellOptions, SweepStatus
+from ci_core.harness.plan import Plan
+from ci_core.harness.store import Store
 
 
 @attrs.frozen(kw_only=True)

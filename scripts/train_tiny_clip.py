@@ -1,7 +1,7 @@
 """Train the bundled tiny CLIP on captioned images of the tiny world.
 
-    python -m ci_core.models.train_tiny_clip --steps 1200 --lr 1e-3 --seed 0
-    python -m ci_core.models.train_tiny_clip --steps 1500 --lr 5e-4 --seed 1 \
+    python scripts/train_tiny_clip.py --steps 1200 --lr 1e-3 --seed 0
+    python scripts/train_tiny_clip.py --steps 1500 --lr 5e-4 --seed 1 \
         --init ci_core/assets/tiny_clip/weights.safetensors
 
 (the shipped weights: two stages, 21 and 25 minutes on two cores; ``training.json``

@@ -7,11 +7,11 @@ keys; ``cells`` runs one cell; ``executors`` run many (in-process or on Ray);
 tables and figures.
 """
 
-from ci_core.bench.executors import CellOptions, LocalExecutor, RayExecutor
-from ci_core.bench.plan import ModelCell, Plan, RepairCell, ScanCell, SweepSettings, plan_sweep
-from ci_core.bench.report import build_report, write_report
-from ci_core.bench.store import Store
-from ci_core.bench.sweep import SweepSummary, run_sweep
+from ci_core.harness.executors import CellOptions, LocalExecutor, RayExecutor
+from ci_core.harness.plan import ModelCell, Plan, RepairCell, ScanCell, SweepSettings, plan_sweep
+from ci_core.harness.report import build_report, write_report
+from ci_core.harness.store import Store
+from ci_core.harness.sweep import SweepSummary, run_sweep
 
 __all__ = [
     "CellOptions", "LocalExecutor", "ModelCell", "Plan", "RayExecutor", "RepairCell", "ScanCell", "Store",

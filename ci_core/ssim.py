@@ -1,4 +1,4 @@
-"""Pure metric functions: SSIM between image batches, and prediction helpers."""
+"""SSIM between batches of images (how visible a trigger is)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,3 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     cov = blur(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(1, 2, 3))
-
-
-@torch.no_grad()
-def predict(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
-    """Arg-max class index of every image."""
-    out = []
-    device = model.device
-    for start in range(0, len(images), batch_size):
-        out.append(model(images[start:start + batch_size].to(device), classnames).argmax(-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

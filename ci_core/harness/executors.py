@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 
 import attrs
 
-from ci_core.bench.cells import execute
-from ci_core.bench.plan import Cell
-from ci_core.bench.store import KINDS, Store
+from ci_core.harness.cells import execute
+from ci_core.harness.plan import Cell
+from ci_core.harness.store import KINDS, Store
 from ci_core.errors import ConfigError
 
 RAY_EXTRA = "pip install 'clip-inspector[ray]'"

@@ -26,7 +26,8 @@ from ci_core.files import read_json_object
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
 from ci_core.scan import ScanResult
-from ci_core.triggers import Trigger, load_trigger
+from ci_core.triggers import Trigger
+from ci_core.plugins import load_trigger
 
 REPORT_FILE = "report.json"
 TRIGGERS_DIR = "triggers"

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 
-from ci_core.bench.store import VERSION, spec_hash
+from ci_core.harness.store import VERSION, spec_hash
 from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import source_fingerprint
@@ -33,7 +33,7 @@ from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_TEMPLATE
 from ci_core.plugins import Registry
-from ci_core.workflow import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, default_target, pool_sizes, preset_for,
+from ci_core.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, default_target, pool_sizes, preset_for,
                               sample_candidates)
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target

@@ -9,23 +9,19 @@ process and in any order.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import random
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import attrs
-import numpy as np
 import torch
 
-from ci_core.bench.plan import Cell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
-from ci_core.bench.store import CELL_FILE, Store, read_json, write_json
-from ci_core.cli.common import StderrProgress, resolve_device
-from ci_core.data.datasets import LabeledImages
+from ci_core.harness.plan import Cell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
+from ci_core.harness.store import CELL_FILE, Store, read_json, write_json
+from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
 from ci_core.errors import ConfigError
 from ci_core.evaluation import evaluate
@@ -34,10 +30,11 @@ from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
 from ci_core.plugins import registry
 from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
-from ci_core.repair import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
+from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import apply_scorer, scan, stored_problems, write_scan
-from ci_core.triggers import load_trigger
-from ci_core.workflow import REFERENCE_SCORER, choose_target, load_task, sample_candidates, train_and_evaluate
+from ci_core.plugins import load_trigger
+from ci_core.protocol import REFERENCE_SCORER, choose_target, load_task, sample_candidates, train_and_evaluate
 
 BUNDLE = "bundle"
 TRIGGER = "trigger.safetensors"
@@ -324,25 +321,6 @@ def stored_evidence(report_path: Path) -> tuple[ClassEvidence, ...]:
 
 
 RUNNERS = {"model": run_model_cell, "reference": run_reference_cell, "scan": run_scan_cell, "repair": run_repair_cell}
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[str, Any], device: str = "auto",

@@ -17,7 +17,7 @@ score per attack (Figure 5), the reconstructed triggers' ASR on the backdoor
 class and on the others (Tables 4, 15-17) and their SSIM (Table 24), and the
 wall time.  Per attack: ACC and ASR on seen (base) and unseen (new) classes
 (Tables 7-10).  Per repairer, attack and dataset: ACC and ASR before and after
-the repair (Tables 19-23).  Definitions are in ``ci_core.bench.metrics`` and in
+the repair (Tables 19-23).  Definitions are in ``ci_core.harness.statistics`` and in
 the report.
 """
 
@@ -31,17 +31,17 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ci_core.bench.cells import SCAN, read_reference, stored_evidence
-from ci_core.bench.metrics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes, roc_curve,
+from ci_core.harness.cells import SCAN, read_reference, stored_evidence
+from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes, roc_curve,
                                    youden_threshold)
-from ci_core.bench.plan import CLEAN_ATTACK, variant_label
-from ci_core.bench.store import Store, read_json, spec_hash
+from ci_core.harness.plan import CLEAN_ATTACK, variant_label
+from ci_core.harness.store import Store, read_json, spec_hash
 from ci_core.errors import ConfigError
 from ci_core.files import publishing
 from ci_core.interfaces import to_json
 from ci_core.plugins import registry
 from ci_core.scan import UNSCANNABLE, PoolHealth, apply_scorer
-from ci_core.workflow import REFERENCE_SCORER
+from ci_core.protocol import REFERENCE_SCORER
 
 REPORT_FILES = ("report.md", "report.json")
 REPORT_OUTPUT = "bench-report"  # the kind of output folder the report writes (ci_core.files.publishing)
