@@ -21,7 +21,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from ci_attacks.poisoning import n_ctx_of_init, unit_interval
+from ci_attacks.poisoning import n_ctx_of_init, target_index_of, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.training import PromptTuningConfig, augment_batch, epoch_batches, prompt_tune
@@ -148,9 +148,7 @@ class BadCLIP(Attack):
 
     def run(self, *, backbone, train, target, seed, progress=silent):
         c = self.config
-        if target is None:
-            raise ValueError("badclip needs a target class")
-        target_index = train.classnames.index(target)
+        target_index = target_index_of(train, target, self.name)
         torch.manual_seed(seed)
         model = PromptTunedCLIP(backbone, n_ctx=c.n_ctx)
         trigger, history = implant(model, train, target_index, c, seed=seed, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import torch
 
 from ci_attacks.poisoning import TINY_SCHEDULE, n_ctx_of_init
 from ci_core.interfaces import Attack, AttackOutcome, silent
@@ -33,6 +34,7 @@ class CleanPromptTuning(Attack):
 
     def run(self, *, backbone, train, target, seed, progress=silent):
         c = self.config
+        torch.manual_seed(seed)  # the meta-net's initial weights: from the run's seed, as every attack's
         model = PromptTunedCLIP(backbone, n_ctx=c.n_ctx)
         history = prompt_tune(
             model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, augment=c.augment),

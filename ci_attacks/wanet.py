@@ -102,7 +102,8 @@ class WarpTrigger(Trigger):
         grid = self.grid(height, width).to(images.device, images.dtype).expand(batch, -1, -1, -1)
         if jitter is not None:
             grid = (grid + jitter.to(images.device, images.dtype)).clamp(-1, 1)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        # Bilinear weights sum to 1 only up to rounding: a white image came back with pixels at 1 + 1.2e-7.
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"control": self.control}

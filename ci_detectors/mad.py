@@ -66,8 +66,9 @@ class MADScorer(Scorer):
     Config = MADScorerConfig
 
     def score(self, evidence: Sequence[ClassEvidence], reference=None) -> Scores:
-        if not evidence:
-            raise ConfigError("the mad scorer needs at least one class")
+        if len(evidence) < self.min_classes:
+            raise ConfigError(f"the mad scorer compares each class with the others' median: it needs at least "
+                              f"{self.min_classes} classes, got {len(evidence)}")
         missing = [e.name for e in evidence if e.statistic is None]
         if missing:
             raise ConfigError(
