@@ -1,17 +1,16 @@
 """The baseline detectors as separate distributions (Neural Cleanse ``nc``, Pixel Backdoor ``pixb``) and the ``mad`` scorer.
 
-The module installs both distributions from ``plugins/`` into the running
-environment (as a user would with ``pip install ./plugins/...``), and removes
-again at the end whichever of them was not installed before.
+Both distributions look installed from ``plugins/`` for this module, as ``pip install ./plugins/...``
+would install them: ``ci_core.contracts.source_distribution`` serves their pyproject metadata (name,
+version, ``clip_inspector`` entry points) through ``importlib.metadata.distributions`` and imports their
+code from the folder.  Nothing is installed into the environment.
 """
 
+import contextlib
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 
 from ci_core.cli.bench import main as ci_bench
 from ci_core.cli.scan import main as ci_scan
+from ci_core.contracts import hidden_distribution, source_distribution
 from ci_core.errors import ConfigError, DataError, PluginError
 from ci_core.interfaces import ClassEvidence
 from ci_core.evaluation import predict
@@ -33,71 +33,20 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_detectors.mad import MADScorer
 
 ROOT = Path(__file__).resolve().parent.parent
-DISTRIBUTIONS = {"ci-detectors-nc": "ci_detectors_nc", "ci-detectors-pixb": "ci_detectors_pixb"}
+DISTRIBUTIONS = ("ci-detectors-nc", "ci-detectors-pixb")
 CLASSES = ("red circle", "blue square", "green star", "yellow cross")
 TARGET = 2
 
 
-# --------------------------------------------------------------------------- installing the distributions
-
-
-def pip(*args: str) -> None:
-    command = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
-
-
-def install(*dists: str) -> None:
-    # With hatchling in this environment the build is offline; without it pip fetches hatchling into an isolated build.
-    offline = ("--no-build-isolation", "--no-index") if importlib.util.find_spec("hatchling") else ()
-    pip("install", "--no-deps", *offline, *(str(ROOT / "plugins" / d) for d in dists))
-    importlib.invalidate_caches()
-    registry.cache_clear()
-
-
-def uninstall(*dists: str) -> None:
-    pip("uninstall", "-y", *dists)
-    importlib.invalidate_caches()
-    registry.cache_clear()
-
-
-def install_state(dist: str, package: str) -> str:
-    """'absent', 'current' (the installed package is this checkout's code, or an editable install of it) or 'stale'."""
-    try:
-        importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return "stale"
-    installed = Path(spec.origin).resolve().parent
-    source = (ROOT / "plugins" / dist / package).resolve()
-    if installed == source:
-        return "current"
-    for path in source.rglob("*.py"):
-        copy = installed / path.relative_to(source)
-        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
-            return "stale"
-    return "current"
+# --------------------------------------------------------------------------- the distributions, as if installed
 
 
 @pytest.fixture(scope="module", autouse=True)
 def baselines():
-    importlib.invalidate_caches()
-    before = {dist: install_state(dist, package) for dist, package in DISTRIBUTIONS.items()}
-    needed = [dist for dist, state in before.items() if state != "current"]
-    if needed:
-        stale_imports = [DISTRIBUTIONS[d] for d in needed if DISTRIBUTIONS[d] in sys.modules]
-        install(*needed)
-        if stale_imports:
-            pytest.fail(f"{stale_imports} were imported from an outdated installed copy before this module reinstalled "
-                        f"them from plugins/; run the tests again")
-    registry.cache_clear()
-    yield
-    absent = [dist for dist, state in before.items() if state == "absent"]
-    if absent:
-        uninstall(*absent)  # leave the environment as we found it
-    registry.cache_clear()
+    with contextlib.ExitStack() as installed:
+        for dist in DISTRIBUTIONS:
+            installed.enter_context(source_distribution(ROOT / "plugins" / dist))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -461,8 +410,7 @@ def test_ci_scan_runs_a_baseline(detector, tmp_path, bundle):
 
 
 def test_uninstalled_nc_is_refused_with_the_distribution_to_install(tmp_path, bundle):
-    uninstall("ci-detectors-nc")
-    try:
+    with hidden_distribution("ci-detectors-nc"):  # as if pip-uninstalled
         assert "nc" not in Registry(plugin_manager()).names("detector")
         result = CliRunner().invoke(ci_scan, [str(bundle), "--ood", "builtin", "--detector", "nc",
                                               "--out", str(tmp_path / "scan"), "--quiet"])
@@ -471,6 +419,4 @@ def test_uninstalled_nc_is_refused_with_the_distribution_to_install(tmp_path, bu
         assert not (tmp_path / "scan").exists()
         with pytest.raises(PluginError, match="ci-detectors-nc"):
             registry().get("detector", "nc")
-    finally:
-        install("ci-detectors-nc")
     assert "nc" in Registry(plugin_manager()).names("detector")

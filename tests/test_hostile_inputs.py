@@ -488,8 +488,8 @@ def test_a_bad_choice_says_what_is_allowed_without_attrs_internals():
 
 
 def _baseline_detectors():
-    """NC and PixB from plugins/, imported without leaving them importable afterwards: test_baselines.py installs
-    them itself, and refuses to run over copies imported from elsewhere."""
+    """NC and PixB from plugins/, imported without leaving them importable afterwards: the tests that discover
+    them through their entry points (test_baselines.py, plugins/*/tests) make them look installed themselves."""
     import importlib
     import sys
 
