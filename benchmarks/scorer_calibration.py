@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ci_core.harness.cells import SCAN, read_reference, stored_evidence
+from ci_core.harness.cells import read_reference, stored_evidence
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_detectors.mad import anomaly_indices
@@ -79,18 +79,18 @@ def _auroc(truth, scores) -> str:
 
 
 def load(store: Store, seeds: set[int] | None) -> list[dict]:
-    models = {c["key"]: c for c in store.cells("model")}
+    models = {c.key: c for c in store.cells("model")}
     rows = []
     for cell in store.cells("scan"):
-        if not cell.get("reference"):
+        if not cell.reference:
             continue
-        model = models[cell["model"]]
-        if seeds is not None and model["seed"] not in seeds:
+        model = models[cell.model]
+        if seeds is not None and model.seed not in seeds:
             continue
-        evidence = stored_evidence(store.cell_dir("scan", cell["key"]) / SCAN / "report.json")
-        reference = read_reference(store, cell["reference"])
+        evidence = stored_evidence(store.scan_folder(cell.key) / "report.json")
+        reference = read_reference(store, cell.reference)
         rows.append({"cell": cell, "model": model, "evidence": evidence, "reference": reference.classes,
-                     "holdout": cell["spec"]["pool"]["holdout"]})
+                     "holdout": cell.spec.pool.holdout})
     return rows
 
 
@@ -120,20 +120,20 @@ def main(argv=None) -> int:
     for row in rows:
         for name, (values, p) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
             per_candidate.setdefault(name, []).append((row, values, p))
-    clean_n = sum(r["model"]["target"] is None for r in rows)
-    implanted = [r for r in rows if r["model"]["target"] is not None
-                 and (r["model"]["metrics"].get("asr_new") or 0) >= IMPLANTED]
-    print(f"{len(rows)} scans: {clean_n} clean, {sum(r['model']['target'] is not None for r in rows)} backdoored "
+    clean_n = sum(r["model"].target is None for r in rows)
+    implanted = [r for r in rows if r["model"].target is not None
+                 and (r["model"].metrics.get("asr_new") or 0) >= IMPLANTED]
+    print(f"{len(rows)} scans: {clean_n} clean, {sum(r['model'].target is not None for r in rows)} backdoored "
           f"({len(implanted)} implanted at ASR unseen >= {IMPLANTED})\n")
     header = ["candidate", "AUROC all", "AUROC impl."] + [f"FPR@{a:g} (95% CI)" for a in alphas] + \
              [f"TPR@{a:g}" for a in alphas] + ["top=target", "clean p q10/q50"]
     print(" | ".join(header))
     for name, entries in per_candidate.items():
-        truth = [e[0]["model"]["target"] is not None for e in entries]
+        truth = [e[0]["model"].target is not None for e in entries]
         s_max = [float(e[1].max()) for e in entries]
-        keep = [i for i, e in enumerate(entries) if e[0]["model"]["target"] is None or e[0] in implanted]
+        keep = [i for i, e in enumerate(entries) if e[0]["model"].target is None or e[0] in implanted]
         cells = [name, _auroc(truth, s_max), _auroc([truth[i] for i in keep], [s_max[i] for i in keep])]
-        clean_p = [e[2] for e in entries if e[0]["model"]["target"] is None and e[2] is not None]
+        clean_p = [e[2] for e in entries if e[0]["model"].target is None and e[2] is not None]
         impl_p = [e[2] for e in entries if e[0] in implanted and e[2] is not None]
         for alpha in alphas:
             if clean_p:
@@ -144,21 +144,21 @@ def main(argv=None) -> int:
                 cells.append("n/a")
         for alpha in alphas:
             cells.append(f"{sum(p <= alpha for p in impl_p)}/{len(impl_p)}" if impl_p else "n/a")
-        hits = sum(e[0]["evidence"][int(np.argmax(e[1]))].name == e[0]["model"]["target"]
+        hits = sum(e[0]["evidence"][int(np.argmax(e[1]))].name == e[0]["model"].target
                    for e in entries if e[0] in implanted)
         cells.append(f"{hits}/{len(implanted)}")
         cells.append(f"{np.quantile(clean_p, 0.1):.3f}/{np.quantile(clean_p, 0.5):.3f}" if clean_p else "n/a")
         print(" | ".join(cells))
     if args.show:
         print(f"\n{args.show}: per model (attack, dataset, seed, ASR unseen, s_max, p, top class, target)")
-        for row, values, p in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"]["attack"],
-                                                                               e[0]["model"]["dataset"],
-                                                                               e[0]["model"]["seed"])):
+        for row, values, p in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"].attack,
+                                                                               e[0]["model"].dataset,
+                                                                               e[0]["model"].seed)):
             model = row["model"]
             top = row["evidence"][int(np.argmax(values))].name
-            label = model["attack"] + (" (control)" if model.get("control") else "")
-            print(f"{label:24s} {model['dataset']:17s} {model['seed']:3d} {model['metrics'].get('asr_new') or 0:5.2f} "
-                  f"{values.max():7.2f} {'' if p is None else f'{p:.2g}':>8s} {top:20s} {model['target']}")
+            label = model.attack + (" (control)" if model.control else "")
+            print(f"{label:24s} {model.dataset:17s} {model.seed:3d} {model.metrics.get('asr_new') or 0:5.2f} "
+                  f"{values.max():7.2f} {'' if p is None else f'{p:.2g}':>8s} {top:20s} {model.target}")
     return 0
 
 

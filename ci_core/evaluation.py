@@ -39,14 +39,16 @@ def attack_success_rate(model: CLIPClassifier, data: LabeledImages, trigger: Tri
 
 
 def attack_success_rates(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],
-                         trigger: Trigger, target: str) -> tuple[float, float]:
+                         trigger: Trigger, target: str) -> tuple[float | None, float]:
     """(ASR on the base classes, ASR on the new classes plus the target), as ``evaluate`` measures them.
 
-    On its own for a model whose accuracy is known already, e.g. a clean model probed with an attack's trigger.
+    The base-class ASR is None when the target is not a base class (a repair may probe a reconstructed
+    trigger of any class).  On its own for a model whose accuracy is known already, e.g. a clean model
+    probed with an attack's trigger.
     """
     with_target = tuple(new) if target in new else tuple(new) + (target,)
-    return (attack_success_rate(model, test.restrict(base), trigger, target),
-            attack_success_rate(model, test.restrict(with_target), trigger, target))
+    on_base = attack_success_rate(model, test.restrict(base), trigger, target) if target in base else None
+    return on_base, attack_success_rate(model, test.restrict(with_target), trigger, target)
 
 
 def evaluate(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], new: tuple[str, ...],

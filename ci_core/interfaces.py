@@ -13,7 +13,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import Any, ClassVar, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import attrs
 import torch

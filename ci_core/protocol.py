@@ -7,6 +7,7 @@ base and on new classes; ASR on base classes and on new classes plus the target.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +17,9 @@ import torch
 from ci_core.data.datasets import Dataset, LabeledImages, base_new_split
 from ci_core.errors import ConfigError
 from ci_core.evaluation import AttackMetrics, evaluate
-from ci_core.interfaces import Attack, AttackOutcome, Detector, Progress, Scorer, silent
+from ci_core.interfaces import Attack, AttackOutcome, Detector, Progress, Scorer, silent, to_json
+from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
+from ci_core.runtime import Stopwatch
 from ci_core.models.backbone import TINY_MODEL, Backbone
 
 
@@ -110,6 +113,49 @@ def train_and_evaluate(attack: Attack, backbone: Backbone, task: Task, *, target
     outcome = attack.run(backbone=backbone, train=task.train, target=target, seed=seed, progress=progress)
     metrics = evaluate(outcome.model, task.test, task.base, task.new, outcome.trigger, target)
     return outcome, metrics
+
+
+# A trained model's folder, wherever it lives (``ci-bench attack --out``, the demo, a benchmark store's cell).
+MODEL_BUNDLE = "bundle"
+MODEL_TRIGGER = "trigger.safetensors"
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class TrainedModel:
+    """A model trained by an attack and saved in a folder: ``bundle/`` and, unless clean, ``trigger.safetensors``."""
+
+    outcome: AttackOutcome
+    metrics: AttackMetrics
+    target: str | None
+    bundle_sha256: str
+    template: str  # the zero-shot prompt its bundle records (its reference scan classifies with it)
+    seconds: float
+
+    def record(self) -> dict:
+        """What every caller records of it (the caller adds its own context)."""
+        trigger = self.outcome.trigger
+        return {"target": self.target, "metrics": to_json(self.metrics), "trigger": trigger.kind if trigger else None,
+                "bundle_sha256": self.bundle_sha256, "log": to_json(self.outcome.log)}
+
+
+def train_and_save(attack: Attack, backbone: Backbone, task: Task, folder: Path, *, target: str | None, seed: int,
+                   progress: Progress = silent) -> TrainedModel:
+    """Train with ``attack``, evaluate on the task's test images, and write the model and its trigger to ``folder``.
+
+    The one path by which the demo, ``ci-bench attack`` and a sweep's model cells train and save a model.
+    """
+    clock = Stopwatch()
+    outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=seed, progress=progress)
+    bundle = save_bundle(outcome.model, task.base + task.new, Path(folder) / MODEL_BUNDLE, base_classes=task.base)
+    meta = read_meta(bundle)
+    written = meta["kind"]
+    if written != attack.bundle_kind:  # sweeps plan repairs by the declared kind, before any training
+        raise ConfigError(f"attack {attack.name} declares bundle_kind {attack.bundle_kind!r} but its model was saved "
+                          f"as a {written!r} bundle; fix the attack's bundle_kind")
+    if outcome.trigger is not None:
+        outcome.trigger.save(Path(folder) / MODEL_TRIGGER)
+    return TrainedModel(outcome=outcome, metrics=metrics, target=target, bundle_sha256=bundle_sha256(bundle),
+                        template=meta["template"], seconds=clock.seconds)
 
 
 # The verdict of a scan with a reference (ci-scan, the demo, the benchmark's default): the calibrated

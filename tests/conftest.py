@@ -36,7 +36,7 @@ def tiny_backbone():
 
 @attrs.frozen(eq=False)
 class DemoRun:
-    out: Path  # models/<name> bundles with <name>.trigger.safetensors, scans/<name> CI reports
+    out: Path  # models/<name>/bundle and models/<name>/trigger.safetensors, scans/<name> CI reports
     rows: dict  # the demo's JSON rows by model name
     output: str
 

@@ -6,6 +6,7 @@ repair has a real scan to take its trigger from.
 """
 
 import json
+from types import SimpleNamespace
 import os
 import subprocess
 import sys
@@ -48,8 +49,8 @@ def test_repairs_add_cells_without_changing_model_or_scan_keys(tiny_backbone):
     assert without.repairs == () and without.skipped_repairs == () and "skipped_repairs" not in without.describe()
 
     # Only badclip is repaired: clean has no backdoor, encoder-blended writes zero-shot bundles.
-    assert {c.spec["repairer"] for c in plan.repairs} == set(REPAIRERS) and len(plan.repairs) == 4 * 2
-    assert all(c.label.endswith(f"repair of badclip/tiny-palette/seed {c.spec['seed']}") for c in plan.repairs)
+    assert {c.spec.repairer for c in plan.repairs} == set(REPAIRERS) and len(plan.repairs) == 4 * 2
+    assert all(c.label.endswith(f"repair of badclip/tiny-palette/seed {c.spec.seed}") for c in plan.repairs)
     assert plugins.get("attack", "encoder-blended").bundle_kind == ZEROSHOT
     skipped = {s.attack: s for s in plan.skipped_repairs}
     assert set(skipped) == {"clean", "encoder-blended"}
@@ -62,7 +63,7 @@ def test_repairs_add_cells_without_changing_model_or_scan_keys(tiny_backbone):
     order = [c.key for c in plan.cells()]
     for repair in plan.repairs:
         scan = scans[repair.scan_key]
-        assert scan.model_key == repair.model_key == repair.spec["model"] and repair.spec["scan"] == scan.key
+        assert scan.model_key == repair.model_key == repair.spec.model and repair.spec.scan == scan.key
         variant = scan.variant
         assert (variant["pool_size"], variant["loss"], variant["inversion_data"]) == (inversion, "margin", "ood")
         assert order.index(repair.key) > max(order.index(repair.model_key), order.index(repair.scan_key))
@@ -208,23 +209,22 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     assert again.exit_code == 0 and "0 cells run, 11 reused" in again.output
 
     store = Store.open(out)
-    model = next(m for m in store.cells("model") if m["attack"] == "fake-backdoor")
-    scan = next(s for s in store.cells("scan") if s["attack"] == "fake-backdoor")
-    repairs = {r["repairer"]: r for r in store.cells("repair")}
+    model = next(m for m in store.cells("model") if m.attack == "fake-backdoor")
+    scan = next(s for s in store.cells("scan") if s.attack == "fake-backdoor")
+    repairs = {r.repairer: r for r in store.cells("repair")}
     assert set(repairs) == set(REPAIRERS)
     for name, record in repairs.items():
-        assert record["model"] == model["key"] and record["scan"] == scan["key"]
-        assert record["before"] == model["metrics"] and record["true_target"] == model["target"]
-        assert record["scan_target"] == scan["predicted_target"]
-        assert record["clean_images"] == 2  # --repair-shots 1 of each of the two base classes
-        after = record["after"]
-        assert all(0 <= after[k] <= 1 for k in ("acc_base", "acc_new", "asr_base", "asr_new"))
-        bundle = store.cell_dir("repair", record["key"]) / "bundle"
-        assert read_meta(bundle)["kind"] == "cocoop" and bundle_sha256(bundle) == record["bundle_sha256"]
-        assert record["bundle_sha256"] != model["bundle_sha256"]
-    assert repairs["clean-only"]["repair_trigger_class"] is None
-    assert repairs["ci-trigger"]["repair_trigger_class"] == scan["predicted_target"]
-    assert repairs["wrong-class-delta"]["repair_trigger_class"] != scan["predicted_target"]
+        assert record.model == model.key and record.scan == scan.key
+        assert record.before == model.metrics and record.true_target == model.target
+        assert record.scan_target == scan.predicted_target
+        assert record.clean_images == 2  # --repair-shots 1 of each of the two base classes
+        assert all(0 <= record.after[k] <= 1 for k in ("acc_base", "acc_new", "asr_base", "asr_new"))
+        bundle = store.bundle_path("repair", record.key)
+        assert read_meta(bundle)["kind"] == "cocoop" and bundle_sha256(bundle) == record.bundle_sha256
+        assert record.bundle_sha256 != model.bundle_sha256
+    assert repairs["clean-only"].repair_trigger_class is None
+    assert repairs["ci-trigger"].repair_trigger_class == scan.predicted_target
+    assert repairs["wrong-class-delta"].repair_trigger_class != scan.predicted_target
 
     report = run_bench(["report", out])
     assert report.exit_code == 0, report.output
@@ -234,8 +234,8 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     data = json.loads((out / "report" / "report.json").read_text())
     assert data["counts"]["repairs"] == 4 and data["failures"] == [] and data["pending"] == []
     row = next(r for r in data["repairs"] if r["repairer"] == "ci-trigger")
-    assert row["asr_unseen_after"]["mean"] == pytest.approx(repairs["ci-trigger"]["after"]["asr_new"])
-    assert row["acc_seen_before"]["mean"] == pytest.approx(model["metrics"]["acc_base"])
+    assert row["asr_unseen_after"]["mean"] == pytest.approx(repairs["ci-trigger"].after["asr_new"])
+    assert row["acc_seen_before"]["mean"] == pytest.approx(model.metrics["acc_base"])
 
 
 def test_a_failed_model_fails_its_scan_and_repairs_and_the_sweep_goes_on(tmp_path, fake_plugins):
@@ -252,7 +252,7 @@ def test_a_failed_model_fails_its_scan_and_repairs_and_the_sweep_goes_on(tmp_pat
 
 def comparable_repairs(store_dir):
     drop = ("seconds", "cpu_seconds", "repair_seconds", "repair_cpu_seconds")
-    return {r["key"]: {k: v for k, v in r.items() if k not in drop} for r in Store.open(store_dir).cells("repair")}
+    return {r.key: {k: v for k, v in r.to_json().items() if k not in drop} for r in Store.open(store_dir).cells("repair")}
 
 
 def test_repairs_run_alike_on_ray(tmp_path, fake_plugins):
@@ -331,8 +331,10 @@ def test_report_repair_table_from_hand_made_cells(tmp_path):
 
 
 def scan_row(target, s_max, asr_new, predicted, k=2.0):
-    return {"true_target": target, "s_max": s_max, "backdoored": s_max >= k, "predicted_target": predicted,
-            "model_cell": {"metrics": {"asr_new": asr_new}}}
+    """A scored scan with just what the model-level figures read."""
+    metrics = {"asr_new": asr_new}
+    return SimpleNamespace(true_target=target, s_max=s_max, backdoored=s_max >= k, predicted_target=predicted,
+                           implanted=lambda level: target is not None and (asr_new or 0.0) >= level, metrics=metrics)
 
 
 def test_model_level_over_implanted_backdoors_by_hand():

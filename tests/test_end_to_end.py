@@ -70,13 +70,13 @@ def test_demo_prints_the_table_and_keeps_its_outputs(demo):
     for name in rows:
         report = json.loads((out / "scans" / name / "report.json").read_text())
         assert report["verdict"] == rows[name]["verdict"] and report["p_value"] == rows[name]["p_value"]
-        load_bundle(out / "models" / name)  # every saved bundle loads again
+        load_bundle(out / "models" / name / "bundle")  # every saved bundle loads again
 
 
 def test_ci_scan_cli_on_the_demo_bundle(demo, tmp_path):
     out, rows, _ = demo
     target = rows["badclip"]["true_target"]
-    bundle = out / "models" / "badclip"
+    bundle = out / "models" / "badclip" / "bundle"
     names = json.loads((bundle / "bundle.json").read_text())["classnames"]
     candidates = [target] + [n for n in names if n != target][::5]  # 9 candidates, the target among them
     classes = tmp_path / "classes.txt"

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
-from ci_core.harness.cells import BUNDLE, TRIGGER
 from ci_core.harness.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
@@ -19,12 +18,11 @@ from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
 from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.files import check_output_folder, publishing, write_json_atomic
-from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
 from ci_core.plugins import KINDS, registry
 from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import scan, write_scan
-from ci_core.protocol import (MAX_POOL, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes, preset_for,
-                              sample_candidates, train_and_evaluate)
+from ci_core.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes,
+                              preset_for, sample_candidates, train_and_save)
 
 DEMO_MARKER = "demo.json"
 DEMO_OUTPUT = "demo"
@@ -91,25 +89,23 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
             attack_target = None if name == "clean" else target
             progress(f"training {name} on {dataset} ({len(task.train)} few-shot images of {len(task.base)} base classes)"
                      + (f", target {attack_target!r}" if attack_target else ""))
-            train_clock = Stopwatch()
-            outcome, metrics = train_and_evaluate(attack, backbone, task, target=attack_target, seed=seed, progress=progress)
-            train_seconds = train_clock.seconds
-            bundle = save_bundle(outcome.model, task.base + task.new, work / "models" / name, base_classes=task.base)
-            if outcome.trigger is not None:
-                outcome.trigger.save(work / "models" / f"{name}.trigger.safetensors")
+            trained = train_and_save(attack, backbone, task, work / "models" / name, target=attack_target, seed=seed,
+                                     progress=progress)
+            metrics = trained.metrics
             candidates = sample_candidates(task.base + task.new, seed=seed, target=attack_target)
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
                      + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
                      + f"; scanning {len(candidates)} classes")
-            reference = run_reference(backbone, read_meta(bundle)["template"], detector, pool, candidates, seed=seed,
-                                      cache=cache, progress=progress)
-            result = scan(outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference, also=also,
-                          progress=progress)
+            reference = run_reference(backbone, trained.template, detector, pool, candidates, seed=seed, cache=cache,
+                                      progress=progress)
+            result = scan(trained.outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference,
+                          also=also, progress=progress)
             write_scan(result, work / "scans" / name, pool,
-                       bundle={"path": f"models/{name}", "sha256": bundle_sha256(bundle)}, seed=seed, preset=preset)
+                       bundle={"path": f"models/{name}/{MODEL_BUNDLE}", "sha256": trained.bundle_sha256}, seed=seed,
+                       preset=preset)
             rows.append({
                 "model": name, "dataset": dataset, "seed": seed, **to_json(metrics), **result.summary(),
-                "true_target": attack_target, "train_seconds": round(train_seconds, 1),
+                "true_target": attack_target, "train_seconds": round(trained.seconds, 1),
                 "scan_seconds": round(result.seconds, 1), "reference_seconds": round(reference.seconds, 1),
                 "reference_cached": reference.cached,
             })
@@ -176,17 +172,13 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     with publishing(out, ATTACK_OUTPUT) as work:
         progress(f"training {name} on {dataset} ({len(task.train)} few-shot images of {len(task.base)} base classes)"
                  + (f", target {attack_target!r}" if attack_target else ""))
-        outcome, metrics = train_and_evaluate(attack_obj, backbone, task, target=attack_target, seed=seed,
-                                              progress=progress)
-        save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
-        if outcome.trigger is not None:
-            outcome.trigger.save(work / TRIGGER)
+        trained = train_and_save(attack_obj, backbone, task, work, target=attack_target, seed=seed,
+                                 progress=progress)
+        summary = trained.record()
         record = {
-            "attack": name, "dataset": dataset, **to_json(metrics),
-            "target": attack_target, "seed": seed, "shots": shots, "test_per_class": test_per_class, "preset": preset,
-            "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
-            "config": to_json(attack_obj.config), "backbone": backbone.identity(), "log": to_json(outcome.log),
-            "seconds": round(clock.seconds, 1),
+            "attack": name, "dataset": dataset, **summary.pop("metrics"), **summary,
+            "seed": seed, "shots": shots, "test_per_class": test_per_class, "preset": preset,
+            "config": to_json(attack_obj.config), "backbone": backbone.identity(), "seconds": round(clock.seconds, 1),
         }
         write_json_atomic(work / ATTACK_MARKER, record)
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),

@@ -24,7 +24,7 @@ from ci_core.cli.common import (StderrProgress, backbone_options, configure_thre
 from ci_core.data.datasets import LabeledImages, base_new_split
 from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, describe_unreadable, read_image
 from ci_core.errors import ConfigError, DataError
-from ci_core.evaluation import accuracy, attack_success_rate
+from ci_core.evaluation import accuracy, attack_success_rates
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
@@ -162,10 +162,8 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
     base, new = tuple(base), tuple(new)
     row = {"acc_base": accuracy(model, test.restrict(base)),
            "acc_new": accuracy(model, test.restrict(new)) if new else None}
-    for label, (trigger, target) in triggers.items():
-        row[f"asr_base_{label}"] = attack_success_rate(model, test.restrict(base), trigger, target) if target in base else None
-        with_target = new if target in new else new + (target,)
-        row[f"asr_new_{label}"] = attack_success_rate(model, test.restrict(with_target), trigger, target)
+    for label, (trigger, target) in triggers.items():  # the protocol of every ASR in the toolkit
+        row[f"asr_base_{label}"], row[f"asr_new_{label}"] = attack_success_rates(model, test, base, new, trigger, target)
     return row
 
 

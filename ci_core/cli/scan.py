@@ -12,7 +12,7 @@ from ci_core.data.ood import load_pool
 from ci_core.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
 from ci_core.files import check_output_folder
-from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta
+from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
@@ -126,7 +126,7 @@ def main(bundle, ood, classes_file, class_token_position, out, detector, scorer,
     else:
         model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
                                   text_encoding=runtime.text_encoding)
-        identity = {"path": str(bundle), "sha256": bundle_sha256(bundle)}
+        identity = {"path": str(bundle), "sha256": meta["sha256"]}
     default_pool, default_holdout = pool_sizes(preset)
     pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
                      image_size=model.backbone.image_size, seed=seed, progress=progress)

@@ -3,13 +3,8 @@ and the CoOp base/new split in ``ci_core.data.labeled`` (both re-exported here).
 
 from __future__ import annotations
 
-import abc
-import math
-from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar
 
-import attrs
-import torch
 
 from ci_core.data import tiny_world
 from ci_core.data.labeled import SPLITS, LabeledImages, base_new_split, check_counts  # noqa: F401

@@ -20,7 +20,8 @@ import attrs
 import torch
 
 from ci_core.harness.plan import Cell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
-from ci_core.harness.store import CELL_FILE, Store, read_json, write_json
+from ci_core.harness.records import ModelRecord, PoolSpec, ReferenceRecord, RepairRecord, ScanRecord
+from ci_core.harness.store import CELL_FILE, REFERENCE_FILE, SCAN_FOLDER, Store, read_json, write_json
 from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
 from ci_core.errors import ConfigError
@@ -34,13 +35,8 @@ from ci_core.runtime import StderrProgress, resolve_device, seed_everything, tor
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import apply_scorer, scan, stored_problems, write_scan
 from ci_core.plugins import load_trigger
-from ci_core.protocol import REFERENCE_SCORER, choose_target, load_task, sample_candidates, train_and_evaluate
-
-BUNDLE = "bundle"
-TRIGGER = "trigger.safetensors"
-SCAN = "scan"
-REFERENCE = "reference.json"
-
+from ci_core.protocol import (MODEL_BUNDLE, REFERENCE_SCORER, choose_target, load_task,
+                              sample_candidates, train_and_save)
 
 @functools.lru_cache(maxsize=2)
 def _load_backbone(name: str, source: str, device: str) -> Backbone:
@@ -49,12 +45,12 @@ def _load_backbone(name: str, source: str, device: str) -> Backbone:
 
 def cell_backbone(cell: Cell, device: str) -> Backbone:
     """The backbone a cell was planned for, checked against the weights hash in its key."""
-    ident = cell.spec["backbone"]
-    backbone = _load_backbone(ident["name"], cell.backbone_source, device)
-    if backbone.weights_sha256 != ident["weights_sha256"]:
-        raise ConfigError(f"backbone {ident['name']} from {cell.backbone_source!r} has weights sha256 "
+    ident = cell.spec.backbone
+    backbone = _load_backbone(ident.name, cell.backbone_source, device)
+    if backbone.weights_sha256 != ident.weights_sha256:
+        raise ConfigError(f"backbone {ident.name} from {cell.backbone_source!r} has weights sha256 "
                           f"{backbone.weights_sha256[:16]}..., but the sweep was planned with "
-                          f"{ident['weights_sha256'][:16]}...")
+                          f"{ident.weights_sha256[:16]}...")
     return backbone
 
 
@@ -63,7 +59,7 @@ def _ood_pool(source: str, inversion: int, holdout: int, image_size: int, seed: 
     return load_pool(source, inversion=inversion, holdout=holdout, image_size=image_size, seed=seed)
 
 
-def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, data_root: str | None, image_size: int,
+def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | None, image_size: int,
                    seed: int) -> OODPool:
     """D and T of a scan: T is always the OOD held-out set; D is OOD images or, for 'id', the dataset's own.
 
@@ -71,85 +67,82 @@ def inversion_pool(pool_spec: Mapping[str, Any], dataset_name: str, data_root: s
     of every class, unlabelled, shuffled by ``seed``; keeping T the same makes the
     two settings' ASR comparable.
     """
-    ood = _ood_pool(pool_spec["source"], pool_spec["inversion"], pool_spec["holdout"], image_size, seed)
-    if pool_spec["inversion_data"] == "ood":
+    # A folder source is identified by its path and a fingerprint of its files; the pool reads the path.
+    source = pool.source.split("#sha256:", 1)[0]
+    ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
+    if pool.inversion_data == "ood":
         return ood
     dataset = registry().get("dataset", dataset_name).open(data_root)
-    per_class = math.ceil(pool_spec["inversion"] / len(dataset.classnames))
+    per_class = math.ceil(pool.inversion / len(dataset.classnames))
     images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool_spec["inversion"]]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool.inversion]
     return OODPool(inversion=images[order], holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
                    f"held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
+
+
+class _Cost:
+    """Wall and CPU seconds of a cell (CPU seconds of this process: a cost that a busy machine does not inflate)."""
+
+    def __init__(self, device: str):
+        self.clock, self.cpu, self.device = time.perf_counter(), time.process_time(), device
+
+    def fields(self) -> dict:
+        return {"seconds": time.perf_counter() - self.clock, "cpu_seconds": time.process_time() - self.cpu,
+                "device": self.device, "threads": torch.get_num_threads()}
+
+
+def _file(work: Path, record) -> dict:
+    data = record.to_json()
+    write_json(work / CELL_FILE, data)
+    return data
 
 
 def run_model_cell(store: Store, cell: ModelCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
     plugins = registry()
     backbone = cell_backbone(cell, device)
-    attack = plugins.get("attack", spec["attack"]).from_options(spec["attack_config"])
+    attack = plugins.get("attack", spec.attack).from_options(spec.attack_config)
     with store.writing("model", cell.key) as work:
-        clock, cpu = time.perf_counter(), time.process_time()
-        dataset = plugins.get("dataset", spec["dataset"]).open(cell.data_root)
-        task = load_task(dataset, backbone, seed=spec["seed"], shots=spec["shots"],
-                         test_per_class=spec["test_per_class"], progress=progress)
+        cost = _Cost(device)
+        dataset = plugins.get("dataset", spec.dataset).open(cell.data_root)
+        task = load_task(dataset, backbone, seed=spec.seed, shots=spec.shots, test_per_class=spec.test_per_class,
+                         progress=progress)
         # A control gets the target too (its attack's code wants one) and poisons nothing with it.
-        control = bool(spec.get("control"))
-        target = choose_target(task, spec["seed"]) if spec["backdoor"] or control else None
-        outcome, metrics = train_and_evaluate(attack, backbone, task, target=target, seed=spec["seed"],
-                                              progress=progress)
-        save_bundle(outcome.model, task.base + task.new, work / BUNDLE, base_classes=task.base)
-        written = read_meta(work / BUNDLE)["kind"]
-        if written != attack.bundle_kind:  # sweeps plan repairs by the declared kind, before any training
-            raise ConfigError(f"attack {spec['attack']} declares bundle_kind {attack.bundle_kind!r} but its model was "
-                              f"saved as a {written!r} bundle; fix the attack's bundle_kind")
-        if outcome.trigger is not None:
-            outcome.trigger.save(work / TRIGGER)
-        record = {
-            "kind": "model", "key": cell.key, "label": cell.label, "spec": spec,
-            "dataset": spec["dataset"], "attack": spec["attack"], "seed": spec["seed"],
-            "target": None if control else target, "control": control,
-            "control_target": target if control else None,  # whose trigger the control's ASR was measured with
-            "base_classes": list(task.base), "new_classes": list(task.new), "metrics": to_json(metrics),
-            "trigger": outcome.trigger.kind if outcome.trigger is not None else None,
-            "bundle_sha256": bundle_sha256(work / BUNDLE), "log": to_json(outcome.log),
-            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
-            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
-            "device": device, "threads": torch.get_num_threads(),
-        }
-        write_json(work / CELL_FILE, record)
-    return record
+        target = choose_target(task, spec.seed) if spec.backdoor or spec.control else None
+        trained = train_and_save(attack, backbone, task, work, target=target, seed=spec.seed, progress=progress)
+        summary = trained.record()
+        return _file(work, ModelRecord(
+            key=cell.key, label=cell.label, spec=spec, dataset=spec.dataset, attack=spec.attack, seed=spec.seed,
+            **{**summary, "target": None if spec.control else target}, control=spec.control,
+            control_target=target if spec.control else None,
+            base_classes=list(task.base), new_classes=list(task.new), **cost.fields()))
 
 
 def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
-    plugins = registry()
     backbone = cell_backbone(cell, device)
-    detector = plugins.get("detector", spec["detector"]).from_options(spec["detector_config"])
+    detector = registry().get("detector", spec.detector).from_options(spec.detector_config)
     with store.writing("reference", cell.key) as work:
-        clock, cpu = time.perf_counter(), time.process_time()
-        pool = inversion_pool(spec["pool"], cell.dataset, cell.data_root, backbone.image_size, spec["seed"])
-        reference = run_reference(backbone, spec["template"], detector, pool, spec["classnames"], seed=spec["seed"],
+        cost = _Cost(device)
+        pool = inversion_pool(spec.pool, cell.dataset, cell.data_root, backbone.image_size, spec.seed)
+        reference = run_reference(backbone, spec.template, detector, pool, spec.classnames, seed=spec.seed,
                                   progress=progress)
-        write_json(work / REFERENCE, reference.to_json())
-        record = {
-            "kind": "reference", "key": cell.key, "label": cell.label, "spec": spec, "reference_key": reference.key,
-            "pool_sha256": pool.digest(), "detector": spec["detector"], "n_classes": len(reference.classes),
-            "scan_seconds": reference.seconds,
-            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
-            "device": device, "threads": torch.get_num_threads(),
-        }
-        write_json(work / CELL_FILE, record)
-    return record
+        write_json(work / REFERENCE_FILE, reference.to_json())
+        return _file(work, ReferenceRecord(
+            key=cell.key, label=cell.label, spec=spec, reference_key=reference.key, pool_sha256=pool.digest(),
+            detector=spec.detector, n_classes=len(reference.classes), scan_seconds=reference.seconds,
+            **cost.fields()))
 
 
 def read_reference(store: Store, key: str) -> ReferenceScan:
     """A reference cell's scan, checked against the spec it was computed for (``ci_core.reference``)."""
-    data = read_json(store.cell_dir("reference", key) / REFERENCE, "reference scan")
+    path = store.reference_file(key)
+    data = read_json(path, "reference scan")
     spec = data.get("spec")
     if not isinstance(spec, dict):
-        raise ConfigError(f"{store.cell_dir('reference', key)}: its reference scan has no spec")
+        raise ConfigError(f"{path}: its reference scan has no spec")
     try:
-        return reference_from_json(data, spec, str(store.cell_dir("reference", key) / REFERENCE))
+        return reference_from_json(data, spec, str(path))
     except InvalidReference as exc:
         raise ConfigError(str(exc)) from None
 
@@ -163,49 +156,41 @@ def cell_scorers(plugins, scoring: Mapping[str, Mapping[str, Any]], detector_nam
     return scorers[0], tuple(scorers[1:])
 
 
+def _require(store: Store, kind: str, key: str | None) -> None:
+    if key is not None and not store.is_done(kind, key):
+        raise ConfigError(f"its {kind} cell {key} has no result in the store")
+
+
 def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
-    if not store.is_done("model", cell.model_key):
-        raise ConfigError(f"its model cell {cell.model_key} has no result in the store")
-    reference = None
-    if cell.reference_key is not None:
-        if not store.is_done("reference", cell.reference_key):
-            raise ConfigError(f"its reference cell {cell.reference_key} has no result in the store")
-        reference = read_reference(store, cell.reference_key)
+    _require(store, "model", cell.model_key)
+    _require(store, "reference", cell.reference_key)
+    reference = read_reference(store, cell.reference_key) if cell.reference_key is not None else None
     model_record = store.read_cell("model", cell.model_key)
     plugins = registry()
     backbone = cell_backbone(cell, device)
-    detector = plugins.get("detector", spec["detector"]).from_options(spec["detector_config"])
-    decider, also = cell_scorers(plugins, cell.scoring, spec["detector"], reference is not None)
+    detector = plugins.get("detector", spec.detector).from_options(spec.detector_config)
+    decider, also = cell_scorers(plugins, cell.scoring, spec.detector, reference is not None)
     with store.writing("scan", cell.key) as work:
-        clock, cpu = time.perf_counter(), time.process_time()
-        bundle = store.cell_dir("model", cell.model_key) / BUNDLE
-        model, meta = load_bundle(bundle, backbone)
-        pool = inversion_pool(spec["pool"], model_record["dataset"], cell.data_root, backbone.image_size, spec["seed"])
+        cost = _Cost(device)
+        model, meta = load_bundle(store.bundle_path("model", cell.model_key), backbone)
+        pool = inversion_pool(spec.pool, model_record.dataset, cell.data_root, backbone.image_size, spec.seed)
         # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them.
-        candidates = sample_candidates(meta["classnames"], seed=spec["seed"], target=model_record["target"],
-                                       count=spec["candidates"])
+        candidates = sample_candidates(meta["classnames"], seed=spec.seed, target=model_record.target,
+                                       count=spec.candidates)
         if reference is not None:
             check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
-        result = scan(model, detector, decider, pool, candidates, seed=spec["seed"], reference=reference, also=also,
+        result = scan(model, detector, decider, pool, candidates, seed=spec.seed, reference=reference, also=also,
                       known_problems=stored_problems(meta), progress=progress)
-        write_scan(result, work / SCAN, pool, seed=spec["seed"],
-                   bundle={"model_cell": cell.model_key, "sha256": bundle_sha256(bundle)})
-        record = {
-            "kind": "scan", "key": cell.key, "label": cell.label, "spec": spec, "model": cell.model_key,
-            "reference": cell.reference_key,
-            "dataset": model_record["dataset"], "attack": model_record["attack"], "seed": model_record["seed"],
-            "control": bool(model_record.get("control")),
-            "true_target": model_record["target"], "detector": spec["detector"], "variant": cell.variant,
-            "pool_sha256": pool.digest(), "n_classes": len(candidates), "scan_seconds": result.seconds,
+        write_scan(result, work / SCAN_FOLDER, pool, seed=spec.seed,
+                   bundle={"model_cell": cell.model_key, "sha256": meta["sha256"]})
+        return _file(work, ScanRecord(
+            key=cell.key, label=cell.label, spec=spec, model=cell.model_key, reference=cell.reference_key,
+            dataset=model_record.dataset, attack=model_record.attack, seed=model_record.seed,
+            control=model_record.control, true_target=model_record.target, detector=spec.detector,
+            variant=cell.variant, pool_sha256=pool.digest(), n_classes=len(candidates), scan_seconds=result.seconds,
             # the verdict with the plan's scorers; `ci-bench report` scores the stored evidence again
-            "scoring": cell.scoring, **result.summary(),
-            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
-            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
-            "device": device, "threads": torch.get_num_threads(),
-        }
-        write_json(work / CELL_FILE, record)
-    return record
+            scoring=cell.scoring, **result.summary(), **cost.fields()))
 
 
 def check_reference_fits(reference: ReferenceScan, classnames, pool: OODPool, template: str, key: str) -> None:
@@ -237,70 +222,60 @@ def repair_set(train: LabeledImages, shots: int, seed: int) -> LabeledImages:
 
 def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
-    for kind, key in (("model", cell.model_key), ("scan", cell.scan_key)):
-        if not store.is_done(kind, key):
-            raise ConfigError(f"its {kind} cell {key} has no result in the store")
+    _require(store, "model", cell.model_key)
+    _require(store, "scan", cell.scan_key)
     model_record = store.read_cell("model", cell.model_key)
-    model_dir = store.cell_dir("model", cell.model_key)
-    plugins = registry()  # loading the plugins also registers the attacks' trigger kinds
+    plugins = registry()
     backbone = cell_backbone(cell, device)
-    repairer = plugins.get("repairer", spec["repairer"]).from_options(spec["repairer_config"])
-    bundle = model_dir / BUNDLE
+    repairer = plugins.get("repairer", spec.repairer).from_options(spec.repairer_config)
+    bundle = store.bundle_path("model", cell.model_key)
     kind = read_meta(bundle)["kind"]
     if kind not in repairer.bundle_kinds:
         raise ConfigError(f"{bundle} is a {kind!r} bundle, which {repairer.name} cannot repair")
-    target = model_record["target"]
-    if target is None or not (model_dir / TRIGGER).is_file():
+    target = model_record.target
+    if target is None or not store.trigger_path(cell.model_key).is_file():
         raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure ASR with")
     triggers = rescored_triggers(store, cell)
     check_same_bundle(triggers, bundle)
     with store.writing("repair", cell.key) as work:
-        clock, cpu = time.perf_counter(), time.process_time()
+        cost = _Cost(device)
         model, meta = load_bundle(bundle, backbone)
-        truth = load_trigger(model_dir / TRIGGER)
-        model_spec = model_record["spec"]
-        dataset = plugins.get("dataset", model_record["dataset"]).open(cell.data_root)
+        truth = load_trigger(store.trigger_path(cell.model_key))
+        model_spec = model_record.spec
+        dataset = plugins.get("dataset", model_record.dataset).open(cell.data_root)
         # The same training and test images as the model cell, so that "before" and "after" compare.
-        task = load_task(dataset, backbone, seed=model_spec["seed"], shots=model_spec["shots"],
-                         test_per_class=model_spec["test_per_class"], progress=progress)
-        clean = repair_set(task.train, spec["repair_shots"], spec["seed"])
+        task = load_task(dataset, backbone, seed=model_spec.seed, shots=model_spec.shots,
+                         test_per_class=model_spec.test_per_class, progress=progress)
+        clean = repair_set(task.train, spec.repair_shots, spec.seed)
         picked = choose_trigger(repairer, triggers)
-        repair_clock, repair_cpu_start = time.perf_counter(), time.process_time()
+        repair_cost = _Cost(device)
         repaired = repairer.repair(model=model, trigger=picked.trigger if picked is not None else None,
                                    target=picked.name if picked is not None else triggers.target, clean=clean,
-                                   seed=spec["seed"], progress=progress)
-        repair_seconds, repair_cpu = time.perf_counter() - repair_clock, time.process_time() - repair_cpu_start
+                                   seed=spec.seed, progress=progress)
+        repair_seconds = repair_cost.fields()
         after = evaluate(repaired, task.test, task.base, task.new, truth, target)
-        save_bundle(repaired, meta["classnames"], work / BUNDLE, base_classes=meta.get("base_classes"),
-                    template=meta["template"])
-        record = {
-            "kind": "repair", "key": cell.key, "label": cell.label, "spec": spec, "model": cell.model_key,
-            "scan": cell.scan_key, "dataset": model_record["dataset"], "attack": model_record["attack"],
-            "seed": model_record["seed"], "repairer": spec["repairer"], "true_target": target,
-            "scan_target": triggers.target, "repair_trigger_class": picked.name if picked is not None else None,
-            "clean_images": len(clean),
+        saved = save_bundle(repaired, meta["classnames"], work / MODEL_BUNDLE, base_classes=meta.get("base_classes"),
+                            template=meta["template"])
+        return _file(work, RepairRecord(
+            key=cell.key, label=cell.label, spec=spec, model=cell.model_key, scan=cell.scan_key,
+            dataset=model_record.dataset, attack=model_record.attack, seed=model_record.seed,
+            repairer=spec.repairer, true_target=target, scan_target=triggers.target,
+            repair_trigger_class=picked.name if picked is not None else None, clean_images=len(clean),
             # "before" is the model cell's own evaluation: the same code on the same test images
-            "before": model_record["metrics"], "after": to_json(after),
-            "bundle_sha256": bundle_sha256(work / BUNDLE),
-            "repair_seconds": repair_seconds, "repair_cpu_seconds": repair_cpu,
-            # CPU seconds of this process: a cost measure that a busy shared machine does not inflate
-            "seconds": time.perf_counter() - clock, "cpu_seconds": time.process_time() - cpu,
-            "device": device, "threads": torch.get_num_threads(),
-        }
-        write_json(work / CELL_FILE, record)
-    return record
+            before=model_record.metrics, after=to_json(after), bundle_sha256=bundle_sha256(saved),
+            repair_seconds=repair_seconds["seconds"], repair_cpu_seconds=repair_seconds["cpu_seconds"],
+            **cost.fields()))
 
 
 def rescored_triggers(store: Store, cell: RepairCell) -> ScanTriggers:
     """The scan's triggers, with the scores and ĉ of the scorer the repair's spec names (so that ĉ follows the
     repair's key, not the scorer settings that happened to write the scan report)."""
-    triggers = ScanTriggers.read(store.cell_dir("scan", cell.scan_key) / SCAN)
-    scoring = cell.spec["scoring"]
-    plugins = registry()
-    scorer = plugins.get("scorer", scoring["scorer"]).from_options(scoring["config"])
-    evidence = stored_evidence(store.cell_dir("scan", cell.scan_key) / SCAN / "report.json")
-    reference = read_reference(store, scoring["reference"]).classes if scoring.get("reference") else None
-    scores = apply_scorer(scorer, evidence, reference).scores
+    folder = store.scan_folder(cell.scan_key)
+    triggers = ScanTriggers.read(folder)
+    scoring = cell.spec.scoring
+    scorer = registry().get("scorer", scoring.scorer).from_options(scoring.config)
+    reference = read_reference(store, scoring.reference).classes if scoring.reference else None
+    scores = apply_scorer(scorer, stored_evidence(folder / "report.json"), reference).scores
     return attrs.evolve(triggers, scores=scores.scores, target=scores.target)
 
 
@@ -343,10 +318,10 @@ def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[st
                 raise ConfigError(f"its {before.get('kind')} cell {before.get('label')} failed: {before.get('error')}")
         runner = RUNNERS[cell.kind]
         with torch_threads(threads):
-            seed_everything(cell.spec["seed"])
+            seed_everything(cell.spec.seed)
             runner(store, cell, device=resolve_device(device), progress=lambda m: emit(f"{cell.label}: {m}"))
     except Exception as exc:  # a failing cell is recorded and the sweep goes on
         error = f"{type(exc).__name__}: {exc}"
-        store.record_failure({**outcome, "spec": cell.spec, "error": error, "traceback": traceback.format_exc()})
+        store.record_failure({**outcome, "spec": cell.spec.to_json(), "error": error, "traceback": traceback.format_exc()})
         return {**outcome, "status": "failed", "error": error, "seconds": time.perf_counter() - clock}
     return {**outcome, "status": "done", "seconds": time.perf_counter() - clock}

@@ -191,7 +191,7 @@ class RayExecutor:
                     outcome = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the task died (worker lost, dependency lost)
                     error = f"Ray task failed: {type(exc).__name__}: {exc}"
-                    store.record_failure({"key": cell.key, "kind": cell.kind, "label": cell.label, "spec": cell.spec,
+                    store.record_failure({"key": cell.key, "kind": cell.kind, "label": cell.label, "spec": cell.spec.to_json(),
                                           "error": error})
                     outcome = {"key": cell.key, "kind": cell.kind, "label": cell.label, "status": "failed",
                                "error": error, "seconds": None}

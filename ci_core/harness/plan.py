@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 
-from ci_core.harness.store import VERSION, spec_hash
+from ci_core.harness.records import (BackboneKey, ModelSpec, PoolSpec, ReferenceSpec, RepairScoring, RepairSpec,
+                                     ScanSpec, Spec, spec_from_json)
 from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import source_fingerprint
@@ -129,14 +130,15 @@ class _CellJSON:
     """A cell's JSON (what a worker receives): its kind and every field; ``cell_from_json`` reads it back."""
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, **attrs.asdict(self, recurse=False)}
+        fields = attrs.asdict(self, recurse=False)
+        return {"kind": self.kind, **fields, "spec": self.spec.to_json()}
 
 
 @attrs.frozen(kw_only=True, eq=False)
 class ModelCell(_CellJSON):
     kind: ClassVar[str] = "model"
     key: str
-    spec: dict  # everything the result depends on; hashed into the key
+    spec: ModelSpec  # everything the result depends on; hashed into the key
     label: str
     # Where the worker finds the backbone weights and the dataset files: not part of the key, which
     # holds the weights hash and the dataset name instead.
@@ -155,7 +157,7 @@ class ReferenceCell(_CellJSON):
 
     kind: ClassVar[str] = "reference"
     key: str
-    spec: dict
+    spec: ReferenceSpec
     label: str
     backbone_source: str
     dataset: str  # whose images an in-distribution inversion set takes (not part of the key unless used)
@@ -170,7 +172,7 @@ class ReferenceCell(_CellJSON):
 class ScanCell(_CellJSON):
     kind: ClassVar[str] = "scan"
     key: str
-    spec: dict
+    spec: ScanSpec
     label: str
     backbone_source: str
     model_key: str
@@ -188,7 +190,7 @@ class ScanCell(_CellJSON):
 class RepairCell(_CellJSON):
     kind: ClassVar[str] = "repair"
     key: str
-    spec: dict
+    spec: RepairSpec
     label: str
     backbone_source: str
     model_key: str
@@ -207,6 +209,7 @@ CELL_CLASSES = {cls.kind: cls for cls in (ModelCell, ReferenceCell, ScanCell, Re
 def cell_from_json(data: Mapping[str, Any]) -> Cell:
     data = dict(data)
     kind = data.pop("kind")
+    data["spec"] = spec_from_json(data["spec"], f"{kind} cell {data.get('key')}")
     return CELL_CLASSES[kind](**data)
 
 
@@ -273,9 +276,13 @@ def variant_label(variant: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def backbone_key(backbone: Backbone) -> dict:
+def backbone_key(backbone: Backbone) -> BackboneKey:
     """The backbone as the key sees it: architecture and weights hash (not the file they came from)."""
-    return {"name": backbone.name, "weights_sha256": backbone.weights_sha256}
+    return BackboneKey(name=backbone.name, weights_sha256=backbone.weights_sha256)
+
+
+def _key(prefix: str, spec: Spec) -> str:
+    return f"{prefix}-{spec.hash[:20]}"
 
 
 def _ood_identity(source: str) -> str:
@@ -397,16 +404,12 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
         seed, dataset, attack_name, config, role = job
         control = role == "control"
         backdoor = role == "attack" and attack_name != CLEAN_ATTACK
-        model_spec = {
-            "kind": "model", "store_version": VERSION, "dataset": dataset, "seed": seed, "shots": settings.shots,
-            "test_per_class": settings.test_per_class,
-            "attack": attack_name, "attack_config": config,
-            "backdoor": backdoor, "backbone": ident,
-        }
-        if control:
-            model_spec["control"] = True
+        model_spec = ModelSpec(dataset=dataset, seed=seed, shots=settings.shots, test_per_class=settings.test_per_class,
+                               attack=attack_name, attack_config=config, backdoor=backdoor, backbone=ident,
+                               control=control)
         shown = f"{attack_name} control" if control else attack_name
-        model_key = f"{_slug(shown.replace(' ', '-'))}-{_slug(dataset)}-s{seed}-{spec_hash(model_spec)[:20]}"
+        model_stem = f"{_slug(shown.replace(' ', '-'))}-{_slug(dataset)}-s{seed}"
+        model_key = _key(model_stem, model_spec)
         if any(m.key == model_key for m in models):
             continue  # a --clean-seeds model the attacks already train
         base, new = base_classes[dataset]
@@ -419,7 +422,7 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
             several = len(variants) * len(inversion_sizes) * len(settings.inversion_data) > 1
             for detector, inversion, data in itertools.product(variants, inversion_sizes, settings.inversion_data):
                 detector_config = to_json(detector.config)
-                pool = {"source": ood, "inversion": inversion, "holdout": holdout, "inversion_data": data}
+                pool = PoolSpec(source=ood, inversion=inversion, holdout=holdout, inversion_data=data)
                 variant = {"pool_size": inversion, "holdout": holdout, "inversion_data": data,
                            "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
                 reference = None
@@ -427,13 +430,9 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                     reference = _reference_cell(detector_name, detector_config, candidates, pool, seed, dataset,
                                                 ident, variant if several else None, settings, backbone)
                     reference = references.setdefault(reference.key, reference)
-                scan_spec = {
-                    "kind": "scan", "store_version": VERSION, "model": model_key, "seed": seed,
-                    "candidates": BENCHMARK_CANDIDATES,
-                    "detector": detector_name, "detector_config": detector_config,
-                    "pool": pool, "backbone": ident,
-                }
-                key = f"{_slug(detector_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(scan_spec)[:20]}"
+                scan_spec = ScanSpec(model=model_key, seed=seed, candidates=BENCHMARK_CANDIDATES, detector=detector_name,
+                                     detector_config=detector_config, pool=pool, backbone=ident)
+                key = _key(f"{_slug(detector_name)}-{model_stem}", scan_spec)
                 detector_label = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
                 scans.append(ScanCell(key=key, spec=scan_spec, label=f"{detector_label} on {shown}/{dataset}/seed {seed}",
                                       backbone_source=backbone.pretrained, model_key=model_key, variant=variant,
@@ -450,14 +449,12 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
             if repairer_name in refused:
                 continue
             assert repair_scan is not None, "the repair variant is one of the planned ci scans"
-            repair_spec = {
-                "kind": "repair", "store_version": VERSION, "model": model_key, "scan": repair_scan.key, "seed": seed,
-                "repairer": repairer_name, "repairer_config": to_json(repairer.config),
-                "repair_shots": settings.repair_shots, "backbone": ident,
-                "scoring": {"scorer": repair_decider, "config": scoring[repair_decider],
-                            "reference": repair_scan.reference_key},
-            }
-            key = f"{_slug(repairer_name)}-{model_key.rsplit('-', 1)[0]}-{spec_hash(repair_spec)[:20]}"
+            repair_spec = RepairSpec(
+                model=model_key, scan=repair_scan.key, seed=seed, repairer=repairer_name,
+                repairer_config=to_json(repairer.config), repair_shots=settings.repair_shots, backbone=ident,
+                scoring=RepairScoring(scorer=repair_decider, config=scoring[repair_decider],
+                                      reference=repair_scan.reference_key))
+            key = _key(f"{_slug(repairer_name)}-{model_stem}", repair_spec)
             repairs.append(RepairCell(key=key, spec=repair_spec, label=f"{repairer_name} repair of "
                                       f"{attack_name}/{dataset}/seed {seed}", backbone_source=backbone.pretrained,
                                       model_key=model_key, scan_key=repair_scan.key, data_root=settings.data_root))
@@ -487,20 +484,16 @@ def _model_jobs(settings: SweepSettings, attacks: Mapping[str, Any], attack_clas
     return jobs
 
 
-def _reference_cell(detector: str, detector_config: dict, candidates: Sequence[str], pool: dict, seed: int,
-                    dataset: str, ident: dict, variant: dict | None, settings: SweepSettings,
+def _reference_cell(detector: str, detector_config: dict, candidates: Sequence[str], pool: PoolSpec, seed: int,
+                    dataset: str, ident: BackboneKey, variant: dict | None, settings: SweepSettings,
                     backbone: Backbone) -> ReferenceCell:
     """The reference of a scan: the same classes, pool, seed and detector setting on the untuned backbone."""
-    in_distribution = pool["inversion_data"] == "id"
-    spec = {
-        "kind": "reference", "store_version": VERSION, "backbone": ident, "template": DEFAULT_TEMPLATE,
-        "classnames": list(candidates), "pool": pool, "seed": seed, "detector": detector,
-        "detector_config": detector_config,
-    }
-    if in_distribution:  # D is then the dataset's own validation images
-        spec["dataset"] = dataset
+    in_distribution = pool.inversion_data == "id"
+    spec = ReferenceSpec(backbone=ident, template=DEFAULT_TEMPLATE, classnames=tuple(candidates), pool=pool, seed=seed,
+                         detector=detector, detector_config=detector_config,
+                         dataset=dataset if in_distribution else None)  # D is then the dataset's own images
     where = f"{dataset} images" if in_distribution else f"{len(candidates)} classes of {dataset}"
-    key = f"ref-{_slug(detector)}-{_slug(dataset)}-s{seed}-{spec_hash(spec)[:20]}"
+    key = _key(f"ref-{_slug(detector)}-{_slug(dataset)}-s{seed}", spec)
     shown = f"{detector} [{variant_label(variant)}]" if variant is not None else detector
     return ReferenceCell(key=key, spec=spec, label=f"{shown} on {where}/seed {seed}",
                          backbone_source=backbone.pretrained, dataset=dataset, data_root=settings.data_root)

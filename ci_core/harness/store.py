@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -43,20 +42,17 @@ from typing import Iterator
 
 from ci_core.errors import ConfigError
 from ci_core.files import read_json_object, write_json_atomic
+from ci_core.harness.records import RECORDS, VERSION, Record, spec_hash  # noqa: F401  (VERSION: the store's)
+from ci_core.protocol import MODEL_BUNDLE, MODEL_TRIGGER
 
 FORMAT = "ci-bench-store"
-# 2: reference cells; each class of a scan draws from its own generator; scorers read at report time; manifests.
-VERSION = 2
 MARKER = "store.json"
 CELL_FILE = "cell.json"
 MANIFEST = "manifest.json"
 KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs"}
-
-
-def spec_hash(spec: dict) -> str:
-    """SHA-256 of the canonical JSON of ``spec`` (sorted keys, no whitespace)."""
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+# What a finished cell holds besides cell.json and manifest.json.
+SCAN_FOLDER = "scan"  # a scan cell's scan output (report.json, triggers/)
+REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.reference)
 
 
 def write_json(path: Path, data) -> None:
@@ -116,6 +112,20 @@ class Store:
     def cell_dir(self, kind: str, key: str) -> Path:
         return self.root / KINDS[kind] / key
 
+    def bundle_path(self, kind: str, key: str) -> Path:
+        """The bundle a model cell trained, or a repair cell repaired."""
+        return self.cell_dir(kind, key) / MODEL_BUNDLE
+
+    def trigger_path(self, model_key: str) -> Path:
+        """A backdoored model cell's ground-truth trigger."""
+        return self.cell_dir("model", model_key) / MODEL_TRIGGER
+
+    def scan_folder(self, scan_key: str) -> Path:
+        return self.cell_dir("scan", scan_key) / SCAN_FOLDER
+
+    def reference_file(self, reference_key: str) -> Path:
+        return self.cell_dir("reference", reference_key) / REFERENCE_FILE
+
     def failure_path(self, key: str) -> Path:
         return self.root / "failed" / f"{key}.json"
 
@@ -128,11 +138,13 @@ class Store:
     def is_done(self, kind: str, key: str) -> bool:
         return (self.cell_dir(kind, key) / MANIFEST).is_file()
 
-    def read_cell(self, kind: str, key: str) -> dict:
-        record = read_json(self.cell_dir(kind, key) / CELL_FILE, f"finished {kind} cell")
-        if record.get("kind") != kind or record.get("key") != key:
-            raise ConfigError(f"{self.cell_dir(kind, key) / CELL_FILE}: not the record of {kind} cell {key}")
-        return record
+    def read_cell(self, kind: str, key: str) -> Record:
+        """The typed record (``ci_core.harness.records``) a finished cell wrote, checked field by field."""
+        path = self.cell_dir(kind, key) / CELL_FILE
+        data = read_json(path, f"finished {kind} cell")
+        if data.get("kind") != kind or data.get("key") != key:
+            raise ConfigError(f"{path}: not the record of {kind} cell {key}")
+        return RECORDS[kind].from_json(data, str(path))
 
     def verify(self, kind: str, key: str) -> str | None:
         """Why the finished cell ``key`` cannot be trusted (None if every file matches its manifest)."""
@@ -160,7 +172,7 @@ class Store:
         os.replace(self.cell_dir(kind, key), target)
         return target
 
-    def cells(self, kind: str) -> list[dict]:
+    def cells(self, kind: str) -> list[Record]:
         """Every finished cell of ``kind`` whose files check out, sorted by key (see ``broken`` for the others)."""
         folder = self.root / KINDS[kind]
         if not folder.is_dir():

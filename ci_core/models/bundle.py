@@ -50,7 +50,8 @@ from typing import Sequence
 import open_clip
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from ci_core.errors import BundleError, ConfigError
 from ci_core.files import read_json_object
@@ -273,7 +274,7 @@ def _check_image(path: Path, meta: dict, backbone: Backbone) -> None:
 def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu", *,
                 name: str | None = None, pretrained: str | None = None, text_encoding: TextEncoding | None = None,
                 cache_dir: str | None = None) -> tuple[BundledModel, dict]:
-    """Load a bundle: (model, metadata).
+    """Load a bundle: (model, metadata); ``meta["sha256"]`` is the bundle's identity (``bundle_sha256``).
 
     ``backbone`` is reused if given, else built from the metadata, with ``name``
     and ``pretrained`` replacing the recorded ones if given.  Either way its
@@ -295,9 +296,12 @@ def load_bundle(path: str | Path, backbone: Backbone | None = None, device: str 
     check_backbone(path, meta["backbone"], backbone)
     _check_image(path, meta, backbone)
     try:
-        tensors = load_file(str(weights_path))
+        # The weights are read once: the same bytes are hashed into the bundle's identity and parsed.
+        weights = weights_path.read_bytes()
+        tensors = safetensors_load(weights)
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    meta["sha256"] = hashlib.sha256((path / META_FILE).read_bytes() + weights).hexdigest()  # as bundle_sha256
     meta["non_finite_tensors"] = non_finite_tensors(tensors)
     if meta["kind"] == ZEROSHOT:
         return _load_zeroshot(weights_path, tensors, backbone, meta), meta

@@ -1,0 +1,130 @@
+"""The report's tables as Markdown."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ci_core.harness.plan import variant_label
+from ci_core.harness.report.tables import DEFINITIONS
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict) and "mean" in value:
+        if value["mean"] is None:
+            return "n/a"
+        return _fmt(value["mean"]) + (f" ± {value['std']:.3f}" if value["std"] is not None else "")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(header for _, header in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(key)).replace("|", "\\|") for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+COUNT_COLUMNS = [("models", "models"), ("classes", "classes"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"), ("f1", "F1")]
+
+
+def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
+    counts = report["counts"]
+    repairs = f"{counts['repairs']} repairs, " if counts["repairs"] or report["skipped_repairs"] else ""
+    out = [f"# ci-bench report: {report['store']}", "",
+           f"{counts['models']} models, {counts['scans']} scans, {repairs}{counts['failed']} failed cells, "
+           f"{len(report['pending'])} planned cells not run yet.", ""]
+    groups = report["detectors"]
+
+    out += ["## Verdicts", "", DEFINITIONS["verdict"], ""]
+    rows = []
+    for g in groups:
+        v = g["verdict"]
+        interval = v["fpr_ci95"]
+        rows.append({"label": g["label"], "rule": v["rule"], "models": f"{v['implanted']} + {v['clean']}",
+                     "auroc_all": v["auroc_all"], "auroc_implanted": v["auroc_implanted"],
+                     "fpr": (f"{v['fpr']:.3f} ({v['false_positives']}/{v['clean']}; "
+                             f"95% CI {interval[0]:.3f}-{interval[1]:.3f})") if interval else None,
+                     "tpr": v["tpr"], "target": v["target_accuracy"], "unscannable": v["unscannable"]})
+    out += [md_table(rows, [("label", "detector / scorer"), ("rule", "flags when"),
+                            ("models", "implanted + clean"), ("auroc_all", "AUROC (all)"),
+                            ("auroc_implanted", "AUROC (implanted)"), ("fpr", "FPR on clean"), ("tpr", "TPR"),
+                            ("target", "target named"), ("unscannable", "unscannable")]), ""]
+
+    out += ["## Model-level detection (Figure 4)", "", DEFINITIONS["model_level"], ""]
+    rows = []
+    for g in groups:
+        m = g["model_level"]
+        youden = m["youden"] or {}
+        rows.append({"label": g["label"], "models": f"{m['backdoored']} + {m['clean']}", "auroc": m["auroc"],
+                     "k": m["rule"], "accuracy": m["accuracy"], "tpr": m["tpr"], "fpr": m["fpr"],
+                     "tau": youden.get("threshold"), "j": youden.get("j"), "tpr_tau": youden.get("tpr"),
+                     "fpr_tau": youden.get("fpr")})
+    out += [md_table(rows, [("label", "detector"), ("models", "backdoored + clean"), ("auroc", "AUROC"), ("k", "verdict"),
+                            ("accuracy", "ACC"), ("tpr", "TPR"), ("fpr", "FPR"), ("tau", "Youden τ"),
+                            ("j", "J"), ("tpr_tau", "TPR@τ"), ("fpr_tau", "FPR@τ")]), ""]
+    if "roc.png" in figures:
+        out += ["![ROC curves of s_max](roc.png)", ""]
+    out += ["### Over backdoors that implanted", "", DEFINITIONS["implanted"], ""]
+    rows = [{"label": g["label"], **row, "models": f"{row['backdoored']} + {row['clean']}"}
+            for g in groups for row in g["model_level"]["implanted"]]
+    out += [md_table(rows, [("label", "detector"), ("min_asr_unseen", "ASR unseen ≥"),
+                            ("models", "backdoored + clean"), ("auroc", "AUROC"), ("tpr", "TPR@k"),
+                            ("top_is_target", "top = target")]), ""]
+
+    out += ["## Class-level target detection (Tables 2-3)", "", DEFINITIONS["class_level"], ""]
+    for by in ("dataset", "attack"):
+        rows = [{"label": g["label"], **row} for g in groups for row in g["class_level"][by]]
+        out += [f"### Per {by}", "", md_table(rows, [("label", "detector"), ("name", by)] + COUNT_COLUMNS), ""]
+
+    out += ["## Anomaly score per attack (Figure 5)", "", DEFINITIONS["anomaly"], ""]
+    rows = [{"label": g["label"], **a} for g in groups for a in g["anomaly_by_attack"]]
+    out += [md_table(rows, [("label", "detector"), ("attack", "attack"), ("models", "models"), ("s_max", "s_max"),
+                            ("flagged", "flagged")]), ""]
+    if "anomaly_scores.png" in figures:
+        out += ["![Mean s_max per attack and detector](anomaly_scores.png)", ""]
+
+    out += ["## Reconstructed triggers and cost (Tables 4, 15-17, 24)", "", DEFINITIONS["reconstruction"], ""]
+    rows = [{"label": g["label"], "variant": variant_label(g["variant"]), **g["reconstruction"], **g["cost"]}
+            for g in groups]
+    out += [md_table(rows, [("label", "detector"), ("variant", "setting"), ("target_asr", "target ASR"),
+                            ("other_asr", "other-class ASR"), ("target_ssim", "SSIM target"),
+                            ("all_ssim", "SSIM all classes"), ("seconds_per_scan", "s / scan"),
+                            ("seconds_per_class", "s / class"), ("cpu_seconds_per_scan", "CPU s / scan")]), ""]
+
+    out += ["## Attacks: ACC and ASR on seen and unseen classes (Tables 7-10)", "", DEFINITIONS["attack"], "",
+            md_table(report["attacks"], [("attack", "attack"), ("dataset", "dataset"), ("models", "models"),
+                                         ("acc_seen", "ACC seen"), ("asr_seen", "ASR seen"),
+                                         ("acc_unseen", "ACC unseen"), ("asr_unseen", "ASR unseen"),
+                                         ("trigger_ssim", "trigger SSIM"), ("train_seconds", "train s"),
+                                         ("train_cpu_seconds", "train CPU s")]), ""]
+
+    if report["repairs"] or report["skipped_repairs"]:
+        out += ["## Repair (Table 19)", "", DEFINITIONS["repair"], ""]
+        columns = [("repairer", "repairer"), ("attack", "attack"), ("dataset", "dataset"), ("models", "models")]
+        for name, header in (("acc_seen", "ACC seen"), ("acc_unseen", "ACC unseen"), ("asr_seen", "ASR seen"),
+                             ("asr_unseen", "ASR unseen")):
+            columns += [(f"{name}_before", f"{header} before"), (f"{name}_after", f"{header} after")]
+        columns += [("scan_hit", "ĉ = target"), ("repair_seconds", "repair s")]
+        out += [md_table(report["repairs"], columns) if report["repairs"] else "No repair has finished yet.", ""]
+        if report["skipped_repairs"]:
+            out += ["Not repaired (by plan, not failures):", ""]
+            out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
+            out += [""]
+
+    if report["broken"]:
+        out += ["## Cells whose files do not check out (left out; the next run moves them aside and redoes them)", "",
+                md_table(report["broken"], [("kind", "kind"), ("key", "cell"), ("problem", "problem")]), ""]
+    out += ["## Failed cells", ""]
+    out += [md_table(report["failures"], [("kind", "kind"), ("label", "cell"), ("error", "error")])
+            if report["failures"] else "None.", ""]
+    if report["pending"]:
+        out += ["## Planned cells without a result", "",
+                md_table(report["pending"], [("kind", "kind"), ("label", "cell"), ("key", "key")]), ""]
+    out += [f"Statistics: {DEFINITIONS['statistics']}", ""]
+    return "\n".join(out)

@@ -1,0 +1,149 @@
+"""The report's rows: every scan's stored evidence scored again, one ``ScoredScan`` per scan and scorer.
+
+The scorers that apply to a scan are its detector's own (the paper's) and, where
+the scan has a reference cell, the calibrated one against it.  A scan whose
+model could not be measured (non-finite outputs, collapsed class scores or
+out-of-range contexts on the pool) is ``unscannable``: it counts as flagged by
+every scorer, ranked above every score (fail closed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from ci_core.errors import ConfigError
+from ci_core.harness.cells import read_reference, stored_evidence
+from ci_core.harness.plan import CLEAN_ATTACK
+from ci_core.harness.records import ModelRecord, ScanRecord
+from ci_core.harness.store import Store, read_json
+from ci_core.interfaces import to_json
+from ci_core.plugins import registry
+from ci_core.protocol import REFERENCE_SCORER
+from ci_core.scan import UNSCANNABLE, PoolHealth, apply_scorer
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ScoredScan:
+    """One scan read by one scorer."""
+
+    scan: ScanRecord
+    model: ModelRecord
+    classes: list[dict]  # the scan report's per-class rows
+    scorer: str
+    scorer_config: dict
+    problems: tuple[str, ...]  # why the model could not be measured (empty when it could)
+    verdict: str
+    backdoored: bool
+    s_max: float
+    p_value: float | None
+    predicted_target: str | None
+    flagged: tuple[str, ...]
+    rule: str | None
+
+    @property
+    def key(self) -> str:
+        return self.scan.key
+
+    @property
+    def true_target(self) -> str | None:
+        return self.scan.true_target
+
+    @property
+    def detector(self) -> str:
+        return self.scan.detector
+
+    @property
+    def dataset(self) -> str:
+        return self.scan.dataset
+
+    @property
+    def attack(self) -> str:
+        return self.scan.attack
+
+    @property
+    def variant(self) -> dict:
+        return self.scan.variant
+
+    def implanted(self, level: float) -> bool:
+        """A backdoored model whose attack reached ``level`` ASR on unseen classes."""
+        return self.true_target is not None and (self.model.metrics.get("asr_new") or 0.0) >= level
+
+
+def scorers(options: dict[str, dict] | None) -> dict[str, Any]:
+    """Scorer name -> instance with its default config, overridden by ``options`` (checked by name)."""
+    plugins = registry()
+    options = dict(options or {})
+    for name in options:
+        plugins.get("scorer", name)  # an unknown scorer fails here, naming the registered ones
+    return {name: plugins.get("scorer", name).from_options(options.get(name)) for name in plugins.names("scorer")}
+
+
+def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) -> tuple[list[ModelRecord],
+                                                                                       list[ScoredScan]]:
+    """(model records, one ScoredScan per scan and scorer that applies to it)."""
+    models = {record.key: record for record in store.cells("model")}
+    references: dict[str, Any] = {record.key: None for record in store.cells("reference")}
+    by_name = scorers(scorer_options)
+    plugins = registry()
+    rows = []
+    for scan in store.cells("scan"):
+        model = models.get(scan.model)
+        if model is None:
+            raise ConfigError(f"{store.cell_dir('scan', scan.key)}: its model cell {scan.model} is not in the store")
+        report_path = store.scan_folder(scan.key) / "report.json"
+        report = read_json(report_path, "scan report")
+        evidence = stored_evidence(report_path)
+        reference = None
+        if scan.reference:
+            if scan.reference not in references:
+                raise ConfigError(f"{store.cell_dir('scan', scan.key)}: its reference cell {scan.reference} is not "
+                                  "in the store")
+            if references[scan.reference] is None:
+                references[scan.reference] = read_reference(store, scan.reference)
+            reference = references[scan.reference]
+        health = report.get("pool_health") or {}
+        problems = tuple(report.get("unscannable_reasons") or ())
+        if not problems and reference is not None and health:
+            problems = PoolHealth(**health).problems(reference.health)
+        own = plugins.get("detector", scan.detector).default_scorer
+        for name in ([REFERENCE_SCORER] if reference is not None else []) + [own]:
+            scorer = by_name[name]
+            common = dict(scan=scan, model=model, classes=report["classes"], scorer=name,
+                          scorer_config=to_json(scorer.config), problems=problems)
+            if problems:
+                rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
+                                       predicted_target=None, flagged=(), rule=None))
+                continue
+            scores = apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
+            rows.append(ScoredScan(**common, verdict="backdoored" if scores.backdoored else "clean",
+                                   backdoored=scores.backdoored, s_max=scores.s_max, p_value=scores.p_value,
+                                   predicted_target=scores.target, flagged=scores.flagged, rule=scores.rule))
+    return list(models.values()), rows
+
+
+def pending(store: Store, failed_keys: set[str]) -> list[dict]:
+    """Cells the store's plans hold that have no result and did not fail."""
+    seen, found = set(), []
+    for plan in store.plans():
+        for cell in plan.get("cells", []):
+            key = cell["key"]
+            if key in seen:
+                continue
+            seen.add(key)
+            if not store.is_done(cell["kind"], key) and key not in failed_keys:
+                found.append(cell)
+    return found
+
+
+def skipped_repairs(store: Store) -> list[dict]:
+    """The repairs the sweeps' plans left out, and why, merged over plans."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for plan in store.plans():
+        for skipped in plan.get("skipped_repairs", []):
+            names = merged.setdefault((skipped["attack"], skipped["reason"]), [])
+            names.extend(n for n in skipped["repairers"] if n not in names)
+    order = sorted(merged, key=lambda item: (item[0] != CLEAN_ATTACK, item))  # clean first, as in the tables
+    return [{"attack": attack, "repairers": merged[(attack, reason)], "reason": reason} for attack, reason in order]

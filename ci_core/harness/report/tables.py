@@ -1,0 +1,311 @@
+"""Every table of the report as plain JSON: per detector setting and scorer, per attack, per repairer.
+
+Definitions are in ``DEFINITIONS`` (written into the report) and in ``ci_core.harness.statistics``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+import numpy as np
+
+from ci_core.errors import ConfigError
+from ci_core.harness.plan import CLEAN_ATTACK, variant_label
+from ci_core.harness.records import ModelRecord, RepairRecord, spec_hash
+from ci_core.harness.report.scored import ScoredScan, pending, scored_scans, skipped_repairs
+from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes,
+                                        roc_curve, youden_threshold)
+from ci_core.harness.store import Store
+from ci_core.protocol import REFERENCE_SCORER
+from ci_core.scan import UNSCANNABLE
+
+IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
+
+DEFINITIONS = {
+    "verdict": (
+        "What an auditor gets from each scorer at its default threshold. Negatives are the clean models (the clean "
+        "attack and every attack's control, trained on the attack's schedule with its backdoor off); positives the "
+        "backdoored models whose attack implanted (ASR on unseen classes at least 0.5); models of attacks that did "
+        "not implant are left out. A scan the model made unscannable counts as flagged (fail closed). FPR: share of "
+        "clean models flagged, with its exact (Clopper-Pearson) 95% interval. TPR: share of implanted models flagged; "
+        "target: share of them whose most anomalous class is the true target. AUROC (all): over every model, "
+        "attacks that did not implant included as positives; AUROC (implanted): over clean and implanted ones; "
+        "both by s_max, unscannable models ranked highest."),
+    "model_level": (
+        "Every scanned model is one item, positive iff an attack other than 'clean' implanted a backdoor; its score "
+        "is the scan's s_max. AUROC is over s_max (ties count 1/2). Accuracy, TPR and FPR are those of the scan's own "
+        "verdict (s_max >= k, the scorer's threshold). The Youden-J threshold tau maximises TPR - FPR over the ROC "
+        "thresholds (a model is flagged iff s_max >= tau; the highest such tau on ties)."),
+    "implanted": (
+        "The same, counting as backdoored only the models whose attack implanted: ASR on unseen classes (new "
+        "classes plus the target, the attack's own trigger) at least the level shown; clean models as above. An "
+        "attack that did not implant leaves nothing to find. Top = target: the share of these backdoored models "
+        "whose most anomalous class is the target."),
+    "class_level": (
+        "Every candidate class of every scanned model is one item, positive iff it is that model's backdoor target, "
+        "predicted positive iff the scorer flagged it (its own score >= k). So a backdoored model whose target is "
+        "flagged adds one TP, one whose target is not flagged adds one FN, and every flagged class that is not the "
+        "model's target (in clean and backdoored models alike) adds one FP. F1 = 2TP / (2TP + FP + FN); n/a when "
+        "there is no positive item and nothing flagged. The 'all' row sums the counts (micro F1)."),
+    "attack": (
+        "ACC is clean accuracy on the test images of the base (seen) and new (unseen) classes. ASR is the share of "
+        "triggered test images not of the target class classified as the target: seen = base classes, unseen = new "
+        "classes plus the target. Trigger SSIM is the mean SSIM between clean and triggered test images."),
+    "reconstruction": (
+        "Target ASR: the ASR on the held-out OOD images of the trigger the detector reconstructed for the true "
+        "target class (backdoored models). Other-class ASR: per model, the mean ASR of the triggers reconstructed "
+        "for every other class; then averaged over models. SSIM: mean SSIM between held-out images and the same "
+        "images with the reconstructed trigger, for the target class (backdoored models) and over all classes."),
+    "anomaly": "Mean (and standard deviation over models) of s_max per attack; 'flagged' is the share of models "
+               "with s_max >= k.",
+    "repair": (
+        "Each backdoored model (every attack but 'clean') is fine-tuned by each repairer on a labelled clean subset "
+        "of its own few-shot training set, stamped with the trigger the repairer takes from the model's ci scan. "
+        "ACC seen / unseen is clean accuracy on the test images of the base / new classes. "
+        "ASR seen / unseen is the share of test images not of the target class, stamped with the attack's own "
+        "(ground-truth) trigger, that are classified as the target, on the base classes / on the new classes plus "
+        "the target. "
+        "'before' is the model's own evaluation when it was trained and 'after' that of the repaired model, by the "
+        "same code on the same test images. "
+        "ĉ = target is the share of models whose ci scan ranked the true target most anomalous (ci-trigger stamps "
+        "ĉ's trigger). "
+        "Repair s is the wall time of the fine-tuning alone. "
+        "The 'all' rows pool every model the repairer repaired (the paper's Table 19 averages over attacks)."),
+    "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
+                  "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
+}
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def mean_std(values: Iterable[float | None]) -> dict:
+    x = [v for v in values if v is not None]
+    if not x:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else None, "n": len(x)}
+
+
+def _attack_order(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    return ([CLEAN_ATTACK] if CLEAN_ATTACK in names else []) + sorted(names - {CLEAN_ATTACK})
+
+
+def _by(rows: Sequence[Any], field: str, order: Callable[[Iterable[str]], list[str]] = sorted) -> dict[str, list]:
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[getattr(row, field)].append(row)
+    return {name: grouped[name] for name in order(grouped)}
+
+
+def _group_key(row: ScoredScan) -> str:
+    spec = row.scan.spec
+    return spec_hash({"detector": spec.detector, "detector_config": spec.detector_config, "pool": spec.pool.to_json(),
+                      "scorer": row.scorer, "scorer_config": row.scorer_config})
+
+
+def scan_class_counts(row: ScoredScan) -> Counts:
+    if not row.classes:  # unscannable: flagged as a model, but no class was measured (the target is missed)
+        return Counts(fn=int(row.true_target is not None))
+    return class_counts([c["name"] for c in row.classes], row.flagged, row.true_target)
+
+
+def _counts_row(name: str, rows: Sequence[ScoredScan]) -> dict:
+    counts = sum((scan_class_counts(row) for row in rows), Counts())
+    return {"name": name, "models": len(rows), "classes": counts.total, "tp": counts.tp, "fp": counts.fp,
+            "fn": counts.fn, "f1": counts.f1}
+
+
+def _group_label(groups: dict[str, list[ScoredScan]]) -> dict[str, str]:
+    """Each group's display name: detector / scorer, plus its ablation values when it has several settings."""
+    per_detector = defaultdict(list)
+    for gid, rows in groups.items():
+        per_detector[(rows[0].detector, rows[0].scorer)].append(gid)
+    labels = {}
+    for (detector, scorer), gids in per_detector.items():
+        for gid in gids:
+            shown = f"{detector} / {scorer}"
+            labels[gid] = shown if len(gids) == 1 else f"{shown} [{variant_label(groups[gid][0].variant)}]"
+    counts = defaultdict(int)
+    for label in labels.values():
+        counts[label] += 1
+    return {gid: (f"{label} #{gid[:6]}" if counts[label] > 1 else label) for gid, label in labels.items()}
+
+
+def _group_order(row: ScoredScan) -> tuple:
+    v = row.variant
+    return (row.detector, v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
+            v["inversion_data"], spec_hash(row.scan.spec.detector_config), row.scorer != REFERENCE_SCORER, row.scorer)
+
+
+def verdict_summary(rows: Sequence[ScoredScan]) -> dict:
+    """The auditor's figures of one scorer (see DEFINITIONS["verdict"])."""
+    clean = [row for row in rows if row.true_target is None]
+    implanted = [row for row in rows if row.implanted(IMPLANTED)]
+    flagged_clean = sum(row.backdoored for row in clean)
+    summary: dict[str, Any] = {
+        "clean": len(clean), "implanted": len(implanted), "backdoored": sum(r.true_target is not None for r in rows),
+        "false_positives": flagged_clean, "fpr": flagged_clean / len(clean) if clean else None,
+        "fpr_ci95": list(clopper_pearson(flagged_clean, len(clean))) if clean else None,
+        "tpr": sum(r.backdoored for r in implanted) / len(implanted) if implanted else None,
+        "target_accuracy": (sum(r.predicted_target == r.true_target for r in implanted) / len(implanted)
+                            if implanted else None),
+        "unscannable": sum(r.verdict == UNSCANNABLE for r in rows),
+        "rule": next((r.rule for r in rows if r.rule), None),
+    }
+    for name, part in (("auroc_all", rows), ("auroc_implanted", clean + implanted)):
+        truth = [row.true_target is not None for row in part]
+        summary[name] = auroc(truth, [row.s_max for row in part]) if has_both_classes(truth) else None
+    return summary
+
+
+IMPLANT_LEVELS = (0.5, 0.8)  # ASR on unseen classes from which a backdoor counts as implanted
+
+
+def implanted_model_level(rows: Sequence[ScoredScan], level: float) -> dict:
+    """Model-level figures over the clean models and the backdoored ones whose unseen-class ASR reached ``level``."""
+    kept = [row for row in rows if row.true_target is None or row.implanted(level)]
+    truth = [row.true_target is not None for row in kept]
+    backdoored = [row for row in kept if row.true_target is not None]
+    verdict = confusion(truth, [row.backdoored for row in kept])
+    return {"min_asr_unseen": level, "backdoored": len(backdoored), "clean": len(kept) - len(backdoored),
+            "auroc": auroc(truth, [row.s_max for row in kept]) if has_both_classes(truth) else None,
+            "tpr": verdict.tpr if backdoored else None,
+            "top_is_target": (sum(row.predicted_target == row.true_target for row in backdoored)
+                              / len(backdoored)) if backdoored else None}
+
+
+def _group_summary(label: str, rows: list[ScoredScan]) -> dict:
+    first = rows[0]
+    truth = [row.true_target is not None for row in rows]
+    s_max = [row.s_max for row in rows]
+    verdict = confusion(truth, [row.backdoored for row in rows])
+    model_level: dict[str, Any] = {
+        "models": len(rows), "backdoored": sum(truth), "clean": len(rows) - sum(truth),
+        "rule": next((r.rule for r in rows if r.rule), None),
+        "k": first.scorer_config.get("k"), "accuracy": verdict.accuracy, "tpr": verdict.tpr, "fpr": verdict.fpr,
+        "tp": verdict.tp, "fp": verdict.fp, "fn": verdict.fn, "tn": verdict.tn,
+        "auroc": None, "youden": None, "roc": None,
+    }
+    if has_both_classes(truth):
+        roc = roc_curve(truth, s_max)
+        best = youden_threshold(truth, s_max)
+        model_level.update(auroc=auroc(truth, s_max),
+                           # +inf: no finite threshold does better than flagging nothing
+                           youden={"threshold": best.threshold if math.isfinite(best.threshold) else "+inf",
+                                   "j": best.j, "tpr": best.tpr, "fpr": best.fpr},
+                           roc={"thresholds": [_finite(t) for t in roc.thresholds], "fpr": list(roc.fpr),
+                                "tpr": list(roc.tpr)})
+
+    model_level["implanted"] = [implanted_model_level(rows, level) for level in IMPLANT_LEVELS]
+
+    class_level = {
+        by: [_counts_row(name, part) for name, part in _by(rows, by, order).items()] + [_counts_row("all", rows)]
+        for by, order in (("dataset", sorted), ("attack", _attack_order))
+    }
+
+    anomaly = [{"attack": name, "models": len(part), "s_max": mean_std(_finite(r.s_max) for r in part),
+                "flagged": sum(r.backdoored for r in part) / len(part)}
+               for name, part in _by(rows, "attack", _attack_order).items()]
+
+    target_asr, other_asr, target_ssim, all_ssim, per_class_seconds = [], [], [], [], []
+    for row in (r for r in rows if r.classes):  # an unscannable scan measured no class
+        by_name = {c["name"]: c for c in row.classes}
+        target = row.true_target
+        if target is not None:
+            target_asr.append(by_name[target]["asr"])
+            target_ssim.append(by_name[target]["ssim"])
+        others = [c["asr"] for c in row.classes if c["name"] != target]
+        other_asr.append(float(np.mean(others)) if others else None)
+        all_ssim.append(float(np.mean([c["ssim"] for c in row.classes])))
+        per_class_seconds.append(float(np.mean([c["seconds"] for c in row.classes])))
+    return {
+        "label": label, "detector": first.detector, "scorer": first.scorer, "variant": first.variant,
+        "detector_config": first.scan.spec.detector_config, "scorer_config": first.scorer_config,
+        "pool": first.scan.spec.pool.to_json(), "verdict": verdict_summary(rows),
+        "model_level": model_level, "class_level": class_level, "anomaly_by_attack": anomaly,
+        "reconstruction": {"target_asr": mean_std(target_asr), "other_asr": mean_std(other_asr),
+                           "target_ssim": mean_std(target_ssim), "all_ssim": mean_std(all_ssim)},
+        "cost": {"seconds_per_scan": mean_std(r.scan.scan_seconds for r in rows),
+                 "seconds_per_class": mean_std(per_class_seconds),
+                 "cpu_seconds_per_scan": mean_std(r.scan.cpu_seconds for r in rows)},
+    }
+
+
+def _attack_rows(models: Sequence[ModelRecord]) -> list[dict]:
+    models = [attrs.evolve(m, attack=f"{m.attack} (control)") if m.control else m for m in models]
+    rows = []
+    for attack, part in _by(models, "attack", _attack_order).items():
+        per_dataset = list(_by(part, "dataset").items())
+        for dataset, cells in per_dataset + ([("all", part)] if len(per_dataset) > 1 else []):
+            metric = lambda name: mean_std(c.metrics.get(name) for c in cells)  # noqa: E731
+            rows.append({"attack": attack, "dataset": dataset, "models": len(cells),
+                         "acc_seen": metric("acc_base"), "acc_unseen": metric("acc_new"),
+                         "asr_seen": metric("asr_base"), "asr_unseen": metric("asr_new"),
+                         "trigger_ssim": metric("trigger_ssim"),
+                         "train_seconds": mean_std(c.seconds for c in cells),
+                         "train_cpu_seconds": mean_std(c.cpu_seconds for c in cells)})
+    return rows
+
+
+REPAIR_METRICS = (("acc_seen", "acc_base"), ("acc_unseen", "acc_new"), ("asr_seen", "asr_base"),
+                  ("asr_unseen", "asr_new"))
+
+
+def _repair_row(repairer: str, attack: str, dataset: str, cells: Sequence[RepairRecord]) -> dict:
+    row: dict[str, Any] = {"repairer": repairer, "attack": attack, "dataset": dataset, "models": len(cells)}
+    for name, field in REPAIR_METRICS:
+        for when in ("before", "after"):
+            row[f"{name}_{when}"] = mean_std(getattr(c, when).get(field) for c in cells)
+    row["scan_hit"] = sum(c.scan_target == c.true_target for c in cells) / len(cells)
+    row["repair_seconds"] = mean_std(c.repair_seconds for c in cells)
+    row["repair_cpu_seconds"] = mean_std(c.repair_cpu_seconds for c in cells)
+    return row
+
+
+def _repair_rows(repairs: Sequence[RepairRecord]) -> list[dict]:
+    """Per repairer: one row per attack and dataset (and per attack over datasets), then one over every attack."""
+    rows = []
+    for repairer, by_repairer in _by(repairs, "repairer").items():
+        per_attack = list(_by(by_repairer, "attack", _attack_order).items())
+        for attack, part in per_attack:
+            per_dataset = list(_by(part, "dataset").items())
+            for dataset, cells in per_dataset + ([("all", part)] if len(per_dataset) > 1 else []):
+                rows.append(_repair_row(repairer, attack, dataset, cells))
+        if len(per_attack) > 1:
+            rows.append(_repair_row(repairer, "all", "all", by_repairer))
+    return rows
+
+
+def build_report(store: Store, scorer_options: dict[str, dict] | None = None) -> dict:
+    """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name."""
+    models, rows = scored_scans(store, scorer_options)
+    repairs = store.cells("repair")
+    failures = store.failures()
+    broken = store.broken()
+    if not models and not failures:
+        raise ConfigError(f"{store.root} holds no finished or failed cell yet; run `ci-bench run --out {store.root}`")
+    groups: dict[str, list[ScoredScan]] = defaultdict(list)
+    for row in rows:
+        groups[_group_key(row)].append(row)
+    groups = dict(sorted(groups.items(), key=lambda item: _group_order(item[1][0])))
+    labels = _group_label(groups)
+    return {
+        "store": str(store.root),
+        "definitions": DEFINITIONS,
+        "counts": {"models": len(models), "clean_models": sum(m.target is None for m in models),
+                   "scans": len({row.key for row in rows}), "repairs": len(repairs), "failed": len(failures),
+                   "broken": len(broken)},
+        "broken": broken,
+        "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
+        "attacks": _attack_rows(models),
+        "repairs": _repair_rows(repairs),
+        "skipped_repairs": skipped_repairs(store),
+        "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
+                     for f in failures],
+        "pending": pending(store, {f.get("key") for f in failures}),
+    }
