@@ -9,13 +9,14 @@ model are those the untuned backbone already makes easy to reach.
 
 So each class is judged against the reference scan (``ci_core.reference``: the
 same detector, pool, seed and trigger initialisation on the backbone used as a
-zero-shot classifier).  Let y_c be the model's per-class anomaly score and x_c
-the backbone's, both by the detector's own scorer (for CI the paper's Eq. 6-7
-score; for NC and Pixel Backdoor the MAD anomaly index of the trigger size).
-Prompt tuning moves every class a little, and the classes a backbone finds easy
-it tends to make easier still, so the model's scores are fitted on the
-backbone's by least squares, y = a + b x, and each class is tested for lying far
-*above* that line: its externally studentised residual
+zero-shot classifier).  Let y_c be the model's cost of reaching class c and x_c
+the backbone's, negated so that larger means easier: the detector's per-class
+statistic where it reports one (NC's mask norm, Pixel Backdoor's pixel count),
+otherwise the inversion's loss on the held-out images (CI).  Prompt tuning moves
+every class a little, and the classes a backbone finds easy it tends to make
+easier still, so the model's values are fitted on the backbone's by least
+squares, y = a + b x, and each class is tested for lying far *above* that line:
+its externally studentised residual
 
     t_c = e_c / (s_(c) sqrt(1 - h_cc)),
 
@@ -29,9 +30,19 @@ flagged iff p <= alpha, and a class iff n P(T >= t_c) <= alpha.  s_max is
 t_max, the predicted target its class.  The threshold thus follows n: the same
 alpha asks t >= 3.52 of 24 candidates and 3.64 of 36 (n - 3 degrees of freedom).
 
-alpha was pre-registered on the development seeds (see the README): the
-reasoning is that a false alarm costs an auditor as much as a miss, so the
-family-wise error on clean models is held at 1%.
+Why the cost and not the paper's score S (Eq. 6-7, which mixes loss and ASR):
+on the development models (tiny world, seed 1: 8 clean models and controls,
+16 backdoored; ``benchmarks/scorer_calibration.py``) the regression of S and
+of the cost had the same power (6 of 8 implanted models at alpha = 0.01), but
+S put a clean model at p = 0.027 (and one more, in a smoke run, at 0.005: a
+class the backbone already favours whose ASR tuning saturates), while the
+cost's smallest clean p-value was 0.16.  ASR is a bounded count that saturates
+on natural targets; the loss keeps measuring.  ``compare="score"`` keeps the
+regression of the base scorer's S for comparison.
+
+alpha was pre-registered on the development seeds: a false alarm costs an
+auditor as much as a miss, so the family-wise error on clean models is held
+at 1%.
 """
 
 from __future__ import annotations
@@ -88,18 +99,24 @@ def _unit_interval_open(instance, attribute, value) -> None:
         raise ValueError(f"{attribute.name} must lie strictly between 0 and 1, got {value!r}")
 
 
+COMPARED = ("cost", "score")
+
+
 @attrs.frozen(kw_only=True)
 class ReferenceOutlierConfig:
     alpha: float = attrs.field(default=0.01, validator=_unit_interval_open)
-    # The per-class scorer whose scores are compared.  Empty: "mad" where the detector reports a per-class
-    # statistic (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
+    # What is compared with the backbone: "cost" (the negated per-class statistic, or the inversion loss where
+    # the detector reports none) or "score" (the base scorer's per-class anomaly score).
+    compare: str = attrs.field(default="cost", validator=attrs.validators.in_(COMPARED))
+    # The per-class scorer of compare="score".  Empty: "mad" where the detector reports a per-class statistic
+    # (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
 
 
 class ReferenceOutlierScorer(Scorer):
     name = "ref-outlier"
-    description = ("calibrated: each class's score against the backbone's (regression outlier test), "
-                   "flagged iff the family-wise p <= alpha")
+    description = ("calibrated: each class's cost of reaching it against the backbone's (regression outlier "
+                   "test), flagged iff the family-wise p <= alpha")
     Config = ReferenceOutlierConfig
     needs_reference = True
     min_classes = MIN_CLASSES
@@ -113,6 +130,14 @@ class ReferenceOutlierScorer(Scorer):
             raise ConfigError(f"{self.name}: base scorer {name!r} needs a reference itself; give a per-class scorer")
         return base.from_options()
 
+    def compared(self, evidence: Sequence[ClassEvidence]) -> np.ndarray:
+        """The per-class values the regression compares, larger = more suspicious."""
+        if self.config.compare == "score":
+            return np.asarray(self.base_scorer(evidence).score(evidence).scores, dtype=np.float64)
+        if all(e.statistic is not None for e in evidence):
+            return -np.asarray([e.statistic for e in evidence], dtype=np.float64)
+        return -np.asarray([e.loss for e in evidence], dtype=np.float64)
+
     def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores:
         if reference is None:
             raise ConfigError(f"the {self.name} scorer needs the reference scan of the model's backbone")
@@ -122,9 +147,7 @@ class ReferenceOutlierScorer(Scorer):
                               f"{len(names)})")
         if len(names) < MIN_CLASSES:
             raise ConfigError(f"the {self.name} scorer needs at least {MIN_CLASSES} candidate classes, got {len(names)}")
-        base = self.base_scorer(evidence)
-        model = np.asarray(base.score(evidence).scores, dtype=np.float64)
-        backbone = np.asarray(base.score(reference).scores, dtype=np.float64)
+        model, backbone = self.compared(evidence), self.compared(reference)
         t = studentized_residuals(backbone, model)
         p = outlier_p_values(t, len(names) - 3)
         best = int(np.argmax(t))

@@ -102,6 +102,28 @@ def test_the_calibrated_scorer_flags_a_class_the_backbone_does_not_explain():
     assert paper.target == "c7"
 
 
+def test_the_calibrated_scorer_compares_the_cost_of_reaching_a_class_not_its_asr():
+    rng = np.random.default_rng(8)
+    ref_asr, ref_loss = rng.uniform(0.1, 0.6, 24), rng.uniform(0.05, 0.2, 24)
+    model_asr = np.clip(0.1 + 0.9 * ref_asr + rng.normal(0, 0.02, 24), 0, 1)
+    model_loss = 0.01 + 1.1 * ref_loss + rng.normal(0, 0.003, 24)
+    reference = evidence(ref_asr, ref_loss)
+    # A natural target whose ASR tuning saturates while its loss stays on the backbone's line: the paper's S
+    # (half ASR) makes it an outlier, the cost does not.
+    model_asr[3] = 1.0
+    saturated = evidence(model_asr, model_loss)
+    by_cost = ReferenceOutlierScorer.from_options({"alpha": 0.05}).score(saturated, reference)
+    by_score = ReferenceOutlierScorer.from_options({"alpha": 0.05, "compare": "score"}).score(saturated, reference)
+    assert not by_cost.backdoored and by_cost.p_value > 0.05
+    assert by_score.backdoored and by_score.target == "c3"
+    # A class the model reaches at far less loss than the backbone predicts is the cost's outlier.
+    model_loss[11] = -0.1
+    assert ReferenceOutlierScorer.from_options({"alpha": 0.05}).score(evidence(model_asr, model_loss),
+                                                                       reference).target == "c11"
+    with pytest.raises(ConfigError):
+        ReferenceOutlierScorer.from_options({"compare": "asr"})
+
+
 def test_the_calibrated_scorer_compares_statistics_with_the_mad_scorer():
     rng = np.random.default_rng(2)
     reference = evidence([0.9] * 10, statistic=list(rng.uniform(50, 60, 10)))
