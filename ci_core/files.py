@@ -46,6 +46,14 @@ def read_json_object(path: str | Path, error_cls: type[CIError], what: str, *, m
     return data
 
 
+def slug(text: str, *, keep: str = "", limit: int | None = None) -> str:
+    """``text`` as a file-name fragment: letters and digits (and the characters of ``keep``), the rest "_".
+
+    ``limit`` caps the length: a class name may be as long as the context allows, a file name only 255 bytes.
+    """
+    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text)[:limit]
+
+
 def write_json_atomic(path: str | Path, data) -> None:
     """Write ``data`` as JSON to ``path`` atomically: a temporary file beside it, then a rename.
 

@@ -33,7 +33,7 @@ from torchvision.utils import save_image
 
 from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
-from ci_core.files import publishing, write_json_atomic
+from ci_core.files import publishing, slug, write_json_atomic
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
 from ci_core.evaluation import predict
 from ci_core.ssim import ssim
@@ -326,11 +326,6 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
                       seconds=clock.seconds)
 
 
-def _slug(name: str, limit: int = 80) -> str:
-    # Capped: a class name may be as long as the context allows, a file name only 255 bytes.
-    return "".join(ch if ch.isalnum() else "_" for ch in name)[:limit]
-
-
 def write_scan(result: ScanResult, out: str | Path, pool: OODPool, **context) -> Path:
     """Write ``report.json`` and ``triggers/`` (per class: tensors and a clean/triggered image strip) atomically.
 
@@ -341,7 +336,7 @@ def write_scan(result: ScanResult, out: str | Path, pool: OODPool, **context) ->
         triggers.mkdir()
         examples = pool.holdout[:4]
         for index, evidence in enumerate(result.classes):
-            stem = f"{index:03d}_{_slug(evidence.name)}"
+            stem = f"{index:03d}_{slug(evidence.name, limit=80)}"
             evidence.trigger.save(triggers / f"{stem}.safetensors")
             strip = torch.cat([examples, evidence.trigger.apply(examples)])
             save_image(strip, triggers / f"{stem}.png", nrow=len(examples))

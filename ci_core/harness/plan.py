@@ -30,6 +30,7 @@ from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import source_fingerprint
 from ci_core.errors import ConfigError
+from ci_core.files import slug
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_TEMPLATE
@@ -47,7 +48,7 @@ ABLATION_FIELDS = (("--batch-sizes", "batch_sizes", "batch_size"), ("--losses", 
 
 
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
+    return slug(text, keep="-_")  # part of every cell key: never change what it keeps
 
 
 def _distinct(name: str, values: Sequence) -> None:
