@@ -475,3 +475,15 @@ def test_local_and_ray_executors_give_identical_results(tmp_path):
     assert sorted(a) == sorted(b) and len(a) == 3
     differing = {(key, field) for key in a for field in set(a[key]) | set(b[key]) if a[key].get(field) != b[key].get(field)}
     assert not differing, [(k, f, a[k].get(f), b[k].get(f)) for k, f in sorted(differing)]  # same hash, metrics, evidence
+
+
+def test_the_report_states_the_rule_once_for_scans_of_different_sizes():
+    from types import SimpleNamespace
+
+    from ci_core.harness.report.tables import common_rule
+
+    rows = [SimpleNamespace(rule=f"p <= 0.01 (Bonferroni over {n} classes)") for n in (24, 36, 24)]
+    assert common_rule(rows) == "p <= 0.01 (Bonferroni over n classes)"
+    assert common_rule(rows[:1]) == "p <= 0.01 (Bonferroni over 24 classes)"
+    assert common_rule([SimpleNamespace(rule=r) for r in ("s_max >= 2", "s_max >= 3")]) == "s_max >= 2; s_max >= 3"
+    assert common_rule([SimpleNamespace(rule=None)]) is None

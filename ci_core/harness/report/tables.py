@@ -6,6 +6,7 @@ Definitions are in ``DEFINITIONS`` (written into the report) and in ``ci_core.ha
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,6 +24,15 @@ from ci_core.protocol import REFERENCE_SCORER
 from ci_core.scan import UNSCANNABLE
 
 IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
+
+def common_rule(rows: Sequence[ScoredScan]) -> str | None:
+    """The scorer's rule over these scans; where it differs only in the number of classes, with that number as n."""
+    rules = sorted({r.rule for r in rows if r.rule})
+    if len(rules) <= 1:
+        return rules[0] if rules else None
+    general = {re.sub(r"\b\d+ classes\b", "n classes", r) for r in rules}
+    return general.pop() if len(general) == 1 else "; ".join(rules)
+
 
 DEFINITIONS = {
     "verdict": (
@@ -155,7 +165,7 @@ def verdict_summary(rows: Sequence[ScoredScan]) -> dict:
         "target_accuracy": (sum(r.predicted_target == r.true_target for r in implanted) / len(implanted)
                             if implanted else None),
         "unscannable": sum(r.verdict == UNSCANNABLE for r in rows),
-        "rule": next((r.rule for r in rows if r.rule), None),
+        "rule": common_rule(rows),
     }
     for name, part in (("auroc_all", rows), ("auroc_implanted", clean + implanted)):
         truth = [row.true_target is not None for row in part]
@@ -186,7 +196,7 @@ def _group_summary(label: str, rows: list[ScoredScan]) -> dict:
     verdict = confusion(truth, [row.backdoored for row in rows])
     model_level: dict[str, Any] = {
         "models": len(rows), "backdoored": sum(truth), "clean": len(rows) - sum(truth),
-        "rule": next((r.rule for r in rows if r.rule), None),
+        "rule": common_rule(rows),
         "k": first.scorer_config.get("k"), "accuracy": verdict.accuracy, "tpr": verdict.tpr, "fpr": verdict.fpr,
         "tp": verdict.tp, "fp": verdict.fp, "fn": verdict.fn, "tn": verdict.tn,
         "auroc": None, "youden": None, "roc": None,
