@@ -1,10 +1,11 @@
 """The benchmark harness behind ``ci-bench run`` and ``ci-bench report``.
 
-``plan`` turns sweep settings into model, scan and repair cells keyed by the
-hash of what determines them; ``store`` files finished cells atomically under those
-keys; ``cells`` runs one cell; ``executors`` run many (in-process or on Ray);
-``sweep`` ties them together; ``metrics`` and ``report`` compute and write the
-tables and figures.
+``records`` defines each cell's typed spec (what determines its result, hashed
+into its key) and the record it files; ``plan`` turns sweep settings into model,
+reference, scan and repair cells; ``store`` files finished cells atomically
+under their keys; ``cells`` runs one cell; ``executors`` run many (in-process or
+on Ray); ``sweep`` ties them together; ``statistics`` and the ``report`` package
+compute and write the tables and figures.
 """
 
 from ci_core.harness.executors import CellOptions, LocalExecutor, RayExecutor
