@@ -38,7 +38,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
-from ci_core.harness.cells import BUNDLE, TRIGGER
+from ci_core.protocol import MODEL_BUNDLE as BUNDLE
+from ci_core.protocol import MODEL_TRIGGER as TRIGGER
 from ci_core.cli.common import StderrProgress, data_root_option, echo_table, open_dataset, report_errors
 from ci_core.errors import ConfigError
 from ci_core.ssim import ssim

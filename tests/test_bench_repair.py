@@ -17,6 +17,7 @@ import pytest
 
 from ci_core.harness import Store, SweepSettings, plan_sweep
 from ci_core.harness.report import build_report, implanted_model_level, to_markdown
+from ci_core.harness.records import BackboneKey, ModelSpec, RepairScoring, RepairSpec
 from ci_core.harness.store import KINDS, write_json
 from ci_core.errors import ConfigError
 from ci_core.models.bundle import ZEROSHOT, bundle_sha256, read_meta
@@ -281,16 +282,24 @@ def test_report_repair_table_from_hand_made_cells(tmp_path):
     store = Store.open(tmp_path / "store", create=True)
     rng = np.random.default_rng(0)
     metrics = ("acc_base", "acc_new", "asr_base", "asr_new")
+    backbone = BackboneKey(name="ci-tiny-clip", weights_sha256="0" * 64)
     cells = []
     for attack in ("badclip", "wanet"):
         for seed in (1, 2, 3):
             model_key = f"{attack}-s{seed}"
             before = {m: float(rng.uniform()) for m in metrics} | {"trigger_ssim": 0.9}
+            model_spec = ModelSpec(dataset="tiny-palette", seed=seed, shots=1, test_per_class=None, attack=attack,
+                                   attack_config={}, backdoor=True, backbone=backbone)
             put_cell(store, "model", {
-                "kind": "model", "key": model_key, "label": model_key, "spec": {}, "dataset": "tiny-palette",
-                "attack": attack, "seed": seed, "target": "red stripes", "metrics": before, "seconds": 1.0})
+                "kind": "model", "key": model_key, "label": model_key, "spec": model_spec.to_json(),
+                "dataset": "tiny-palette", "attack": attack, "seed": seed, "target": "red stripes",
+                "metrics": before, "trigger": "additive", "bundle_sha256": "0" * 64, "seconds": 1.0})
             for repairer in ("ci-trigger", "clean-only"):
-                record = {"kind": "repair", "key": f"{repairer}-{model_key}", "label": "", "spec": {},
+                repair_spec = RepairSpec(model=model_key, scan="s", seed=seed, repairer=repairer, repairer_config={},
+                                         repair_shots=4, backbone=backbone,
+                                         scoring=RepairScoring(scorer="ci", config={}, reference=None))
+                record = {"kind": "repair", "key": f"{repairer}-{model_key}", "label": "", "spec": repair_spec.to_json(),
+                          "repair_trigger_class": "red stripes", "clean_images": 4, "bundle_sha256": "0" * 64,
                           "model": model_key, "scan": "s", "dataset": "tiny-palette", "attack": attack, "seed": seed,
                           "repairer": repairer, "true_target": "red stripes",
                           "scan_target": "red stripes" if seed < 3 else "blue dots", "before": before,

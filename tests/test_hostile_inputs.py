@@ -221,7 +221,7 @@ def test_broken_metadata_is_refused_before_anything_is_allocated(bundles, tmp_pa
     bundle = copy_of(bundles, "cocoop", tmp_path)
     rewrite(bundle, change)
     monkeypatch.setattr(bundle_module, "load_backbone", lambda *a, **k: pytest.fail("built a backbone"))
-    monkeypatch.setattr(bundle_module, "load_file", lambda *a, **k: pytest.fail("read the weights"))
+    monkeypatch.setattr(bundle_module, "safetensors_load", lambda *a, **k: pytest.fail("read the weights"))
     with pytest.raises(BundleError, match=message) as caught:
         load_bundle(bundle)
     assert one_line(caught.value).startswith(str(bundle))
@@ -339,7 +339,7 @@ def test_a_bundles_own_files_never_lead_out_of_it(bundles, tmp_path):
 def test_a_huge_tensor_in_the_weights_header_is_refused_before_any_tensor_is_read(bundles, tmp_path, monkeypatch):
     bundle = copy_of(bundles, "cocoop", tmp_path)
     tensors = load_file(str(bundle / "weights.safetensors"))
-    monkeypatch.setattr(bundle_module, "load_file", lambda *a, **k: pytest.fail("read the tensors"))
+    monkeypatch.setattr(bundle_module, "safetensors_load", lambda *a, **k: pytest.fail("read the tensors"))
     monkeypatch.setattr(bundle_module, "load_backbone", lambda *a, **k: pytest.fail("built a backbone"))
     save_file({**tensors, "prompt_learner.ctx": torch.zeros(400, 64)}, str(bundle / "weights.safetensors"))
     with pytest.raises(BundleError, match=r"tensor 'prompt_learner.ctx' has shape \[400, 64\], expected \[4, 64\]"):
