@@ -128,3 +128,11 @@ def test_class_file_reading(tmp_path):
     path.write_text("red circle\n")
     with pytest.raises(DataError, match=r"needs at least two class names"):
         read_class_file(path, bundle_classes)
+
+
+def test_tables_show_a_small_p_value_instead_of_zero(capsys):
+    from ci_core.cli.common import echo_table
+
+    echo_table([{"p": 0.0002377, "acc": 1.0, "none": None, "flag": True}],
+               [("p", "P"), ("acc", "ACC"), ("none", "N"), ("flag", "F")])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["2.4e-04", "1.000", "-", "yes"]

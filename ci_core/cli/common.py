@@ -151,5 +151,5 @@ def _fmt(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.1e}" if 0 < abs(value) < 0.001 else f"{value:.3f}"  # a p-value of 2e-4 is not 0.000
     return str(value)
