@@ -28,7 +28,8 @@ model-level p-value is Bonferroni's over the n candidates, p = min(1, n P(T >=
 t_max)), family-wise exact enough for the one-sided maximum; the model is
 flagged iff p <= alpha, and a class iff n P(T >= t_c) <= alpha.  s_max is
 t_max, the predicted target its class.  The threshold thus follows n: the same
-alpha asks t >= 3.52 of 24 candidates and 3.64 of 36 (n - 3 degrees of freedom).
+alpha asks t >= 3.90 of 24 candidates, 3.82 of 36 and 3.81 of 50 (Bonferroni over n, Student's t on
+n - 3 degrees of freedom).
 
 Why the cost and not the paper's score S (Eq. 6-7, which mixes loss and ASR):
 on the development models (tiny world, seed 1: 8 clean models and controls,

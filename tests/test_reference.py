@@ -295,3 +295,10 @@ def test_ci_scan_exit_status_says_the_verdict(tmp_path, bundle_of):
                        "--out", tmp_path / "refused")
     assert refused.exit_code == 1 and "--scorer ref-outlier" in refused.output and "--no-reference" in refused.output
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_documented_thresholds_are_the_ones_the_scorer_applies():
+    # The scorer's docstring and the README quote these t values for alpha = 0.01.
+    for n, t in ((24, 3.90), (36, 3.82), (50, 3.81)):
+        below, above = outlier_p_values(np.array([t - 0.01, t + 0.01] + [0.0] * (n - 2)), n - 3)[:2]
+        assert below > 0.01 >= above, (n, t, below, above)
