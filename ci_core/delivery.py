@@ -43,8 +43,8 @@ import open_clip
 import torch
 
 from ci_core.errors import BundleError, ConfigError, DataError
-from ci_core.models.backbone import (BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, file_sha256,
-                                     load_backbone)
+from ci_core.files import file_sha256
+from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
 from ci_core.models.bundle import META_FILE, bundle_meta, non_finite_tensors
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,15 @@ def read_json_object(path: str | Path, error_cls: type[CIError], what: str, *, m
     if not isinstance(data, dict):
         raise error_cls(f"{path}: holds {_JSON_KINDS[type(data)]}, not a JSON object; expected {what}")
     return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (weights files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def slug(text: str, *, keep: str = "", limit: int | None = None) -> str:

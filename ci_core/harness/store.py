@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ci_core.errors import ConfigError
-from ci_core.files import read_json_object, write_json_atomic
+from ci_core.files import file_sha256, read_json_object, write_json_atomic
 from ci_core.harness.records import RECORDS, VERSION, Record, spec_hash  # noqa: F401  (VERSION: the store's)
 from ci_core.protocol import MODEL_BUNDLE, MODEL_TRIGGER
 
@@ -62,14 +61,6 @@ def write_json(path: Path, data) -> None:
 
 def read_json(path: Path, what: str) -> dict:
     return read_json_object(path, ConfigError, what)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -158,7 +149,7 @@ class Store:
             if present != set(files):
                 return f"its files differ from its manifest ({sorted(present ^ set(files))[:3]})"
             for name, digest in files.items():
-                if _file_sha256(folder / name) != digest:
+                if file_sha256(folder / name) != digest:
                     return f"{name} does not match its recorded SHA-256"
             self.read_cell(kind, key)
         except (ConfigError, OSError) as exc:
@@ -248,7 +239,7 @@ class Store:
             yield work
             if not (work / CELL_FILE).is_file():
                 raise RuntimeError(f"cell {key}: {CELL_FILE} was not written")
-            files = {str(p.relative_to(work)): _file_sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
+            files = {str(p.relative_to(work)): file_sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
             write_json(work / MANIFEST, {"files": files})
             if final.exists():  # a retried task finished twice: the first whole result stands
                 shutil.rmtree(work)

@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ci_core.errors import ConfigError
+from ci_core.files import file_sha256
 from ci_core.safe_pickle import open_archive, script_tensors
 
 TINY_MODEL = "ci-tiny-clip"
@@ -210,14 +211,6 @@ _SCRIPT_NOT_WEIGHTS = ("attn_mask",)
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:
