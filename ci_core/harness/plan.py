@@ -127,19 +127,12 @@ class SweepSettings:
                               f"got {', '.join(self.inversion_data) or 'nothing'}")
 
 
-class _CellJSON:
-    """A cell's JSON (what a worker receives): its kind and every field; ``cell_from_json`` reads it back."""
-
-    def to_json(self) -> dict:
-        fields = attrs.asdict(self, recurse=False)
-        return {"kind": self.kind, **fields, "spec": self.spec.to_json()}
-
-
 @attrs.frozen(kw_only=True, eq=False)
-class ModelCell(_CellJSON):
-    kind: ClassVar[str] = "model"
+class _Cell:
+    """What every cell holds besides its spec; its JSON is what a worker receives (``cell_from_json`` reads it)."""
+
+    kind: ClassVar[str]
     key: str
-    spec: ModelSpec  # everything the result depends on; hashed into the key
     label: str
     # Where the worker finds the backbone weights and the dataset files: not part of the key, which
     # holds the weights hash and the dataset name instead.
@@ -151,36 +144,34 @@ class ModelCell(_CellJSON):
         """Keys of the cells whose results this one reads."""
         return ()
 
+    def to_json(self) -> dict:
+        fields = attrs.asdict(self, recurse=False)
+        return {"kind": self.kind, **fields, "spec": self.spec.to_json()}
+
 
 @attrs.frozen(kw_only=True, eq=False)
-class ReferenceCell(_CellJSON):
+class ModelCell(_Cell):
+    kind: ClassVar[str] = "model"
+    spec: ModelSpec  # everything the result depends on; hashed into the key
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ReferenceCell(_Cell):
     """The detector run on the untuned backbone (zero-shot) over one set of classes, pool and seed."""
 
     kind: ClassVar[str] = "reference"
-    key: str
     spec: ReferenceSpec
-    label: str
-    backbone_source: str
     dataset: str  # whose images an in-distribution inversion set takes (not part of the key unless used)
-    data_root: str | None = None
-
-    @property
-    def depends_on(self) -> tuple[str, ...]:
-        return ()
 
 
 @attrs.frozen(kw_only=True, eq=False)
-class ScanCell(_CellJSON):
+class ScanCell(_Cell):
     kind: ClassVar[str] = "scan"
-    key: str
     spec: ScanSpec
-    label: str
-    backbone_source: str
     model_key: str
     variant: dict  # the ablation values of this scan (pool size, batch size, loss, inversion data)
     reference_key: str | None = None  # its reference cell (None: the sweep runs without references)
     scoring: dict = attrs.Factory(dict)  # scorer name -> config its verdict is read with (not part of the key)
-    data_root: str | None = None
 
     @property
     def depends_on(self) -> tuple[str, ...]:
@@ -188,15 +179,11 @@ class ScanCell(_CellJSON):
 
 
 @attrs.frozen(kw_only=True, eq=False)
-class RepairCell(_CellJSON):
+class RepairCell(_Cell):
     kind: ClassVar[str] = "repair"
-    key: str
     spec: RepairSpec
-    label: str
-    backbone_source: str
     model_key: str
     scan_key: str  # the scan whose trigger the repairer takes
-    data_root: str | None = None
 
     @property
     def depends_on(self) -> tuple[str, ...]:

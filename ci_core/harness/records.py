@@ -199,11 +199,16 @@ def spec_from_json(data: Any, where: str = "spec") -> Spec:
 # --------------------------------------------------------------------------- records (cell.json)
 
 
+@attrs.frozen(kw_only=True)
 class Record(JSONRecord):
-    """What every finished cell records besides its own results."""
+    """What every finished cell records besides its own results: its key, and where and how long it ran."""
 
     key: str
     label: str
+    seconds: float = 0.0
+    cpu_seconds: float | None = None
+    device: str = ""
+    threads: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -211,8 +216,6 @@ class ModelRecord(Record):
     KIND = "model"
     NESTED = {"spec": ModelSpec.from_json}
 
-    key: str
-    label: str
     spec: ModelSpec
     dataset: str
     attack: str
@@ -226,10 +229,6 @@ class ModelRecord(Record):
     control: bool = False
     control_target: str | None = None  # whose trigger a control's ASR was measured with
     log: dict = attrs.Factory(dict)
-    seconds: float = 0.0
-    cpu_seconds: float | None = None
-    device: str = ""
-    threads: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -237,18 +236,12 @@ class ReferenceRecord(Record):
     KIND = "reference"
     NESTED = {"spec": ReferenceSpec.from_json}
 
-    key: str
-    label: str
     spec: ReferenceSpec
     reference_key: str  # the reference scan's own key (ci_core.reference: what a cache would file it under)
     pool_sha256: str
     detector: str
     n_classes: int
     scan_seconds: float
-    seconds: float = 0.0
-    cpu_seconds: float | None = None
-    device: str = ""
-    threads: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -256,8 +249,6 @@ class ScanRecord(Record):
     KIND = "scan"
     NESTED = {"spec": ScanSpec.from_json}
 
-    key: str
-    label: str
     spec: ScanSpec
     model: str
     reference: str | None
@@ -283,10 +274,6 @@ class ScanRecord(Record):
     paper_scorer: str | None = None
     paper_s_max: float | None = None
     paper_flagged: bool | None = None
-    seconds: float = 0.0
-    cpu_seconds: float | None = None
-    device: str = ""
-    threads: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -294,8 +281,6 @@ class RepairRecord(Record):
     KIND = "repair"
     NESTED = {"spec": RepairSpec.from_json}
 
-    key: str
-    label: str
     spec: RepairSpec
     model: str
     scan: str
@@ -312,10 +297,6 @@ class RepairRecord(Record):
     bundle_sha256: str
     repair_seconds: float
     repair_cpu_seconds: float | None = None
-    seconds: float = 0.0
-    cpu_seconds: float | None = None
-    device: str = ""
-    threads: int | None = None
 
 
 RECORDS = {cls.KIND: cls for cls in (ModelRecord, ReferenceRecord, ScanRecord, RepairRecord)}
