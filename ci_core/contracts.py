@@ -131,6 +131,16 @@ def small_options(cls: type) -> dict:
     return {key: value for key, value in SMALL.items() if key in fields}
 
 
+def _small(cls: type, options: Mapping[str, Any] | None) -> Any:
+    """``cls`` configured for the contract: ``options`` (default ``small_options``) over the "tiny" preset."""
+    return cls.from_options(small_options(cls) if options is None else dict(options), preset="tiny")
+
+
+def _copy(images: LabeledImages) -> LabeledImages:
+    """A copy to compare with afterwards: a plugin must not edit the images it is given."""
+    return LabeledImages(images.images.clone(), images.labels.clone(), images.classnames)
+
+
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -382,11 +392,10 @@ def check_attack(cls: type[Attack], *, backbone: Backbone | None = None, options
         cls.from_options(control)
         cls.from_options({**small_options(cls), **control}, preset="tiny")
     backbone = backbone or random_backbone()
-    options = small_options(cls) if options is None else dict(options)
-    attack = cls.from_options(options, preset="tiny")
+    attack = _small(cls, options)
     size = backbone.image_size
     train = labeled_images(CLASSES[:2], size, seed=1)
-    given = LabeledImages(train.images.clone(), train.labels.clone(), train.classnames)
+    given = _copy(train)
     messages, progress = _recorder()
     try:
         outcome = _run_attack(attack, backbone, train, None, global_seed=1, progress=progress)
@@ -503,8 +512,7 @@ def check_detector(cls: type[Detector], *, backbone: Backbone | None = None,
                     f"its default_scorer {scorer_name!r} is not a registered scorer")
     scorer_cls = plugins.get("scorer", scorer_name)
     backbone = backbone or random_backbone()
-    options = small_options(cls) if options is None else dict(options)
-    detector = cls.from_options(options, preset="tiny")
+    detector = _small(cls, options)
     size = backbone.image_size
     images = random_images(BATCH, size, seed=2)
     given = images.clone()
@@ -694,11 +702,10 @@ def check_repairer(cls: type[Repairer], *, backbone: Backbone | None = None,
     subject.require(isinstance(kinds, tuple) and kinds and set(kinds) <= set(BUNDLE_MODELS),
                     f"bundle_kinds must be a non-empty tuple of {sorted(BUNDLE_MODELS)}, got {kinds!r}")
     backbone = backbone or random_backbone()
-    options = small_options(cls) if options is None else dict(options)
-    repairer = cls.from_options(options, preset="tiny")
+    repairer = _small(cls, options)
     size = backbone.image_size
     clean = labeled_images(CLASSES[:2], size, seed=3)
-    given = LabeledImages(clean.images.clone(), clean.labels.clone(), clean.classnames)
+    given = _copy(clean)
     delta = (torch.rand(3, size, size, generator=torch.Generator().manual_seed(4)) * 2 - 1) * EPSILON
     trigger = AdditiveTrigger(delta, epsilon=EPSILON)
     images = random_images(BATCH, size, seed=5)
