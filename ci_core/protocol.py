@@ -163,22 +163,24 @@ def train_and_save(attack: Attack, backbone: Backbone, task: Task, folder: Path,
 REFERENCE_SCORER = "ref-outlier"
 
 
-def choose_scorers(plugins, detector: Detector, *, scorer: str | None = None, options: Mapping[str, Any] | None = None,
+def choose_scorers(plugins, detector: Detector | type[Detector], *, scorer: str | None = None,
+                   options: Mapping[str, Any] | None = None, configs: Mapping[str, Mapping[str, Any]] | None = None,
                    preset: str | None = None, reference: bool = True,
                    option_flag: str = "--scorer") -> tuple[Scorer, tuple[Scorer, ...]]:
     """(the scorer whose verdict counts, the scorers reported beside it) for a scan by ``detector``.
 
     With a reference the calibrated ``REFERENCE_SCORER`` decides unless ``scorer`` names another, and the
     detector's own scorer is reported beside it; without one the detector's own scorer decides, and a
-    scorer that needs a reference is an error that names ``option_flag``.  ``options`` configure the
-    deciding scorer.
+    scorer that needs a reference is an error that names ``option_flag``.  ``configs`` (scorer name ->
+    options) configure any of them, ``options`` the deciding one on top.
     """
+    configs = configs or {}
     own = detector.default_scorer
     name = scorer or (REFERENCE_SCORER if reference else own)
     decider_cls = plugins.get("scorer", name)
     if decider_cls.needs_reference and not reference:
         raise ConfigError(f"{option_flag} {name}: this scorer compares the model with its reference scan, which "
                           f"--no-reference skips; drop --no-reference or choose a scorer such as {own!r}")
-    decider = decider_cls.from_options(options, preset=preset)
-    also = () if name == own else (plugins.get("scorer", own).from_options(preset=preset),)
+    decider = decider_cls.from_options({**configs.get(name, {}), **(options or {})}, preset=preset)
+    also = () if name == own else (plugins.get("scorer", own).from_options(configs.get(own), preset=preset),)
     return decider, also

@@ -35,8 +35,8 @@ from ci_core.runtime import StderrProgress, resolve_device, seed_everything, tor
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import apply_scorer, scan, stored_problems, write_scan
 from ci_core.plugins import load_trigger
-from ci_core.protocol import (MODEL_BUNDLE, REFERENCE_SCORER, choose_target, load_task,
-                              sample_candidates, train_and_save)
+from ci_core.protocol import MODEL_BUNDLE, choose_scorers, choose_target, load_task, sample_candidates, train_and_save
+
 
 @functools.lru_cache(maxsize=2)
 def _load_backbone(name: str, source: str, device: str) -> Backbone:
@@ -147,15 +147,6 @@ def read_reference(store: Store, key: str) -> ReferenceScan:
         raise ConfigError(str(exc)) from None
 
 
-def cell_scorers(plugins, scoring: Mapping[str, Mapping[str, Any]], detector_name: str,
-                 with_reference: bool) -> tuple[Any, tuple[Any, ...]]:
-    """(deciding scorer, the others) of a scan by ``detector_name`` with the configs in ``scoring``."""
-    own = plugins.get("detector", detector_name).default_scorer
-    names = ([REFERENCE_SCORER] if with_reference else []) + [own]
-    scorers = [plugins.get("scorer", name).from_options(scoring.get(name, {})) for name in names]
-    return scorers[0], tuple(scorers[1:])
-
-
 def _require(store: Store, kind: str, key: str | None) -> None:
     if key is not None and not store.is_done(kind, key):
         raise ConfigError(f"its {kind} cell {key} has no result in the store")
@@ -170,7 +161,8 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
     plugins = registry()
     backbone = cell_backbone(cell, device)
     detector = plugins.get("detector", spec.detector).from_options(spec.detector_config)
-    decider, also = cell_scorers(plugins, cell.scoring, spec.detector, reference is not None)
+    decider, also = choose_scorers(plugins, plugins.get("detector", spec.detector), configs=cell.scoring,
+                                   reference=reference is not None)
     with store.writing("scan", cell.key) as work:
         cost = _Cost(device)
         model, meta = load_bundle(store.bundle_path("model", cell.model_key), backbone)
