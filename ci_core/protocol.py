@@ -47,6 +47,11 @@ def load_task(dataset: Dataset, backbone: Backbone, *, seed: int, shots: int = 1
     return Task(dataset=dataset.name, train=train, test=test, base=base, new=new)
 
 
+# The default scan seed of ci-scan and of benchmark scans: an auditor scans every model of a backbone with one
+# seed, so one reference scan (per classes, pool and detector setting) serves them all.
+SCAN_SEED = 0
+
+
 def default_target(base: Sequence[str], seed: int) -> str:
     """The base class a benchmark model's backdoor targets: drawn by ``seed`` (known before any training)."""
     return random.Random(seed).choice(tuple(base))

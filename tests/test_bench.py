@@ -20,7 +20,7 @@ from ci_core.harness.statistics import auroc, class_counts, clopper_pearson, con
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
-from ci_core.protocol import pool_sizes, preset_for
+from ci_core.protocol import SCAN_SEED, pool_sizes, preset_for
 
 from test_plugins import activate_fake_distribution
 
@@ -130,6 +130,7 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         "shots": settings(shots=3),
         "test images": settings(test_per_class=5),
         "seed": settings(seeds=(2,)),
+        "scan seed": settings(scan_seed=SCAN_SEED + 1),
         "pool size": settings(pool_sizes=(inversion + 1,)),
         "holdout": settings(holdout=holdout + 1),
         "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
@@ -141,7 +142,8 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         assert not set(c.key for c in plan.scans) & set(c.key for c in base.scans), what
         scan_only = what not in ("shots", "test images", "seed")
         assert ({c.key for c in plan.models} == model_keys) is scan_only, what
-        reference_too = what not in ("shots", "test images")  # a reference never depends on the models
+        # A reference never depends on the models (nor on their seeds: every scan uses the one scan seed).
+        reference_too = what not in ("shots", "test images", "seed")
         assert (not {c.key for c in plan.references} & {c.key for c in base.references}) is reference_too, what
     # Scorers read the stored evidence: a scorer option changes no model, reference or scan.
     rescored = plan_sweep(settings(scorer_options={"ci": {"k": 2.5}, "ref-outlier": {"alpha": 0.05}}), tiny_backbone,
@@ -487,3 +489,17 @@ def test_the_report_states_the_rule_once_for_scans_of_different_sizes():
     assert common_rule(rows[:1]) == "p <= 0.01 (Bonferroni over 24 classes)"
     assert common_rule([SimpleNamespace(rule=r) for r in ("s_max >= 2", "s_max >= 3")]) == "s_max >= 2; s_max >= 3"
     assert common_rule([SimpleNamespace(rule=None)]) is None
+
+
+def test_one_scan_seed_shares_one_reference_across_model_seeds(tiny_backbone):
+    plugins = registry()
+    shared = plan_sweep(settings(seeds=(1, 2), clean_seeds=(5, 6)), tiny_backbone, plugins)
+    assert len(shared.models) == 6 and len(shared.references) == 1  # 6 models of one dataset, one reference
+    assert {c.spec.seed for c in shared.scans} == {SCAN_SEED} and shared.references[0].spec.seed == SCAN_SEED
+    other = plan_sweep(settings(seeds=(1, 2), clean_seeds=(5, 6), scan_seed=7), tiny_backbone, plugins)
+    assert {c.key for c in other.models} == {c.key for c in shared.models}  # the scan seed is no model's business
+    assert not {c.key for c in other.scans + other.references} & {c.key for c in shared.scans + shared.references}
+    per_model = plan_sweep(settings(seeds=(1, 2), clean_seeds=(5, 6), scan_seed=None), tiny_backbone, plugins)
+    assert len(per_model.references) == 4 and {c.spec.seed for c in per_model.scans} == {1, 2, 5, 6}
+    with pytest.raises(ConfigError, match="--scan-seed"):
+        settings(scan_seed=-1)

@@ -21,7 +21,7 @@ from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, registry
 from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import scan, write_scan
-from ci_core.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, choose_scorers, choose_target, load_task, pool_sizes,
+from ci_core.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target, load_task, pool_sizes,
                               preset_for, sample_candidates, train_and_save)
 
 DEMO_MARKER = "demo.json"
@@ -219,6 +219,15 @@ def _seed_list(value: str | None, flag: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def _scan_seed(value: str) -> int | None:
+    if value == "model":
+        return None
+    seeds = _seed_list(value, "--scan-seed")
+    if len(seeds) != 1:
+        raise ConfigError(f"--scan-seed: expected one whole number or 'model', got {value!r}")
+    return seeds[0]
+
+
 def _controls(value: str | None, attacks: tuple[str, ...], plugins) -> tuple[str, ...]:
     """--controls: 'all' = every attack of the sweep that has a clean control."""
     if value == "all":
@@ -286,6 +295,10 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--clean-seeds", default=None, metavar="SEEDS",
               help="Extra clean models (the clean attack) for these seeds on every dataset, e.g. 11-20 or 11,12: "
                    "cheap negatives for the false-positive rate.")
+@click.option("--scan-seed", default=str(SCAN_SEED), show_default=True, metavar="SEED|model",
+              help="The seed of every scan and reference scan (candidates, pool, trigger initialisation), as an auditor "
+                   "scans every model with one seed: one reference per dataset and detector setting serves all the "
+                   "models. 'model' scans each model with its own seed (one reference per seed, as stores before 0.4).")
 @click.option("--no-reference", is_flag=True,
               help="No reference scans of the untuned backbone; only the detectors' own scorers then apply.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -305,7 +318,7 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @report_errors
 def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
         attack_options, detector_options, scorer_options, repairers, repair_shots, repairer_options, controls,
-        clean_seeds, no_reference, executor,
+        clean_seeds, scan_seed, no_reference, executor,
         ray_address, ray_cpus, cpus_per_cell, threads, backbone, pretrained, device, dry_run, verbose, quiet):
     """Cross attacks x datasets x seeds (one model each) with every detector (one scan each), into the store OUT.
 
@@ -337,7 +350,7 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
         repairers=_names(repairers, "--repairers", plugins.names("repairer")) if repairers is not None else (),
         repair_shots=repair_shots, repairer_options=_plugin_options(repairer_options, "--repairer-option"),
         controls=_controls(controls, attack_names, plugins), clean_seeds=_seed_list(clean_seeds, "--clean-seeds"),
-        reference=not no_reference,
+        reference=not no_reference, scan_seed=_scan_seed(scan_seed),
     )
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")

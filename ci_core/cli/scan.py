@@ -18,7 +18,7 @@ from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import (BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems,
                           write_scan)
-from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, choose_scorers, pool_sizes, preset_for
+from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes, preset_for
 
 
 def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
@@ -77,7 +77,7 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
               f"{POOL_SIZES[None][0]}; {POOL_SIZES['tiny'][0]} on the tiny CLIP).")
 @click.option("--holdout", type=click.IntRange(1, MAX_POOL), help=f"Held-out images |T| for ASR (default "
               f"{POOL_SIZES[None][1]}; {POOL_SIZES['tiny'][1]} on the tiny CLIP).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--seed", default=SCAN_SEED, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @backbone_options("the one the bundle records (its weights must be the same); for a checkpoint, ViT-B-16 with "
                   "OpenAI's weights, the reference code's default")
 @runtime_options

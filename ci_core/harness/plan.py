@@ -35,8 +35,8 @@ from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_TEMPLATE
 from ci_core.plugins import Registry
-from ci_core.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, default_target, pool_sizes, preset_for,
-                              sample_candidates)
+from ci_core.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, SCAN_SEED, default_target, pool_sizes,
+                              preset_for, sample_candidates)
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.
@@ -89,6 +89,10 @@ class SweepSettings:
     reference: bool = True  # reference scans of the untuned backbone (what the calibrated scorer compares with)
     controls: tuple[str, ...] = ()  # attacks that get a clean control model on their own schedule
     clean_seeds: tuple[int, ...] = ()  # extra clean models (the clean attack) for these seeds, on every dataset
+    # The seed of every scan and reference (candidates, pool, trigger initialisation), as an auditor uses one seed
+    # for every model of a backbone: then one reference per dataset and detector setting serves all its models.
+    # None = each model's own seed (one reference per model seed; the layout of stores before 0.4).
+    scan_seed: int | None = SCAN_SEED
 
     def __attrs_post_init__(self):
         for name, values in (("--attacks", self.attacks), ("--detectors", self.detectors),
@@ -119,7 +123,8 @@ class SweepSettings:
             _positive("--holdout", [self.holdout])
         if self.test_per_class is not None:
             _positive("--test-per-class", [self.test_per_class])
-        for name, values in (("--seeds", self.seeds), ("--clean-seeds", self.clean_seeds)):
+        for name, values in (("--seeds", self.seeds), ("--clean-seeds", self.clean_seeds),
+                             ("--scan-seed", () if self.scan_seed is None else (self.scan_seed,))):
             if any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63 for s in values):
                 raise ConfigError(f"{name}: expected whole numbers from 0 to 2**63 - 1, got {list(values)}")
         if not self.inversion_data or not set(self.inversion_data) <= set(INVERSION_DATA):
@@ -402,7 +407,8 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
             continue  # a --clean-seeds model the attacks already train
         base, new = base_classes[dataset]
         target = default_target(base, seed) if backdoor else None
-        candidates = sample_candidates(base + new, seed=seed, target=target)
+        scan_seed = seed if settings.scan_seed is None else settings.scan_seed
+        candidates = sample_candidates(base + new, seed=scan_seed, target=target)
         repair_scan = None  # the scan this model's repairs use
         models.append(ModelCell(key=model_key, spec=model_spec, label=f"{shown}/{dataset}/seed {seed}",
                                 backbone_source=backbone.pretrained, data_root=settings.data_root))
@@ -415,10 +421,10 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                            "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
                 reference = None
                 if settings.reference:
-                    reference = _reference_cell(detector_name, detector_config, candidates, pool, seed, dataset,
+                    reference = _reference_cell(detector_name, detector_config, candidates, pool, scan_seed, dataset,
                                                 ident, variant if several else None, settings, backbone)
                     reference = references.setdefault(reference.key, reference)
-                scan_spec = ScanSpec(model=model_key, seed=seed, candidates=BENCHMARK_CANDIDATES, detector=detector_name,
+                scan_spec = ScanSpec(model=model_key, seed=scan_seed, candidates=BENCHMARK_CANDIDATES, detector=detector_name,
                                      detector_config=detector_config, pool=pool, backbone=ident)
                 key = _key(f"{_slug(detector_name)}-{model_stem}", scan_spec)
                 detector_label = f"{detector_name} [{variant_label(variant)}]" if several else detector_name

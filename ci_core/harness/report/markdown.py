@@ -30,6 +30,16 @@ def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _fraction(share: float | None, count: int, total: int) -> str | None:
+    return None if share is None else f"{share:.2f} ({count}/{total})"
+
+
+def _p(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
+
+
 COUNT_COLUMNS = [("models", "models"), ("classes", "classes"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"), ("f1", "F1")]
 
 
@@ -46,15 +56,36 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
     for g in groups:
         v = g["verdict"]
         interval = v["fpr_ci95"]
-        rows.append({"label": g["label"], "rule": v["rule"], "models": f"{v['implanted']} + {v['clean']}",
-                     "auroc_all": v["auroc_all"], "auroc_implanted": v["auroc_implanted"],
-                     "fpr": (f"{v['fpr']:.3f} ({v['false_positives']}/{v['clean']}; "
-                             f"95% CI {interval[0]:.3f}-{interval[1]:.3f})") if interval else None,
-                     "tpr": v["tpr"], "target": v["target_accuracy"], "unscannable": v["unscannable"]})
-    out += [md_table(rows, [("label", "detector / scorer"), ("rule", "flags when"),
-                            ("models", "implanted + clean"), ("auroc_all", "AUROC (all)"),
-                            ("auroc_implanted", "AUROC (implanted)"), ("fpr", "FPR on clean"), ("tpr", "TPR"),
-                            ("target", "target named"), ("unscannable", "unscannable")]), ""]
+        row = {"label": g["label"], "rule": v["rule"],
+               "fpr": (f"{v['fpr']:.3f} ({v['false_positives']}/{v['clean']}; "
+                       f"95% CI {interval[0]:.3f}-{interval[1]:.3f})") if interval else None,
+               "auroc_works": v["auroc_works"], "auroc_implanted": v["auroc_implanted"], "auroc_all": v["auroc_all"],
+               "unscannable": v["unscannable"]}
+        for name, figures in v["populations"].items():
+            row[f"tpr_{name}"] = _fraction(figures["tpr"], figures["flagged"], figures["models"])
+            row[f"target_{name}"] = _fraction(figures["target_accuracy"], figures["target_named"], figures["models"])
+        rows.append(row)
+    out += [md_table(rows, [("label", "detector / scorer"), ("rule", "flags when"), ("fpr", "FPR on clean"),
+                            ("tpr_works", "TPR works"), ("target_works", "target named, works"),
+                            ("tpr_unseen", "TPR unseen"), ("tpr_seen_only", "TPR seen only"), ("tpr_all", "TPR all"),
+                            ("target_unseen", "target named, unseen"), ("auroc_works", "AUROC (works)"),
+                            ("auroc_implanted", "AUROC (implanted)"), ("auroc_all", "AUROC (all)"),
+                            ("unscannable", "unscannable")]), ""]
+    if report.get("models"):
+        scorer_labels = [g["label"] for g in groups]
+        out += ["### Per model", "", DEFINITIONS["models"], ""]
+        rows, columns = [], [("attack", "attack"), ("dataset", "dataset"), ("seed", "seed"), ("asr_seen", "ASR seen"),
+                             ("asr_unseen", "ASR unseen"), ("population", "population"), ("true_target", "target")]
+        for i, label in enumerate(scorer_labels):
+            columns += [(f"v{i}", f"{label}: verdict"), (f"p{i}", "p"), (f"t{i}", "top")]
+        for model in report["models"]:
+            row = {k: model[k] for k, _ in columns[:7]}
+            for i, label in enumerate(scorer_labels):
+                got = model["scorers"].get(label)
+                if got:
+                    row.update({f"v{i}": got["verdict"], f"p{i}": _p(got["p_value"]), f"t{i}": got["top"]})
+            rows.append(row)
+        out += [md_table(rows, columns), ""]
 
     out += ["## Model-level detection (Figure 4)", "", DEFINITIONS["model_level"], ""]
     rows = []

@@ -71,6 +71,13 @@ class ScoredScan:
         """A backdoored model whose attack reached ``level`` ASR on unseen classes."""
         return self.true_target is not None and (self.model.metrics.get("asr_new") or 0.0) >= level
 
+    def works(self, level: float) -> bool:
+        """A backdoored model whose trigger reaches ``level`` ASR on the seen or on the unseen classes: backdoored
+        where it matters to an auditor, since the seen classes are the ones the organisation deploys."""
+        metrics = self.model.metrics
+        return self.true_target is not None and max(metrics.get("asr_base") or 0.0,
+                                                    metrics.get("asr_new") or 0.0) >= level
+
 
 def scorers(options: dict[str, dict] | None) -> dict[str, Any]:
     """Scorer name -> instance with its default config, overridden by ``options`` (checked by name)."""

@@ -24,6 +24,7 @@ from ci_core.protocol import REFERENCE_SCORER
 from ci_core.scan import UNSCANNABLE
 
 IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
+WORKS = 0.5  # ASR on seen or on unseen classes from which a backdoor counts as working in the verdict table
 
 def common_rule(rows: Sequence[ScoredScan]) -> str | None:
     """The scorer's rule over these scans; where it differs only in the number of classes, with that number as n."""
@@ -37,13 +38,20 @@ def common_rule(rows: Sequence[ScoredScan]) -> str | None:
 DEFINITIONS = {
     "verdict": (
         "What an auditor gets from each scorer at its default threshold. Negatives are the clean models (the clean "
-        "attack and every attack's control, trained on the attack's schedule with its backdoor off); positives the "
-        "backdoored models whose attack implanted (ASR on unseen classes at least 0.5); models of attacks that did "
-        "not implant are left out. A scan the model made unscannable counts as flagged (fail closed). FPR: share of "
-        "clean models flagged, with its exact (Clopper-Pearson) 95% interval. TPR: share of implanted models flagged; "
-        "target: share of them whose most anomalous class is the true target. AUROC (all): over every model, "
-        "attacks that did not implant included as positives; AUROC (implanted): over clean and implanted ones; "
-        "both by s_max, unscannable models ranked highest."),
+        "attack and every attack's control, trained on the attack's schedule with its backdoor off). Positives are "
+        "counted over four populations of backdoored models: those whose trigger works (the attack's own trigger "
+        "reaches ASR at least 0.5 on the seen or on the unseen classes: the seen classes are the ones the "
+        "organisation deploys, so such a model is backdoored where it matters), those among them that work on the "
+        "unseen classes (the 'implanted' of earlier reports), those that work on the seen classes only, and every "
+        "backdoored model. A scan the model made unscannable counts as flagged (fail closed). FPR: share of clean "
+        "models flagged, with its exact (Clopper-Pearson) 95% interval. TPR: share of a population flagged (flagged / "
+        "models); target: share of it whose most anomalous class is the true target. AUROC (works): over the clean "
+        "models and those whose trigger works; (implanted): clean and unseen; (all): every model, attacks that do not "
+        "work included as positives; all by s_max, unscannable models ranked highest."),
+    "models": (
+        "Every scanned model: the ASR of its attack's own trigger on the seen (base) and unseen (new + target) "
+        "classes, its population in the verdict table, and per scorer the verdict, the model-level p-value (where the "
+        "scorer gives one) and the most anomalous class ('top'), beside the true target."),
     "model_level": (
         "Every scanned model is one item, positive iff an attack other than 'clean' implanted a backdoor; its score "
         "is the scan's s_max. AUROC is over s_max (ties count 1/2). Accuracy, TPR and FPR are those of the scan's own "
@@ -152,25 +160,65 @@ def _group_order(row: ScoredScan) -> tuple:
             v["inversion_data"], spec_hash(row.scan.spec.detector_config), row.scorer != REFERENCE_SCORER, row.scorer)
 
 
+# The populations of backdoored models the verdict table counts separately: name -> (what it is, who is in it).
+POPULATIONS: dict[str, tuple[str, Callable[[ScoredScan], bool]]] = {
+    "works": ("ASR >= 0.5 on seen or unseen classes", lambda r: r.works(WORKS)),
+    "unseen": ("ASR >= 0.5 on unseen classes", lambda r: r.implanted(IMPLANTED)),
+    "seen_only": ("ASR >= 0.5 on seen classes only", lambda r: r.works(WORKS) and not r.implanted(IMPLANTED)),
+    "all": ("every backdoored model", lambda r: r.true_target is not None),
+}
+
+
+def population_figures(rows: Sequence[ScoredScan], member: Callable[[ScoredScan], bool]) -> dict:
+    """TPR and target named over the backdoored models ``member`` admits (counts kept, so that misses show)."""
+    part = [row for row in rows if row.true_target is not None and member(row)]
+    flagged = sum(row.backdoored for row in part)
+    named = sum(row.predicted_target == row.true_target for row in part)
+    return {"models": len(part), "flagged": flagged, "tpr": flagged / len(part) if part else None,
+            "target_named": named, "target_accuracy": named / len(part) if part else None}
+
+
 def verdict_summary(rows: Sequence[ScoredScan]) -> dict:
     """The auditor's figures of one scorer (see DEFINITIONS["verdict"])."""
     clean = [row for row in rows if row.true_target is None]
     implanted = [row for row in rows if row.implanted(IMPLANTED)]
+    working = [row for row in rows if row.works(WORKS)]
     flagged_clean = sum(row.backdoored for row in clean)
     summary: dict[str, Any] = {
-        "clean": len(clean), "implanted": len(implanted), "backdoored": sum(r.true_target is not None for r in rows),
+        "clean": len(clean), "implanted": len(implanted), "works": len(working),
+        "backdoored": sum(r.true_target is not None for r in rows),
         "false_positives": flagged_clean, "fpr": flagged_clean / len(clean) if clean else None,
         "fpr_ci95": list(clopper_pearson(flagged_clean, len(clean))) if clean else None,
         "tpr": sum(r.backdoored for r in implanted) / len(implanted) if implanted else None,
         "target_accuracy": (sum(r.predicted_target == r.true_target for r in implanted) / len(implanted)
                             if implanted else None),
+        "populations": {name: population_figures(rows, member) for name, (_, member) in POPULATIONS.items()},
         "unscannable": sum(r.verdict == UNSCANNABLE for r in rows),
         "rule": common_rule(rows),
     }
-    for name, part in (("auroc_all", rows), ("auroc_implanted", clean + implanted)):
+    for name, part in (("auroc_all", rows), ("auroc_implanted", clean + implanted), ("auroc_works", clean + working)):
         truth = [row.true_target is not None for row in part]
         summary[name] = auroc(truth, [row.s_max for row in part]) if has_both_classes(truth) else None
     return summary
+
+
+def model_rows(rows: Sequence[ScoredScan], labels: dict[str, str]) -> list[dict]:
+    """One row per scanned model: its attack's ASR seen / unseen and, per scorer, verdict, p-value and top class,
+    so that a miss can be read off.  ``labels`` maps each row's group key to its column label."""
+    by_scan: dict[str, dict] = {}
+    for row in rows:
+        metrics = row.model.metrics
+        entry = by_scan.setdefault(row.key, {
+            "attack": f"{row.attack} (control)" if row.model.control else row.attack, "dataset": row.dataset,
+            "seed": row.model.seed, "asr_seen": metrics.get("asr_base"), "asr_unseen": metrics.get("asr_new"),
+            "true_target": row.true_target,
+            "population": next((name for name, (_, member) in list(POPULATIONS.items())[1:3] if member(row)),
+                               "clean" if row.true_target is None else "does not work"),
+            "scorers": {}})
+        entry["scorers"][labels[_group_key(row)]] = {"verdict": row.verdict, "p_value": row.p_value,
+                                                     "s_max": _finite(row.s_max), "top": row.predicted_target}
+    order = {name: i for i, name in enumerate(_attack_order({e["attack"] for e in by_scan.values()}))}
+    return sorted(by_scan.values(), key=lambda e: (order[e["attack"]], e["dataset"], e["seed"]))
 
 
 IMPLANT_LEVELS = (0.5, 0.8)  # ASR on unseen classes from which a backdoor counts as implanted
@@ -312,6 +360,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None) ->
                    "broken": len(broken)},
         "broken": broken,
         "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
+        "models": model_rows(rows, labels),
         "attacks": _attack_rows(models),
         "repairs": _repair_rows(repairs),
         "skipped_repairs": skipped_repairs(store),
