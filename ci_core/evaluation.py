@@ -62,11 +62,25 @@ def evaluate(model: CLIPClassifier, test: LabeledImages, base: tuple[str, ...], 
     return AttackMetrics(**metrics)
 
 
+def target_margins(logits: torch.Tensor, target: int, logit_scale: float) -> torch.Tensor:
+    """Per image, l_target - max_{c != target} l_c on the cosine similarities (logits / logit scale): positive
+    exactly where the image is classified as ``target`` (ties aside)."""
+    similarities = logits.float() / logit_scale
+    others = similarities.clone()
+    others[:, target] = float("-inf")
+    return similarities[:, target] - others.max(dim=1).values
+
+
 @torch.no_grad()
-def predict(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
-    """Arg-max class index of every image."""
+def predict_logits(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
+    """The logits of every image (on the CPU)."""
     out = []
     device = model.device
     for start in range(0, len(images), batch_size):
-        out.append(model(images[start:start + batch_size].to(device), classnames).argmax(-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        out.append(model(images[start:start + batch_size].to(device), classnames).cpu())
+    return torch.cat(out) if out else torch.empty(0, len(classnames))
+
+
+def predict(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
+    """Arg-max class index of every image."""
+    return predict_logits(model, images, classnames, batch_size).argmax(-1)

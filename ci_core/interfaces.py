@@ -224,6 +224,11 @@ class ClassEvidence:
     seconds: float
     loss_trace: tuple[float, ...] = ()
     trigger: Trigger | None = attrs.field(default=None, metadata=NOT_JSON)
+    # The finished trigger's mean margin on T, l_c - max_{c' != c} l_c' on the cosine similarities (larger = c
+    # reached more surely): ASR's continuous twin, measured in the same pass; it does not saturate at 1 and does
+    # not carry the inversion's start like the loss (an average over the optimisation).  None in reports of
+    # versions before 0.4.
+    margin: float | None = None
 
 
 # --------------------------------------------------------------------------- scorers

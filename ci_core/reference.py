@@ -44,7 +44,7 @@ from ci_core.models.backbone import Backbone
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.scan import PoolHealth, invert_classes, pool_health
 
-VERSION = 1
+VERSION = 2  # 2: per-class margins on T (0.4); entries of 1 lack them and are computed again
 CACHE_ENV = "CI_CACHE_DIR"
 
 
@@ -137,7 +137,8 @@ def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> Refe
         classes.append(ClassEvidence(
             name=row["name"], asr=_number(row.get("asr"), where), loss=_number(row.get("loss"), where),
             statistic=_number(row.get("statistic"), where, optional=True), ssim=_number(row.get("ssim"), where),
-            seconds=_number(row.get("seconds"), where), loss_trace=tuple(_number(v, where) for v in trace)))
+            seconds=_number(row.get("seconds"), where), loss_trace=tuple(_number(v, where) for v in trace),
+            margin=_number(row.get("margin"), where, optional=True)))
     health = result.get("health")
     if not isinstance(health, dict):
         raise InvalidReference(f"{source}: no pool health")

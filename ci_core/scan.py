@@ -35,7 +35,7 @@ from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.files import publishing, slug, write_json_atomic
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
-from ci_core.evaluation import predict
+from ci_core.evaluation import predict_logits, target_margins
 from ci_core.ssim import ssim
 from ci_core.models.zeroshot import CLIPClassifier
 
@@ -149,7 +149,9 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
                 break
             with torch.no_grad():
                 stamped = inversion.trigger.apply(pool.holdout)
-                asr = float(predict(model, stamped, classnames).eq(index).float().mean())
+                logits = predict_logits(model, stamped, classnames)
+                asr = float(logits.argmax(-1).eq(index).float().mean())
+                margin = float(target_margins(logits, index, float(model.clip.logit_scale.exp())).mean())
                 similarity = float(ssim(pool.holdout, stamped).mean())
             statistic = None if inversion.statistic is None else float(inversion.statistic)
             if statistic is not None and not math.isfinite(statistic):
@@ -158,6 +160,7 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
             evidence.append(ClassEvidence(
                 name=name, asr=asr, loss=float(inversion.loss), statistic=statistic, ssim=similarity,
                 seconds=class_clock.seconds, loss_trace=trace, trigger=inversion.trigger,
+                margin=margin if math.isfinite(margin) else None,
             ))
             progress(f"{label}: class {index + 1}/{len(classnames)} {name!r}: "
                      f"ASR {asr:.3f} loss {inversion.loss:.4f} ({class_clock.seconds:.1f}s)")
@@ -243,7 +246,8 @@ class ScanResult:
             row["scores"] = {v.scorer: v.scores.scores[index] for v in every}
             ref = reference.get(evidence.name)
             if ref is not None:
-                row.update(reference_asr=ref.asr, reference_loss=ref.loss, reference_statistic=ref.statistic,
+                row.update(reference_asr=ref.asr, reference_loss=ref.loss, reference_margin=ref.margin,
+                           reference_statistic=ref.statistic,
                            reference_loss_trace=list(ref.loss_trace))
             rows.append(row)
         decided = self.decision.scores if self.decision is not None else None

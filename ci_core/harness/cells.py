@@ -281,7 +281,8 @@ def stored_evidence(report_path: Path) -> tuple[ClassEvidence, ...]:
         return tuple(ClassEvidence(name=r["name"], asr=float(r["asr"]), loss=float(r["loss"]),
                                    statistic=None if r.get("statistic") is None else float(r["statistic"]),
                                    ssim=float(r["ssim"]), seconds=float(r["seconds"]),
-                                   loss_trace=tuple(float(v) for v in r.get("loss_trace", ())))
+                                   loss_trace=tuple(float(v) for v in r.get("loss_trace", ())),
+                                   margin=None if r.get("margin") is None else float(r["margin"]))
                      for r in rows)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{report_path}: a class row is malformed ({exc})") from None
