@@ -4,10 +4,11 @@ For every scan of a ``ci-bench run`` store that has a reference cell, this
 reads the per-class evidence of the model and of its reference (the untuned
 backbone, same classes, pool, seed and detector), computes each candidate
 statistic, and prints per candidate: AUROC over every model and over the
-implanted ones (ASR on unseen classes >= 0.5), the rate at which clean models
+implanted ones (ASR on unseen classes >= 0.5) and over those whose trigger works
+(ASR >= 0.5 on seen or unseen classes), the rate at which clean models
 reach each family-wise alpha (the false-positive rate the analytic null
-promises to hold at alpha), TPR and the share of implanted models whose top
-class is the target, and the quantiles of the clean models' p-values.  The
+promises to hold at alpha), TPR over working and over implanted backdoors, the
+share of working ones whose top class is the target, and the quantiles of the clean models' p-values.  The
 scorer is chosen on development seeds with this script and then confirmed on
 others with ``ci-bench report`` (see the README, "Verdicts").
 
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from ci_core.harness.cells import read_reference, stored_evidence
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
@@ -31,6 +33,7 @@ from ci_detectors.reference_scoring import outlier_p_values, studentized_residua
 from ci_detectors.scoring import ci_scores
 
 IMPLANTED = 0.5
+WORKS = 0.5
 
 
 def paper_scores(rows) -> np.ndarray:
@@ -53,11 +56,20 @@ def logit(asr: np.ndarray, n: int) -> np.ndarray:
     return np.log((k + 0.5) / (n - k + 0.5))
 
 
+def bonferroni_union(*tests: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+    """Several outlier tests of the same classes, one verdict: per class the largest residual's p-value
+    Bonferroni-corrected over the tests too (valid whatever their dependence); returned as -log10 p per class."""
+    per_class = np.min([np.minimum(1.0, len(t) * stats.t.sf(t, len(t) - 3)) for t, _ in tests], axis=0)
+    p = np.minimum(1.0, len(tests) * per_class)
+    return -np.log10(np.maximum(p, 1e-300)), float(p.min())
+
+
 def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, float | None]]:
     """name -> (per-class statistic, larger = more suspicious; model-level analytic p-value or None)."""
     asr_m, asr_r = np.array([r.asr for r in model]), np.array([r.asr for r in reference])
     loss_m, loss_r = np.array([r.loss for r in model]), np.array([r.loss for r in reference])
     s_m, s_r = paper_scores(model), paper_scores(reference)
+    margins = all(r.margin is not None for r in (*model, *reference))
     out = {
         "paper s (no reference)": (s_m, None),
         "S on differences (issue's trial)": (ci_scores(asr_m - asr_r, loss_m - loss_r), None),
@@ -71,6 +83,16 @@ def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, fl
     t_asr, _ = out["regression of logit ASR"]
     combined = (t_loss + t_asr) / math.sqrt(2)
     out["mean of loss and ASR residuals"] = (combined, None)
+    out["union: -loss, logit ASR"] = bonferroni_union(out["regression of -loss"], out["regression of logit ASR"])
+    out["union: -loss, S"] = bonferroni_union(out["regression of -loss"], out["regression of S"])
+    if margins:
+        margin_m, margin_r = np.array([r.margin for r in model]), np.array([r.margin for r in reference])
+        out["regression of margin"] = regression(margin_m, margin_r)
+        out["grubbs of margin difference"] = grubbs(margin_m - margin_r)
+        out["union: -loss, margin"] = bonferroni_union(out["regression of -loss"], out["regression of margin"])
+        out["union: -loss, margin, logit ASR"] = bonferroni_union(out["regression of -loss"],
+                                                                  out["regression of margin"],
+                                                                  out["regression of logit ASR"])
     return out
 
 
@@ -123,17 +145,24 @@ def main(argv=None) -> int:
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None
                  and (r["model"].metrics.get("asr_new") or 0) >= IMPLANTED]
+    working = [r for r in rows if r["model"].target is not None
+               and max(r["model"].metrics.get("asr_new") or 0, r["model"].metrics.get("asr_base") or 0) >= WORKS]
     print(f"{len(rows)} scans: {clean_n} clean, {sum(r['model'].target is not None for r in rows)} backdoored "
-          f"({len(implanted)} implanted at ASR unseen >= {IMPLANTED})\n")
-    header = ["candidate", "AUROC all", "AUROC impl."] + [f"FPR@{a:g} (95% CI)" for a in alphas] + \
-             [f"TPR@{a:g}" for a in alphas] + ["top=target", "clean p q10/q50"]
+          f"({len(working)} work at ASR seen or unseen >= {WORKS}, {len(implanted)} implanted at ASR unseen >= "
+          f"{IMPLANTED})\n")
+    header = ["candidate", "AUROC all", "AUROC works", "AUROC impl."] + [f"FPR@{a:g} (95% CI)" for a in alphas] + \
+             [f"TPR works@{a:g}" for a in alphas] + [f"TPR impl.@{a:g}" for a in alphas] + \
+             ["top=target (works)", "clean p q10/q50/min"]
     print(" | ".join(header))
     for name, entries in per_candidate.items():
         truth = [e[0]["model"].target is not None for e in entries]
         s_max = [float(e[1].max()) for e in entries]
-        keep = [i for i, e in enumerate(entries) if e[0]["model"].target is None or e[0] in implanted]
-        cells = [name, _auroc(truth, s_max), _auroc([truth[i] for i in keep], [s_max[i] for i in keep])]
+        cells = [name, _auroc(truth, s_max)]
+        for population in (working, implanted):
+            keep = [i for i, e in enumerate(entries) if e[0]["model"].target is None or e[0] in population]
+            cells.append(_auroc([truth[i] for i in keep], [s_max[i] for i in keep]))
         clean_p = [e[2] for e in entries if e[0]["model"].target is None and e[2] is not None]
+        works_p = [e[2] for e in entries if e[0] in working and e[2] is not None]
         impl_p = [e[2] for e in entries if e[0] in implanted and e[2] is not None]
         for alpha in alphas:
             if clean_p:
@@ -142,23 +171,32 @@ def main(argv=None) -> int:
                 cells.append(f"{k}/{len(clean_p)} ({lo:.2f}-{hi:.2f})")
             else:
                 cells.append("n/a")
-        for alpha in alphas:
-            cells.append(f"{sum(p <= alpha for p in impl_p)}/{len(impl_p)}" if impl_p else "n/a")
+        for population in (works_p, impl_p):
+            for alpha in alphas:
+                cells.append(f"{sum(p <= alpha for p in population)}/{len(population)}" if population else "n/a")
         hits = sum(e[0]["evidence"][int(np.argmax(e[1]))].name == e[0]["model"].target
-                   for e in entries if e[0] in implanted)
-        cells.append(f"{hits}/{len(implanted)}")
-        cells.append(f"{np.quantile(clean_p, 0.1):.3f}/{np.quantile(clean_p, 0.5):.3f}" if clean_p else "n/a")
+                   for e in entries if e[0] in working)
+        cells.append(f"{hits}/{len(working)}")
+        cells.append(f"{np.quantile(clean_p, 0.1):.3f}/{np.quantile(clean_p, 0.5):.3f}/{min(clean_p):.3f}"
+                     if clean_p else "n/a")
         print(" | ".join(cells))
     if args.show:
-        print(f"\n{args.show}: per model (attack, dataset, seed, ASR unseen, s_max, p, top class, target)")
+        print(f"\n{args.show}: per model (attack, dataset, seed, ASR seen, ASR unseen, s_max, p, top class, target, "
+              "target's rank, target's inversion ASR and the best other class's)")
         for row, values, p in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"].attack,
                                                                                e[0]["model"].dataset,
                                                                                e[0]["model"].seed)):
             model = row["model"]
             top = row["evidence"][int(np.argmax(values))].name
             label = model.attack + (" (control)" if model.control else "")
-            print(f"{label:24s} {model.dataset:17s} {model.seed:3d} {model.metrics.get('asr_new') or 0:5.2f} "
-                  f"{values.max():7.2f} {'' if p is None else f'{p:.2g}':>8s} {top:20s} {model.target}")
+            names = [e.name for e in row["evidence"]]
+            rank = (1 + int((values > values[names.index(model.target)]).sum())) if model.target in names else None
+            target_asr = (row["evidence"][names.index(model.target)].asr if model.target in names else None)
+            other_asr = max(e.asr for e in row["evidence"] if e.name != model.target)
+            print(f"{label:24s} {model.dataset:17s} {model.seed:3d} {model.metrics.get('asr_base') or 0:5.2f} "
+                  f"{model.metrics.get('asr_new') or 0:5.2f} {values.max():7.2f} {'' if p is None else f'{p:.2g}':>8s} "
+                  f"{top:20s} {model.target or '-':20s} {rank if rank is not None else '-':>3} "
+                  f"{'' if target_asr is None else f'{target_asr:.2f}':>5s} {other_asr:.2f}")
     return 0
 
 

@@ -95,20 +95,40 @@ def outlier_p_values(t: np.ndarray, df: int) -> np.ndarray:
     return np.minimum(1.0, len(t) * stats.t.sf(t, df))
 
 
+def logit_asr(asr: np.ndarray, images: int = 64) -> np.ndarray:
+    """log((k + 1/2) / (n - k + 1/2)) of an ASR k/n: finite at 0 and 1, spreading the ends that ASR squeezes.
+    ``images`` only sets how far the ends reach; the regression is unchanged by the scale of its input."""
+    hits = asr * images
+    return np.log((hits + 0.5) / (images - hits + 0.5))
+
+
 def _unit_interval_open(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"{attribute.name} must lie strictly between 0 and 1, got {value!r}")
 
 
-COMPARED = ("cost", "score")
+# What can be compared with the backbone, each larger = more suspicious:
+#   cost   the negated per-class statistic (NC's mask norm, PixB's pixel count), or the negated inversion loss
+#          (CI: the margin loss averaged over the optimisation);
+#   margin the finished trigger's mean margin on the held-out images T (ClassEvidence.margin);
+#   asr    the logit of the finished trigger's ASR on T (continuity-corrected);
+#   score  the base scorer's per-class anomaly score (the paper's S for CI).
+COMPARED = ("cost", "margin", "asr", "score")
+
+
+def _compared(instance, attribute, value) -> None:
+    parts = value.split("+") if isinstance(value, str) else []
+    if not parts or any(p not in COMPARED for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"{attribute.name} must be one of {', '.join(COMPARED)}, or several joined by '+' "
+                         f"(e.g. cost+margin), got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
 class ReferenceOutlierConfig:
     alpha: float = attrs.field(default=0.01, validator=_unit_interval_open)
-    # What is compared with the backbone: "cost" (the negated per-class statistic, or the inversion loss where
-    # the detector reports none) or "score" (the base scorer's per-class anomaly score).
-    compare: str = attrs.field(default="cost", validator=attrs.validators.in_(COMPARED))
+    # What is compared with the backbone (see COMPARED); several joined by '+' are tested together, the family-wise
+    # p-value Bonferroni-corrected over the classes and the statistics.
+    compare: str = attrs.field(default="cost", validator=_compared)
     # The per-class scorer of compare="score".  Empty: "mad" where the detector reports a per-class statistic
     # (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
@@ -131,10 +151,17 @@ class ReferenceOutlierScorer(Scorer):
             raise ConfigError(f"{self.name}: base scorer {name!r} needs a reference itself; give a per-class scorer")
         return base.from_options()
 
-    def compared(self, evidence: Sequence[ClassEvidence]) -> np.ndarray:
-        """The per-class values the regression compares, larger = more suspicious."""
-        if self.config.compare == "score":
+    def compared(self, evidence: Sequence[ClassEvidence], what: str) -> np.ndarray:
+        """The per-class values of statistic ``what`` (see COMPARED), larger = more suspicious."""
+        if what == "score":
             return np.asarray(self.base_scorer(evidence).score(evidence).scores, dtype=np.float64)
+        if what == "margin":
+            if any(e.margin is None for e in evidence):
+                raise ConfigError(f"{self.name}: compare=margin needs each class's held-out margin, which scans and "
+                                  "references of clip-inspector before 0.4 did not record; scan again")
+            return np.asarray([e.margin for e in evidence], dtype=np.float64)
+        if what == "asr":
+            return logit_asr(np.asarray([e.asr for e in evidence], dtype=np.float64))
         if all(e.statistic is not None for e in evidence):
             return -np.asarray([e.statistic for e in evidence], dtype=np.float64)
         return -np.asarray([e.loss for e in evidence], dtype=np.float64)
@@ -148,13 +175,17 @@ class ReferenceOutlierScorer(Scorer):
                               f"{len(names)})")
         if len(names) < MIN_CLASSES:
             raise ConfigError(f"the {self.name} scorer needs at least {MIN_CLASSES} candidate classes, got {len(names)}")
-        model, backbone = self.compared(evidence), self.compared(reference)
-        t = studentized_residuals(backbone, model)
-        p = outlier_p_values(t, len(names) - 3)
+        statistics = self.config.compare.split("+")
+        # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics is
+        # that of its largest residual: its score is that t, and Bonferroni over the k statistics multiplies by k.
+        t = np.max([studentized_residuals(self.compared(reference, what), self.compared(evidence, what))
+                    for what in statistics], axis=0)
+        p = np.minimum(1.0, len(statistics) * outlier_p_values(t, len(names) - 3))
         best = int(np.argmax(t))
         alpha = self.config.alpha
+        over = f"{len(names)} classes" + (f" x {len(statistics)} statistics" if len(statistics) > 1 else "")
         return Scores(
             scores=tuple(float(v) for v in t), s_max=float(t[best]), target=names[best],
             backdoored=bool(p[best] <= alpha), flagged=tuple(n for n, v in zip(names, p) if v <= alpha),
-            p_value=float(p[best]), rule=f"p <= {alpha:g} (Bonferroni over {len(names)} classes)",
+            p_value=float(p[best]), rule=f"p <= {alpha:g} (Bonferroni over {over})",
         )

@@ -2,6 +2,7 @@
 
 import json
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -120,8 +121,52 @@ def test_the_calibrated_scorer_compares_the_cost_of_reaching_a_class_not_its_asr
     model_loss[11] = -0.1
     assert ReferenceOutlierScorer.from_options({"alpha": 0.05}).score(evidence(model_asr, model_loss),
                                                                        reference).target == "c11"
-    with pytest.raises(ConfigError):
-        ReferenceOutlierScorer.from_options({"compare": "asr"})
+    for bad in ("volume", "cost+cost", "", "cost+"):
+        with pytest.raises(ConfigError, match="compare"):
+            ReferenceOutlierScorer.from_options({"compare": bad})
+
+
+def test_several_statistics_are_one_family_wise_test():
+    rng = np.random.default_rng(11)
+    n = 24
+    ref_asr, ref_loss, ref_margin = rng.uniform(0.1, 0.6, n), rng.uniform(0.05, 0.2, n), rng.normal(-0.05, 0.02, n)
+    model_asr = np.clip(0.1 + 0.9 * ref_asr + rng.normal(0, 0.02, n), 0, 1)
+    model_loss = 0.01 + 1.1 * ref_loss + rng.normal(0, 0.003, n)
+    model_margin = 0.9 * ref_margin + rng.normal(0, 0.002, n)
+    model_margin[5] += 0.05  # the finished trigger reaches class 5 far more surely; its inversion loss is unmoved
+
+    def rows(asr, loss, margin):
+        return [attrs.evolve(e, margin=float(m)) for e, m in zip(evidence(asr, loss), margin)]
+
+    model, reference = rows(model_asr, model_loss, model_margin), rows(ref_asr, ref_loss, ref_margin)
+    by_cost = ReferenceOutlierScorer.from_options({"alpha": 0.05}).score(model, reference)
+    by_margin = ReferenceOutlierScorer.from_options({"alpha": 0.05, "compare": "margin"}).score(model, reference)
+    both = ReferenceOutlierScorer.from_options({"alpha": 0.05, "compare": "cost+margin"}).score(model, reference)
+    assert not by_cost.backdoored and by_margin.backdoored and by_margin.target == "c5"
+    assert both.backdoored and both.target == "c5" and both.s_max == pytest.approx(by_margin.s_max)
+    assert both.p_value == pytest.approx(min(1.0, 2 * by_margin.p_value))  # Bonferroni over the two statistics
+    assert both.rule == "p <= 0.05 (Bonferroni over 24 classes x 2 statistics)"
+    # Scans from before 0.4 recorded no margin: a clear error, not a silent cost-only verdict.
+    with pytest.raises(ConfigError, match="held-out margin"):
+        ReferenceOutlierScorer.from_options({"compare": "cost+margin"}).score(evidence(model_asr, model_loss),
+                                                                              reference)
+
+
+@pytest.mark.parametrize("n", [24, 50])
+def test_the_union_of_two_correlated_statistics_holds_its_family_wise_error(n):
+    # Two statistics with correlated noise (as loss and margin are): the Bonferroni union rejects at most alpha.
+    rng = np.random.default_rng(100 + n)
+    scorer = ReferenceOutlierScorer.from_options({"alpha": 0.05, "compare": "cost+margin"})
+    rejections, trials = 0, 1000
+    for _ in range(trials):
+        x_loss, x_margin = rng.normal(size=n), rng.normal(size=n)
+        shared = rng.normal(size=n)
+        y_loss = 0.5 + 1.1 * x_loss + 0.6 * shared + 0.8 * rng.normal(size=n)
+        y_margin = -0.2 + 0.9 * x_margin + 0.6 * shared + 0.8 * rng.normal(size=n)
+        model = [attrs.evolve(e, margin=float(m)) for e, m in zip(evidence([0.5] * n, list(-y_loss)), y_margin)]
+        reference = [attrs.evolve(e, margin=float(m)) for e, m in zip(evidence([0.5] * n, list(-x_loss)), x_margin)]
+        rejections += scorer.score(model, reference).backdoored
+    assert rejections / trials <= 0.065
 
 
 def test_the_calibrated_scorer_compares_statistics_with_the_mad_scorer():
