@@ -48,6 +48,7 @@ at 1%.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import attrs
@@ -95,6 +96,69 @@ def outlier_p_values(t: np.ndarray, df: int) -> np.ndarray:
     return np.minimum(1.0, len(t) * stats.t.sf(t, df))
 
 
+# --------------------------------------------------------------------------- the robust fit
+
+MAD_TO_SD = 1.482602218505602  # 1 / Phi^-1(3/4): the MAD of a normal sample estimates its sd times this
+NULL_DRAWS = 20_000  # Monte Carlo draws of the robust null: p resolves down to 1 / 20001 = 5e-5
+NULL_SEED = 20261206  # fixed, so that a verdict is the same on every run
+
+
+def _pair_index(n: int) -> tuple[np.ndarray, np.ndarray]:
+    i, j = np.triu_indices(n, k=1)
+    return i, j
+
+
+def robust_residuals(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Residuals of the Theil-Sen line (median pairwise slope, median intercept) in units of their MAD, centred
+    on their median; rows of ``y`` are fitted one by one (x shared).  Where x is constant the line is flat.
+
+    Why robust: a backdoor rarely moves its target alone.  On the tiny world SIBA's and BadCLIP-adaptive's
+    triggers make every class of the target's colour easier to reach, and least squares lets that cluster pull
+    the line and swell the residual spread, so the target's studentised residual stays near 2 (masking).  The
+    median slope and the MAD ignore up to half the classes."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    i, j = _pair_index(x.shape[0])
+    dx = x[j] - x[i]
+    keep = dx != 0
+    if keep.any():
+        slope = np.median((y[:, j[keep]] - y[:, i[keep]]) / dx[keep], axis=1)
+    else:
+        slope = np.zeros(y.shape[0])
+    resid = y - slope[:, None] * x[None, :]
+    resid = resid - np.median(resid, axis=1, keepdims=True)
+    scale = MAD_TO_SD * np.median(np.abs(resid), axis=1, keepdims=True)
+    tiny = 1e-12 * np.maximum(1.0, np.abs(y).max(axis=1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(scale > tiny, resid / scale, np.sign(resid) * EXACT_FIT)
+    return np.clip(np.nan_to_num(z, nan=0.0), -EXACT_FIT, EXACT_FIT)
+
+
+def robust_null(x: np.ndarray, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> np.ndarray:
+    """The largest robust residual of n classes with no outlier: normal noise around a line on the observed x
+    (the statistic does not depend on the line or the noise's scale), ``draws`` times, sorted."""
+    return _robust_null(np.asarray(x, dtype=np.float64).tobytes(), draws, seed)
+
+
+@functools.lru_cache(maxsize=64)  # a report scores the same reference for many scans
+def _robust_null(x_bytes: bytes, draws: int, seed: int) -> np.ndarray:
+    x = np.frombuffer(x_bytes, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    maxima = []
+    for start in range(0, draws, 1000):
+        noise = rng.standard_normal((min(1000, draws - start), len(x)))
+        maxima.append(robust_residuals(x, noise).max(axis=1))
+    return np.sort(np.concatenate(maxima))
+
+
+def robust_p_values(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Family-wise p-value of each class's robust residual: the share of null draws whose largest residual over
+    all n classes reaches it ((k + 1) / (draws + 1), so never 0)."""
+    null = robust_null(x)
+    above = len(null) - np.searchsorted(null, z, side="left")
+    return (above + 1) / (len(null) + 1)
+
+
 def logit_asr(asr: np.ndarray, images: int = 64) -> np.ndarray:
     """log((k + 1/2) / (n - k + 1/2)) of an ASR k/n: finite at 0 and 1, spreading the ends that ASR squeezes.
     ``images`` only sets how far the ends reach; the regression is unchanged by the scale of its input."""
@@ -114,6 +178,7 @@ def _unit_interval_open(instance, attribute, value) -> None:
 #   asr    the logit of the finished trigger's ASR on T (continuity-corrected);
 #   score  the base scorer's per-class anomaly score (the paper's S for CI).
 COMPARED = ("cost", "margin", "asr", "score")
+FITS = ("ols", "robust")
 
 
 def _compared(instance, attribute, value) -> None:
@@ -129,6 +194,10 @@ class ReferenceOutlierConfig:
     # What is compared with the backbone (see COMPARED); several joined by '+' are tested together, the family-wise
     # p-value Bonferroni-corrected over the classes and the statistics.
     compare: str = attrs.field(default="cost", validator=_compared)
+    # How each class is judged against the line: "ols" (least squares, externally studentised residuals,
+    # Student's t with Bonferroni over the classes) or "robust" (Theil-Sen line, residuals in MADs, the largest
+    # one's p-value from a Monte Carlo null of the same n and reference values; see robust_residuals).
+    fit: str = attrs.field(default="ols", validator=attrs.validators.in_(FITS))
     # The per-class scorer of compare="score".  Empty: "mad" where the detector reports a per-class statistic
     # (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
@@ -176,14 +245,28 @@ class ReferenceOutlierScorer(Scorer):
         if len(names) < MIN_CLASSES:
             raise ConfigError(f"the {self.name} scorer needs at least {MIN_CLASSES} candidate classes, got {len(names)}")
         statistics = self.config.compare.split("+")
-        # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics is
-        # that of its largest residual: its score is that t, and Bonferroni over the k statistics multiplies by k.
-        t = np.max([studentized_residuals(self.compared(reference, what), self.compared(evidence, what))
-                    for what in statistics], axis=0)
-        p = np.minimum(1.0, len(statistics) * outlier_p_values(t, len(names) - 3))
-        best = int(np.argmax(t))
+        if self.config.fit == "ols":
+            # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics
+            # is that of its largest residual: its score is that t; Bonferroni over k statistics multiplies by k.
+            t = np.max([studentized_residuals(self.compared(reference, what), self.compared(evidence, what))
+                        for what in statistics], axis=0)
+            p = outlier_p_values(t, len(names) - 3)
+            over = f"{len(names)} classes"
+        else:
+            # Each statistic's null depends on its reference values: per class the smallest p over statistics.
+            fits = []
+            for what in statistics:
+                x = self.compared(reference, what)
+                z = robust_residuals(x, self.compared(evidence, what))[0]
+                fits.append((z, robust_p_values(x, z)))
+            which = np.argmin([p for _, p in fits], axis=0)
+            t = np.array([fits[k][0][c] for c, k in enumerate(which)])
+            p = np.array([fits[k][1][c] for c, k in enumerate(which)])
+            over = f"the largest of {len(names)} robust residuals, Monte Carlo"
+        p = np.minimum(1.0, len(statistics) * p)
+        best = int(np.argmin(p - 1e-12 * t))  # the smallest p; among equal ones the largest residual
         alpha = self.config.alpha
-        over = f"{len(names)} classes" + (f" x {len(statistics)} statistics" if len(statistics) > 1 else "")
+        over += f" x {len(statistics)} statistics" if len(statistics) > 1 else ""
         return Scores(
             scores=tuple(float(v) for v in t), s_max=float(t[best]), target=names[best],
             backdoored=bool(p[best] <= alpha), flagged=tuple(n for n, v in zip(names, p) if v <= alpha),

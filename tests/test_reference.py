@@ -347,3 +347,38 @@ def test_the_documented_thresholds_are_the_ones_the_scorer_applies():
     for n, t in ((24, 3.90), (36, 3.82), (50, 3.81)):
         below, above = outlier_p_values(np.array([t - 0.01, t + 0.01] + [0.0] * (n - 2)), n - 3)[:2]
         assert below > 0.01 >= above, (n, t, below, above)
+
+
+def test_the_robust_fit_sees_a_target_that_a_cluster_of_its_neighbours_masks():
+    # Measured on the tiny world (SIBA, BadCLIP-adaptive): the trigger makes every class of the target's colour
+    # easier, the cluster pulls the least-squares line and swells its spread, and the target's t stays near 2.
+    rng = np.random.default_rng(21)
+    n = 24
+    ref_loss = rng.uniform(0.0, 0.3, n)
+    model_loss = 0.02 + 0.9 * ref_loss + rng.normal(0, 0.01, n)
+    model_loss[3:8] -= np.linspace(0.09, 0.11, 5)  # the target's neighbours
+    model_loss[10] -= 0.15  # the target
+    reference, model = evidence([0.5] * n, list(ref_loss)), evidence([0.5] * n, list(model_loss))
+    ols = ReferenceOutlierScorer.from_options({"compare": "cost"}).score(model, reference)
+    robust = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
+    assert not ols.backdoored and ols.p_value > 0.01
+    assert robust.backdoored and robust.target == "c10" and robust.p_value < 1e-3
+    assert robust.rule == "p <= 0.01 (the largest of 24 robust residuals, Monte Carlo)"
+    # The same verdict on every run: the null is drawn from a fixed seed.
+    again = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
+    assert again.p_value == robust.p_value
+
+
+@pytest.mark.parametrize("n", [18, 36])
+def test_the_robust_fit_holds_its_family_wise_error_under_the_null(n):
+    # Normal residuals around any line, any scale: the Monte Carlo max-residual test rejects about alpha of the time.
+    from ci_detectors.reference_scoring import robust_p_values, robust_residuals
+
+    rng = np.random.default_rng(7 + n)
+    x = rng.uniform(-1, 1, n)
+    trials, rejections = 400, 0
+    for _ in range(trials):
+        y = 3.0 + rng.normal(0, 2.0) * x + rng.exponential(0.5) * rng.normal(size=n)
+        z = robust_residuals(x, y)[0]
+        rejections += robust_p_values(x, z).min() <= 0.05
+    assert 0.02 <= rejections / trials <= 0.08
