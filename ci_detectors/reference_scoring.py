@@ -251,7 +251,7 @@ class ReferenceOutlierScorer(Scorer):
             t = np.max([studentized_residuals(self.compared(reference, what), self.compared(evidence, what))
                         for what in statistics], axis=0)
             p = outlier_p_values(t, len(names) - 3)
-            over = f"{len(names)} classes"
+            over = f"Bonferroni over {len(names)} classes"
         else:
             # Each statistic's null depends on its reference values: per class the smallest p over statistics.
             fits = []
@@ -266,9 +266,10 @@ class ReferenceOutlierScorer(Scorer):
         p = np.minimum(1.0, len(statistics) * p)
         best = int(np.argmin(p - 1e-12 * t))  # the smallest p; among equal ones the largest residual
         alpha = self.config.alpha
-        over += f" x {len(statistics)} statistics" if len(statistics) > 1 else ""
+        over += f" x {len(statistics)} statistics (Bonferroni)" if len(statistics) > 1 and self.config.fit != "ols" \
+            else f" x {len(statistics)} statistics" if len(statistics) > 1 else ""
         return Scores(
             scores=tuple(float(v) for v in t), s_max=float(t[best]), target=names[best],
             backdoored=bool(p[best] <= alpha), flagged=tuple(n for n, v in zip(names, p) if v <= alpha),
-            p_value=float(p[best]), rule=f"p <= {alpha:g} (Bonferroni over {over})",
+            p_value=float(p[best]), rule=f"p <= {alpha:g} ({over})",
         )
