@@ -29,7 +29,7 @@ from ci_core.harness.cells import read_reference, stored_evidence
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_detectors.mad import anomaly_indices
-from ci_detectors.reference_scoring import outlier_p_values, studentized_residuals
+from ci_detectors.reference_scoring import ReferenceOutlierScorer, outlier_p_values, studentized_residuals
 from ci_detectors.scoring import ci_scores
 
 IMPLANTED = 0.5
@@ -64,8 +64,9 @@ def bonferroni_union(*tests: tuple[np.ndarray, float]) -> tuple[np.ndarray, floa
     return -np.log10(np.maximum(p, 1e-300)), float(p.min())
 
 
-def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, float | None]]:
-    """name -> (per-class statistic, larger = more suspicious; model-level analytic p-value or None)."""
+def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, float | None, str]]:
+    """name -> (per-class statistic, larger = more suspicious; model-level analytic p-value or None; the
+    predicted target)."""
     asr_m, asr_r = np.array([r.asr for r in model]), np.array([r.asr for r in reference])
     loss_m, loss_r = np.array([r.loss for r in model]), np.array([r.loss for r in reference])
     s_m, s_r = paper_scores(model), paper_scores(reference)
@@ -93,7 +94,16 @@ def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, fl
         out["union: -loss, margin, logit ASR"] = bonferroni_union(out["regression of -loss"],
                                                                   out["regression of margin"],
                                                                   out["regression of logit ASR"])
-    return out
+    # The shipped scorer's settings (ci_detectors.reference_scoring), robust fits included.
+    for compare in ("cost", "margin", "asr", "cost+margin", "cost+asr", "cost+margin+asr"):
+        if "margin" in compare and not margins:
+            continue
+        for fit in ("ols", "robust"):
+            scores = ReferenceOutlierScorer.from_options({"compare": compare, "fit": fit}).score(model, reference)
+            out[f"ref-outlier {compare} {fit}"] = (np.asarray(scores.scores), scores.p_value, scores.target)
+    names = [r.name for r in model]
+    return {name: entry if len(entry) == 3 else (*entry, names[int(np.argmax(entry[0]))])
+            for name, entry in out.items()}
 
 
 def _auroc(truth, scores) -> str:
@@ -138,10 +148,10 @@ def main(argv=None) -> int:
     if not rows:
         print("no scans with a reference in this store", file=sys.stderr)
         return 1
-    per_candidate: dict[str, list[tuple[dict, np.ndarray, float | None]]] = {}
+    per_candidate: dict[str, list[tuple[dict, np.ndarray, float | None, str]]] = {}
     for row in rows:
-        for name, (values, p) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
-            per_candidate.setdefault(name, []).append((row, values, p))
+        for name, (values, p, top) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
+            per_candidate.setdefault(name, []).append((row, values, p, top))
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None
                  and (r["model"].metrics.get("asr_new") or 0) >= IMPLANTED]
@@ -174,8 +184,7 @@ def main(argv=None) -> int:
         for population in (works_p, impl_p):
             for alpha in alphas:
                 cells.append(f"{sum(p <= alpha for p in population)}/{len(population)}" if population else "n/a")
-        hits = sum(e[0]["evidence"][int(np.argmax(e[1]))].name == e[0]["model"].target
-                   for e in entries if e[0] in working)
+        hits = sum(e[3] == e[0]["model"].target for e in entries if e[0] in working)
         cells.append(f"{hits}/{len(working)}")
         cells.append(f"{np.quantile(clean_p, 0.1):.3f}/{np.quantile(clean_p, 0.5):.3f}/{min(clean_p):.3f}"
                      if clean_p else "n/a")
@@ -183,11 +192,10 @@ def main(argv=None) -> int:
     if args.show:
         print(f"\n{args.show}: per model (attack, dataset, seed, ASR seen, ASR unseen, s_max, p, top class, target, "
               "target's rank, target's inversion ASR and the best other class's)")
-        for row, values, p in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"].attack,
-                                                                               e[0]["model"].dataset,
-                                                                               e[0]["model"].seed)):
+        for row, values, p, top in sorted(per_candidate[args.show], key=lambda e: (e[0]["model"].attack,
+                                                                                    e[0]["model"].dataset,
+                                                                                    e[0]["model"].seed)):
             model = row["model"]
-            top = row["evidence"][int(np.argmax(values))].name
             label = model.attack + (" (control)" if model.control else "")
             names = [e.name for e in row["evidence"]]
             rank = (1 + int((values > values[names.index(model.target)]).sum())) if model.target in names else None

@@ -94,6 +94,18 @@ def sample_candidates(classnames: Sequence[str], *, seed: int, target: str | Non
     return tuple(c for c in classnames if c in picked)
 
 
+def scan_candidates(base: Sequence[str], new: Sequence[str], which: str, *, seed: int,
+                    target: str | None = None) -> tuple[str, ...]:
+    """A benchmark scan's candidates: from every class (``which`` "all", the paper's protocol) or from the base
+    classes the model was tuned on ("base", the classes the organisation deploys); ``sample_candidates`` draws up
+    to 50 of them by ``seed``, the target among them."""
+    if which == "all":
+        return sample_candidates(tuple(base) + tuple(new), seed=seed, target=target)
+    if which == "base":
+        return sample_candidates(base, seed=seed, target=target)
+    raise ConfigError(f"candidate classes: expected 'all' or 'base', got {which!r}")
+
+
 def preset_for(backbone: Backbone | str) -> str | None:
     """The plugin preset that fits a backbone (or an architecture name): 'tiny' on the bundled tiny CLIP, else
     the paper's defaults."""

@@ -20,6 +20,7 @@ from ci_core.harness.statistics import auroc, class_counts, clopper_pearson, con
 from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
+from ci_core.data.datasets import base_new_split
 from ci_core.protocol import SCAN_SEED, pool_sizes, preset_for
 
 from test_plugins import activate_fake_distribution
@@ -503,3 +504,18 @@ def test_one_scan_seed_shares_one_reference_across_model_seeds(tiny_backbone):
     assert len(per_model.references) == 4 and {c.spec.seed for c in per_model.scans} == {1, 2, 5, 6}
     with pytest.raises(ConfigError, match="--scan-seed"):
         settings(scan_seed=-1)
+
+
+def test_scans_of_the_base_classes_cross_in_beside_the_papers_candidates(tiny_backbone):
+    plugins = registry()
+    base_plan = plan_sweep(settings(candidate_classes=("all", "base")), tiny_backbone, plugins)
+    paper = plan_sweep(settings(), tiny_backbone, plugins)
+    assert set(keys(paper)) < set(keys(base_plan))  # the paper's scans keep their keys
+    assert len(base_plan.scans) == 4 and len(base_plan.references) == 2
+    base_scans = [c for c in base_plan.scans if c.spec.classes == "base"]
+    base_classes, _ = base_new_split(plugins.get("dataset", "tiny-palette").open(None).classnames)
+    references = {c.key: c for c in base_plan.references}
+    assert {references[c.reference_key].spec.classnames for c in base_scans} == {tuple(base_classes)}
+    assert all("base classes" in c.label for c in base_scans)
+    with pytest.raises(ConfigError, match="--candidate-classes"):
+        settings(candidate_classes=("seen",))

@@ -274,6 +274,10 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--losses", help="Ablation: comma-separated inversion losses, e.g. margin,ce,logit (detectors with a loss option).")
 @click.option("--inversion-data", default="ood", show_default=True,
               help="Ablation: 'ood', 'id' (the dataset's own validation images) or 'ood,id'.")
+@click.option("--candidate-classes", default="all", show_default=True,
+              help="Which classes each scan inverts: 'all' (up to 50 of the dataset's classes, the paper's "
+                   "benchmark), 'base' (the classes the model was tuned on, which the organisation deploys), or "
+                   "'all,base' (one scan of each).")
 @click.option("--attack-option", "attack_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="Override a field of attack NAME's config (repeatable), e.g. clean.epochs=2.")
 @click.option("--detector-option", "detector_options", multiple=True, metavar="NAME.KEY=VALUE",
@@ -316,7 +320,7 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--verbose", is_flag=True, help="Also print each cell's own progress (epochs, classes).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data,
+def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_root, ood, pool_sizes, holdout, batch_sizes, losses, inversion_data, candidate_classes,
         attack_options, detector_options, scorer_options, repairers, repair_shots, repairer_options, controls,
         clean_seeds, scan_seed, no_reference, executor,
         ray_address, ray_cpus, cpus_per_cell, threads, backbone, pretrained, device, dry_run, verbose, quiet):
@@ -344,6 +348,7 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
         data_root=str(data_root) if data_root is not None else None, ood=ood, pool_sizes=_ints(pool_sizes, "--pool-sizes"),
         holdout=holdout, batch_sizes=_ints(batch_sizes, "--batch-sizes"), losses=_split(losses, "--losses"),
         inversion_data=_split(inversion_data, "--inversion-data"),
+        candidate_classes=_split(candidate_classes, "--candidate-classes"),
         attack_options=_plugin_options(attack_options, "--attack-option"),
         detector_options=_plugin_options(detector_options, "--detector-option"),
         scorer_options=_plugin_options(scorer_options, "--scorer-option"),

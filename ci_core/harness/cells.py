@@ -167,9 +167,13 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
         cost = _Cost(device)
         model, meta = load_bundle(store.bundle_path("model", cell.model_key), backbone)
         pool = inversion_pool(spec.pool, model_record.dataset, cell.data_root, backbone.image_size, spec.seed)
-        # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them.
-        candidates = sample_candidates(meta["classnames"], seed=spec.seed, target=model_record.target,
-                                       count=spec.candidates)
+        # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them;
+        # or of the base classes the model was tuned on.
+        base = meta.get("base_classes") or ()
+        if spec.classes == "base" and not base:
+            raise ConfigError(f"model cell {cell.model_key}: its bundle records no base classes to scan")
+        pool_of = base if spec.classes == "base" else meta["classnames"]
+        candidates = sample_candidates(pool_of, seed=spec.seed, target=model_record.target, count=spec.candidates)
         if reference is not None:
             check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
         result = scan(model, detector, decider, pool, candidates, seed=spec.seed, reference=reference, also=also,

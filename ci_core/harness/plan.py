@@ -20,6 +20,7 @@ reused as it is when they are added.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
@@ -36,13 +37,17 @@ from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_TEMPLATE
 from ci_core.plugins import Registry
 from ci_core.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, SCAN_SEED, default_target, pool_sizes,
-                              preset_for, sample_candidates)
+                              preset_for, scan_candidates)
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.
 REPAIR_DETECTOR = "ci"
 DEFAULT_INVERSION_DATA = "ood"
 INVERSION_DATA = ("ood", "id")
+# Which classes a scan inverts: "all" (the paper's benchmark: up to 50 of the dataset's classes, the target among
+# them) or "base" (the classes the model was tuned on, which the organisation deploys; up to 50 of them).
+DEFAULT_CANDIDATE_CLASSES = "all"
+CANDIDATE_CLASSES = ("all", "base")
 # Detector config fields the ablation options sweep over: (option, SweepSettings attribute, config field).
 ABLATION_FIELDS = (("--batch-sizes", "batch_sizes", "batch_size"), ("--losses", "losses", "loss"))
 
@@ -80,6 +85,7 @@ class SweepSettings:
     batch_sizes: tuple[int, ...] = ()
     losses: tuple[str, ...] = ()
     inversion_data: tuple[str, ...] = ("ood",)
+    candidate_classes: tuple[str, ...] = (DEFAULT_CANDIDATE_CLASSES,)
     attack_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)  # plugin name -> overrides
     detector_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
     scorer_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
@@ -102,6 +108,7 @@ class SweepSettings:
             _distinct(name, values)
         for name, values in (("--pool-sizes", self.pool_sizes), ("--batch-sizes", self.batch_sizes),
                              ("--losses", self.losses), ("--inversion-data", self.inversion_data),
+                             ("--candidate-classes", self.candidate_classes),
                              ("--repairers", self.repairers), ("--clean-seeds", self.clean_seeds),
                              ("--controls", self.controls)):
             _distinct(name, values)
@@ -127,6 +134,9 @@ class SweepSettings:
                              ("--scan-seed", () if self.scan_seed is None else (self.scan_seed,))):
             if any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63 for s in values):
                 raise ConfigError(f"{name}: expected whole numbers from 0 to 2**63 - 1, got {list(values)}")
+        if not self.candidate_classes or not set(self.candidate_classes) <= set(CANDIDATE_CLASSES):
+            raise ConfigError(f"--candidate-classes: expected some of {', '.join(CANDIDATE_CLASSES)}, "
+                              f"got {', '.join(self.candidate_classes) or 'nothing'}")
         if not self.inversion_data or not set(self.inversion_data) <= set(INVERSION_DATA):
             raise ConfigError(f"--inversion-data: expected some of {', '.join(INVERSION_DATA)}, "
                               f"got {', '.join(self.inversion_data) or 'nothing'}")
@@ -266,6 +276,8 @@ def variant_label(variant: Mapping[str, Any]) -> str:
     if variant.get("loss") is not None:
         parts.append(str(variant["loss"]))
     parts.append(str(variant["inversion_data"]))
+    if variant.get("classes", DEFAULT_CANDIDATE_CLASSES) != DEFAULT_CANDIDATE_CLASSES:
+        parts.append(f"{variant['classes']} classes")
     return ", ".join(parts)
 
 
@@ -314,7 +326,8 @@ def _repair_variant(cls: type, options: Mapping[str, Any], settings: SweepSettin
               for _, attribute, field in ABLATION_FIELDS if field in config}
     return {"config": chosen,
             "pool_size": _preferred(default_inversion, settings.pool_sizes),
-            "inversion_data": _preferred(DEFAULT_INVERSION_DATA, settings.inversion_data)}
+            "inversion_data": _preferred(DEFAULT_INVERSION_DATA, settings.inversion_data),
+            "classes": _preferred(DEFAULT_CANDIDATE_CLASSES, settings.candidate_classes)}
 
 
 def _repair_skips(attack_name: str, attack_cls: type, repairers: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -408,24 +421,27 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
         base, new = base_classes[dataset]
         target = default_target(base, seed) if backdoor else None
         scan_seed = seed if settings.scan_seed is None else settings.scan_seed
-        candidates = sample_candidates(base + new, seed=scan_seed, target=target)
         repair_scan = None  # the scan this model's repairs use
         models.append(ModelCell(key=model_key, spec=model_spec, label=f"{shown}/{dataset}/seed {seed}",
                                 backbone_source=backbone.pretrained, data_root=settings.data_root))
         for detector_name, variants in detectors.items():
-            several = len(variants) * len(inversion_sizes) * len(settings.inversion_data) > 1
-            for detector, inversion, data in itertools.product(variants, inversion_sizes, settings.inversion_data):
+            axes = (variants, inversion_sizes, settings.inversion_data, settings.candidate_classes)
+            several = math.prod(len(axis) for axis in axes) > 1
+            for detector, inversion, data, which in itertools.product(*axes):
+                candidates = scan_candidates(base, new, which, seed=scan_seed, target=target)
                 detector_config = to_json(detector.config)
                 pool = PoolSpec(source=ood, inversion=inversion, holdout=holdout, inversion_data=data)
                 variant = {"pool_size": inversion, "holdout": holdout, "inversion_data": data,
-                           "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss")}
+                           "batch_size": detector_config.get("batch_size"), "loss": detector_config.get("loss"),
+                           "classes": which}
                 reference = None
                 if settings.reference:
                     reference = _reference_cell(detector_name, detector_config, candidates, pool, scan_seed, dataset,
                                                 ident, variant if several else None, settings, backbone)
                     reference = references.setdefault(reference.key, reference)
-                scan_spec = ScanSpec(model=model_key, seed=scan_seed, candidates=BENCHMARK_CANDIDATES, detector=detector_name,
-                                     detector_config=detector_config, pool=pool, backbone=ident)
+                scan_spec = ScanSpec(model=model_key, seed=scan_seed, candidates=BENCHMARK_CANDIDATES,
+                                     classes=which, detector=detector_name, detector_config=detector_config, pool=pool,
+                                     backbone=ident)
                 key = _key(f"{_slug(detector_name)}-{model_stem}", scan_spec)
                 detector_label = f"{detector_name} [{variant_label(variant)}]" if several else detector_name
                 scans.append(ScanCell(key=key, spec=scan_spec, label=f"{detector_label} on {shown}/{dataset}/seed {seed}",
@@ -433,7 +449,8 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                                       reference_key=reference.key if reference is not None else None,
                                       scoring=scoring, data_root=settings.data_root))
                 if (repair_variant is not None and detector_name == REPAIR_DETECTOR
-                        and (inversion, data) == (repair_variant["pool_size"], repair_variant["inversion_data"])
+                        and (inversion, data, which) == (repair_variant["pool_size"], repair_variant["inversion_data"],
+                                                         repair_variant["classes"])
                         and all(detector_config[f] == v for f, v in repair_variant["config"].items())):
                     repair_scan, repair_setting = scans[-1], variant
         if not backdoor:

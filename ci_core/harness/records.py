@@ -149,12 +149,14 @@ class ReferenceSpec(Spec):
 @attrs.frozen(kw_only=True)
 class ScanSpec(Spec):
     KIND = "scan"
+    OPTIONAL = ("classes",)
     NESTED = {"backbone": BackboneKey.from_json, "pool": PoolSpec.from_json}
 
     store_version: int = VERSION
     model: str  # the model cell's key
     seed: int
     candidates: int  # at most this many candidate classes (the paper's 50)
+    classes: str = "all"  # drawn from every class, or from the base classes ("base"); see protocol.scan_candidates
     detector: str
     detector_config: dict
     pool: PoolSpec

@@ -123,7 +123,8 @@ def _by(rows: Sequence[Any], field: str, order: Callable[[Iterable[str]], list[s
 def _group_key(row: ScoredScan) -> str:
     spec = row.scan.spec
     return spec_hash({"detector": spec.detector, "detector_config": spec.detector_config, "pool": spec.pool.to_json(),
-                      "scorer": row.scorer, "scorer_config": row.scorer_config})
+                      "scorer": row.scorer, "scorer_config": row.scorer_config,
+                      **({"classes": spec.classes} if spec.classes != "all" else {})})
 
 
 def scan_class_counts(row: ScoredScan) -> Counts:
@@ -157,7 +158,8 @@ def _group_label(groups: dict[str, list[ScoredScan]]) -> dict[str, str]:
 def _group_order(row: ScoredScan) -> tuple:
     v = row.variant
     return (row.detector, v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
-            v["inversion_data"], spec_hash(row.scan.spec.detector_config), row.scorer != REFERENCE_SCORER, row.scorer)
+            v["inversion_data"], v.get("classes", "all"), spec_hash(row.scan.spec.detector_config),
+            row.scorer != REFERENCE_SCORER, row.scorer)
 
 
 # The populations of backdoored models the verdict table counts separately: name -> (what it is, who is in it).
