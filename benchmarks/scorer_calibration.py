@@ -110,11 +110,13 @@ def _auroc(truth, scores) -> str:
     return f"{auroc(truth, scores):.3f}" if has_both_classes(truth) else "n/a"
 
 
-def load(store: Store, seeds: set[int] | None) -> list[dict]:
+def load(store: Store, seeds: set[int] | None, classes: str = "all") -> list[dict]:
+    """The scans with a reference of candidate classes ``classes`` ('all' or 'base'; 'all+base' loads both and
+    ``combine`` pairs them per model)."""
     models = {c.key: c for c in store.cells("model")}
     rows = []
     for cell in store.cells("scan"):
-        if not cell.reference:
+        if not cell.reference or cell.spec.classes not in classes.split("+"):
             continue
         model = models[cell.model]
         if seeds is not None and model.seed not in seeds:
@@ -124,6 +126,27 @@ def load(store: Store, seeds: set[int] | None) -> list[dict]:
         rows.append({"cell": cell, "model": model, "evidence": evidence, "reference": reference.classes,
                      "holdout": cell.spec.pool.holdout})
     return rows
+
+
+def combine(entries: list) -> list:
+    """One entry per model from its 'all' and 'base' scans: the smaller p doubled (Bonferroni over the two scans),
+    its class the target; the larger s_max ranks it.  Models missing either scan are left out."""
+    by_model: dict[str, dict[str, tuple]] = {}
+    for entry in entries:
+        by_model.setdefault(entry[0]["cell"].model, {})[entry[0]["cell"].spec.classes] = entry
+    out = []
+    for pair in by_model.values():
+        if set(pair) != {"all", "base"}:
+            continue
+        first, second = pair["all"], pair["base"]
+        if first[2] is None or second[2] is None:
+            best = max((first, second), key=lambda e: float(e[1].max()))
+            out.append((first[0], np.array([float(best[1].max())]), None, best[3]))
+            continue
+        best = min((first, second), key=lambda e: e[2])
+        out.append((first[0], np.array([max(float(first[1].max()), float(second[1].max()))]),
+                    min(1.0, 2 * best[2]), best[3]))
+    return out
 
 
 def parse_seeds(text: str | None) -> set[int] | None:
@@ -142,9 +165,12 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, action="append", help="family-wise levels (default 0.01 and 0.05)")
     parser.add_argument("--seeds", help="only models of these seeds, e.g. 1,2,3,11-17")
     parser.add_argument("--show", help="print the per-model values of this candidate")
+    parser.add_argument("--classes", default="all", choices=("all", "base", "all+base"),
+                        help="the scans' candidate classes; all+base judges each model by both of its scans, "
+                             "Bonferroni over the two (p = min(1, 2 min(p_all, p_base)))")
     args = parser.parse_args(argv)
     alphas = args.alpha or [0.01, 0.05]
-    rows = load(Store.open(args.store), parse_seeds(args.seeds))
+    rows = load(Store.open(args.store), parse_seeds(args.seeds), args.classes)
     if not rows:
         print("no scans with a reference in this store", file=sys.stderr)
         return 1
@@ -152,6 +178,9 @@ def main(argv=None) -> int:
     for row in rows:
         for name, (values, p, top) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
             per_candidate.setdefault(name, []).append((row, values, p, top))
+    if args.classes == "all+base":
+        per_candidate = {name: combine(entries) for name, entries in per_candidate.items()}
+        rows = [e[0] for e in next(iter(per_candidate.values()))]
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None
                  and (r["model"].metrics.get("asr_new") or 0) >= IMPLANTED]
@@ -198,7 +227,8 @@ def main(argv=None) -> int:
             model = row["model"]
             label = model.attack + (" (control)" if model.control else "")
             names = [e.name for e in row["evidence"]]
-            rank = (1 + int((values > values[names.index(model.target)]).sum())) if model.target in names else None
+            rank = (1 + int((values > values[names.index(model.target)]).sum())
+                    if model.target in names and len(values) == len(names) else None)
             target_asr = (row["evidence"][names.index(model.target)].asr if model.target in names else None)
             other_asr = max(e.asr for e in row["evidence"] if e.name != model.target)
             print(f"{label:24s} {model.dataset:17s} {model.seed:3d} {model.metrics.get('asr_base') or 0:5.2f} "

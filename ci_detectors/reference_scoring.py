@@ -44,6 +44,14 @@ regression of the base scorer's S for comparison.
 alpha was pre-registered on the development seeds: a false alarm costs an
 auditor as much as a miss, so the family-wise error on clean models is held
 at 1%.
+
+Measured options (docs/verdicts.md, issue 21), none the default: ``compare``
+may name the finished trigger's held-out margin or its logit ASR instead of
+the cost, or several joined by '+' (one family-wise test, Bonferroni over the
+statistics); ``fit="robust"`` replaces least squares by a Theil-Sen line with
+residuals in MADs and a Monte Carlo null, which a cluster of classes the
+trigger also moves cannot mask.  On the development models neither beat the
+least-squares cost over all classes.
 """
 
 from __future__ import annotations
