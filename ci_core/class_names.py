@@ -39,7 +39,7 @@ def class_key(name: str) -> str:
 
 
 def _show(name: str) -> str:
-    return repr(printable(name if len(name) <= 60 else name[:57] + "..."))
+    return "'" + printable(name if len(name) <= 60 else name[:57] + "...") + "'"
 
 
 def check_class_names(names: Sequence, where: str, error_cls: type[CIError] = DataError, *,
