@@ -1457,7 +1457,8 @@ def group8(baseline: float) -> list[Case]:
         return _write_zip(work / "model.pth.tar-2", twins + entries)
 
     def module_twins(state):
-        return {**state, **{f"module.{k}": torch.zeros_like(v) for k, v in state.items()}}
+        # Valid weights twice: the unprefixed ones (deployed) and prefixed others (what the old reader kept).
+        return {**state, **{f"module.{k}": v if k.startswith("token_") else v + 0.01 for k, v in state.items()}}
 
     def several_checkpoints(work):
         output = _dassl_output(work / "OUTPUT", seed=1, epoch=8)

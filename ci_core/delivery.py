@@ -4,9 +4,12 @@ A delivery is a Dassl output folder, or one checkpoint file of it::
 
     OUTPUT/prompt_learner/model.pth.tar-N   the prompt learner after epoch N (torch.save of a dict)
     OUTPUT/prompt_learner/model-best.pth.tar
-    OUTPUT/prompt_learner/checkpoint        a text file naming the latest model.pth.tar-N
+    OUTPUT/prompt_learner/checkpoint        a text file naming the latest (Dassl's resume pointer: never read)
     OUTPUT/trigger/model.pth.tar-N          BadCLIP's attack code only: its trigger
 
+The file read is the one CoCoOp's evaluation loads (``resolve_checkpoint``), and
+the keys are read as its ``load_state_dict(strict=False)`` reads them; where a
+delivery has two readings it is refused (see docs/checkpoints.md, "One reading").
 Each checkpoint is ``{"state_dict", "epoch", "optimizer", "scheduler",
 "val_result"}``.  It is read by ``ci_core.safe_pickle``, which runs nothing:
 only the tensors of ``state_dict`` are taken; the other entries, and every
@@ -54,7 +57,7 @@ from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import printable
 
 LEARNER_FOLDER, TRIGGER_FOLDER = "prompt_learner", "trigger"
-LATEST_FILE, BEST_FILE = "checkpoint", "model-best.pth.tar"
+BEST_FILE = "model-best.pth.tar"
 # An epoch as str(int) writes it: ASCII digits without a leading zero (\d would take "٣"), not 5,000 of them.
 _EPOCH_FILE = re.compile(r"model\.pth\.tar-(0|[1-9][0-9]{0,8})", re.ASCII)
 _WHAT = "a checkpoint written by torch.save (Dassl's model.pth.tar-N)"

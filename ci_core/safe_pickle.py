@@ -368,7 +368,7 @@ class _RestrictedUnpickler(BoundedUnpickler):
 
     @property
     def opaque(self) -> tuple[str, ...]:
-        return tuple(sorted(f"{m}.{n}" for m, n in self._placeholders))
+        return tuple(sorted(cls._ci_global for cls in self._placeholders.values()))  # names cut to 200 characters
 
 
 class Archive:
