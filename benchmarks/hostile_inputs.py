@@ -278,8 +278,9 @@ _MODULES = {"scan": "scan", "repair": "repair", "bench": "bench", "import": "imp
 _CHILD = """import atexit, resource, runpy, sys
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), resource.RLIM_INFINITY))
 atexit.register(lambda: sys.stderr.write(f"\\nCHILD-MAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n"))
-module = sys.argv[2]
-sys.argv = [module] + sys.argv[3:]
+sys.path.insert(0, sys.argv[2])  # the code the parent measures, not whatever the working folder holds
+module = sys.argv[3]
+sys.argv = [module] + sys.argv[4:]
 runpy.run_module(module, run_name="__main__")
 """
 # What importing torch and the toolkit takes in a child: memory beyond it is the input's.
@@ -299,9 +300,12 @@ def run_isolated(run: Run) -> tuple[ChildResult | None, bool, int]:
     """(result, timed out, memory growth) of ``run`` in a child process, under a 6 GiB address-space limit."""
     import subprocess
 
+    import ci_core
+
     module = f"ci_core.cli.{_MODULES[run.command]}"
+    code = str(Path(ci_core.__file__).resolve().parent.parent)
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD, str(6 * 2**30), module, *map(str, run.args)],
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(6 * 2**30), code, module, *map(str, run.args)],
                               capture_output=True, text=True, errors="replace", timeout=run.time_limit)
     except subprocess.TimeoutExpired:
         return None, True, 0
