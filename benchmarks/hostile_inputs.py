@@ -1546,15 +1546,16 @@ def group8(baseline: float) -> list[Case]:
     colliding = (b"\x80\x02}" + _u("state_dict") + b"}(" + b"".join(
         b"\x8a\x0b" + (k * (2**61 - 1) + 5).to_bytes(11, "little", signed=True) + b"N" for k in range(1, 100_001))
         + b"us.")
-    memo = b"\x80\x02}r\x00\xe1\xf5\x05" + _u("state_dict") + b"}s."  # LONG_BINPUT 100,000,000
+    memo = b"\x80\x02}r\xff\xff\xff\xff" + _u("state_dict") + b"}s."  # LONG_BINPUT 2**32 - 1
     copies = (b"\x80\x02ccollections\nOrderedDict\nq\x00}q\x01(" + b"".join(b"J" + struct.pack("<i", k) + b"N"
                                                                                for k in range(200_000))
               + b"u]q\x02(" + b"h\x00h\x01\x85R" * 4000 + b"e000}" + _u("state_dict") + b"}s.")
     long_key = b"\x80\x02}" + _u("state_dict") + b"}" + _u("k" * 10_000_000) + b"Nss."
     rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
 
-    def tensor(size: bytes, offset: bytes) -> bytes:
-        storage = b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + b"K\x00tQ"
+    def tensor(size: bytes, offset: bytes, elements: int = 0) -> bytes:
+        storage = (b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + b"K" + bytes([elements])
+                   + b"tQ")
         return (b"\x80\x02}" + _u("state_dict") + b"}" + _u("ctx") + rebuild + b"(" + storage + offset + size
                 + b"(K\x01K\x01t\x89ccollections\nOrderedDict\n)RtRss.")
 
@@ -1566,7 +1567,7 @@ def group8(baseline: float) -> list[Case]:
                  names=("model.pth.tar-1",)),
         delivery("pickle: 100,000 integer keys with one hash", crafted(colliding), command="import", isolated=True,
                  names=("model.pth.tar-1",)),
-        delivery("pickle: one memo index of 100,000,000", crafted(memo), command="import", isolated=True,
+        delivery("pickle: one memo index of 2**32 - 1", crafted(memo), command="import", isolated=True,
                  names=("model.pth.tar-1",)),
         delivery("pickle: a 200k-entry dict copied 4,000 times", crafted(copies), command="import", isolated=True,
                  names=("model.pth.tar-1",)),
@@ -1575,8 +1576,8 @@ def group8(baseline: float) -> list[Case]:
         delivery("pickle: an empty tensor whose size overflows int64", crafted(tensor(b"(K\x00" + huge + b"t", b"K\x00"),
                                                                                {"0": b""}),
                  command="import", isolated=True, names=("model.pth.tar-1",)),
-        delivery("pickle: an empty tensor whose offset overflows int64", crafted(tensor(b"(K\x00K\x00t", huge),
-                                                                                 {"0": b""}),
+        delivery("pickle: an empty tensor whose offset overflows int64",
+                 crafted(tensor(b"(K\x00K\x00t", huge, elements=1), {"0": bytes(4)}),
                  command="import", isolated=True, names=("model.pth.tar-1",)),
         delivery("zip: entries with the encryption flag set", encrypted, command="import", isolated=True,
                  names=("model.pth.tar-2",)),
