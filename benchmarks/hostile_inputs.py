@@ -1,6 +1,6 @@
 """Hostile inputs against ci-scan, ci-repair, ci-bench and ci-import: how many does the toolkit handle cleanly?
 
-    python benchmarks/hostile_inputs.py [--groups 1,2,3,4,5,6,7,8] [--json FILE] [--before FILE] [--quiet]
+    python benchmarks/hostile_inputs.py [--groups 1,2,3,4,5,6,7,8] [--cases TEXT,...] [--json FILE] [--before FILE]
 
 A catalogue of bad inputs in the seven groups of issue 17 ("fail closed against hostile models and
 inputs"), each run through the real command line (click's CliRunner, in this process):
@@ -1688,8 +1688,10 @@ def print_tables(outcomes: list[Outcome], before: dict | None = None) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every outcome as JSON.")
 @click.option("--before", "before_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Outcomes of an earlier run (--json) to show beside these, group by group.")
+@click.option("--cases", "only", default=None, metavar="TEXT",
+              help="Run only the cases whose name contains one of these comma-separated texts.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def main(groups, json_path, before_path, quiet):
+def main(groups, json_path, before_path, only, quiet):
     """Run the catalogue of hostile inputs and print, per group, how many were handled cleanly."""
     torch.set_num_threads(2)
     limit_memory()
@@ -1716,6 +1718,8 @@ def main(groups, json_path, before_path, quiet):
                 say(f"group {group}: setup failed: {exc}")
                 continue
             for index, case in enumerate(cases, 1):
+                if only and not any(text in case.name for text in only.split(",")):
+                    continue
                 work = scratch / f"g{group}" / f"case{index:03d}"
                 work.mkdir(parents=True)
                 outcome = execute(case, work)
