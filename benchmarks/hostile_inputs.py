@@ -1690,8 +1690,10 @@ def print_tables(outcomes: list[Outcome], before: dict | None = None) -> None:
               help="Outcomes of an earlier run (--json) to show beside these, group by group.")
 @click.option("--cases", "only", default=None, metavar="TEXT",
               help="Run only the cases whose name contains one of these comma-separated texts.")
+@click.option("--baseline", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="Seconds of a control scan, instead of measuring one (time limits scale with it).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def main(groups, json_path, before_path, only, quiet):
+def main(groups, json_path, before_path, only, baseline, quiet):
     """Run the catalogue of hostile inputs and print, per group, how many were handled cleanly."""
     torch.set_num_threads(2)
     limit_memory()
@@ -1704,7 +1706,7 @@ def main(groups, json_path, before_path, only, quiet):
         import ci_core
 
         say(f"measuring the code in {Path(ci_core.__file__).parent.parent}")
-        baseline = control_scan(scratch)
+        baseline = baseline or control_scan(scratch)
         say(f"[{time.perf_counter() - clock:6.1f}s] a control scan takes {baseline:.1f} s")
         builders = {1: group1, 2: group2, 3: lambda: group3(baseline), 4: lambda: group4(baseline),
                     5: lambda: group5(baseline), 6: lambda: group6(scratch / "g6"), 7: group7,
