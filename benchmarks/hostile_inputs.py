@@ -1,6 +1,6 @@
 """Hostile inputs against ci-scan, ci-repair, ci-bench and ci-import: how many does the toolkit handle cleanly?
 
-    python benchmarks/hostile_inputs.py [--groups 1,2,3,4,5,6,7] [--json FILE] [--before FILE] [--quiet]
+    python benchmarks/hostile_inputs.py [--groups 1,2,3,4,5,6,7,8] [--cases TEXT,...] [--json FILE] [--before FILE]
 
 A catalogue of bad inputs in the seven groups of issue 17 ("fail closed against hostile models and
 inputs"), each run through the real command line (click's CliRunner, in this process):
@@ -11,7 +11,10 @@ inputs"), each run through the real command line (click's CliRunner, in this pro
 4. bundle metadata (types, ranges, class lists, templates, backbones and weights a bundle names, tensors);
 5. paths that lead out of the folder given (class names, delivery checkpoints, bundle files, split files);
 6. the benchmark store (``ci-bench run`` and ``report`` over cells that were corrupted after they were written);
-7. command-line values (NaN, infinities, out-of-range numbers, bad choices, each named by its option).
+7. command-line values (NaN, infinities, out-of-range numbers, bad choices, each named by its option);
+8. issue 22: deliveries with two readings (zip names that differ in case, ``module.`` twins, several
+   checkpoints, non-ASCII epochs), class lists that hide a class, pickles that ask for unbounded work or
+   memory, inputs that raised tracebacks, and escape sequences printed to the terminal.
 
 Each outcome is classified as
 * ``handled``: a one-line error (``Error: ...``, exit status 1 or 2) that names the option, field or file
@@ -22,6 +25,8 @@ Each outcome is classified as
 * ``unbounded time`` / ``unbounded memory``: over the case's time limit; a MemoryError, a failed
   allocation, or resident memory growing by more than 1.5 GiB;
 * ``data loss``: a file outside --out (an input, the user's own) changed or removed;
+* ``crash``: the process killed by a signal (group 8 runs such inputs in a child process);
+* ``terminal injection``: an escape sequence or a forged line from the input printed raw;
 * ``read outside the folder``: a file outside the folders given opened or listed (an audit hook and the
   files' access times tell), or a network connection attempted.
 
@@ -70,7 +75,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["red circle", "blue square", "green star", "pink ring"]
 GROUPS = {1: "evasion by NaN/Inf", 2: "output folders", 3: "images", 4: "bundle metadata",
-          5: "paths outside the folder", 6: "benchmark store", 7: "CLI values"}
+          5: "paths outside the folder", 6: "benchmark store", 7: "CLI values",
+          8: "one reading, class lists, bounded work"}
 MEMORY_GROWTH = 1.5 * 2**30
 HANDLED = "handled"
 
@@ -94,6 +100,9 @@ class Run:
     check: Callable | None = None  # (result, run) -> a failure label, or None when the result is right
     cwd: Path | None = None
     time_limit: float = 90.0
+    # In a child process (python -m ci_core.cli.<command>): for inputs that may kill the process (a segfault)
+    # or allocate without bound; its peak memory is measured there.
+    isolated: bool = False
 
 
 @attrs.define
@@ -242,8 +251,11 @@ def execute(case: Case, work: Path) -> Outcome:
         if run.cwd is not None:
             os.chdir(run.cwd)
         Audit.active = True
-        signal.alarm(max(1, int(math.ceil(run.time_limit))))
-        result = CliRunner().invoke(_commands()[run.command], [str(a) for a in run.args])
+        if run.isolated:
+            result, timed_out, child_growth = run_isolated(run)
+        else:
+            signal.alarm(max(1, int(math.ceil(run.time_limit))))
+            result = CliRunner().invoke(_commands()[run.command], [str(a) for a in run.args])
     except CaseTimeout:
         timed_out = True
     finally:
@@ -252,11 +264,56 @@ def execute(case: Case, work: Path) -> Outcome:
         os.chdir(previous)
     elapsed = time.perf_counter() - begin
     growth = watch.stop()
+    if run.isolated:
+        growth = child_growth
     label, detail = classify(run, result, elapsed=elapsed, timed_out=timed_out, growth=growth,
                              read=sorted(set(Audit.opened) | set(_secrets_read(stamped))), network=Audit.network,
                              changed=[k for k, v in _fingerprint(run.keep).items() if kept.get(k) != v]
                              + [k for k in kept if k not in _fingerprint(run.keep)])
     return Outcome(case.group, case.name, label, detail, time.perf_counter() - start)
+
+
+_MODULES = {"scan": "scan", "repair": "repair", "bench": "bench", "import": "import_checkpoint"}
+# Runs the command as `python -m` would, then reports its peak memory (atexit runs on click's SystemExit too).
+_CHILD = """import atexit, resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), resource.RLIM_INFINITY))
+atexit.register(lambda: sys.stderr.write(f"\\nCHILD-MAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n"))
+sys.path.insert(0, sys.argv[2])  # the code the parent measures, not whatever the working folder holds
+module = sys.argv[3]
+sys.argv = [module] + sys.argv[4:]
+runpy.run_module(module, run_name="__main__")
+"""
+# What importing torch and the toolkit takes in a child: memory beyond it is the input's.
+_CHILD_BASE = 1.0 * 2**30
+
+
+@attrs.define
+class ChildResult:
+    """A child process's outcome, shaped like click's Result for ``classify``."""
+
+    exit_code: int
+    output: str
+    exception: BaseException | None = None
+
+
+def run_isolated(run: Run) -> tuple[ChildResult | None, bool, int]:
+    """(result, timed out, memory growth) of ``run`` in a child process, under a 6 GiB address-space limit."""
+    import subprocess
+
+    import ci_core
+
+    module = f"ci_core.cli.{_MODULES[run.command]}"
+    code = str(Path(ci_core.__file__).resolve().parent.parent)
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(6 * 2**30), code, module, *map(str, run.args)],
+                              capture_output=True, text=True, errors="replace", timeout=run.time_limit)
+    except subprocess.TimeoutExpired:
+        return None, True, 0
+    output = done.stdout + done.stderr
+    peak = [int(line.split()[1]) * 1024 for line in output.splitlines() if line.startswith("CHILD-MAXRSS ")]
+    output = "\n".join(line for line in output.splitlines() if not line.startswith("CHILD-MAXRSS "))
+    status = done.returncode if done.returncode >= 0 else 128 - done.returncode  # a signal death, as a shell shows it
+    return ChildResult(status, output), False, int(max(0, (peak[0] if peak else 0) - _CHILD_BASE))
 
 
 def _error_line(output: str) -> str | None:
@@ -283,6 +340,10 @@ def classify(run: Run, result, *, elapsed, timed_out, growth, read, network, cha
         return "traceback", f"{type(exception).__name__}: {str(exception)[:120]}"
     status = result.exit_code
     output = result.output
+    if status > 128:
+        return "crash", f"killed by signal {status - 128} (exit status {status}), no message"
+    if "MemoryError" in output or "Cannot allocate" in output:
+        return "unbounded memory", (output.strip().splitlines() or ["MemoryError"])[-1][:120]
     if "Traceback" in output:
         return "traceback", output.strip().splitlines()[-1][:120]
     if status in (1, 2):
@@ -291,6 +352,8 @@ def classify(run: Run, result, *, elapsed, timed_out, growth, read, network, cha
             return "silent wrong result", f"refused a valid input: {(line or output.strip())[:140]}"
         if line is None or len(line) < 12:
             return "unclear error", (output.strip().splitlines() or ["(no output)"])[-1][:140]
+        if len(line) > 5000:  # an input (a key, a name) printed whole
+            return "unclear error", f"a message of {len(line)} characters: {line[:100]}..."
         if run.names and not any(str(n) in line for n in run.names):
             return "unclear error", f"does not name {run.names[0]!r}: {line[:120]}"
         return HANDLED, line[:140]
@@ -1014,7 +1077,8 @@ def group5(baseline: float) -> list[Case]:
         delivery_case("delivery: checkpoint file names ../../secret/model.pth.tar-9", named_outside, expect="verdict"),
         delivery_case("delivery: checkpoint file names an absolute path", named_absolute, expect="verdict"),
         delivery_case("delivery: model.pth.tar-99 is a link out of the folder", linked_epoch),
-        delivery_case("delivery: the checkpoint file is a link to /etc/passwd", linked_latest),
+        # Dassl's `checkpoint` file only resumes training; CoCoOp's evaluation never reads it, nor does the scan.
+        delivery_case("delivery: the checkpoint file is a link to /etc/passwd", linked_latest, expect="verdict"),
         delivery_case("delivery: prompt_learner/ is a link out of the folder", linked_learner),
         delivery_case("ci-import: model.pth.tar-99 is a link out of the folder", linked_epoch, command="import"),
         delivery_case("delivery: checkpoint file names an epoch of 5,000 digits", long_epoch, expect="verdict"),
@@ -1287,6 +1351,288 @@ def group7() -> list[Case]:
     return cases
 
 
+# --------------------------------------------------------------------------- group 8: one reading, class lists, work
+
+
+def _dassl_output(work: Path, seed: int = 1, epoch: int = 2, state_edit=None) -> Path:
+    """A Dassl output folder of a CoCoOp learner on the tiny CLIP trained on CLASSES[:2] (weights from ``seed``)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from delivery_layout import cocoop_state, save_dassl
+    from ci_core.models.cocoop import PromptTunedCLIP
+
+    torch.manual_seed(seed)
+    model = PromptTunedCLIP(backbone(), ctx_init=None)
+    with torch.no_grad():
+        model.prompt_learner.ctx.add_(0.1 * torch.randn_like(model.prompt_learner.ctx))
+    state = cocoop_state(model, CLASSES[:2])
+    if state_edit is not None:
+        state = state_edit(state)
+    save_dassl(work, "prompt_learner", state, epoch=epoch, learner=model.prompt_learner)
+    return work
+
+
+def _zip_entries(path: Path) -> list[tuple[str, bytes]]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def _write_zip(path: Path, entries) -> Path:
+    import warnings
+    import zipfile
+
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        warnings.simplefilter("ignore")  # duplicate names are the point
+        for name, data in entries:
+            archive.writestr(name, data)
+    return path
+
+
+def _crafted(path: Path, data_pkl: bytes, storages: dict[str, bytes] | None = None) -> Path:
+    """A checkpoint file that is a torch zip archive around a hand-made data.pkl."""
+    entries = [("archive/data.pkl", data_pkl), ("archive/byteorder", b"little")]
+    entries += [(f"archive/data/{k}", v) for k, v in (storages or {}).items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_zip(path, entries)
+
+
+def _u(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _no_escapes(result, run) -> str | None:
+    if "\x1b" in result.output or "\x07" in result.output:
+        return "terminal injection: an escape sequence from the delivery printed raw"
+    if any(line.lstrip().startswith("verdict") for line in result.output.splitlines()):
+        return "terminal injection: a line forged by the delivery"
+    return None
+
+
+def _read_file(name: str):
+    def check(result, run) -> str | None:
+        report = report_of(run)
+        read = (report or {}).get("bundle", {}).get("checkpoint", "")
+        return None if read.endswith(name) else f"read {Path(read).name or 'nothing'}, not {name}"
+    return check
+
+
+def group8(baseline: float) -> list[Case]:
+    limit = baseline * 2 + 30
+
+    def delivery(name, arrange, *, command="scan", expect="error", names=(), classes=CLASSES, extra=(), check=None,
+                 isolated=False, time_limit=None):
+        def prepare(work):
+            target = arrange(work)
+            listed = classes(work) if callable(classes) else class_file(work / "classes.txt", classes)
+            common = [target, "--classes", listed, "--backbone", "ci-tiny-clip", "--pretrained", "random:0", *extra]
+            if command == "scan":
+                args = common + ["--ood", "builtin", "--pool-size", 2, "--holdout", 2, "--out", work / "out", "--quiet"]
+                if scan_supports("--no-reference"):
+                    args.append("--no-reference")
+            else:
+                args = common + ["--out", work / "imported"]
+            return Run(command, args, expect=expect, names=names, check=check, isolated=isolated,
+                       time_limit=time_limit or limit)
+        return Case(8, name, prepare)
+
+    # ---- two readings of one delivery (each made a backdoored delivery scan clean)
+    def case_twin_pickle(work):
+        clean = _dassl_output(work / "A", seed=1) / "prompt_learner" / "model.pth.tar-2"
+        other = _dassl_output(work / "B", seed=2) / "prompt_learner" / "model.pth.tar-2"
+        entries = _zip_entries(clean)
+        prefix = entries[0][0].split("/")[0]
+        other_pkl = dict(_zip_entries(other))[f"{prefix}/data.pkl"]
+        return _write_zip(work / "model.pth.tar-2", [(f"{prefix}/DATA.PKL", other_pkl), *entries])
+
+    def exact_twin_pickle(work):
+        clean = _dassl_output(work / "A", seed=1) / "prompt_learner" / "model.pth.tar-2"
+        other = _dassl_output(work / "B", seed=2) / "prompt_learner" / "model.pth.tar-2"
+        entries = _zip_entries(clean)
+        prefix = entries[0][0].split("/")[0]
+        return _write_zip(work / "model.pth.tar-2", [(f"{prefix}/data.pkl", dict(_zip_entries(other))[f"{prefix}/data.pkl"]),
+                                                     *entries])
+
+    def case_twin_storage(work):
+        clean = _dassl_output(work / "A", seed=1) / "prompt_learner" / "model.pth.tar-2"
+        entries = _zip_entries(clean)
+        twins = [(name.replace("/data/", "/DATA/"), bytes(len(data))) for name, data in entries if "/data/" in name]
+        return _write_zip(work / "model.pth.tar-2", twins + entries)
+
+    def module_twins(state):
+        # Valid weights twice: the unprefixed ones (deployed) and prefixed others (what the old reader kept).
+        return {**state, **{f"module.{k}": v if k.startswith("token_") else v + 0.01 for k, v in state.items()}}
+
+    def several_checkpoints(work):
+        output = _dassl_output(work / "OUTPUT", seed=1, epoch=8)
+        best = _dassl_output(work / "B", seed=2, epoch=8) / "prompt_learner" / "model.pth.tar-8"
+        shutil.copy(best, output / "prompt_learner" / "model-best.pth.tar")  # checkpoint names -8; eval loads best
+        return output
+
+    def arabic_epoch(work):
+        output = _dassl_output(work / "OUTPUT", seed=1, epoch=2)
+        other = _dassl_output(work / "B", seed=2, epoch=2) / "prompt_learner" / "model.pth.tar-2"
+        folder = output / "prompt_learner"
+        shutil.copy(other, folder / "model.pth.tar-\u0663")  # ARABIC-INDIC DIGIT THREE: no epoch CoCoOp writes
+        (folder / "checkpoint").unlink()
+        (folder / "model-best.pth.tar").unlink()
+        return output
+
+    cases = [
+        delivery("zip: archive/DATA.PKL (other weights) before archive/data.pkl", case_twin_pickle,
+                 names=("DATA.PKL",)),
+        delivery("zip: two entries named archive/data.pkl", exact_twin_pickle, names=("data.pkl",)),
+        delivery("zip: storages data/0 and DATA/0", case_twin_storage, names=("DATA/",)),
+        delivery("state_dict: ctx and meta_net.* beside module.-prefixed twins",
+                 lambda w: _dassl_output(w / "OUTPUT", state_edit=module_twins), names=("module.",)),
+        delivery("state_dict: only module.-prefixed keys (CoCoOp loads none)",
+                 lambda w: _dassl_output(w / "OUTPUT", state_edit=lambda s: {f"module.{k}": v for k, v in s.items()}),
+                 names=("module.",)),
+        delivery("folder: model-best.pth.tar (other weights) beside model.pth.tar-8", several_checkpoints,
+                 names=("model-best.pth.tar",)),
+        delivery("folder: the same, the auditor names it (--load-epoch best)", several_checkpoints, expect="verdict",
+                 extra=("--load-epoch", "best"), check=_read_file("model-best.pth.tar")),
+        delivery("folder: model.pth.tar-\u0663 (an Arabic-Indic 3) beside model.pth.tar-2", arabic_epoch,
+                 expect="verdict", check=_read_file("model.pth.tar-2")),
+    ]
+
+    # ---- class lists
+    def lines(*names):
+        return lambda work: touch(work / "classes.txt", "\n".join(names) + "\n")
+
+    def million(work):
+        path = work / "classes.txt"
+        path.write_text("red circle\nblue square\n" + "".join(f"class {k}\n" for k in range(1_000_000)))
+        return path
+
+    def bundle_without_target(work):
+        bundle = make_bundle(work / "bundle", classes=CLASSES[1:])  # the provider left "red circle" out
+        return bundle
+
+    def bundle_case(name, make, listed, expect, names=()):
+        def prepare(work):
+            bundle = make(work)
+            args = [bundle, "--ood", "builtin", "--pool-size", 2, "--holdout", 2, "--out", work / "out", "--quiet",
+                    "--classes", touch(work / "classes.txt", "\n".join(listed) + "\n")]
+            if scan_supports("--no-reference"):
+                args.append("--no-reference")
+            return Run("scan", args, expect=expect, names=names, time_limit=limit)
+        return Case(8, name, prepare)
+
+    output = lambda w: _dassl_output(w / "OUTPUT")  # noqa: E731
+    cases += [
+        delivery("classes: a case twin of a class ('Red Circle' beside 'red circle')", output,
+                 classes=lines(*CLASSES, "Red Circle"), names=("Red Circle",)),
+        delivery("classes: an underscore twin ('blue_square' beside 'blue square')", output,
+                 classes=lines(*CLASSES, "blue_square"), names=("blue_square",)),
+        delivery("classes: a NUL byte in a name", output, classes=lines(*CLASSES, "green\x00star2"), names=("U+0000",)),
+        delivery("classes: a line separator inside a line", output, classes=lines(*CLASSES[:3], "a\u2028b"),
+                 names=("U+2028",)),
+        delivery("classes: a name of 5,000 characters", output, classes=lines(*CLASSES, "x" * 5000),
+                 names=("5000",)),
+        delivery("classes: 1,000,000 lines", output, classes=million, names=("classes.txt",)),
+        bundle_case("bundle: --classes names the target the bundle left out", bundle_without_target, CLASSES, "verdict"),
+        bundle_case("bundle: a new class for a class-specific CoOp context",
+                    lambda w: make_bundle(w / "bundle", "coop-specific", classes=CLASSES[1:]), CLASSES, "error",
+                    names=("class-specific",)),
+    ]
+
+    # ---- pickles that ask for unbounded work or memory, and inputs that raised tracebacks
+    def crafted(data_pkl, storages=None):
+        return lambda work: _crafted(work / "model.pth.tar-1", data_pkl, storages)
+
+    deep = b"\x80\x02}" + _u("state_dict") + b"}K\x01" + b"\x85" * 1_000_000 + b"Nss."
+    colliding = (b"\x80\x02}" + _u("state_dict") + b"}(" + b"".join(
+        b"\x8a\x0b" + (k * (2**61 - 1) + 5).to_bytes(11, "little", signed=True) + b"N" for k in range(1, 100_001))
+        + b"us.")
+    memo = b"\x80\x02}r\xff\xff\xff\xff" + _u("state_dict") + b"}s."  # LONG_BINPUT 2**32 - 1
+    copies = (b"\x80\x02ccollections\nOrderedDict\nq\x00}q\x01(" + b"".join(b"J" + struct.pack("<i", k) + b"N"
+                                                                               for k in range(200_000))
+              + b"u]q\x02(" + b"h\x00h\x01\x85R" * 4000 + b"e000}" + _u("state_dict") + b"}s.")
+    long_key = b"\x80\x02}" + _u("state_dict") + b"}" + _u("k" * 10_000_000) + b"Nss."
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
+
+    def tensor(size: bytes, offset: bytes, elements: int = 0) -> bytes:
+        storage = (b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + b"K" + bytes([elements])
+                   + b"tQ")
+        return (b"\x80\x02}" + _u("state_dict") + b"}" + _u("ctx") + rebuild + b"(" + storage + offset + size
+                + b"(K\x01K\x01t\x89ccollections\nOrderedDict\n)RtRss.")
+
+    huge = b"\x8a\x09" + (2**64).to_bytes(9, "little", signed=True)
+    encrypted = lambda work: _encrypt(_dassl_output(work / "A") / "prompt_learner" / "model.pth.tar-2",  # noqa: E731
+                                      work / "model.pth.tar-2")
+    cases += [
+        delivery("pickle: a 1e6-deep tuple as a dict key", crafted(deep), command="import", isolated=True,
+                 names=("model.pth.tar-1",)),
+        delivery("pickle: 100,000 integer keys with one hash", crafted(colliding), command="import", isolated=True,
+                 names=("model.pth.tar-1",)),
+        delivery("pickle: one memo index of 2**32 - 1", crafted(memo), command="import", isolated=True,
+                 names=("model.pth.tar-1",)),
+        delivery("pickle: a 200k-entry dict copied 4,000 times", crafted(copies), command="import", isolated=True,
+                 names=("model.pth.tar-1",)),
+        delivery("pickle: a key of 10 MB", crafted(long_key), command="import", isolated=True,
+                 names=("model.pth.tar-1",)),
+        delivery("pickle: an empty tensor whose size overflows int64", crafted(tensor(b"(K\x00" + huge + b"t", b"K\x00"),
+                                                                               {"0": b""}),
+                 command="import", isolated=True, names=("model.pth.tar-1",)),
+        delivery("pickle: an empty tensor whose offset overflows int64",
+                 crafted(tensor(b"(K\x00K\x00t", huge, elements=1), {"0": bytes(4)}),
+                 command="import", isolated=True, names=("model.pth.tar-1",)),
+        delivery("zip: entries with the encryption flag set", encrypted, command="import", isolated=True,
+                 names=("model.pth.tar-2",)),
+    ]
+
+    # ---- what ci-import prints of a delivery
+    def extra_keys(work):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from delivery_layout import cocoop_state, save_dassl
+        from ci_core.models.cocoop import PromptTunedCLIP
+
+        torch.manual_seed(1)
+        model = PromptTunedCLIP(backbone(), ctx_init=None)
+        extra = {"\x1b]0;window title set by the delivery\x07": 1, "\nverdict: CLEAN": 2,
+                 "\x1b]52;c;ZWNobyBvd25lZA==\x07": 3}
+        save_dassl(work / "OUTPUT", "prompt_learner", cocoop_state(model, CLASSES[:2]), learner=model.prompt_learner,
+                   extra=extra)
+        return work / "OUTPUT"
+
+    def opaque_global(work):
+        output = extra_keys(work)
+        path = output / "prompt_learner" / "model.pth.tar-10"
+        entries = _zip_entries(path)
+        prefix = entries[0][0].split("/")[0]
+        data = dict(entries)[f"{prefix}/data.pkl"]
+        name = b"\x1b]52;c;b3duZWQ=\x07evil"
+        injected = data[:2] + b"c" + name + b"\n" + name + b"\n)R0" + data[2:]  # a global created, then popped
+        _write_zip(path, [(n, injected if n == f"{prefix}/data.pkl" else d) for n, d in entries])
+        for other in ("model-best.pth.tar",):
+            shutil.copy(path, path.parent / other)
+        return output
+
+    cases += [
+        delivery("ci-import: top-level keys with OSC title, OSC 52 and a forged verdict line", extra_keys,
+                 command="import", expect="verdict", check=_no_escapes),
+        delivery("ci-import: a global whose name holds an OSC 52 sequence", opaque_global, command="import",
+                 expect="verdict", check=_no_escapes),
+        delivery("ci-import: a new class name holding an escape sequence", output, command="import",
+                 classes=lines(*CLASSES, "\x1b]0;title\x07"), names=("U+001B",)),
+    ]
+    return cases
+
+
+def _encrypt(source: Path, path: Path) -> Path:
+    """A copy of the zip archive ``source`` with every entry's encryption flag set (local and central headers)."""
+    data = bytearray(source.read_bytes())
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            data[start + flag_offset] |= 1
+            start += 4
+    path.write_bytes(bytes(data))
+    return path
+
+
 # --------------------------------------------------------------------------- running and reporting
 
 
@@ -1338,12 +1684,16 @@ def print_tables(outcomes: list[Outcome], before: dict | None = None) -> None:
 
 
 @click.command()
-@click.option("--groups", default="1,2,3,4,5,6,7", show_default=True, help="Comma-separated groups to run.")
+@click.option("--groups", default="1,2,3,4,5,6,7,8", show_default=True, help="Comma-separated groups to run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every outcome as JSON.")
 @click.option("--before", "before_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Outcomes of an earlier run (--json) to show beside these, group by group.")
+@click.option("--cases", "only", default=None, metavar="TEXT",
+              help="Run only the cases whose name contains one of these comma-separated texts.")
+@click.option("--baseline", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="Seconds of a control scan, instead of measuring one (time limits scale with it).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def main(groups, json_path, before_path, quiet):
+def main(groups, json_path, before_path, only, baseline, quiet):
     """Run the catalogue of hostile inputs and print, per group, how many were handled cleanly."""
     torch.set_num_threads(2)
     limit_memory()
@@ -1356,10 +1706,11 @@ def main(groups, json_path, before_path, quiet):
         import ci_core
 
         say(f"measuring the code in {Path(ci_core.__file__).parent.parent}")
-        baseline = control_scan(scratch)
+        baseline = baseline or control_scan(scratch)
         say(f"[{time.perf_counter() - clock:6.1f}s] a control scan takes {baseline:.1f} s")
         builders = {1: group1, 2: group2, 3: lambda: group3(baseline), 4: lambda: group4(baseline),
-                    5: lambda: group5(baseline), 6: lambda: group6(scratch / "g6"), 7: group7}
+                    5: lambda: group5(baseline), 6: lambda: group6(scratch / "g6"), 7: group7,
+                    8: lambda: group8(baseline)}
         outcomes = []
         for group in wanted:
             try:
@@ -1369,6 +1720,8 @@ def main(groups, json_path, before_path, quiet):
                 say(f"group {group}: setup failed: {exc}")
                 continue
             for index, case in enumerate(cases, 1):
+                if only and not any(text in case.name for text in only.split(",")):
+                    continue
                 work = scratch / f"g{group}" / f"case{index:03d}"
                 work.mkdir(parents=True)
                 outcome = execute(case, work)

@@ -4,9 +4,12 @@ A delivery is a Dassl output folder, or one checkpoint file of it::
 
     OUTPUT/prompt_learner/model.pth.tar-N   the prompt learner after epoch N (torch.save of a dict)
     OUTPUT/prompt_learner/model-best.pth.tar
-    OUTPUT/prompt_learner/checkpoint        a text file naming the latest model.pth.tar-N
+    OUTPUT/prompt_learner/checkpoint        a text file naming the latest (Dassl's resume pointer: never read)
     OUTPUT/trigger/model.pth.tar-N          BadCLIP's attack code only: its trigger
 
+The file read is the one CoCoOp's evaluation loads (``resolve_checkpoint``), and
+the keys are read as its ``load_state_dict(strict=False)`` reads them; where a
+delivery has two readings it is refused (see docs/checkpoints.md, "One reading").
 Each checkpoint is ``{"state_dict", "epoch", "optimizer", "scheduler",
 "val_result"}``.  It is read by ``ci_core.safe_pickle``, which runs nothing:
 only the tensors of ``state_dict`` are taken; the other entries, and every
@@ -42,6 +45,7 @@ import attrs
 import open_clip
 import torch
 
+from ci_core.class_names import read_class_list
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.files import file_sha256
 from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
@@ -50,10 +54,12 @@ from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP
 from ci_core.safe_pickle import TensorRef, open_archive, opaque_name
 from ci_core.triggers import AdditiveTrigger
+from ci_core.validators import printable
 
 LEARNER_FOLDER, TRIGGER_FOLDER = "prompt_learner", "trigger"
-LATEST_FILE, BEST_FILE = "checkpoint", "model-best.pth.tar"
-_EPOCH_FILE = re.compile(r"model\.pth\.tar-(\d{1,9})")  # an epoch count, not a 5,000-digit number
+BEST_FILE = "model-best.pth.tar"
+# An epoch as str(int) writes it: ASCII digits without a leading zero (\d would take "٣"), not 5,000 of them.
+_EPOCH_FILE = re.compile(r"model\.pth\.tar-(0|[1-9][0-9]{0,8})", re.ASCII)
 _WHAT = "a checkpoint written by torch.save (Dassl's model.pth.tar-N)"
 COCOOP_KEYS = frozenset({"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
                          "meta_net.linear2.bias", "token_prefix", "token_suffix"})
@@ -71,6 +77,12 @@ class Checkpoint:
     epoch: int | None
     skipped_entries: tuple[str, ...]  # top-level entries besides state_dict and epoch (optimizer, scheduler, ...)
     skipped_objects: tuple[str, ...]  # classes (module.name) whose objects were kept as inert placeholders
+    folder_files: tuple[str, ...] = ()  # what else the checkpoint's folder holds (escaped names)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The state_dict keys read, as stored (the learner's own names)."""
+        return tuple(self.state)
 
     def describe_skipped(self) -> str:
         entries = ", ".join(self.skipped_entries) or "nothing"
@@ -95,7 +107,8 @@ class Imported:
         """Where the model came from, as recorded in a bundle's ``source``."""
         ckpt = self.checkpoint
         return {"format": "dassl-checkpoint", "checkpoint": str(ckpt.path), "sha256": ckpt.sha256,
-                "epoch": ckpt.epoch, "precision": self.precision, "skipped_entries": list(ckpt.skipped_entries),
+                "epoch": ckpt.epoch, "precision": self.precision, "state_dict_keys": list(ckpt.keys),
+                "folder_files": list(ckpt.folder_files), "skipped_entries": list(ckpt.skipped_entries),
                 "skipped_objects": list(ckpt.skipped_objects)}
 
 
@@ -120,12 +133,19 @@ def is_checkpoint_delivery(path: str | Path) -> bool:
         return True
     if not path.is_dir() or (path / META_FILE).exists():
         return False
-    return (path / LEARNER_FOLDER).is_dir() or _has_checkpoints(path)
+    return (path / LEARNER_FOLDER).is_dir() or bool(checkpoint_files(path))
 
 
-def _epoch_files(folder: Path) -> list[tuple[int, Path]]:
-    """(N, path) of every model.pth.tar-N file in ``folder``, by N."""
-    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_FILE.fullmatch(p.name)) and p.is_file())
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that CoCoOp's ``load_model`` can load: ``model-best.pth.tar``, ``model.pth.tar-N``.
+
+    N as ``str(epoch)`` writes it (ASCII digits, no leading zero): ``model.pth.tar-08`` or ``model.pth.tar-٣``
+    is never loaded.  Best first, then by epoch.
+    """
+    found = [(-1, p) for p in folder.iterdir() if p.name == BEST_FILE and p.is_file()]
+    epochs = ((m, p) for p in folder.iterdir() if (m := _EPOCH_FILE.fullmatch(p.name)))
+    found += sorted((int(m.group(1)), p) for m, p in epochs if p.is_file())
+    return [p for _, p in found]
 
 
 def _inside(path: Path, folder: Path) -> Path:
@@ -140,37 +160,59 @@ def _inside(path: Path, folder: Path) -> Path:
     return path
 
 
-def _has_checkpoints(folder: Path) -> bool:
-    return (folder / BEST_FILE).is_file() or bool(_epoch_files(folder))
+def checkpoint_name(load_epoch: str | int | None) -> str | None:
+    """The file CoCoOp's ``load_model(directory, epoch)`` opens: ``model-best.pth.tar``, or ``model.pth.tar-N``."""
+    if load_epoch is None:
+        return None
+    text = str(load_epoch)
+    if text == "best":
+        return BEST_FILE
+    if not _EPOCH_FILE.fullmatch(f"model.pth.tar-{text}"):
+        raise ConfigError(f"--load-epoch {printable(text[:40])!r}: expected 'best' or an epoch number (as CoCoOp's "
+                          "--load-epoch takes it)")
+    return f"model.pth.tar-{text}"
 
 
-def resolve_checkpoint(path: str | Path, folder: str = LEARNER_FOLDER) -> Path:
-    """The checkpoint file of a delivery: ``path`` itself if a file, else the latest of ``path/folder/`` (or ``path/``).
+def resolve_checkpoint(path: str | Path, folder: str = LEARNER_FOLDER, load_epoch: str | int | None = None) -> Path:
+    """The checkpoint file of a delivery: ``path`` itself if a file, else the one of ``path/folder/`` (or ``path/``).
 
-    The latest is the one the ``checkpoint`` file names, else the highest ``model.pth.tar-N``, else
-    ``model-best.pth.tar``.
+    CoCoOp's evaluation loads ``model-best.pth.tar``, or ``model.pth.tar-N`` when run with ``--load-epoch N``
+    (Dassl's ``checkpoint`` file only serves to resume training, and is not read here).  So a folder is read
+    only when that choice cannot matter: it holds one checkpoint, or several with the same bytes; else
+    ``load_epoch`` ('best' or N) must name the one the deployment loads.
     """
     path = Path(path)
+    wanted = checkpoint_name(load_epoch)
     if path.is_file():
+        if wanted is not None and path.name != wanted:
+            raise ConfigError(f"--load-epoch {load_epoch} names {wanted}, but {path} is a checkpoint file: give its "
+                              "folder, or leave --load-epoch out")
         return path
     if not path.is_dir():
         raise BundleError(f"{path}: no such file or folder; expected a checkpoint file or a Dassl output folder")
     directory = _inside(path / folder, path) if (path / folder).is_dir() else path
-    if not _has_checkpoints(directory):
+    found = checkpoint_files(directory)
+    names = ", ".join(p.name for p in found)
+    if not found:
         raise BundleError(f"{directory}: no model.pth.tar-N or {BEST_FILE} here; expected a Dassl output folder "
                           f"(holding {folder}/model.pth.tar-N) or a checkpoint file")
-    latest = directory / LATEST_FILE
-    if latest.is_file():
-        with open(_inside(latest, path), "rb") as handle:
-            lines = handle.read(256).decode("utf-8", errors="replace").splitlines()
-        name = lines[0].strip() if lines else ""
-        # The file is the provider's: only a plain checkpoint name in this folder is followed.
-        if (_EPOCH_FILE.fullmatch(name) or name == BEST_FILE) and (directory / name).is_file():
-            return _inside(directory / name, path)
-    epochs = _epoch_files(directory)
-    if epochs:
-        return _inside(epochs[-1][1], path)
-    return _inside(directory / BEST_FILE, path)
+    if wanted is not None:
+        chosen = [p for p in found if p.name == wanted]
+        if not chosen:
+            raise BundleError(f"{directory}: no {wanted} (--load-epoch {load_epoch}); its checkpoints are {names}")
+        return _inside(chosen[0], path)
+    if len(found) > 1 and len({file_sha256(_inside(p, path)) for p in found}) > 1:
+        raise BundleError(
+            f"{directory}: holds {len(found)} different checkpoints ({names}); CoCoOp's evaluation loads {BEST_FILE}, "
+            "or model.pth.tar-N when run with --load-epoch N, so which one is deployed depends on how it is run: "
+            "name it with --load-epoch best|N (scan each one the deployment may load)")
+    return _inside(found[0], path)
+
+
+def folder_listing(checkpoint: Path, limit: int = 50) -> tuple[str, ...]:
+    """The names in the checkpoint's folder (at most ``limit``, escaped), so that a report says what else was there."""
+    names = sorted(printable(p.name[:200]) for p in checkpoint.parent.iterdir())
+    return tuple(names[:limit]) + ((f"... and {len(names) - limit} more",) if len(names) > limit else ())
 
 
 # --------------------------------------------------------------------------- reading a checkpoint
@@ -179,6 +221,33 @@ def resolve_checkpoint(path: str | Path, folder: str = LEARNER_FOLDER) -> Path:
 def _kind(obj) -> str:
     name = opaque_name(obj)
     return f"an object of {name} (never created)" if name else f"a {type(obj).__name__}"
+
+
+def _key(key) -> str:
+    text = repr(key)
+    return printable(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _check_module_prefix(path: Path, refs: dict) -> None:
+    """Refuse keys with DataParallel's ``module.`` prefix: CoCoOp's ``load_model`` would not load them.
+
+    It calls ``load_state_dict(state_dict, strict=False)`` on the prompt learner, which ignores keys it does
+    not know: ``module.ctx`` beside ``ctx`` is dropped (``ctx`` is deployed), and a learner holding only
+    ``module.`` keys keeps its initial, untrained prompt.  Dassl's ``save_checkpoint`` removes the prefix,
+    so a checkpoint with it was not written by the reference code.
+    """
+    prefixed = [k for k in refs if isinstance(k, str) and k.startswith("module.")]
+    if not prefixed:
+        return
+    twins = [k for k in prefixed if k.removeprefix("module.") in refs]
+    if twins:
+        raise BundleError(f"{path}: state_dict holds both {_key(twins[0].removeprefix('module.'))} and "
+                          f"{_key(twins[0])} ({len(twins)} such pairs): CoCoOp's load_model(strict=False) deploys the "
+                          "unprefixed key and ignores the other, so the delivery has two readings; expected one key "
+                          "per tensor, as Dassl's save_checkpoint writes it")
+    raise BundleError(f"{path}: state_dict keys carry the 'module.' prefix ({_key(prefixed[0])}, ...), which CoCoOp's "
+                      "load_model(strict=False) ignores (it would deploy an untrained prompt); expected the keys "
+                      "as Dassl's save_checkpoint writes them, without the prefix")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -195,23 +264,26 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         refs = root["state_dict"]
         if not isinstance(refs, dict):
             raise BundleError(f"{path}: 'state_dict' is {_kind(refs)}, not a mapping of names to tensors")
+        _check_module_prefix(path, refs)
         state = {}
         for key, ref in refs.items():
             if not isinstance(key, str) or not isinstance(ref, TensorRef):
-                raise BundleError(f"{path}: state_dict entry {key!r} is {_kind(ref)}, not a tensor")
+                raise BundleError(f"{path}: state_dict entry {_key(key)} is {_kind(ref)}, not a tensor")
             elements = math.prod(ref.size)
             if elements > max(ref.storage.numel, 1):
                 # Only a view with zero strides has more elements than its storage, and copying it out would
                 # allocate them all: a 1-element storage could claim a tensor of terabytes.
-                raise BundleError(f"{path}: state_dict entry {key!r} claims shape {list(ref.size)} ({elements} "
+                raise BundleError(f"{path}: state_dict entry {_key(key)} claims shape {list(ref.size)} ({elements} "
                                   f"elements) over a storage of {ref.storage.numel}; a saved prompt learner's "
                                   "tensors hold their own elements")
-            state[key.removeprefix("module.")] = archive.tensor(ref)
+            state[key] = archive.tensor(ref)
         epoch = root.get("epoch")
-        skipped = tuple(str(k) for k in root if k not in ("state_dict", "epoch"))
+        skipped = tuple(_key(k) if not isinstance(k, str) else printable(k[:80]) for k in root
+                        if k not in ("state_dict", "epoch"))
         opaque = archive.opaque
     return Checkpoint(path=path, sha256=file_sha256(path), state=state,
-                      epoch=epoch if type(epoch) is int else None, skipped_entries=skipped, skipped_objects=opaque)
+                      epoch=epoch if type(epoch) is int else None, skipped_entries=skipped, skipped_objects=opaque,
+                      folder_files=folder_listing(path))
 
 
 def learner_kind(checkpoint: Checkpoint) -> str:
@@ -226,24 +298,6 @@ def learner_kind(checkpoint: Checkpoint) -> str:
 
 
 # --------------------------------------------------------------------------- class names
-
-
-def read_class_list(path: str | Path) -> list[str]:
-    """The deployment's classes: one per line, blank lines and lines starting with '#' skipped, none repeated."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); expected one class name per line") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc}); expected one class name per line") from exc
-    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    if len(names) < 2:
-        raise DataError(f"{path}: needs at least two class names, one per line (found {len(names)})")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate class names {duplicates}")
-    return names
 
 
 class _TokenTable:
@@ -364,7 +418,7 @@ def _check_shapes(checkpoint: Checkpoint, kind: str, backbone: Backbone) -> tupl
 
 def import_checkpoint(path: str | Path, classnames: Sequence[str], backbone: Backbone, *,
                       class_token_position: str = "end", text_encoding: TextEncoding | None = None,
-                      classes_source: str = "the class list") -> Imported:
+                      classes_source: str = "the class list", load_epoch: str | int | None = None) -> Imported:
     """The CoCoOp or CoOp model in the checkpoint (or Dassl folder) at ``path``, over ``backbone``.
 
     ``classnames`` is the deployment's full class list, base classes (those the model was tuned on) first;
@@ -373,7 +427,7 @@ def import_checkpoint(path: str | Path, classnames: Sequence[str], backbone: Bac
     """
     if class_token_position not in POSITIONS:
         raise ConfigError(f"class token position {class_token_position!r}: expected one of {', '.join(POSITIONS)}")
-    checkpoint = read_checkpoint(resolve_checkpoint(path))
+    checkpoint = read_checkpoint(resolve_checkpoint(path, load_epoch=load_epoch))
     kind = learner_kind(checkpoint)
     if kind == "trigger":
         raise BundleError(f"{checkpoint.path}: this is a BadCLIP trigger checkpoint, not a prompt learner; "
@@ -405,13 +459,13 @@ def _epsilon(linf: float) -> float:
     return round(steps) / 255 if round(steps) >= 1 and abs(steps - round(steps)) < 0.02 else linf
 
 
-def import_trigger(path: str | Path, backbone: Backbone) -> ImportedTrigger:
+def import_trigger(path: str | Path, backbone: Backbone, load_epoch: str | int | None = None) -> ImportedTrigger:
     """BadCLIP's trigger (``trigger`` (1, 3, H, W), CLIP-normalised) as a pixel-space ``AdditiveTrigger``.
 
     BadCLIP stamps ``clamp(x_norm + t)`` to the normalised image range, which is ``clamp(x + t * std, 0, 1)``
     in pixels; ``epsilon`` is the trigger's l-inf norm in pixels, on the 1/255 grid when within float rounding.
     """
-    checkpoint = read_checkpoint(resolve_checkpoint(path, TRIGGER_FOLDER))
+    checkpoint = read_checkpoint(resolve_checkpoint(path, TRIGGER_FOLDER, load_epoch))
     if frozenset(checkpoint.state) != TRIGGER_KEYS:
         raise BundleError(f"{checkpoint.path}: not a BadCLIP trigger checkpoint: its state_dict has "
                           f"{sorted(checkpoint.state)}, expected only 'trigger' (1, 3, H, W)")
@@ -450,7 +504,8 @@ def default_backbone(name: str | None, pretrained: str | None) -> tuple[str, str
 def open_model(path: str | Path, *, classes_file: str | Path, backbone: str | None = None,
                pretrained: str | None = None, device: str | torch.device = "cpu",
                text_encoding: TextEncoding | None = None, trigger: str | Path | None = None,
-               class_token_position: str = "end") -> tuple[PromptTunedCLIP | CoOpCLIP, dict]:
+               class_token_position: str = "end", load_epoch: str | int | None = None
+               ) -> tuple[PromptTunedCLIP | CoOpCLIP, dict]:
     """A delivered checkpoint (file or Dassl folder) as ``load_bundle`` would load its bundle: (model, metadata).
 
     The metadata is what ``bundle.json`` would hold (kind, backbone, classnames, base_classes, template, ...)
@@ -462,13 +517,13 @@ def open_model(path: str | Path, *, classes_file: str | Path, backbone: str | No
     name, weights = default_backbone(backbone, pretrained)
     built = load_backbone(name, weights, device, text_encoding=text_encoding)
     imported = import_checkpoint(path, classnames, built, class_token_position=class_token_position,
-                                 classes_source=str(classes_file))
+                                 classes_source=str(classes_file), load_epoch=load_epoch)
     meta, tensors = bundle_meta(imported.model, imported.classnames, base_classes=imported.base_classes, where=path)
     meta["non_finite_tensors"] = non_finite_tensors(tensors)  # as load_bundle records it, for the scan
     meta["source"] = imported.source()
     meta["recovered_classes"] = list(imported.recovered)
     if trigger is not None:
-        converted = import_trigger(trigger, built)
+        converted = import_trigger(trigger, built, load_epoch)
         meta["trigger"] = {"checkpoint": str(converted.checkpoint.path), "sha256": converted.checkpoint.sha256,
                            "epsilon": converted.trigger.epsilon, "linf": converted.linf}
     return imported.model, meta

@@ -16,21 +16,29 @@ the same trigger initialisation and batch order as in the model's scan
 fine-tuned by the provider) the reference is the backbone it was fine-tuned
 from, the same thing.
 
-A reference depends only on ``reference_spec`` (backbone weights, template,
+A reference depends only on ``reference_spec`` (the backbone as ``keys.backbone_key``
+sees it: architecture, QuickGELU, weights, image size and statistics; template,
 classes, the pool's images, seed, detector and config), not on the model, so it
 is computed once and cached under the hash of that spec: auditing many models on
 one backbone pays for it once.  A cache entry is JSON holding its spec, the
-result, and the SHA-256 of the result; an entry that is unreadable, whose spec
-is not the one asked for, or whose hash or content does not check out is
-ignored and recomputed, never trusted.
+result, the SHA-256 of the result, and an HMAC-SHA256 of spec and result under a
+key this toolkit creates on first use in the cache folder (``.hmac-key``, 32
+random bytes, readable by its owner only).  A reference decides verdicts, so an
+entry written anywhere else (copied from another machine, shipped beside a
+delivery, planted by another user who can write the folder but not read the
+key) does not check out; it is ignored and recomputed, never trusted, as is an
+entry that is unreadable, whose spec is not the one asked for, or whose hash or
+content does not check out.  Where the key itself cannot be trusted (a link, or
+a file another user owns or can read), the cache is not used at all.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import hmac
 import math
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,12 +47,15 @@ import attrs
 from ci_core.data.ood import OODPool
 from ci_core.errors import CIError, ConfigError
 from ci_core.files import read_json_object, write_json_atomic
+from ci_core.keys import backbone_key, canonical_json, spec_hash
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent, to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.scan import PoolHealth, invert_classes, pool_health
 
-VERSION = 2  # 2: per-class margins on T (0.4); entries of 1 lack them and are computed again
+# 2: per-class margins on T; the backbone key holds QuickGELU, image size and statistics; entries carry the
+# machine's HMAC.  Entries of 1 lack all three and are computed again.
+VERSION = 2
 CACHE_ENV = "CI_CACHE_DIR"
 
 
@@ -57,17 +68,12 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "clip-inspector" / "references"
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``spec`` (sorted keys, no whitespace, no NaN)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
-
-
 def reference_spec(backbone: Backbone, template: str, classnames: Sequence[str], pool: OODPool, seed: int,
                    detector: Detector) -> dict:
     """Everything a reference scan depends on (its cache key is the hash of this)."""
     return {
         "kind": "reference", "version": VERSION,
-        "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256},
+        "backbone": backbone_key(backbone),
         "template": template, "classnames": list(classnames),
         "pool": {"inversion": len(pool.inversion), "holdout": len(pool.holdout), "sha256": pool.digest()},
         "seed": int(seed), "detector": detector.name, "detector_config": to_json(detector.config),
@@ -152,8 +158,16 @@ def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> Refe
                          seconds=_number(result.get("seconds"), source), cached=True)
 
 
+KEY_FILE = ".hmac-key"
+_KEY_BYTES = 32
+
+
+def _mac(key: bytes, data: dict) -> str:
+    return hmac.new(key, canonical_json({"spec": data["spec"], "result": data["result"]}), "sha256").hexdigest()
+
+
 class ReferenceCache:
-    """A folder of reference scans, one JSON file per spec hash."""
+    """A folder of reference scans, one JSON file per spec hash, each bound to this folder's key by an HMAC."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -161,20 +175,63 @@ class ReferenceCache:
     def path(self, spec: Mapping[str, Any]) -> Path:
         return self.folder / f"{spec_hash(spec)}.json"
 
+    def _key(self, create: bool) -> bytes | None:
+        """This cache's HMAC key, created on first use; None where there is none or it cannot be trusted."""
+        path = self.folder / KEY_FILE
+        if create and not os.path.lexists(path):
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                pass  # another process made it meanwhile: read theirs
+            else:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(secrets.token_bytes(_KEY_BYTES))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            key = handle.read(_KEY_BYTES + 1)
+        # A key that another user owns or can read could have signed (or could sign) anything.
+        if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077
+                or len(key) != _KEY_BYTES):
+            return None
+        return key
+
     def get(self, spec: Mapping[str, Any], progress: Progress = silent) -> ReferenceScan | None:
         path = self.path(spec)
         if not path.is_file():
             return None
         try:
-            return reference_from_json(read_json_object(path, InvalidReference, "a cached reference scan"), spec,
-                                       str(path))
+            data = read_json_object(path, InvalidReference, "a cached reference scan")
+            key = self._key(create=False)
+            if key is None:
+                raise InvalidReference(f"{self.folder / KEY_FILE}: no key of this cache that can be trusted (missing, "
+                                       "a link, or owned or readable by another user), so no entry can be verified")
+            if not isinstance(data, dict) or not isinstance(data.get("mac"), str) or not hmac.compare_digest(
+                    data["mac"], _mac(key, data)):
+                raise InvalidReference(f"{path}: not written by this toolkit with this cache's key (its HMAC does not "
+                                       "check out)")
+            return reference_from_json(data, spec, str(path))
         except InvalidReference as exc:
             progress(f"ignoring the cached reference {path}: {exc}; recomputing it")
             return None
+        except (TypeError, ValueError) as exc:  # e.g. a spec or result that is not JSON-serialisable
+            progress(f"ignoring the cached reference {path}: {type(exc).__name__}: {exc}; recomputing it")
+            return None
 
-    def put(self, reference: ReferenceScan) -> Path:
+    def put(self, reference: ReferenceScan, progress: Progress = silent) -> Path | None:
+        key = self._key(create=True)
+        if key is None:
+            progress(f"not caching the reference: {self.folder / KEY_FILE} cannot be trusted (a link, or owned or "
+                     "readable by another user)")
+            return None
+        data = reference.to_json()
+        data["mac"] = _mac(key, data)
         path = self.path(reference.spec)
-        write_json_atomic(path, reference.to_json())
+        write_json_atomic(path, data)
         return path
 
 
@@ -202,5 +259,5 @@ def run_reference(backbone: Backbone, template: str, detector: Detector, pool: O
     reference = ReferenceScan(spec=spec, classes=tuple(attrs.evolve(e, trigger=None) for e in evidence),
                               health=health, seconds=clock.seconds)
     if cache is not None:
-        cache.put(reference)
+        cache.put(reference, progress)
     return reference

@@ -20,6 +20,7 @@ import torch
 
 from ci_core.errors import ConfigError
 from ci_core.models.backbone import TextEncoding
+from ci_core.validators import printable
 
 Progress = Callable[[str], None]
 
@@ -40,7 +41,11 @@ class Stopwatch:
 
 
 class StderrProgress:
-    """Progress lines on stderr with the elapsed time (nothing when ``quiet``)."""
+    """Progress lines on stderr with the elapsed time (nothing when ``quiet``).
+
+    Messages quote names from deliveries (classes, files, keys): each line is escaped with ``printable``, so
+    that no escape sequence in them reaches the terminal and no line break forges another line.
+    """
 
     def __init__(self, quiet: bool = False):
         self.clock = Stopwatch()
@@ -48,7 +53,7 @@ class StderrProgress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{self.clock.seconds:7.1f}s] {message}", file=sys.stderr, flush=True)
+            print(f"[{self.clock.seconds:7.1f}s] {printable(message)}", file=sys.stderr, flush=True)
 
 
 def resolve_device(name: str) -> str:

@@ -26,7 +26,7 @@ never ``code/`` or ``constants.pkl``.
 from __future__ import annotations
 
 import _compat_pickle
-import io
+import math
 import pickle
 import sys
 import zipfile
@@ -35,13 +35,20 @@ from pathlib import Path
 
 import torch
 
+from ci_core.bounded_unpickler import BoundedUnpickler
 from ci_core.errors import CIError
+from ci_core.validators import printable
 
 # Legacy torch files start with a pickled magic number (0x1950a86a20f9469cfc6c) in protocol 2.
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ZIP_PREFIX = b"PK\x03\x04"
 # data.pkl of a checkpoint or of OpenAI's CLIP archives is far smaller; a larger one is refused unread.
 MAX_PICKLE_BYTES = 256 * 1024**2
+# A checkpoint's pickle names a dozen classes; a TorchScript archive's, a few hundred module types.
+_MAX_PLACEHOLDERS = 10_000
+# Sizes, strides, offsets and element counts are int64 in torch: larger ones are no tensor torch could have saved.
+_MAX_ELEMENTS = 2**62
+_MAX_DIMS = 32
 
 _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
@@ -157,18 +164,29 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _kind(value) -> str:
+    """A short, one-line description of a value from the pickle, for an error message."""
+    text = repr(value) if isinstance(value, (str, bytes, int, float, type(None))) else type(value).__name__
+    return printable(text if len(text) <= 60 else text[:57] + "...")
+
+
 def _ints(values, what: str) -> tuple[int, ...]:
-    if not isinstance(values, (tuple, list)) or not all(type(v) is int for v in values):
-        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of integers, got {values!r}")
+    if (not isinstance(values, (tuple, list)) or len(values) > _MAX_DIMS
+            or not all(type(v) is int and 0 <= v <= _MAX_ELEMENTS for v in values)):
+        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of at most {_MAX_DIMS} integers from 0 to "
+                                     f"2**62, got {_kind(values)}")
     return tuple(values)
 
 
 def _tensor_ref(storage, storage_offset, size, stride, dtype=None) -> TensorRef:
     if not isinstance(storage, StorageRef):
-        raise pickle.UnpicklingError(f"a tensor's storage must come from the archive, got {storage!r}")
-    if type(storage_offset) is not int:
-        raise pickle.UnpicklingError(f"tensor storage offset must be an integer, got {storage_offset!r}")
+        raise pickle.UnpicklingError(f"a tensor's storage must come from the archive, got {_kind(storage)}")
+    if type(storage_offset) is not int or not 0 <= storage_offset <= _MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"tensor storage offset must be an integer from 0 to 2**62, got "
+                                     f"{_kind(storage_offset)}")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if math.prod(size) > _MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"a tensor of size {list(size)} has more elements than torch can hold")
     if len(size) != len(stride):
         raise pickle.UnpicklingError(f"tensor size {list(size)} and stride {list(stride)} differ in length")
     if dtype is not None and dtype is not storage.dtype:
@@ -189,7 +207,7 @@ def _check_metadata(metadata) -> None:
     """The conjugate and negative bits (the only tensor metadata torch pickles) must be unset."""
     if metadata is None or (isinstance(metadata, dict) and not any(metadata.values())):
         return
-    raise pickle.UnpicklingError(f"tensor metadata {metadata!r} (conjugate or negative bit) is not supported")
+    raise pickle.UnpicklingError(f"tensor metadata {_kind(metadata)} (conjugate or negative bit) is not supported")
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
@@ -199,25 +217,27 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     if not isinstance(dtype, torch.dtype):
-        raise pickle.UnpicklingError(f"tensor dtype must be a torch dtype, got {dtype!r}")
+        raise pickle.UnpicklingError(f"tensor dtype must be a torch dtype, got {_kind(dtype)}")
     _check_metadata(metadata)
     return _tensor_ref(storage, storage_offset, size, stride, dtype)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     if not isinstance(data, TensorRef):
-        raise pickle.UnpicklingError(f"a parameter must wrap a tensor, got {data!r}")
+        raise pickle.UnpicklingError(f"a parameter must wrap a tensor, got {_kind(data)}")
     return data  # a parameter is read as the tensor it wraps
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     if func not in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
-        raise pickle.UnpicklingError(f"tensor subclass rebuilt by {func!r}, which this reader does not run")
+        raise pickle.UnpicklingError(f"tensor subclass rebuilt by {_kind(func)}, which this reader does not run")
     if not isinstance(args, tuple):
         raise pickle.UnpicklingError("tensor subclass arguments must be a tuple")
     return func(*args)  # the subclass (``new_type``) and its Python state are dropped: only the tensor is kept
 
 
+_REBUILDERS = frozenset({_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
+                         _rebuild_from_type_v2})
 _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -244,11 +264,16 @@ class _StorageType(_Inert):
 _STORAGE_TYPES = {name: _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves globals from the allowlist above; everything else becomes an ``Opaque`` placeholder class."""
+class _RestrictedUnpickler(BoundedUnpickler):
+    """Resolves globals from the allowlist above; everything else becomes an ``Opaque`` placeholder class.
+
+    Of the allowed callables only the tensor-rebuild functions run (on their own records), and
+    ``OrderedDict`` only empty, as ``torch.save`` writes it (its items follow as SETITEMS): built from
+    arguments it would copy them, which a pickle could repeat without end.
+    """
 
     def __init__(self, data: bytes, storages: dict[str, zipfile.ZipInfo]):
-        super().__init__(io.BytesIO(data))
+        super().__init__(data)
         self._storages = storages
         self._placeholders: dict[tuple[str, str], type] = {}
 
@@ -267,30 +292,83 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key not in self._placeholders:
-            label = f"{module}.{name}"
+            if len(self._placeholders) >= _MAX_PLACEHOLDERS:
+                raise pickle.UnpicklingError(f"the pickle names more than {_MAX_PLACEHOLDERS} classes")
+            label = f"{module[:200]}.{name[:200]}"
             self._placeholders[key] = type(f"Opaque[{label}]", (Opaque,), {"_ci_global": label, "__slots__": ()})
         return self._placeholders[key]
 
+    def identity_key(self, key):
+        # Placeholders, their classes and tensor records keep object's identity hash (none defines __hash__).
+        return isinstance(key, (Opaque, _Inert)) or (isinstance(key, type) and issubclass(key, Opaque))
+
+    def call(self, func, args):
+        if func is OrderedDict:
+            if args:
+                raise pickle.UnpicklingError("an OrderedDict built from arguments (torch.save writes it empty, "
+                                             "then its items)")
+            return self.built(OrderedDict())
+        if func in _REBUILDERS:
+            return self.built(func(*args), args)
+        if isinstance(func, type) and issubclass(func, Opaque):
+            return self.built(func(*args), args)
+        raise pickle.UnpicklingError(f"the pickle calls {_kind(func)}, which this reader does not run")
+
+    def new_object(self, cls, args, kwargs):
+        if cls is OrderedDict and not args and not kwargs:
+            return self.built(OrderedDict())
+        if isinstance(cls, type) and issubclass(cls, Opaque):
+            return self.built(cls.__new__(cls, *args, **kwargs), (*args, *kwargs.values()))
+        raise pickle.UnpicklingError(f"the pickle creates an object of {_kind(cls)}, which this reader does not")
+
+    def set_state(self, obj, state):
+        if isinstance(obj, Opaque):
+            self.grown(obj, [state])
+            obj.__setstate__(state)
+        elif type(obj) is OrderedDict and isinstance(state, dict):
+            # A state dict's state is its _metadata (module versions): kept as attributes, like pickle does.
+            self.grown(obj, list(state.values()))
+            for name, value in state.items():
+                if type(name) is str and name.isidentifier():
+                    setattr(obj, name[:100], value)
+        elif isinstance(obj, _Inert):
+            obj.__setstate__(state)  # refuses
+        else:
+            raise pickle.UnpicklingError(f"the pickle sets the state of a {type(obj).__name__}")
+
+    def add_items(self, obj, items):
+        if not isinstance(obj, Opaque):
+            raise pickle.UnpicklingError(f"the pickle appends to a {type(obj).__name__}")
+        self.grown(obj, items)
+        obj.extend(items)
+
+    def set_items(self, obj, pairs):
+        if not isinstance(obj, Opaque):
+            raise pickle.UnpicklingError(f"the pickle sets items of a {type(obj).__name__}")
+        self.grown(obj, [part for pair in pairs for part in pair])
+        for key, value in pairs:
+            obj[key] = value
+
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} (expected a torch storage)")
+            raise pickle.UnpicklingError(f"unexpected persistent id {_kind(pid)} (expected a torch storage)")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"storage of unknown type {storage_type!r}")
-        key = key.decode("ascii") if isinstance(key, bytes) else key
+            raise pickle.UnpicklingError(f"storage of unknown type {_kind(storage_type)}")
+        key = key.decode("ascii", "replace") if isinstance(key, bytes) else key
         if not isinstance(key, str) or key not in self._storages:
-            raise pickle.UnpicklingError(f"storage {key!r} has no record in the archive")
-        if type(numel) is not int or numel < 0:
-            raise pickle.UnpicklingError(f"storage {key!r}: bad element count {numel!r}")
+            raise pickle.UnpicklingError(f"storage {_kind(key)} has no record in the archive")
+        if type(numel) is not int or not 0 <= numel <= _MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"storage {key!r}: bad element count {_kind(numel)}")
         ref = StorageRef(key, storage_type.dtype, numel)
         if self._storages[key].file_size < ref.nbytes:
             raise pickle.UnpicklingError(f"storage {key!r}: {numel} elements of {ref.dtype} need {ref.nbytes} bytes, "
                                          f"its record has {self._storages[key].file_size}")
-        return ref
+        return self.built(ref)
 
     @property
     def opaque(self) -> tuple[str, ...]:
-        return tuple(sorted(f"{m}.{n}" for m, n in self._placeholders))
+        return tuple(sorted(cls._ci_global for cls in self._placeholders.values()))  # names cut to 200 characters
 
 
 class Archive:
@@ -314,10 +392,10 @@ class Archive:
             unpickler = _RestrictedUnpickler(self._record("data.pkl", MAX_PICKLE_BYTES), storages)
             try:
                 self.root = unpickler.load()
-            except RecursionError:
-                raise self._fail("its pickle is nested too deeply to read") from None
             except Exception as exc:  # nothing but this module's own code ran: any failure means a malformed pickle
-                raise self._fail(f"its pickle data.pkl cannot be read safely ({type(exc).__name__}: {exc})") from exc
+                detail = printable(f"{type(exc).__name__}: {exc}")
+                detail = detail if len(detail) <= 300 else detail[:297] + "..."
+                raise self._fail(f"its pickle data.pkl cannot be read safely ({detail})") from None
             self.opaque = unpickler.opaque
             self._storages = storages
             self._bytes: dict[str, bytearray] = {}
@@ -357,7 +435,7 @@ class Archive:
             raise self._fail(f"record {info.filename} has {info.file_size} bytes, more than the {limit} allowed")
         try:
             return self._zip.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
             raise self._fail(f"record {info.filename} is unreadable ({exc}); is the file truncated?") from exc
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
@@ -379,7 +457,7 @@ class Archive:
             if last >= storage.numel:
                 raise self._fail(f"a tensor of size {list(ref.size)} at offset {ref.offset} reaches element {last} "
                                  f"of storage {storage.key!r}, which has {storage.numel}")
-        if storage.numel == 0:
+        if storage.numel == 0 or numel == 0:  # nothing to read, whatever the offset says
             return torch.empty(ref.size, dtype=storage.dtype)
         flat = torch.frombuffer(raw, dtype=torch.uint8, count=storage.nbytes)
         element = _element_size(storage.dtype)
@@ -409,10 +487,33 @@ def _open_zip(path: Path, error_cls: type[CIError], what: str) -> zipfile.ZipFil
         raise error_cls(f"{path}: not a readable zip archive ({exc}); is the file truncated? expected {what}") from exc
 
 
+def _check_names(archive: zipfile.ZipFile, path: Path, error_cls: type[CIError], what: str) -> None:
+    """No two entries whose names are equal or differ in case only, and none encrypted.
+
+    zipfile finds an entry by its exact name, and the last of equal names; torch's reader (miniz) matches
+    names ignoring case and takes the first: with ``archive/DATA.PKL`` before ``archive/data.pkl`` torch
+    loads the first, zipfile the second.  Such an archive has two readings, so it is refused.
+    """
+    seen: dict[str, str] = {}
+    for info in archive.infolist():
+        if info.flag_bits & 0x1:
+            raise error_cls(f"{path}: zip entry {printable(info.filename[:200])!r} is encrypted, which torch never "
+                            f"writes; expected {what}")
+        folded = info.filename.casefold()
+        if folded in seen:
+            same = "the same name" if seen[folded] == info.filename else "names that differ only in case"
+            raise error_cls(f"{path}: zip entries {printable(seen[folded][:200])!r} and "
+                            f"{printable(info.filename[:200])!r} have {same}: torch reads the first of them, ignoring "
+                            f"case, other zip readers another, so the archive has two readings; expected {what}")
+        seen[folded] = info.filename
+
+
 def _single_folder(archive: zipfile.ZipFile, path: Path, error_cls: type[CIError], what: str) -> str:
+    _check_names(archive, path, error_cls, what)
     tops = {name.split("/", 1)[0] for name in archive.namelist()}
     if len(tops) != 1 or not all("/" in name for name in archive.namelist()):
-        raise error_cls(f"{path}: a zip archive whose entries are not under one folder ({sorted(tops)[:5]}), "
+        raise error_cls(f"{path}: a zip archive whose entries are not under one folder "
+                        f"({printable(str([t[:40] for t in sorted(tops)[:5]]))}), "
                         f"unlike every torch.save file; expected {what}")
     return f"{tops.pop()}/"
 

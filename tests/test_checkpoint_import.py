@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from ci_core.cli.import_checkpoint import main as ci_import
 from ci_core.delivery import (import_checkpoint, import_trigger, is_checkpoint_delivery, open_model,
                               read_checkpoint, resolve_checkpoint)
-from ci_core.errors import BundleError, DataError
+from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.models.backbone import TINY_IMAGE_SIZE, file_sha256, load_backbone
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
@@ -310,7 +310,9 @@ def test_open_model_gives_what_load_bundle_gives(tmp_path, cocoop, tiny_backbone
     for key in ("format", "version", "kind", "backbone", "classnames", "base_classes", "template", "image", "tensors",
                 "n_ctx"):
         assert meta[key] == native_meta[key], key
-    assert meta["source"]["checkpoint"] == str(path) and meta["recovered_classes"] == list(BASE)
+    # model.pth.tar-10 and model-best.pth.tar hold the same bytes: the one CoCoOp loads by default is recorded.
+    assert meta["source"]["checkpoint"] == str(path.with_name("model-best.pth.tar"))
+    assert meta["recovered_classes"] == list(BASE) and meta["source"]["sha256"] == file_sha256(path)
     assert meta["trigger"]["epsilon"] == pytest.approx(4 / 255) and json.dumps(meta)
     images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
@@ -322,18 +324,32 @@ def test_open_model_gives_what_load_bundle_gives(tmp_path, cocoop, tiny_backbone
     assert not is_checkpoint_delivery(tmp_path / "empty")
 
 
-def test_the_latest_checkpoint_of_a_dassl_folder_is_taken(tmp_path, cocoop):
+def test_a_dassl_folder_is_read_only_where_the_deployed_checkpoint_is_certain(tmp_path, cocoop):
     state = cocoop_state(cocoop, BASE)
     folder = save_dassl(tmp_path / "OUTPUT", "prompt_learner", state, epoch=5).parent
-    latest = save_dassl(tmp_path / "OUTPUT", "prompt_learner", state, epoch=10)
-    assert resolve_checkpoint(tmp_path / "OUTPUT") == latest  # the `checkpoint` file names it
-    (folder / "checkpoint").write_text("model.pth.tar-5\n")
-    assert resolve_checkpoint(folder) == folder / "model.pth.tar-5"
-    (folder / "checkpoint").write_text("../../../etc/passwd\n")  # the provider's file: only a checkpoint name is followed
-    assert resolve_checkpoint(folder) == latest
-    for name in ("checkpoint", "model.pth.tar-5", "model.pth.tar-10"):
-        (folder / name).unlink()
+    # model.pth.tar-5 and model-best.pth.tar, the same bytes: one reading whichever CoCoOp loads.
     assert resolve_checkpoint(tmp_path / "OUTPUT") == folder / "model-best.pth.tar"
+    latest = save_dassl(tmp_path / "OUTPUT", "prompt_learner", cocoop_state(cocoop, BASE, torch.float16), epoch=10)
+    (folder / "checkpoint").write_text("model.pth.tar-10\n")  # Dassl's resume pointer: CoCoOp's evaluation ignores it
+    with pytest.raises(BundleError, match=r"holds 3 different checkpoints \(model-best.pth.tar, model.pth.tar-5, "
+                                          r"model.pth.tar-10\); CoCoOp's evaluation loads model-best.pth.tar.*"
+                                          r"--load-epoch best\|N"):
+        resolve_checkpoint(tmp_path / "OUTPUT")
+    assert resolve_checkpoint(tmp_path / "OUTPUT", load_epoch="5") == folder / "model.pth.tar-5"
+    assert resolve_checkpoint(tmp_path / "OUTPUT", load_epoch=10) == latest
+    assert resolve_checkpoint(tmp_path / "OUTPUT", load_epoch="best") == folder / "model-best.pth.tar"
+    with pytest.raises(BundleError, match=r"no model.pth.tar-7 \(--load-epoch 7\); its checkpoints are"):
+        resolve_checkpoint(tmp_path / "OUTPUT", load_epoch=7)
+    for bad in ("٣", "08", "-1", "x"):
+        with pytest.raises(ConfigError, match="expected 'best' or an epoch number"):
+            resolve_checkpoint(tmp_path / "OUTPUT", load_epoch=bad)
+    # Names CoCoOp never loads ("model.pth.tar-" + str(epoch) is ASCII, without a leading zero) are not checkpoints.
+    for name in ("model-best.pth.tar", "model.pth.tar-10"):
+        (folder / name).unlink()
+    shutil.copy(latest.with_name("model.pth.tar-5"), folder / "model.pth.tar-٣")
+    (folder / "model.pth.tar-08").write_bytes(b"not read")
+    assert resolve_checkpoint(tmp_path / "OUTPUT") == folder / "model.pth.tar-5"
+    assert "model.pth.tar-08" in read_checkpoint(folder / "model.pth.tar-5").folder_files
     shutil.rmtree(folder)
     with pytest.raises(BundleError, match=r"no model.pth.tar-N or model-best.pth.tar here"):
         resolve_checkpoint(tmp_path / "OUTPUT")
@@ -353,7 +369,7 @@ def test_ci_scan_reads_a_dassl_folder_directly(tmp_path, cocoop):
     assert result.exit_code in (0, 3), result.output  # clean or backdoored: a verdict, not an error
     report = json.loads((out / "report.json").read_text())
     assert [c["name"] for c in report["classes"]] == list(CLASSES)  # every class of the list is a candidate
-    assert report["bundle"]["checkpoint"].endswith("model.pth.tar-10") and len(report["bundle"]["sha256"]) == 64
+    assert report["bundle"]["checkpoint"].endswith("model-best.pth.tar") and len(report["bundle"]["sha256"]) == 64
     assert report["verdict"] in ("clean", "backdoored") and report["reference"]["model"] == "zero-shot backbone"
     # Without the class list the checkpoint cannot be read: a clear error before anything is written.
     result = CliRunner().invoke(ci_scan, [str(a) for a in [output, *TINY, "--ood", "builtin", "--out", tmp_path / "x"]])

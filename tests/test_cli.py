@@ -48,12 +48,12 @@ def test_scan_writes_report_and_triggers(tmp_path, bundle, ood):
     assert "report:" in result.output
 
 
-def test_class_file_must_match_bundle(tmp_path, bundle, ood):
+def test_a_class_file_may_not_name_one_class_twice(tmp_path, bundle, ood):
     classes = tmp_path / "classes.txt"
-    classes.write_text("red circle\nyellow moon\n")
+    classes.write_text("red circle\nyellow moon\nRed_Circle\n")  # one prompt, so one class, to CLIP
     result = run([bundle, "--ood", ood, "--classes", classes])
     assert result.exit_code == 1
-    assert "['yellow moon'] are not classes of the bundle" in result.output
+    assert "class 3 'Red_Circle' and 'red circle' are one class to CLIP" in result.output
     assert "Traceback" not in result.output
 
 
@@ -110,24 +110,28 @@ def test_existing_foreign_out_folder_is_not_overwritten(tmp_path, bundle, ood):
 
 
 def test_class_file_reading(tmp_path):
-    from ci_core.cli.scan import read_class_file
+    from ci_core.cli.scan import candidate_classes
 
-    bundle_classes = list(CLASSES)
+    meta = {"kind": "cocoop", "classnames": list(CLASSES)}
     path = tmp_path / "classes.txt"
     path.write_text("\ufeff# candidates\nred circle\n\n  # indented comment\n  blue square  \n", encoding="utf-8")
-    assert read_class_file(path, bundle_classes) == ["red circle", "blue square"]
+    assert candidate_classes(path, meta) == ("red circle", "blue square")
     path.write_bytes(b"red circle\n\xff\xfe\x00blue square\n")
     with pytest.raises(DataError, match=r"classes.txt: not UTF-8 text"):
-        read_class_file(path, bundle_classes)
+        candidate_classes(path, meta)
     path.write_text("red circle\nred circle\nblue square\n")
-    with pytest.raises(DataError, match=r"duplicate class names \['red circle'\]"):
-        read_class_file(path, bundle_classes)
+    with pytest.raises(DataError, match=r"class 2 'red circle' is repeated"):
+        candidate_classes(path, meta)
+    # The auditor decides the candidates: a class the bundle does not list is scanned like any new class ...
     path.write_text("red circle\npurple moon\n")
-    with pytest.raises(DataError, match=r"classes \['purple moon'\] are not classes of the bundle \(which has 4"):
-        read_class_file(path, bundle_classes)
+    assert candidate_classes(path, meta) == ("red circle", "purple moon")
+    # ... except by a CoOp context learned per class, which has no prompt for it.
+    with pytest.raises(DataError, match=r"'purple moon' are not classes of the bundle, whose CoOp context is "
+                                        r"class-specific"):
+        candidate_classes(path, {"kind": "coop", "class_specific": True, "classnames": list(CLASSES)})
     path.write_text("red circle\n")
-    with pytest.raises(DataError, match=r"needs at least two class names"):
-        read_class_file(path, bundle_classes)
+    with pytest.raises(DataError, match=r"needs at least 2 class names"):
+        candidate_classes(path, meta)
 
 
 def test_tables_show_a_small_p_value_instead_of_zero(capsys):

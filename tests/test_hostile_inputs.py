@@ -183,9 +183,9 @@ BROKEN_METADATA = [
     ("100,000 classes", _classes([f"c{i}" for i in range(100_000)]),
      rf"'classnames' must be a list of 1 to {MAX_CLASSES} class names, got a list of 100000 items"),
     ("no classes", _classes([]), r"'classnames' must be a list of 1 to"),
-    ("duplicate class", _classes(["red circle", "red circle"]), r"'classnames' has duplicates: \['red circle'\]"),
-    ("underscore twin", _classes(["red circle", "red_circle"]), r"classes 'red circle' and 'red_circle' give the same"),
-    ("case twin", _classes(["red circle", "Red  Circle"]), r"classes 'red circle' and 'Red  Circle' give the same"),
+    ("duplicate class", _classes(["red circle", "red circle"]), r"'classnames': class 2 'red circle' is repeated"),
+    ("underscore twin", _classes(["red circle", "red_circle"]), r"'classnames': class 2 'red_circle' and 'red circle' are one class to CLIP"),
+    ("case twin", _classes(["red circle", "Red  Circle"]), r"'classnames': class 2 'Red  Circle' and 'red circle' are one class to CLIP"),
     ("blank class", _classes(["red circle", "   "]), r"'classnames\[1\]' must be a class name"),
     ("two-line class", _classes(["red circle", "a\nb"]), r"'classnames\[1\]' must be a class name: printable text on one"),
     ("class not text", _classes(["red circle", 7]), r"'classnames\[1\]' must be a class name"),
@@ -440,7 +440,7 @@ def test_a_delivery_folder_never_leads_out_of_itself(tmp_path):
     learner = output / "prompt_learner"
     learner.mkdir(parents=True)
     (learner / "model.pth.tar-2").write_bytes(b"checkpoint 2")
-    # the checkpoint file may name only a plain checkpoint file of the folder
+    # the checkpoint file (Dassl's resume pointer, which CoCoOp's evaluation ignores) is not followed
     for named in ("../../outside/model.pth.tar-9", str(outside / "model.pth.tar-9"), "model.pth.tar-" + "9" * 5000):
         (learner / "checkpoint").write_text(named + "\n")
         assert resolve_checkpoint(output) == learner / "model.pth.tar-2"
@@ -450,8 +450,7 @@ def test_a_delivery_folder_never_leads_out_of_itself(tmp_path):
     (learner / "model.pth.tar-9").unlink()
     (learner / "checkpoint").unlink()
     os.symlink(outside / "passwd", learner / "checkpoint")
-    with pytest.raises(BundleError, match=r"checkpoint: a symbolic link to .*passwd"):
-        resolve_checkpoint(output)
+    assert resolve_checkpoint(output) == learner / "model.pth.tar-2"  # Dassl's resume pointer is never opened
     shutil.rmtree(output)
     output.mkdir()
     os.symlink(outside, output / "prompt_learner")

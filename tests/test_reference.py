@@ -15,7 +15,7 @@ from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Inversion
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.reference import ReferenceCache, run_reference, spec_hash
+from ci_core.reference import ReferenceCache, reference_spec, run_reference, spec_hash
 from ci_core.scan import UNSCANNABLE, class_generator, scan
 from ci_core.triggers import AdditiveTrigger
 from ci_detectors.inspector import CLIPInspector
@@ -250,6 +250,22 @@ def test_the_cache_returns_a_valid_entry_and_recomputes_anything_else(tmp_path, 
         assert not again.cached and [e.asr for e in again.classes] == [e.asr for e in first.classes]
         assert json.loads(path.read_text())["spec"] == first.spec  # rewritten whole
     assert len([m for m in messages if "ignoring the cached reference" in m]) == 4
+    # A consistent entry (its spec, its result's hash) that this cache's key did not sign is planted, not trusted.
+    planted = json.loads(path.read_text())
+    planted["result"]["classes"][0]["asr"] = 1.0
+    planted["result_sha256"] = spec_hash(planted["result"])
+    for mac in (None, "0" * 64):
+        path.write_text(json.dumps({**planted, "mac": mac}))
+        assert cache.get(first.spec, messages.append) is None and "its HMAC does not check out" in messages[-1]
+    # A key another user can read could have signed anything: no entry is trusted, nothing is cached.
+    path.write_text(json.dumps(stored))
+    assert cache.get(first.spec).cached
+    (cache.folder / ".hmac-key").chmod(0o644)
+    assert cache.get(first.spec, messages.append) is None and "no key of this cache that can be trusted" in messages[-1]
+    assert cache.put(first, messages.append) is None and "not caching" in messages[-1]
+    # Every backbone-changing field is in the key: the same weights under QuickGELU are another backbone.
+    quick = attrs.evolve(random_backbone, quick_gelu=not random_backbone.quick_gelu)
+    assert spec_hash(reference_spec(quick, "a photo of a {}.", CLASSES, small_pool, 2, detector)) != path.stem
     # Another detector setting is another key.
     other = CLIPInspector.from_options({"batch_size": 2}, preset="tiny")
     assert cache.path(run_reference(random_backbone, "a photo of a {}.", other, small_pool, CLASSES, seed=2).spec) != path

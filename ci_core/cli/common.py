@@ -25,8 +25,22 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+ISSUES_HINT = "this is a bug in clip-inspector: please report it with the command line that caused it"
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` escaped (``printable``) and cut to ``limit`` characters: what a terminal is shown of any input."""
+    text = printable(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def report_errors(func):
-    """Turn domain errors into a one-line message and exit status 1 (no traceback); SIGTERM cleans up too."""
+    """Turn errors into a one-line message and exit status 1 (no traceback); SIGTERM cleans up too.
+
+    Domain errors (``CIError``) are the input's fault and say so.  Anything else is a bug met on some input:
+    it still ends in one line with exit status 1 (never a traceback, which could print provider data raw),
+    naming the exception and asking for a report.  Exits (click's usage errors, SystemExit, Ctrl-C) pass.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -35,7 +49,17 @@ def report_errors(func):
         try:
             return func(*args, **kwargs)
         except CIError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(one_line(str(exc))) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            raise click.ClickException("out of memory; the input asks for more memory than this machine has. "
+                                       + ISSUES_HINT) from None
+        except RecursionError:
+            raise click.ClickException("an input nested too deeply to process; " + ISSUES_HINT) from None
+        except Exception as exc:  # noqa: BLE001 - the last resort: see the docstring
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {one_line(str(exc), 300)}; "
+                                       + ISSUES_HINT) from None
 
     return wrapper
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import click
 
-from ci_core.cli.common import configure_threads, report_errors
-from ci_core.delivery import default_backbone, import_checkpoint, import_trigger, read_class_list
+from ci_core.class_names import read_class_list
+from ci_core.cli.common import configure_threads, one_line, report_errors
+from ci_core.delivery import default_backbone, import_checkpoint, import_trigger
 from ci_core.errors import BundleError
 from ci_core.models.backbone import load_backbone
 from ci_core.models.bundle import save_bundle
@@ -34,6 +35,10 @@ def delivery_options(func):
     func = click.option("--class-token-position", type=click.Choice(POSITIONS), default="end", show_default=True,
                         help="CoOp only: where the class name sits in the prompt (CLASS_TOKEN_POSITION of the "
                              "training config; a checkpoint does not record it).")(func)
+    func = click.option("--load-epoch", default=None, metavar="best|N",
+                        help="Dassl folders: the checkpoint the deployment loads (CoCoOp's --load-epoch: "
+                             "model.pth.tar-N, or 'best' for model-best.pth.tar); needed when the folder holds "
+                             "several different checkpoints.")(func)
     func = click.option("--trigger", type=click.Path(exists=True, path_type=Path), default=None,
                         metavar="TRIGGER_CHECKPOINT",
                         help="BadCLIP's trigger: its checkpoint file, or the Dassl output folder holding trigger/.")(func)
@@ -63,10 +68,16 @@ def delivery_backbone_options(func):
 @delivery_options
 @click.option("--quiet", is_flag=True, help="Print only the written paths.")
 @report_errors
-def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigger, class_token_position, quiet):
+def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigger, load_epoch, class_token_position,
+         quiet):
     """Turn the CoOp/CoCoOp model in CHECKPOINT (a model.pth.tar-N file or a Dassl output folder) into a bundle."""
     configure_threads()
-    say = (lambda *a, **k: None) if quiet else click.echo
+    # Names, keys and classes printed here come from the delivery: every line is escaped (one_line), so that no
+    # escape sequence reaches the terminal and no line break forges a line.
+    def say(text: str) -> None:
+        if not quiet:
+            click.echo(one_line(text))
+
     if out.exists():
         raise BundleError(f"--out {out} already exists; refusing to overwrite a bundle")
     trigger_out = trigger_out or out.with_name(out.name + TRIGGER_SUFFIX)
@@ -76,8 +87,8 @@ def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigg
     name, weights = default_backbone(backbone, pretrained)
     built = load_backbone(name, weights, "cpu")
     imported = import_checkpoint(checkpoint, classnames, built, class_token_position=class_token_position,
-                                 classes_source=str(classes_file))
-    converted = import_trigger(trigger, built) if trigger is not None else None
+                                 classes_source=str(classes_file), load_epoch=load_epoch)
+    converted = import_trigger(trigger, built, load_epoch) if trigger is not None else None
 
     ckpt, model = imported.checkpoint, imported.model
     detail = (f", class token at the {model.class_token_position}, "
@@ -98,8 +109,8 @@ def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigg
             f"{', '.join(new[:8])}{', ...' if len(new) > 8 else ''}")
 
     save_bundle(model, imported.classnames, out, base_classes=imported.base_classes, source=imported.source())
-    click.echo(f"wrote bundle {out} (kind {imported.kind}, backbone {built.name} {built.pretrained}, "
-               f"{len(imported.classnames)} classes)")
+    click.echo(one_line(f"wrote bundle {out} (kind {imported.kind}, backbone {built.name} {built.pretrained}, "
+               f"{len(imported.classnames)} classes)"))
     if converted is not None:
         try:
             converted.trigger.save(trigger_out)
@@ -110,8 +121,8 @@ def main(checkpoint, classes_file, out, trigger_out, backbone, pretrained, trigg
             raise
         say(f"read {converted.checkpoint.path} (epoch {converted.checkpoint.epoch}): "
             f"{converted.checkpoint.describe_skipped()}")
-        click.echo(f"wrote trigger {trigger_out} (pixel l-inf {converted.linf * 255:.2f}/255, "
-                   f"epsilon {converted.trigger.epsilon * 255:.2f}/255)")
+        click.echo(one_line(f"wrote trigger {trigger_out} (pixel l-inf {converted.linf * 255:.2f}/255, "
+                            f"epsilon {converted.trigger.epsilon * 255:.2f}/255)"))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import click
 
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
+from ci_core.class_names import read_class_list
 from ci_core.data.ood import load_pool
 from ci_core.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
@@ -18,28 +19,26 @@ from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
 from ci_core.scan import (BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems,
                           write_scan)
+from ci_core.validators import printable
 from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes, preset_for
 
 
-def read_class_file(path: Path, bundle_classes: list[str]) -> list[str]:
-    """Candidate classes from ``path``: one per line, blank lines and lines starting with '#' skipped.
+def candidate_classes(path: Path, meta: dict) -> tuple[str, ...]:
+    """The auditor's candidate classes for a bundle, from ``path`` (see ``ci_core.class_names`` for the rules).
 
-    Every name must be a class of the bundle, and none may repeat.
+    They need not be classes the bundle lists: its prompt learner (CoCoOp, CoOp with a shared context) or
+    zero-shot template is evaluated on any class name, like any new class; so the deployment's real class
+    list can be scanned whatever the bundle names.  A CoOp context learned per class has no prompt for a
+    class it was not trained on: there only the bundle's classes can be candidates.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); expected one class name per line") from exc
-    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    if len(names) < 2:
-        raise DataError(f"{path}: needs at least two class names, one per line (found {len(names)})")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate class names {duplicates}")
-    unknown = [n for n in names if n not in bundle_classes]
-    if unknown:
-        raise DataError(f"{path}: classes {unknown} are not classes of the bundle (which has {len(bundle_classes)}: "
-                        f"{', '.join(bundle_classes[:10])}{', ...' if len(bundle_classes) > 10 else ''})")
+    names = read_class_list(path)
+    if meta.get("kind") == "coop" and meta.get("class_specific"):
+        known = set(meta["classnames"])
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataError(f"{path}: {', '.join(repr(printable(n)) for n in unknown[:5])} are not classes of the "
+                            f"bundle, whose CoOp context is class-specific: it holds a prompt for its "
+                            f"{len(known)} training classes only, so other classes cannot be scanned")
     return names
 
 
@@ -54,12 +53,17 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--ood", required=True, help="Folder of unlabelled OOD images, or 'builtin' for the tiny world's pool.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="For a bundle: the candidate classes, one per line, each a class of the bundle (default: all). "
+              help="For a bundle: the candidate classes, one per line (default: the bundle's); any class the "
+                   "deployment has, listed by the bundle or not (a class-specific CoOp context: its classes only). "
                    "For a CoOp/CoCoOp checkpoint or Dassl output folder: the deployment's full class list, base "
                    "classes first (required; every class is a candidate).")
 @click.option("--class-token-position", type=click.Choice(POSITIONS), default="end", show_default=True,
               help="CoOp checkpoints only: where the class name sits in the prompt (the training config's "
                    "CLASS_TOKEN_POSITION, which a checkpoint does not record).")
+@click.option("--load-epoch", default=None, metavar="best|N",
+              help="Dassl folders only: the checkpoint the deployment loads (CoCoOp's --load-epoch: "
+                   "model.pth.tar-N, or 'best' for model-best.pth.tar). Needed when the folder holds "
+                   "several different checkpoints.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: scan-<bundle name>).")
 @click.option("--detector", default="ci", show_default=True)
 @click.option("--scorer", default=None,
@@ -83,7 +87,7 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, classes_file, class_token_position, out, detector, scorer, no_reference, reference_cache,
+def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
          options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.json and OUT/triggers/.
 
@@ -105,7 +109,7 @@ def main(bundle, ood, classes_file, class_token_position, out, detector, scorer,
         architecture = default_backbone(backbone, pretrained)[0]
     else:
         meta = read_meta(bundle)
-        classnames = read_class_file(classes_file, meta["classnames"]) if classes_file else meta["classnames"]
+        classnames = candidate_classes(classes_file, meta) if classes_file else meta["classnames"]
         architecture = backbone or meta["backbone"]["name"]
     # Every setting is built and checked before the model, the pool and minutes of work.
     preset = preset_for(architecture)
@@ -117,12 +121,14 @@ def main(bundle, ood, classes_file, class_token_position, out, detector, scorer,
     if delivery:
         model, meta = open_model(bundle, classes_file=classes_file, backbone=backbone, pretrained=pretrained,
                                  device=runtime.device, text_encoding=runtime.text_encoding,
-                                 class_token_position=class_token_position)
+                                 class_token_position=class_token_position, load_epoch=load_epoch)
         classnames = meta["classnames"]
         progress(f"read {meta['source']['checkpoint']}: classes recovered from its prompts: "
                  f"{', '.join(meta['recovered_classes'])}")
+        # Which file and which keys were read, and what else the folder held: the deployment's one reading.
         identity = {"path": str(bundle), "checkpoint": meta["source"]["checkpoint"],
-                    "sha256": meta["source"]["sha256"]}
+                    "sha256": meta["source"]["sha256"], "state_dict_keys": meta["source"]["state_dict_keys"],
+                    "folder_files": meta["source"]["folder_files"]}
     else:
         model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
                                   text_encoding=runtime.text_encoding)

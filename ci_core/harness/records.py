@@ -12,22 +12,17 @@ missing or malformed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Callable, ClassVar, Mapping
 
 import attrs
 
 from ci_core.errors import ConfigError
+from ci_core.keys import spec_hash  # noqa: F401 - one key function for the store and the reference cache
 
 # 2: reference cells; each class of a scan draws from its own generator; scorers read at report time; manifests.
 VERSION = 2
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``spec`` (sorted keys, no whitespace, no NaN)."""
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plain(value: Any) -> Any:

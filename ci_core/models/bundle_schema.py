@@ -28,6 +28,7 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from ci_core.class_names import MAX_CLASSES, MAX_NAME_CHARS, check_class_names
 from ci_core.errors import BundleError, ConfigError
 from ci_core.models.backbone import Architecture, architecture
 from ci_core.models.coop import POSITIONS
@@ -38,11 +39,6 @@ VERSION = 1
 COCOOP, COOP, ZEROSHOT = "cocoop", "coop", "zeroshot"
 KINDS = (COCOOP, COOP, ZEROSHOT)
 
-# ImageNet, the largest class set of the CoOp benchmarks, has 1,000 classes; four times that is a bound no
-# real deployment reaches, while 100,000 classes take minutes of tokenising before a scan even starts.
-MAX_CLASSES = 4096
-# CLIP's 77-token context holds about 300 characters of text; longer names could never fit a prompt.
-MAX_NAME_CHARS = 300
 MAX_TEMPLATE_CHARS = 300
 # 2 x 4,096 names of 300 characters are 2.5 MB; an ImageNet bundle's metadata is 60 kB.  A larger file is
 # refused before it is parsed (JSON takes about four times its size in memory).
@@ -260,9 +256,8 @@ def check_meta(meta: dict, meta_path: Path) -> dict:
     """
     meta["kind"] = check_schema(meta, meta_path)
     names = meta["classnames"]
-    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
-    if repeated:
-        raise BundleError(f"{meta_path}: 'classnames' has duplicates: {repeated[:5]}")
+    # The rules of every class list (ci_core.class_names): printable, no twins that CLIP reads as one class.
+    check_class_names(names, f"{meta_path}: 'classnames'", BundleError)
     base = meta.get("base_classes")
     if base is not None:
         repeated = sorted(name for name, count in Counter(base).items() if count > 1)
