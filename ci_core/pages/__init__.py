@@ -31,6 +31,7 @@ def environment() -> jinja2.Environment:
         _ENV = jinja2.Environment(loader=jinja2.PackageLoader("ci_core.pages", "templates"), autoescape=True,
                                   undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         _ENV.filters["num"] = format_number
+        _ENV.filters["visible"] = visible_text
     return _ENV
 
 
@@ -76,8 +77,14 @@ def file_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def visible_text(text: Any) -> str:
+    """A stranger's text with the characters that steer how text is shown, rather than being shown (bidirectional
+    overrides and marks, other format and control characters), written out as code points: an auditor sees
+    "<U+202E>gnp.exe" where a browser would draw "exe.png"."""
+    return "".join(c if c.isprintable() and c not in "\u200e\u200f" else f"<U+{ord(c):04X}>" for c in str(text))
+
+
 def plain_label(text: str, limit: int = 40) -> str:
-    """A stranger's text as a figure label: shortened, and with the characters that would steer the layout
-    (bidirectional overrides and other format or control characters) shown as code points."""
-    shown = "".join(c if c.isprintable() and c not in "\u200e\u200f" else f"<U+{ord(c):04X}>" for c in text)
+    """A stranger's text as a figure label: its steering characters visible (``visible_text``), shortened."""
+    shown = visible_text(text)
     return shown if len(shown) <= limit else shown[:limit - 1] + "…"
