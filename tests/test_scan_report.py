@@ -283,6 +283,11 @@ def test_report_page_in_headless_chromium(scans, tmp_path):
     assert "classes" not in dom.tables and not any(tag == "img" for tag, _ in dom.elements)
 
 
+def test_scan_help_says_where_the_page_is():
+    result = CliRunner().invoke(ci_scan, ["--help"])
+    assert result.exit_code == 0 and "OUT/report.html" in result.output and "scan-report.schema.json" in result.output
+
+
 def test_bench_page_shows_every_table_and_column_the_report_holds(tmp_path):
     """Generic over build_report's JSON: a column or table added there appears without an edit to the page."""
     group = {"label": "ci / ref-outlier", "detector": "ci", "scorer": "ref-outlier", "variant": {"pool_size": 8, "inversion_data": "ood"},

@@ -40,7 +40,8 @@ def render(template: str, **values: Any) -> str:
 
 
 def format_number(value: Any, digits: int = 3) -> str:
-    """A number as a page shows it: n/a for None, yes/no for booleans, 3 significant decimals, p-values in e-notation."""
+    """A number as a page shows it: n/a for None, yes/no for booleans, 3 decimals; tiny (p-values) and huge ones
+    (a runaway context) in e-notation."""
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -50,7 +51,7 @@ def format_number(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and abs(value) < 10 ** -digits:
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e5):
             return f"{value:.2e}"
         return f"{value:.{digits}f}"
     return str(value)
