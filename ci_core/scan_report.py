@@ -65,7 +65,7 @@ class _Reader:
             raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
         self.data, self.where, self.error = data, where, error
 
-    def _fail(self, key: str, expected: str, value: Any) -> None:
+    def fail(self, key: str, expected: str, value: Any) -> None:
         shown = repr(value)
         raise self.error(f"{self.where}: '{key}' must be {expected}, got {shown[:80]}{'...' if len(shown) > 80 else ''}")
 
@@ -77,7 +77,7 @@ class _Reader:
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self._fail(key, "a finite number" + (" or null" if optional else ""), value)
+            self.fail(key, "a finite number" + (" or null" if optional else ""), value)
         return float(value)
 
     def integer(self, key: str, *, optional: bool = False, default: Any = None) -> int | None:
@@ -85,7 +85,7 @@ class _Reader:
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            self._fail(key, "an integer" + (" or null" if optional else ""), value)
+            self.fail(key, "an integer" + (" or null" if optional else ""), value)
         return int(value)
 
     def text(self, key: str, *, optional: bool = False, default: Any = None) -> str | None:
@@ -93,7 +93,7 @@ class _Reader:
         if value is None and optional:
             return None
         if not isinstance(value, str):
-            self._fail(key, "a string" + (" or null" if optional else ""), value)
+            self.fail(key, "a string" + (" or null" if optional else ""), value)
         return value
 
     def flag(self, key: str, *, optional: bool = False, default: Any = None) -> bool | None:
@@ -101,20 +101,20 @@ class _Reader:
         if value is None and optional:
             return None
         if not isinstance(value, bool):
-            self._fail(key, "true or false" + (" or null" if optional else ""), value)
+            self.fail(key, "true or false" + (" or null" if optional else ""), value)
         return value
 
     def texts(self, key: str, *, default: Any = None) -> tuple[str, ...]:
         value = self.data.get(key, default)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self._fail(key, "a list of strings", value)
+            self.fail(key, "a list of strings", value)
         return tuple(value)
 
     def numbers(self, key: str, *, default: Any = None) -> tuple[float, ...]:
         value = self.data.get(key, default)
         if not isinstance(value, list) or not all(
                 not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in value):
-            self._fail(key, "a list of finite numbers", value)
+            self.fail(key, "a list of finite numbers", value)
         return tuple(float(v) for v in value)
 
     def mapping(self, key: str, *, optional: bool = False, default: Any = None) -> dict | None:
@@ -122,13 +122,13 @@ class _Reader:
         if value is None and optional:
             return None
         if not isinstance(value, dict):
-            self._fail(key, "a JSON object" + (" or null" if optional else ""), value)
+            self.fail(key, "a JSON object" + (" or null" if optional else ""), value)
         return value
 
     def rows(self, key: str) -> list:
         value = self.data.get(key)
         if not isinstance(value, list):
-            self._fail(key, "a list", value)
+            self.fail(key, "a list", value)
         return value
 
     def child(self, key: str, *, optional: bool = False) -> "_Reader | None":
@@ -297,17 +297,17 @@ class ScorerResult:
             for key in table.data:
                 per_class[key] = table.numbers(key)
             if "score" not in per_class:
-                read._fail("per_class", "an object holding at least 'score'", table.data)
+                read.fail("per_class", "an object holding at least 'score'", table.data)
         for key, values in per_class.items():
             if len(values) != len(classnames):
                 raise read.error(f"{read.where}: per_class '{key}' holds {len(values)} values for "
                                  f"{len(classnames)} classes")
         target = read.text("target")
         if target not in classnames:
-            read._fail("target", "one of the report's classes", target)
+            read.fail("target", "one of the report's classes", target)
         flagged = read.texts("flagged")
         if not set(flagged) <= set(classnames):
-            read._fail("flagged", "a list of the report's classes", list(flagged))
+            read.fail("flagged", "a list of the report's classes", list(flagged))
         return cls(scorer=read.text("scorer"), config=read.mapping("config"), backdoored=read.flag("backdoored"),
                    s_max=read.number("s_max"), p_value=read.number("p_value", optional=True),
                    rule=read.text("rule"), target=target, flagged=flagged, per_class=per_class)
@@ -495,7 +495,7 @@ class ScanReport:
         read = _Reader(data, source)
         verdict = read.text("verdict")
         if verdict not in VERDICTS:
-            read._fail("verdict", f"one of {list(VERDICTS)}", verdict)
+            read.fail("verdict", f"one of {list(VERDICTS)}", verdict)
         rows = read.rows("classes")
         classes = []
         for index, row in enumerate(rows):
@@ -522,7 +522,7 @@ class ScanReport:
             decider = read.text("scorer")
             order = [decider] + [name for name in table.data if name != decider]
             if decider not in table.data:
-                read._fail("scorer", f"one of its scorers {list(table.data)}", decider)
+                read.fail("scorer", f"one of its scorers {list(table.data)}", decider)
             for name in order:
                 legacy = None
                 if version == 1:
@@ -637,6 +637,8 @@ def write_scan(result: ScanResult, out: str | Path, pool: OODPool, context: Scan
         triggers.mkdir()
         examples = pool.holdout[:4]
         for row, evidence in zip(report.classes, result.classes):
+            if row.trigger_file is None:  # a result whose triggers were not kept has none to write
+                continue
             stem = Path(row.trigger_file).stem
             evidence.trigger.save(triggers / f"{stem}.safetensors")
             with torch.no_grad():
