@@ -245,6 +245,9 @@ class Scores:
     flagged: tuple[str, ...]  # classes whose own score passes the threshold
     p_value: float | None = None  # the verdict's family-wise p-value, for scorers that calibrate one
     rule: str = ""  # the decision rule in words, e.g. "s_max >= 2" or "p <= 0.01"
+    # Further per-class figures by name, each in class order (e.g. "p": each class's adjusted p-value); the scan
+    # report carries them beside the scores, and its page shows them as columns.
+    per_class: Mapping[str, tuple[float, ...]] = attrs.field(factory=dict)
 
 
 class Scorer(Plugin):

@@ -52,6 +52,7 @@ from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, sil
 from ci_core.models.backbone import Backbone
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.scan import PoolHealth, invert_classes, pool_health
+from ci_core.scan_report import evidence_from_json
 
 # 2: per-class margins on T; the backbone key holds QuickGELU, image size and statistics; entries carry the
 # machine's HMAC.  Entries of 1 lack all three and are computed again.
@@ -134,17 +135,8 @@ def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> Refe
     rows = result.get("classes")
     if not isinstance(rows, list) or [r.get("name") if isinstance(r, dict) else None for r in rows] != spec["classnames"]:
         raise InvalidReference(f"{source}: its classes are not the ones of its spec")
-    classes = []
-    for row in rows:
-        where = f"{source}: class {row['name']!r}"
-        trace = row.get("loss_trace", [])
-        if not isinstance(trace, list):
-            raise InvalidReference(f"{where}: loss_trace is not a list")
-        classes.append(ClassEvidence(
-            name=row["name"], asr=_number(row.get("asr"), where), loss=_number(row.get("loss"), where),
-            statistic=_number(row.get("statistic"), where, optional=True), ssim=_number(row.get("ssim"), where),
-            seconds=_number(row.get("seconds"), where), loss_trace=tuple(_number(v, where) for v in trace),
-            margin=_number(row.get("margin"), where, optional=True)))
+    # The rows are read as a scan report's are (ci_core.scan_report): one parser of per-class evidence.
+    classes = [evidence_from_json(row, f"{source}: classes[{index}]", InvalidReference) for index, row in enumerate(rows)]
     health = result.get("health")
     if not isinstance(health, dict):
         raise InvalidReference(f"{source}: no pool health")

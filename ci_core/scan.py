@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import attrs
 import torch
-from torchvision.utils import save_image
 
 from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
-from ci_core.files import publishing, slug, write_json_atomic
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
 from ci_core.evaluation import predict_logits, target_margins
 from ci_core.ssim import ssim
@@ -43,7 +40,7 @@ if TYPE_CHECKING:
     from ci_core.reference import ReferenceScan
 
 CLEAN, BACKDOORED, UNSCANNABLE = "clean", "backdoored", "unscannable"
-SCAN_OUTPUT = "scan"  # the kind of output folder write_scan makes (ci_core.files.publishing)
+SCAN_OUTPUT = "scan"  # the kind of output folder write_scan makes (ci_core.scan_report, ci_core.files.publishing)
 
 # The model's median spread of class scores on the pool may not fall below this share of the backbone's
 # on the same images: a model whose class scores on OOD images are (near) constant cannot be inverted.
@@ -178,11 +175,6 @@ class ScorerVerdict:
     config: dict
     scores: Scores
 
-    def to_json(self) -> dict:
-        s = self.scores
-        return {"scorer": self.scorer, "config": self.config, "backdoored": s.backdoored, "s_max": s.s_max,
-                "p_value": s.p_value, "target": s.target, "flagged": list(s.flagged), "rule": s.rule}
-
 
 def apply_scorer(scorer: Scorer, evidence: Sequence[ClassEvidence],
                  reference: Sequence[ClassEvidence] | None) -> ScorerVerdict:
@@ -232,44 +224,6 @@ class ScanResult:
             "paper_scorer": beside.scorer if beside else None,
             "paper_s_max": beside.scores.s_max if beside else None,
             "paper_flagged": beside.scores.backdoored if beside else None,
-        }
-
-    def report(self, **context) -> dict:
-        """The JSON report: verdict first, then per-class rows, then the settings and ``context``."""
-        reference = {e.name: e for e in self.reference.classes} if self.reference is not None else {}
-        every = ((self.decision,) if self.decision is not None else ()) + self.others
-        rows = []
-        for index, evidence in enumerate(self.classes):
-            row = to_json(evidence)
-            if self.decision is not None:
-                row["score"] = self.decision.scores.scores[index]
-            row["scores"] = {v.scorer: v.scores.scores[index] for v in every}
-            ref = reference.get(evidence.name)
-            if ref is not None:
-                row.update(reference_asr=ref.asr, reference_loss=ref.loss, reference_margin=ref.margin,
-                           reference_statistic=ref.statistic,
-                           reference_loss_trace=list(ref.loss_trace))
-            rows.append(row)
-        decided = self.decision.scores if self.decision is not None else None
-        return {
-            "verdict": self.verdict,
-            "backdoored": None if decided is None else decided.backdoored,
-            "unscannable_reasons": list(self.problems),
-            "p_value": None if decided is None else decided.p_value,
-            "rule": None if decided is None else decided.rule,
-            "s_max": None if decided is None else decided.s_max,
-            "target": None if decided is None else decided.target,
-            "flagged": [] if decided is None else list(decided.flagged),
-            "detector": self.detector,
-            "detector_config": self.detector_config,
-            "scorer": None if self.decision is None else self.decision.scorer,
-            "scorer_config": None if self.decision is None else self.decision.config,
-            "scorers": {v.scorer: v.to_json() for v in every},
-            "reference": None if self.reference is None else self.reference.describe(),
-            "pool_health": to_json(self.health),
-            "seconds": self.seconds,
-            "classes": rows,
-            **context,
         }
 
 
@@ -328,21 +282,3 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
     return ScanResult(detector=detector.name, detector_config=to_json(detector.config), classes=evidence,
                       health=health, problems=problems, decision=decision, others=others, reference=reference,
                       seconds=clock.seconds)
-
-
-def write_scan(result: ScanResult, out: str | Path, pool: OODPool, **context) -> Path:
-    """Write ``report.json`` and ``triggers/`` (per class: tensors and a clean/triggered image strip) atomically.
-
-    ``out`` may be missing or an earlier scan folder (``ci_core.files.publishing``); nothing else is replaced.
-    """
-    with publishing(out, SCAN_OUTPUT) as tmp:
-        triggers = tmp / "triggers"
-        triggers.mkdir()
-        examples = pool.holdout[:4]
-        for index, evidence in enumerate(result.classes):
-            stem = f"{index:03d}_{slug(evidence.name, limit=80)}"
-            evidence.trigger.save(triggers / f"{stem}.safetensors")
-            strip = torch.cat([examples, evidence.trigger.apply(examples)])
-            save_image(strip, triggers / f"{stem}.png", nrow=len(examples))
-        write_json_atomic(tmp / "report.json", result.report(pool=pool.describe(), **context))
-    return Path(out).absolute() / "report.json"

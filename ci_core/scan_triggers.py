@@ -1,7 +1,7 @@
 """What a repair takes from a scan: the per-class triggers and scores, and which one a repairer gets.
 
 A scan folder (``report.json`` and ``triggers/NNN_name.safetensors``, written by
-``ci_core.scan.write_scan``) or an in-memory ``ScanResult`` becomes a
+``ci_core.scan_report.write_scan`` and read through ``ScanReport``) or an in-memory ``ScanResult`` becomes a
 ``ScanTriggers``: the classes, their anomaly scores, the most anomalous class
 ĉ, the hash of the bundle that was scanned, and a loader for each class's
 trigger.  ``check_same_bundle`` refuses a scan made for other weights.
@@ -22,15 +22,13 @@ from typing import Callable
 import attrs
 
 from ci_core.errors import BundleError, ConfigError, DataError
-from ci_core.files import read_json_object
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
 from ci_core.scan import ScanResult
+from ci_core.scan_report import REPORT_FILE, TRIGGERS_DIR, read_scan_report
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
 
-REPORT_FILE = "report.json"
-TRIGGERS_DIR = "triggers"
 
 # How a repairer picks a class's trigger from a scan:
 #   top        the scan's most anomalous class ĉ (the report's "target", the highest score);
@@ -74,38 +72,26 @@ class ScanTriggers:
 
     @classmethod
     def read(cls, path: str | Path) -> "ScanTriggers":
-        """The triggers of a scan folder (``report.json`` and ``triggers/NNN_name.safetensors``), or of its report.json."""
+        """The triggers of a scan folder (``report.json`` and its trigger files), or of its report.json."""
         path = Path(path)
         folder = path.parent if path.is_file() else path
-        report_path = path if path.is_file() else path / REPORT_FILE
-        if not report_path.is_file():
-            raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")
-        report = read_json_object(report_path, DataError, "a scan report")
-        if report.get("verdict") == "unscannable":
-            reasons = "; ".join(str(r) for r in report.get("unscannable_reasons") or [])
-            raise DataError(f"{report_path}: the scan could not measure the model ({reasons}), so it reconstructed "
-                            "no trigger to repair with")
-        rows = report.get("classes")
-        if not isinstance(rows, list) or not rows or not all(
-                isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("score"), (int, float))
-                for r in rows):
-            raise DataError(f"{report_path}: expected a scan report with a 'classes' list of {{name, score, ...}} rows")
-        names = tuple(r["name"] for r in rows)
-        if report.get("target") not in names:
-            raise DataError(f"{report_path}: its target {report.get('target')!r} is not one of its classes")
-        bundle = report.get("bundle")
-        sha = bundle.get("sha256") if isinstance(bundle, dict) else None
-        triggers = folder / TRIGGERS_DIR
+        report = read_scan_report(path)
+        source = str(folder / REPORT_FILE) if not path.is_file() else str(path)
+        if report.decision is None:
+            raise DataError(f"{source}: the scan could not measure the model ({'; '.join(report.unscannable_reasons)}), "
+                            "so it reconstructed no trigger to repair with")
+        if not report.classes:
+            raise DataError(f"{source}: expected a scan report with at least one class")
+        names = report.classnames
 
         def load(index: int) -> Trigger:
-            matches = sorted(triggers.glob(f"{index:03d}_*.safetensors"))
-            if len(matches) != 1:
-                raise DataError(f"{triggers}: expected one trigger file {index:03d}_*.safetensors for class "
-                                f"{names[index]!r}, found {len(matches)}")
-            return load_trigger(matches[0])
+            relative = report.classes[index].trigger_file
+            if relative is None or not (folder / relative).is_file():
+                raise DataError(f"{folder / TRIGGERS_DIR}: no trigger file {relative} for class {names[index]!r}")
+            return load_trigger(folder / relative)
 
-        return cls(classnames=names, scores=tuple(float(r["score"]) for r in rows), target=report["target"],
-                   bundle_sha256=sha, source=str(report_path), load=load)
+        return cls(classnames=names, scores=report.decision.scores, target=report.decision.target,
+                   bundle_sha256=report.bundle.sha256, source=source, load=load)
 
     def pick(self, rule: str) -> PickedTrigger:
         """The trigger chosen by ``rule`` (one of ``PICK_RULES``); ties go to the earlier class."""

@@ -280,4 +280,5 @@ class ReferenceOutlierScorer(Scorer):
             scores=tuple(float(v) for v in t), s_max=float(t[best]), target=names[best],
             backdoored=bool(p[best] <= alpha), flagged=tuple(n for n, v in zip(names, p) if v <= alpha),
             p_value=float(p[best]), rule=f"p <= {alpha:g} ({over})",
+            per_class={"p": tuple(float(v) for v in p)},
         )

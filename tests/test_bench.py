@@ -417,8 +417,8 @@ def test_failing_cell_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_
         assert verdict["clean"] == 1 and verdict["false_positives"] == sum(v["backdoored"] for c, v in zip(cells, verdicts)
                                                                            if c["true_target"] is None)
         assert verdict["fpr_ci95"] == pytest.approx(list(clopper_pearson(verdict["false_positives"], 1)))
-    assert {p.name for p in (out / "report").iterdir()} == {"report.md", "report.json", "roc.png", "anomaly_scores.png",
-                                                            ".clip-inspector-output.json"}
+    assert {p.name for p in (out / "report").iterdir()} == {"report.md", "report.json", "report.html", "roc.png",
+                                                            "anomaly_scores.png", ".clip-inspector-output.json"}
     assert (out / "report" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

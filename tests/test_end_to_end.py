@@ -70,6 +70,9 @@ def test_demo_prints_the_table_and_keeps_its_outputs(demo):
     for name in rows:
         report = json.loads((out / "scans" / name / "report.json").read_text())
         assert report["verdict"] == rows[name]["verdict"] and report["p_value"] == rows[name]["p_value"]
+        page = out.absolute() / "scans" / name / "report.html"
+        assert page.is_file() and f"{name}: {report['verdict']}; page: {page}" in output  # the demo names each page
+        assert report["command"].startswith("ci-bench demo ") and report["bundle"]["sha256"]
         load_bundle(out / "models" / name / "bundle")  # every saved bundle loads again
 
 

@@ -17,6 +17,7 @@ from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.reference import ReferenceCache, reference_spec, run_reference, spec_hash
 from ci_core.scan import UNSCANNABLE, class_generator, scan
+from ci_core.scan_report import BundleIdentity, ScanContext, ScanReport
 from ci_core.triggers import AdditiveTrigger
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.reference_scoring import ReferenceOutlierScorer, outlier_p_values, studentized_residuals
@@ -304,7 +305,8 @@ def test_a_model_whose_outputs_cannot_be_measured_is_unscannable(random_backbone
     assert reason in result.problems[0]
     if how == "huge":  # finite, and far beyond any word of the backbone
         assert result.health.non_finite == 0 and result.health.context_ratio > 1e6
-    report = result.report()
+    report = ScanReport.build(result, ScanContext(bundle=BundleIdentity(path=None, sha256=None), backbone=None, seed=2,
+                                                  preset=None, device="cpu", command=None), small_pool).to_json()
     assert report["verdict"] == "unscannable" and report["backdoored"] is None and report["s_max"] is None
     json.dumps(report, allow_nan=False)  # nothing non-finite in the report
 

@@ -25,7 +25,8 @@ from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict, write_scan
+from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict
+from ci_core.scan_report import BundleIdentity, ScanContext, write_scan
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (
@@ -76,7 +77,8 @@ def world(tmp_path_factory, random_backbone, dataset):
     scores[2], scores[5] = 4.0, -3.0
     pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
     result = fake_scan(names, scores)
-    write_scan(result, root / "scan", pool, bundle={"path": str(bundle), "sha256": bundle_sha256(bundle)})
+    write_scan(result, root / "scan", pool, ScanContext(bundle=BundleIdentity(path=str(bundle), sha256=bundle_sha256(bundle)),
+                                                       backbone=None, seed=0, preset="tiny", device="cpu", command=None))
     clean = dataset.load("train", image_size=TINY_IMAGE_SIZE, seed=0, shots=1).restrict(base)
     return {"root": root, "model": model, "bundle": bundle, "scan": root / "scan", "result": result, "clean": clean,
             "names": names}
@@ -125,7 +127,7 @@ def test_scan_folder_errors_name_the_problem(world, tmp_path):
     broken.mkdir()
     (broken / "report.json").write_text(world["scan"].joinpath("report.json").read_text())
     triggers = ScanTriggers.read(broken)
-    with pytest.raises(DataError, match=r"expected one trigger file 002_\*\.safetensors"):
+    with pytest.raises(DataError, match=r"no trigger file triggers/002_\S+\.safetensors"):
         triggers.pick("top")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -20,7 +21,8 @@ from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
 from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, registry
 from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
-from ci_core.scan import scan, write_scan
+from ci_core.scan import scan
+from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext, write_scan
 from ci_core.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target, load_task, pool_sizes,
                               preset_for, sample_candidates, train_and_save)
 
@@ -82,6 +84,11 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
     inversion, holdout = pool_sizes(preset)
     pool = load_pool(BUILTIN_POOL, inversion=inversion, holdout=holdout, image_size=backbone.image_size, seed=seed)
     cache = ReferenceCache(default_cache_dir())
+    # The demo's scans sample their candidates from the seed, so the demo itself is what reproduces them.
+    command = shlex.join(["ci-bench", "demo", "--out", str(out), "--dataset", dataset, "--attacks", ",".join(attack_names),
+                          "--seed", str(seed)] + (["--data-root", str(data_root)] if data_root else [])
+                         + (["--backbone", backbone.name, "--pretrained", str(backbone.pretrained)]
+                            if backbone.name != TINY_MODEL or backbone.pretrained != BUILTIN else []))
     rows = []
     with publishing(out, DEMO_OUTPUT) as work:
         for name, attack_cls in attack_classes.items():
@@ -100,9 +107,11 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
                                       progress=progress)
             result = scan(trained.outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference,
                           also=also, progress=progress)
-            write_scan(result, work / "scans" / name, pool,
-                       bundle={"path": f"models/{name}/{MODEL_BUNDLE}", "sha256": trained.bundle_sha256}, seed=seed,
-                       preset=preset)
+            context = ScanContext(
+                bundle=BundleIdentity(path=f"models/{name}/{MODEL_BUNDLE}", sha256=trained.bundle_sha256),
+                backbone=BackboneIdentity.of(backbone.identity()), seed=seed, preset=preset,
+                device=str(runtime.device), command=command)
+            write_scan(result, work / "scans" / name, pool, context)
             rows.append({
                 "model": name, "dataset": dataset, "seed": seed, **to_json(metrics), **result.summary(),
                 "true_target": attack_target, "train_seconds": round(trained.seconds, 1),
@@ -116,6 +125,8 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
         ("paper_s_max", "PAPER-S_MAX"), ("paper_flagged", "PAPER-K=2"),
     ])
     click.echo(f"verdict: {decider.name} ({decider.description}); PAPER: the paper's scorer (s_max >= k) beside it")
+    for row in rows:
+        click.echo(f"{row['model']}: {row['verdict']}; page: {Path(out).absolute() / 'scans' / row['model'] / PAGE_FILE}")
     click.echo(f"demo finished in {clock.seconds:.0f}s; models and scans in {out}")
     if json_path:
         write_json_atomic(json_path, rows)

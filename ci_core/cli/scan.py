@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -17,8 +18,8 @@ from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
-from ci_core.scan import (BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems,
-                          write_scan)
+from ci_core.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems
+from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext, write_scan
 from ci_core.validators import printable
 from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes, preset_for
 
@@ -89,10 +90,15 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @report_errors
 def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
          options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
-    """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.json and OUT/triggers/.
+    """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
 
     BUNDLE is a model bundle, or a delivery of the reference CoOp/CoCoOp code: a checkpoint file or a Dassl
     output folder, read safely and converted in memory (as ci-import would) with --classes.
+
+    OUT/report.html is the auditor's page (open it in any browser, offline): the verdict and what it means,
+    the evidence figure, the per-class table, the top classes' triggers, pool health, provenance and the
+    command that reproduces the scan.  OUT/report.json holds the same, typed and versioned
+    (ci_core/schemas/scan-report.schema.json).
     """
     configure_threads()
     progress = StderrProgress(quiet)
@@ -126,13 +132,14 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
         progress(f"read {meta['source']['checkpoint']}: classes recovered from its prompts: "
                  f"{', '.join(meta['recovered_classes'])}")
         # Which file and which keys were read, and what else the folder held: the deployment's one reading.
-        identity = {"path": str(bundle), "checkpoint": meta["source"]["checkpoint"],
-                    "sha256": meta["source"]["sha256"], "state_dict_keys": meta["source"]["state_dict_keys"],
-                    "folder_files": meta["source"]["folder_files"]}
+        identity = BundleIdentity(path=str(bundle), checkpoint=meta["source"]["checkpoint"],
+                                  sha256=meta["source"]["sha256"],
+                                  state_dict_keys=tuple(meta["source"]["state_dict_keys"]),
+                                  folder_files=tuple(meta["source"]["folder_files"]))
     else:
         model, meta = load_bundle(bundle, device=runtime.device, name=backbone, pretrained=pretrained,
                                   text_encoding=runtime.text_encoding)
-        identity = {"path": str(bundle), "sha256": meta["sha256"]}
+        identity = BundleIdentity(path=str(bundle), sha256=meta["sha256"])
     default_pool, default_holdout = pool_sizes(preset)
     pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
@@ -146,9 +153,22 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
                                   progress=progress)
     result = scan(model, det, decider, pool, classnames, seed=seed, reference=reference, also=also,
                   known_problems=stored_problems(meta), progress=progress)
-    report_path = write_scan(result, out, pool, bundle=identity,
-                             backbone=model.backbone.identity(), device=runtime.device, seed=seed, preset=preset)
-    click.echo(describe_verdict(result) + f"; report: {report_path}")
+    command = shlex.join(
+        ["ci-scan", str(bundle), "--ood", str(ood)]
+        + (["--classes", str(classes_file)] if classes_file else [])
+        + (["--class-token-position", class_token_position] if delivery else [])
+        + ["--out", str(out), "--detector", det.name, "--scorer", decider.name]
+        + (["--no-reference"] if no_reference else [])
+        + (["--reference-cache", str(reference_cache)] if reference_cache else [])
+        + [part for pair in options for part in ("--option", pair)]
+        + [part for pair in scorer_options for part in ("--scorer-option", pair)]
+        + ["--pool-size", str(pool_size or default_pool), "--holdout", str(holdout or default_holdout),
+           "--seed", str(seed)]
+        + (["--backbone", backbone] if backbone else []) + (["--pretrained", pretrained] if pretrained else []))
+    context = ScanContext(bundle=identity, backbone=BackboneIdentity.of(model.backbone.identity()), seed=seed,
+                          preset=preset, device=str(runtime.device), command=command)
+    report_path = write_scan(result, out, pool, context)
+    click.echo(describe_verdict(result) + f"; report: {report_path.parent / PAGE_FILE} (data: {report_path})")
     raise SystemExit(EXIT_CODES[result.verdict])
 
 

@@ -24,7 +24,7 @@ from ci_core.harness.records import ModelRecord, PoolSpec, ReferenceRecord, Repa
 from ci_core.harness.store import CELL_FILE, REFERENCE_FILE, SCAN_FOLDER, Store, read_json, write_json
 from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
-from ci_core.errors import ConfigError
+from ci_core.errors import ConfigError, DataError
 from ci_core.evaluation import evaluate
 from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
@@ -33,9 +33,11 @@ from ci_core.plugins import registry
 from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import apply_scorer, scan, stored_problems, write_scan
+from ci_core.scan import apply_scorer, scan, stored_problems
+from ci_core.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report, write_scan
 from ci_core.plugins import load_trigger
-from ci_core.protocol import MODEL_BUNDLE, choose_scorers, choose_target, load_task, sample_candidates, train_and_save
+from ci_core.protocol import (MODEL_BUNDLE, choose_scorers, choose_target, load_task, preset_for, sample_candidates,
+                              train_and_save)
 
 
 @functools.lru_cache(maxsize=2)
@@ -178,8 +180,10 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
             check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
         result = scan(model, detector, decider, pool, candidates, seed=spec.seed, reference=reference, also=also,
                       known_problems=stored_problems(meta), progress=progress)
-        write_scan(result, work / SCAN_FOLDER, pool, seed=spec.seed,
-                   bundle={"model_cell": cell.model_key, "sha256": meta["sha256"]})
+        write_scan(result, work / SCAN_FOLDER, pool, ScanContext(
+            bundle=BundleIdentity(path=None, model_cell=cell.model_key, sha256=meta["sha256"]),
+            backbone=BackboneIdentity.of(backbone.identity()), seed=spec.seed, preset=preset_for(backbone), device=device,
+            command=None))
         return _file(work, ScanRecord(
             key=cell.key, label=cell.label, spec=spec, model=cell.model_key, reference=cell.reference_key,
             dataset=model_record.dataset, attack=model_record.attack, seed=model_record.seed,
@@ -276,20 +280,11 @@ def rescored_triggers(store: Store, cell: RepairCell) -> ScanTriggers:
 
 
 def stored_evidence(report_path: Path) -> tuple[ClassEvidence, ...]:
-    """The per-class evidence of a stored scan report (without triggers)."""
-    report = read_json(report_path, "scan report")
-    rows = report.get("classes")
-    if not isinstance(rows, list):
-        raise ConfigError(f"{report_path}: no 'classes' list")
+    """The per-class evidence of a stored scan report (without triggers), read through ``ScanReport``."""
     try:
-        return tuple(ClassEvidence(name=r["name"], asr=float(r["asr"]), loss=float(r["loss"]),
-                                   statistic=None if r.get("statistic") is None else float(r["statistic"]),
-                                   ssim=float(r["ssim"]), seconds=float(r["seconds"]),
-                                   loss_trace=tuple(float(v) for v in r.get("loss_trace", ())),
-                                   margin=None if r.get("margin") is None else float(r["margin"]))
-                     for r in rows)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{report_path}: a class row is malformed ({exc})") from None
+        return read_scan_report(report_path).evidence()
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 RUNNERS = {"model": run_model_cell, "reference": run_reference_cell, "scan": run_scan_cell, "repair": run_repair_cell}

@@ -22,8 +22,8 @@ the report.
 
 The package splits that by job: ``scored`` reads the store and scores every
 scan (one ``ScoredScan`` per scan and scorer), ``tables`` computes every table as
-plain JSON, ``markdown`` and ``figures`` render them, and ``write_report`` here
-writes the folder.
+plain JSON, ``markdown``, ``html`` (report.html, generic over the tables) and
+``figures`` render them, and ``write_report`` here writes the folder.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 
 from ci_core.files import publishing
 from ci_core.harness.report.figures import plot_anomaly_scores, plot_roc
+from ci_core.harness.report.html import write_bench_page
 from ci_core.harness.report.markdown import md_table, to_markdown
 from ci_core.harness.report.scored import ScoredScan, scored_scans
 from ci_core.harness.report.tables import DEFINITIONS, IMPLANT_LEVELS, _finite, build_report, implanted_model_level
@@ -42,7 +43,7 @@ from ci_core.harness.store import Store
 __all__ = ["DEFINITIONS", "IMPLANT_LEVELS", "ScoredScan", "build_report", "implanted_model_level", "md_table",
            "scored_scans", "to_markdown", "write_report"]
 
-REPORT_FILES = ("report.md", "report.json")
+REPORT_FILES = ("report.md", "report.json", "report.html")
 REPORT_OUTPUT = "bench-report"  # the kind of output folder the report writes (ci_core.files.publishing)
 
 
@@ -58,7 +59,7 @@ def _json_ready(value: Any) -> Any:
 
 def write_report(store: Store, out: Path | None = None,
                  scorer_options: dict[str, dict] | None = None) -> tuple[Path, str]:
-    """Write report.md, report.json and the PNG figures to ``out`` (default STORE/report) atomically."""
+    """Write report.md, report.json, report.html and the PNG figures to ``out`` (default STORE/report) atomically."""
     out = Path(out) if out is not None else store.root / "report"
     report = build_report(store, scorer_options)
     with publishing(out, REPORT_OUTPUT) as work:
@@ -68,4 +69,5 @@ def write_report(store: Store, out: Path | None = None,
         (work / "report.md").write_text(markdown)
         (work / "report.json").write_text(json.dumps(_json_ready({**report, "figures": figures}), indent=2,
                                                      allow_nan=False) + "\n")
+        write_bench_page(_json_ready(report), work, figures)
     return out, markdown

@@ -14,15 +14,16 @@ from typing import Any
 
 import attrs
 
-from ci_core.errors import ConfigError
-from ci_core.harness.cells import read_reference, stored_evidence
+from ci_core.errors import ConfigError, DataError
+from ci_core.harness.cells import read_reference
 from ci_core.harness.plan import CLEAN_ATTACK
 from ci_core.harness.records import ModelRecord, ScanRecord
-from ci_core.harness.store import Store, read_json
+from ci_core.harness.store import Store
 from ci_core.interfaces import to_json
 from ci_core.plugins import registry
 from ci_core.protocol import REFERENCE_SCORER
-from ci_core.scan import UNSCANNABLE, PoolHealth, apply_scorer
+from ci_core.scan import UNSCANNABLE, apply_scorer
+from ci_core.scan_report import REPORT_FILE, read_scan_report
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -31,7 +32,7 @@ class ScoredScan:
 
     scan: ScanRecord
     model: ModelRecord
-    classes: list[dict]  # the scan report's per-class rows
+    classes: list[dict]  # the scan report's per-class evidence (name, asr, loss, statistic, ssim, seconds, loss_trace)
     scorer: str
     scorer_config: dict
     problems: tuple[str, ...]  # why the model could not be measured (empty when it could)
@@ -100,9 +101,13 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
         model = models.get(scan.model)
         if model is None:
             raise ConfigError(f"{store.cell_dir('scan', scan.key)}: its model cell {scan.model} is not in the store")
-        report_path = store.scan_folder(scan.key) / "report.json"
-        report = read_json(report_path, "scan report")
-        evidence = stored_evidence(report_path)
+        report_path = store.scan_folder(scan.key) / REPORT_FILE
+        try:
+            report = read_scan_report(report_path)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        evidence = report.evidence()
+        classes = [to_json(e) for e in evidence]
         reference = None
         if scan.reference:
             if scan.reference not in references:
@@ -111,14 +116,13 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
             if references[scan.reference] is None:
                 references[scan.reference] = read_reference(store, scan.reference)
             reference = references[scan.reference]
-        health = report.get("pool_health") or {}
-        problems = tuple(report.get("unscannable_reasons") or ())
-        if not problems and reference is not None and health:
-            problems = PoolHealth(**health).problems(reference.health)
+        problems = report.unscannable_reasons
+        if not problems and reference is not None:
+            problems = report.pool_health.problems(reference.health)
         own = plugins.get("detector", scan.detector).default_scorer
         for name in ([REFERENCE_SCORER] if reference is not None else []) + [own]:
             scorer = by_name[name]
-            common = dict(scan=scan, model=model, classes=report["classes"], scorer=name,
+            common = dict(scan=scan, model=model, classes=classes, scorer=name,
                           scorer_config=to_json(scorer.config), problems=problems)
             if problems:
                 rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
