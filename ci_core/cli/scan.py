@@ -37,7 +37,8 @@ def candidate_classes(path: Path, meta: dict) -> tuple[str, ...]:
         known = set(meta["classnames"])
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise DataError(f"{path}: {', '.join(repr(printable(n)) for n in unknown[:5])} are not classes of the "
+            shown = ", ".join(f"'{printable(n)}'" for n in unknown[:5])
+            raise DataError(f"{path}: {shown} are not classes of the "
                             f"bundle, whose CoOp context is class-specific: it holds a prompt for its "
                             f"{len(known)} training classes only, so other classes cannot be scanned")
     return names
