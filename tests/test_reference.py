@@ -329,7 +329,9 @@ def run_scan(*args):
 
 
 def test_ci_scan_exit_status_says_the_verdict(tmp_path, bundle_of):
-    common = ["--ood", "builtin", "--pool-size", 8, "--holdout", 8, "--option", "batch_size=4", "--quiet"]
+    # A cache of its own: other tests of the session scan the same classes and pool.
+    common = ["--ood", "builtin", "--pool-size", 8, "--holdout", 8, "--option", "batch_size=4", "--quiet",
+              "--reference-cache", tmp_path / "references"]
     broken = run_scan(bundle_of("nan"), *common, "--out", tmp_path / "nan")
     assert broken.exit_code == EXIT_UNSCANNABLE and "UNSCANNABLE" in broken.output, broken.output
     assert json.loads((tmp_path / "nan" / "report.json").read_text())["verdict"] == "unscannable"
