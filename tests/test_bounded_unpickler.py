@@ -3,7 +3,6 @@
 import pickle
 import re
 import struct
-import time
 import zipfile
 
 import pytest
@@ -22,12 +21,12 @@ def load(data: bytes, **limits):
 
 def refused(tmp_path, data: bytes, match: str, storages=None):
     path = write_archive(tmp_path / "crafted.pt", data, storages or {})
-    start = time.perf_counter()
+    # How long a refusal takes is measured side by side with the old reader in benchmarks/hostile_inputs.py
+    # (group 8), not timed here.
     with pytest.raises(BundleError) as caught:
         open_archive(path, BundleError, WHAT)
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 1000
-    assert time.perf_counter() - start < 5
     assert re.search(match, message), message
     return message
 
@@ -56,10 +55,8 @@ def test_colliding_integer_keys_are_refused():
     # Python hashes an int by its value modulo 2**61 - 1: these 100,000 keys share one hash.
     keys = b"".join(b"\x8a\x0b" + ((k * (2**61 - 1) + 5).to_bytes(11, "little", signed=True)) + b"N"
                     for k in range(1, 100_001))
-    start = time.perf_counter()
-    with pytest.raises(PickleLimitError, match=r"integer dict key beyond"):
+    with pytest.raises(PickleLimitError, match=r"integer dict key beyond"):  # timed in hostile_inputs.py, group 8
         load(b"\x80\x02}(" + keys + b"u.")
-    assert time.perf_counter() - start < 2
     assert load(b"\x80\x02}(K\x01NJ\xff\xff\xff\x7fNu.") == {1: None, 2**31 - 1: None}  # ordinary ints are fine
 
 

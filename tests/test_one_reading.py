@@ -2,7 +2,6 @@
 the terminal raw; no input ends in a traceback."""
 
 import re
-import time
 
 import click
 import pytest
@@ -49,9 +48,8 @@ def test_class_lists_refuse_twins_unprintable_names_and_excess_in_linear_time(tm
         check_class_names(["x" * 5000], "list")
     with pytest.raises(DataError, match=rf"4097 class names, more than the {MAX_CLASSES} allowed"):
         check_class_names([f"c{k}" for k in range(MAX_CLASSES + 1)], "list")
-    start = time.perf_counter()
+    # The old duplicate check was quadratic; benchmarks/hostile_inputs.py (group 8) times the new one beside it.
     assert len(check_class_names([f"class {k}" for k in range(MAX_CLASSES)], "list")) == MAX_CLASSES
-    assert time.perf_counter() - start < 1  # the old duplicate check was quadratic
 
     big = tmp_path / "million.txt"
     big.write_text("".join(f"c{k}\n" for k in range(1_000_000)))
