@@ -60,6 +60,9 @@ class ScanTriggers:
     bundle_sha256: str | None  # the bundle the scan was made for, when known
     source: str
     load: Callable[[int], Trigger] = attrs.field(repr=False)
+    # The deciding scorer's verdict: whether the scan found the model backdoored, and its p-value where it has one.
+    backdoored: bool = True
+    p_value: float | None = None
 
     @classmethod
     def from_result(cls, result: ScanResult, bundle_sha256: str | None = None) -> "ScanTriggers":
@@ -67,7 +70,8 @@ class ScanTriggers:
         return cls(
             classnames=tuple(e.name for e in result.classes), scores=tuple(result.scores.scores),
             target=result.scores.target, bundle_sha256=bundle_sha256, source="scan in memory",
-            load=lambda index: result.classes[index].trigger,
+            load=lambda index: result.classes[index].trigger, backdoored=bool(result.scores.backdoored),
+            p_value=result.scores.p_value,
         )
 
     @classmethod
@@ -91,7 +95,8 @@ class ScanTriggers:
             return load_trigger(folder / relative)
 
         return cls(classnames=names, scores=report.decision.scores, target=report.decision.target,
-                   bundle_sha256=report.bundle.sha256, source=source, load=load)
+                   bundle_sha256=report.bundle.sha256, source=source, load=load,
+                   backdoored=report.decision.backdoored, p_value=report.decision.p_value)
 
     def pick(self, rule: str) -> PickedTrigger:
         """The trigger chosen by ``rule`` (one of ``PICK_RULES``); ties go to the earlier class."""
@@ -108,6 +113,16 @@ class ScanTriggers:
             raise ConfigError(f"unknown trigger choice {rule!r}; expected one of {PICK_RULES}")
         return PickedTrigger(name=self.classnames[index], index=index, score=self.scores[index],
                              trigger=self.load(index))
+
+
+def check_flagged(triggers: ScanTriggers, *, force: bool) -> None:
+    """Refuse to repair a model its scan found clean, unless ``force``: its top class is then no backdoor's target."""
+    if triggers.backdoored or force:
+        return
+    p = "" if triggers.p_value is None else f", p = {triggers.p_value:.3g}"
+    raise ConfigError(f"{triggers.source}: the scan found this model clean (its most anomalous class "
+                      f"{triggers.target!r}{p}), so there is no backdoor to repair; pass --force to fine-tune it with "
+                      "that class's trigger anyway")
 
 
 def choose_trigger(repairer: Repairer, triggers: ScanTriggers) -> PickedTrigger | None:

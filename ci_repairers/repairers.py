@@ -55,13 +55,56 @@ def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
     return copy.eval()
 
 
-def stamped_loss(stamp: Trigger | None) -> Callable:
-    """Cross-entropy over the clean batch and, with a ``stamp``, its stamped copies, all with their true labels."""
+class TrackingTrigger:
+    """A universal additive trigger that keeps pushing the model being repaired towards one class.
+
+    Before every fine-tuning step, ``steps`` signed-gradient steps of ``step_size * epsilon`` move
+    delta to raise the margin of ``target`` over every other class on the batch's images of other
+    classes, against the model as it is at that step, and project it back into the epsilon-ball.  The
+    fine-tuning then learns to classify x + delta by its content.  A trigger reconstructed once, on
+    OOD images, against the model before repair, reaches only part of what the backdoor does on the
+    base classes; the tracked one follows whatever the model still answers to as training goes on
+    (universal adversarial training towards one class).
+    """
+
+    def __init__(self, delta: torch.Tensor, epsilon: float, target: str, *, steps: int, step_size: float):
+        self.delta = delta.detach().clone().clamp(-epsilon, epsilon)
+        self.epsilon, self.target, self.steps, self.step_size = float(epsilon), target, steps, step_size
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
+
+    def update(self, model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> None:
+        """``steps`` signed steps towards ``target`` on the images of ``labels`` other than the target."""
+        names = tuple(classnames) if self.target in classnames else tuple(classnames) + (self.target,)
+        target = names.index(self.target)
+        others = images[labels != target] if self.target in classnames else images
+        if len(others) == 0:
+            return
+        delta = self.delta.to(images.device)
+        for _ in range(self.steps):
+            delta = delta.detach().requires_grad_(True)
+            logits = model((others + delta).clamp(0, 1), names).float()
+            rest = logits.clone()
+            rest[:, target] = float("-inf")
+            margin = (logits[:, target] - rest.max(dim=1).values).mean()
+            (grad,) = torch.autograd.grad(margin, delta)
+            delta = (delta + self.step_size * self.epsilon * grad.sign()).clamp(-self.epsilon, self.epsilon)
+        self.delta = delta.detach()
+
+
+def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None) -> Callable:
+    """Cross-entropy over the clean batch and its copies stamped with ``stamp`` and ``tracking``, all with their
+    true labels; ``tracking`` is first moved against the model as it is at this step."""
 
     def loss(model, images, labels, classnames):
+        batches = [images]
         if stamp is not None:
-            images, labels = torch.cat([images, stamp.apply(images)]), torch.cat([labels, labels])
-        return F.cross_entropy(model(images, classnames), labels)
+            batches.append(stamp.apply(images))
+        if tracking is not None:
+            tracking.update(model, images, labels, classnames)
+            batches.append(tracking.apply(images))
+        return F.cross_entropy(model(torch.cat(batches), classnames), labels.repeat(len(batches)))
 
     return loss
 
@@ -73,6 +116,10 @@ class RepairConfig:
     lr: float = attrs.field(default=0.002, validator=number(gt=0))
     momentum: float = attrs.field(default=0.9, validator=number(ge=0, le=1))
     weight_decay: float = attrs.field(default=5e-4, validator=number(ge=0))
+    # Tracking: signed steps per fine-tuning step that move a copy of the stamp towards the class it was made for,
+    # against the model being repaired (0: the paper's fixed stamp only); each of step_size x its l-inf radius.
+    track_steps: int = attrs.field(default=0, validator=integer(ge=0))
+    track_step_size: float = attrs.field(default=0.25, validator=number(gt=0, le=1))
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -103,6 +150,20 @@ class PromptRepairer(Repairer):
     def stamp_description(self, target: str) -> str:
         return f"the scan's trigger for {target!r}"
 
+    # Whether the stamp is tracked towards the class it was made for (track_steps > 0): yes for a reconstructed
+    # trigger, no for a random one, which was made for no class.
+    tracks_stamp: ClassVar[bool] = True
+
+    def tracking(self, stamp: Trigger | None, target: str) -> TrackingTrigger | None:
+        c = self.config
+        if c.track_steps == 0 or stamp is None or not self.tracks_stamp:
+            return None
+        if not isinstance(stamp, AdditiveTrigger) or stamp.linf <= 0:
+            raise ConfigError(f"{self.name}: track_steps needs an additive trigger with an l-inf radius; the stamp is "
+                              f"{type(stamp).__name__}")
+        return TrackingTrigger(stamp.delta, stamp.epsilon or stamp.linf, target, steps=c.track_steps,
+                               step_size=c.track_step_size)
+
     @abc.abstractmethod
     def perturbation(self, *, trigger: Trigger | None, clean: LabeledImages, seed: int) -> Trigger | None:
         """What the clean images are stamped with during fine-tuning (None: clean images only)."""
@@ -113,13 +174,16 @@ class PromptRepairer(Repairer):
         if len(clean) == 0:
             raise DataError(f"{self.name}: the clean set is empty")
         stamp = self.perturbation(trigger=trigger, clean=clean, seed=seed)
+        tracking = self.tracking(stamp, target)
         repaired = copy_model(model)
         progress(f"{self.name}: fine-tuning the prompt learner on {len(clean)} clean images"
-                 + (f" and their copies stamped with {self.stamp_description(target)}" if stamp is not None else ""))
+                 + (f" and their copies stamped with {self.stamp_description(target)}" if stamp is not None else "")
+                 + (f", and with a copy of it tracked towards {target!r} ({c.track_steps} steps a batch)"
+                    if tracking is not None else ""))
         prompt_tune(repaired, clean, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                                                         momentum=c.momentum, weight_decay=c.weight_decay,
                                                         warmup_epochs=0),
-                    seed=seed, loss_fn=stamped_loss(stamp), progress=progress, label=f"{self.name} repair")
+                    seed=seed, loss_fn=stamped_loss(stamp, tracking), progress=progress, label=f"{self.name} repair")
         return repaired
 
 
@@ -161,6 +225,8 @@ class RandomDeltaRepair(PromptRepairer):
     name = "random-delta"
     description = "control: the same fine-tuning with a random delta in the l-inf ball of the scan's trigger"
     Config = RandomDeltaConfig
+
+    tracks_stamp = False
 
     def stamp_description(self, target):
         return f"{self.config.noise} noise in the l-inf ball of the scan's trigger for {target!r}"

@@ -33,6 +33,7 @@ from ci_repairers.repairers import (
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,
+    TrackingTrigger,
     WrongClassDeltaRepair,
 )
 
@@ -47,14 +48,14 @@ def saturated_delta(seed: int, size: int = TINY_IMAGE_SIZE) -> torch.Tensor:
     return (torch.randint(0, 2, (3, size, size), generator=g) * 2 - 1).float() * EPS
 
 
-def fake_scan(classnames, scores) -> ScanResult:
+def fake_scan(classnames, scores, backdoored: bool = True) -> ScanResult:
     """A scan result with the given per-class scores and a distinct saturated trigger per class."""
     evidence = tuple(ClassEvidence(name=n, asr=0.5, loss=-0.1, statistic=None, ssim=0.95, seconds=0.1,
                                    trigger=AdditiveTrigger(saturated_delta(i))) for i, n in enumerate(classnames))
     best = max(range(len(scores)), key=lambda i: scores[i])
     decision = ScorerVerdict(scorer="ci", config={}, scores=Scores(
-        scores=tuple(scores), s_max=scores[best], target=classnames[best], backdoored=True,
-        flagged=(classnames[best],)))
+        scores=tuple(scores), s_max=scores[best], target=classnames[best], backdoored=backdoored,
+        flagged=(classnames[best],) if backdoored else (), p_value=1e-4 if backdoored else 0.42))
     return ScanResult(detector="ci", detector_config={}, classes=evidence, health=PoolHealth(images=8, non_finite=0,
                       spread=0.1), problems=(), decision=decision, seconds=1.0)
 
@@ -162,16 +163,49 @@ def test_trigger_repairers_use_the_given_trigger_and_clean_only_none(world):
     assert CleanOnlyRepair.from_options().perturbation(trigger=given, clean=world["clean"], seed=0) is None
 
 
+def test_tracking_trigger_raises_the_target_margin_and_stays_in_the_ball(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    start = saturated_delta(7) * 0.5
+    target = names[len(clean.classnames) + 1]  # a new class: the tracking adds it to the class list it scores
+
+    def margin(delta):
+        with torch.no_grad():
+            logits = model((clean.images + delta).clamp(0, 1), clean.classnames + (target,)).float()
+        rest = logits.clone()
+        rest[:, -1] = float("-inf")
+        return float((logits[:, -1] - rest.max(dim=1).values).mean())
+
+    tracked = TrackingTrigger(start, EPS / 2, target, steps=3, step_size=0.25)
+    tracked.update(model, clean.images, clean.labels, clean.classnames)
+    assert tracked.delta.abs().max() <= EPS / 2 + 1e-7
+    assert margin(tracked.delta) > margin(start)
+    assert torch.equal(start, saturated_delta(7) * 0.5)  # the stamp it started from is left alone
+
+
+def test_tracking_follows_reconstructed_triggers_only(world):
+    given = AdditiveTrigger(saturated_delta(5), epsilon=EPS)
+    options = {**QUICK, "track_steps": 1}
+    for cls in (CITriggerRepair, WrongClassDeltaRepair):
+        tracked = cls.from_options(options).tracking(given, world["names"][2])
+        assert isinstance(tracked, TrackingTrigger) and tracked.epsilon == EPS and tracked.target == world["names"][2]
+        assert cls.from_options(QUICK).tracking(given, world["names"][2]) is None  # track_steps = 0: the paper's
+    assert RandomDeltaRepair.from_options(options).tracking(given, world["names"][2]) is None
+    assert CleanOnlyRepair.from_options(options).tracking(None, world["names"][2]) is None
+    with pytest.raises(ConfigError, match="track_steps needs an additive trigger"):
+        CITriggerRepair.from_options(options).tracking(AdditiveTrigger(torch.zeros(3, 4, 4)), world["names"][2])
+
+
 # --------------------------------------------------------------------------- the repair itself
 
 
-@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.name)
-def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls):
+@pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [(CITriggerRepair, {**QUICK, "track_steps": 1})],
+                         ids=lambda c: getattr(c, "name", "tracked" if isinstance(c, dict) and c.get("track_steps") else ""))
+def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls, options):
     model = world["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.requires_grad for p in model.prompt_learner.parameters()]
     rng = torch.get_rng_state()
-    repaired = cls.from_options(QUICK).repair(model=model, trigger=AdditiveTrigger(saturated_delta(2)),
+    repaired = cls.from_options(options).repair(model=model, trigger=AdditiveTrigger(saturated_delta(2)),
                                               target=world["names"][2], clean=world["clean"], seed=0)
     assert repaired is not model and repaired.prompt_learner is not model.prompt_learner
     assert repaired.backbone is model.backbone  # the frozen encoders are shared, not copied
@@ -238,6 +272,25 @@ def test_cli_bad_arguments_fail_cleanly(world, tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_refuses_a_model_its_scan_found_clean_unless_forced(world, tmp_path):
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
+    scores = [0.0] * len(world["names"])
+    scores[3] = 1.0
+    context = ScanContext(bundle=BundleIdentity(path=str(world["bundle"]), sha256=bundle_sha256(world["bundle"])),
+                          backbone=None, seed=0, preset="tiny", device="cpu", command=None)
+    write_scan(fake_scan(world["names"], scores, backdoored=False), tmp_path / "scan", pool, context)
+    args = [world["bundle"], "--report", tmp_path / "scan", "--data", "builtin", "--repairer", "clean-only",
+            "--shots", 1, "--test-images", 1, "--option", "epochs=1", "--quiet"]
+    refused = run([*args, "--out", tmp_path / "r"])
+    assert refused.exit_code == 1, refused.output
+    assert "the scan found this model clean" in refused.output and repr(world["names"][3]) in refused.output
+    assert "p = 0.42" in refused.output and "--force" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "r").exists()
+    forced = run([*args, "--out", tmp_path / "r", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "r" / "weights.safetensors").is_file()
+
+
 def test_cli_refuses_an_existing_out(world, tmp_path):
     (tmp_path / "taken").mkdir()
     result = run([world["bundle"], "--report", world["scan"], "--data", "builtin", "--out", tmp_path / "taken"])
@@ -261,7 +314,8 @@ def test_cli_reads_class_folders(world, dataset, tmp_path):
     assert (tmp_path / "r" / "weights.safetensors").is_file()
     too_many = run([world["bundle"], "--report", world["scan"], "--data", tmp_path / "data", "--out", tmp_path / "r2",
                     "--shots", 2, "--quiet"])
-    assert too_many.exit_code == 1 and "1 images, but 2 per class were asked for" in too_many.output
+    assert too_many.exit_code == 1, too_many.output
+    assert "found 1 image of class" in too_many.output and "the repair needs 2 per class" in too_many.output
 
 
 # --------------------------------------------------------------------------- removing a planted backdoor

@@ -30,7 +30,7 @@ from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scan_triggers import ScanTriggers, check_flagged, check_same_bundle, choose_trigger
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
 from ci_core.protocol import preset_for
@@ -120,7 +120,9 @@ def load_class_folders(root: Path, split: str, classnames: Sequence[str], *, ima
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if per_class is not None:
             if len(files) < per_class:
-                raise DataError(f"{folder}: {len(files)} images, but {per_class} per class were asked for")
+                raise DataError(f"{folder}: found {len(files)} image{'s' * (len(files) != 1)} of class {name!r}, but the "
+                                f"repair needs {per_class} per class (--shots {per_class} for train/, --test-images "
+                                "for test/); add images or ask for fewer")
             random.Random(f"{seed}:{name}").shuffle(files)
             files = files[:per_class]
         if not files:
@@ -189,13 +191,15 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.option("--trigger-target", help="The ground-truth trigger's target class (default: the scan's target).")
 @click.option("--test-images", type=click.IntRange(min=1, max=MAX_PER_CLASS),
               help="Test images per class (default: the whole test split).")
+@click.option("--force", is_flag=True,
+              help="Repair even if the scan found the model clean (with the trigger of its most anomalous class).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
 @backbone_options("the one the bundle records (its weights must be the same)")
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
 def main(bundle, report, data, data_root, repairer, out, shots, seed, options, true_trigger, trigger_target, test_images,
-         json_path, backbone, pretrained, device, max_text_batch, bf16, quiet):
+         force, json_path, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Repair the model in BUNDLE with a trigger from its scan REPORT; writes the repaired model to OUT."""
     configure_threads()
     progress = StderrProgress(quiet)
@@ -219,6 +223,7 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
                 raise ConfigError(f"--json {json_path} is {what} {given} or inside it; write the measurements elsewhere")
     scan = ScanTriggers.read(report)
     check_same_bundle(scan, bundle)
+    check_flagged(scan, force=force)
     classnames = list(meta["classnames"])
     unknown = [c for c in scan.classnames if c not in classnames]
     if unknown:
