@@ -203,6 +203,7 @@ class CITriggerRepair(PromptRepairer):
 
 class CleanOnlyRepair(PromptRepairer):
     name = "clean-only"
+    is_control = True
     description = "control: the same fine-tuning on the clean images only"
     trigger_rule = None
 
@@ -223,6 +224,7 @@ class RandomDeltaConfig(RepairConfig):
 
 class RandomDeltaRepair(PromptRepairer):
     name = "random-delta"
+    is_control = True
     description = "control: the same fine-tuning with a random delta in the l-inf ball of the scan's trigger"
     Config = RandomDeltaConfig
 
@@ -258,6 +260,7 @@ class WrongClassConfig(RepairConfig):
 
 class WrongClassDeltaRepair(PromptRepairer):
     name = "wrong-class-delta"
+    is_control = True
     description = "control: the same fine-tuning with CI's trigger for a non-target class (lowest score by default)"
     Config = WrongClassConfig
 
