@@ -40,7 +40,7 @@ from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scan_triggers import PickedTrigger, ScanTriggers
 from ci_core.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger, Trigger
-from ci_core.validators import integer, number, one_of
+from ci_core.validators import boolean, integer, number, one_of
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -67,30 +67,46 @@ class TrackingTrigger:
     (universal adversarial training towards one class).
     """
 
-    def __init__(self, delta: torch.Tensor, epsilon: float, target: str, *, steps: int, step_size: float):
+    def __init__(self, delta: torch.Tensor, epsilon: float, target: str, *, steps: int, step_size: float,
+                 per_image: bool = False):
         self.delta = delta.detach().clone().clamp(-epsilon, epsilon)
         self.epsilon, self.target, self.steps, self.step_size = float(epsilon), target, steps, step_size
+        # per_image: each batch's images get their own delta, started from the stamp, and the stamp stays as it was
+        self.per_image = per_image
+        self._batch_delta: torch.Tensor | None = None
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
+        delta = self._batch_delta if self.per_image and self._batch_delta is not None else self.delta
+        return (images + delta.to(images.device, images.dtype)).clamp(0, 1)
 
     def update(self, model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> None:
         """``steps`` signed steps towards ``target`` on the images of ``labels`` other than the target."""
         names = tuple(classnames) if self.target in classnames else tuple(classnames) + (self.target,)
         target = names.index(self.target)
-        others = images[labels != target] if self.target in classnames else images
-        if len(others) == 0:
+        keep = labels != target if self.target in classnames else torch.ones_like(labels, dtype=torch.bool)
+        if self.per_image:
+            images_to_move = images  # every image gets a delta; the target's own images keep the stamp's
+            delta = self.delta.to(images.device).expand_as(images).clone()
+        else:
+            images_to_move = images[keep]
+            delta = self.delta.to(images.device)
+        if not keep.any():
+            self._batch_delta = delta.detach() if self.per_image else None
             return
-        delta = self.delta.to(images.device)
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_(True)
-            logits = model((others + delta).clamp(0, 1), names).float()
+            logits = model((images_to_move + delta).clamp(0, 1), names).float()
             rest = logits.clone()
             rest[:, target] = float("-inf")
-            margin = (logits[:, target] - rest.max(dim=1).values).mean()
-            (grad,) = torch.autograd.grad(margin, delta)
+            margins = logits[:, target] - rest.max(dim=1).values
+            if self.per_image:
+                margins = margins[keep]
+            (grad,) = torch.autograd.grad(margins.sum() if self.per_image else margins.mean(), delta)
             delta = (delta + self.step_size * self.epsilon * grad.sign()).clamp(-self.epsilon, self.epsilon)
-        self.delta = delta.detach()
+        if self.per_image:
+            self._batch_delta = delta.detach()
+        else:
+            self.delta = delta.detach()
 
 
 def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None) -> Callable:
@@ -116,10 +132,14 @@ class RepairConfig:
     lr: float = attrs.field(default=0.002, validator=number(gt=0))
     momentum: float = attrs.field(default=0.9, validator=number(ge=0, le=1))
     weight_decay: float = attrs.field(default=5e-4, validator=number(ge=0))
+    # Dassl's random resized crop and flip on each clean batch, before it is stamped (as the attacks train).
+    augment: bool = attrs.field(default=False, validator=boolean)
     # Tracking: signed steps per fine-tuning step that move a copy of the stamp towards the class it was made for,
     # against the model being repaired (0: the paper's fixed stamp only); each of step_size x its l-inf radius.
     track_steps: int = attrs.field(default=0, validator=integer(ge=0))
     track_step_size: float = attrs.field(default=0.25, validator=number(gt=0, le=1))
+    # universal: one delta tracked through training; per-image: each batch's images get their own, from the stamp.
+    track_mode: str = attrs.field(default="universal", validator=one_of(("universal", "per-image")))
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -162,7 +182,7 @@ class PromptRepairer(Repairer):
             raise ConfigError(f"{self.name}: track_steps needs an additive trigger with an l-inf radius; the stamp is "
                               f"{type(stamp).__name__}")
         return TrackingTrigger(stamp.delta, stamp.epsilon or stamp.linf, target, steps=c.track_steps,
-                               step_size=c.track_step_size)
+                               step_size=c.track_step_size, per_image=c.track_mode == "per-image")
 
     @abc.abstractmethod
     def perturbation(self, *, trigger: Trigger | None, clean: LabeledImages, seed: int) -> Trigger | None:
@@ -182,7 +202,7 @@ class PromptRepairer(Repairer):
                     if tracking is not None else ""))
         prompt_tune(repaired, clean, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                                                         momentum=c.momentum, weight_decay=c.weight_decay,
-                                                        warmup_epochs=0),
+                                                        warmup_epochs=0, augment=c.augment),
                     seed=seed, loss_fn=stamped_loss(stamp, tracking), progress=progress, label=f"{self.name} repair")
         return repaired
 

@@ -182,6 +182,30 @@ def test_tracking_trigger_raises_the_target_margin_and_stays_in_the_ball(world):
     assert torch.equal(start, saturated_delta(7) * 0.5)  # the stamp it started from is left alone
 
 
+def test_per_image_tracking_moves_each_image_and_leaves_the_stamp(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    start = saturated_delta(7) * 0.5
+    tracked = TrackingTrigger(start, EPS / 2, names[2], steps=2, step_size=0.5, per_image=True)
+    tracked.update(model, clean.images, clean.labels, clean.classnames)
+    stamped = tracked.apply(clean.images)
+    deltas = stamped - clean.images
+    assert torch.equal(tracked.delta, start)  # the stamp itself does not move
+    assert deltas.abs().max() <= EPS / 2 + 1e-6
+    moved = [not torch.allclose(d, (clean.images[i] + start).clamp(0, 1) - clean.images[i])
+             for i, d in enumerate(deltas) if int(clean.labels[i]) != 2]
+    assert all(moved)  # every image of another class got a delta of its own
+
+
+def test_augmentation_changes_the_repair_and_the_seed_fixes_it(world):
+    trigger = AdditiveTrigger(saturated_delta(2))
+    kwargs = {"model": world["model"], "trigger": trigger, "target": world["names"][2], "clean": world["clean"], "seed": 0}
+    plain = CITriggerRepair.from_options(QUICK).repair(**kwargs).prompt_learner.state_dict()
+    augmented = CITriggerRepair.from_options({**QUICK, "augment": True}).repair(**kwargs).prompt_learner.state_dict()
+    again = CITriggerRepair.from_options({**QUICK, "augment": True}).repair(**kwargs).prompt_learner.state_dict()
+    assert any(not torch.equal(plain[k], augmented[k]) for k in plain)
+    assert all(torch.equal(augmented[k], again[k]) for k in plain)
+
+
 def test_tracking_follows_reconstructed_triggers_only(world):
     given = AdditiveTrigger(saturated_delta(5), epsilon=EPS)
     options = {**QUICK, "track_steps": 1}
