@@ -315,6 +315,22 @@ def test_cli_refuses_a_model_its_scan_found_clean_unless_forced(world, tmp_path)
     assert (tmp_path / "r" / "weights.safetensors").is_file()
 
 
+def test_cli_refuses_an_unscannable_model_even_forced(world, tmp_path):
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
+    unscannable = attrs.evolve(fake_scan(world["names"], [0.0] * len(world["names"])), decision=None,
+                               problems=("its outputs are NaN on every pool image",))
+    context = ScanContext(bundle=BundleIdentity(path=str(world["bundle"]), sha256=bundle_sha256(world["bundle"])),
+                          backbone=None, seed=0, preset="tiny", device="cpu", command=None)
+    write_scan(unscannable, tmp_path / "scan", pool, context)
+    for extra in ([], ["--force"]):
+        result = run([world["bundle"], "--report", tmp_path / "scan", "--data", "builtin", "--out", tmp_path / "r",
+                      "--quiet", *extra])
+        assert result.exit_code == 1, result.output
+        assert "could not measure the model (its outputs are NaN on every pool image)" in result.output
+        assert "no trigger to repair with" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "r").exists()
+
+
 def test_cli_refuses_an_existing_out(world, tmp_path):
     (tmp_path / "taken").mkdir()
     result = run([world["bundle"], "--report", world["scan"], "--data", "builtin", "--out", tmp_path / "taken"])
