@@ -109,14 +109,53 @@ class TrackingTrigger:
             self.delta = delta.detach()
 
 
-def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None) -> Callable:
-    """Cross-entropy over the clean batch and its copies stamped with ``stamp`` and ``tracking``, all with their
-    true labels; ``tracking`` is first moved against the model as it is at this step."""
+class BlendStamp:
+    """x' = (1 - alpha) x + alpha P: a pattern blended into the whole image, the family of Blended's trigger.
+
+    An l-inf reconstruction cannot reach such a trigger (alpha 0.2 moves pixels by up to 0.2, far outside an 8/255
+    ball), so a repair that only unlearns the scan's l-inf trigger leaves a blended backdoor in place.
+    """
+
+    def __init__(self, pattern: torch.Tensor, alpha: float):
+        self.pattern, self.alpha = pattern, float(alpha)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return (1 - self.alpha) * images + self.alpha * self.pattern.to(images.device, images.dtype)
+
+
+def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, steps: int, seed: int,
+                 batch_size: int = 16) -> BlendStamp:
+    """The pattern P that, blended in at ``alpha``, most raises ``target``'s margin on the clean images of the
+    other classes (Adam on a sigmoid-parametrised P, ``steps`` batches), against ``model`` as it is."""
+    names = tuple(clean.classnames) if target in clean.classnames else tuple(clean.classnames) + (target,)
+    index = names.index(target)
+    images = clean.images[clean.labels != index] if target in clean.classnames else clean.images
+    generator = torch.Generator().manual_seed(seed)
+    device = model.device
+    logits_p = (torch.randn(images.shape[1:], generator=generator) * 0.1).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([logits_p], lr=0.1)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
+        logits = model((1 - alpha) * batch + alpha * torch.sigmoid(logits_p), names).float()
+        rest = logits.clone()
+        rest[:, index] = float("-inf")
+        loss = -(logits[:, index] - rest.max(dim=1).values).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return BlendStamp(torch.sigmoid(logits_p).detach().cpu(), alpha)
+
+
+def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None,
+                 extra: Sequence[BlendStamp] = ()) -> Callable:
+    """Cross-entropy over the clean batch and its copies stamped with ``stamp``, each of ``extra`` and
+    ``tracking``, all with their true labels; ``tracking`` is first moved against the model as it is at this step."""
 
     def loss(model, images, labels, classnames):
         batches = [images]
         if stamp is not None:
             batches.append(stamp.apply(images))
+        batches += [other.apply(images) for other in extra]
         if tracking is not None:
             tracking.update(model, images, labels, classnames)
             batches.append(tracking.apply(images))
@@ -140,6 +179,10 @@ class RepairConfig:
     track_step_size: float = attrs.field(default=0.25, validator=number(gt=0, le=1))
     # universal: one delta tracked through training; per-image: each batch's images get their own, from the stamp.
     track_mode: str = attrs.field(default="universal", validator=one_of(("universal", "per-image")))
+    # Also stamp a blended pattern inverted towards the stamp's class on the clean images (0: none): the family of
+    # trigger an l-inf reconstruction cannot reach.  blend_steps Adam steps of batches of 16.
+    blend_alpha: float = attrs.field(default=0.0, validator=number(ge=0, le=1))
+    blend_steps: int = attrs.field(default=100, validator=integer(ge=1))
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -196,6 +239,11 @@ class PromptRepairer(Repairer):
         stamp = self.perturbation(trigger=trigger, clean=clean, seed=seed)
         tracking = self.tracking(stamp, target)
         repaired = copy_model(model)
+        blends = ()
+        if c.blend_alpha > 0 and stamp is not None and self.tracks_stamp:
+            progress(f"{self.name}: inverting a pattern blended at {c.blend_alpha:g} towards {target!r} "
+                     f"({c.blend_steps} steps)")
+            blends = (invert_blend(repaired, clean, target, alpha=c.blend_alpha, steps=c.blend_steps, seed=seed),)
         progress(f"{self.name}: fine-tuning the prompt learner on {len(clean)} clean images"
                  + (f" and their copies stamped with {self.stamp_description(target)}" if stamp is not None else "")
                  + (f", and with a copy of it tracked towards {target!r} ({c.track_steps} steps a batch)"
@@ -203,7 +251,7 @@ class PromptRepairer(Repairer):
         prompt_tune(repaired, clean, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                                                         momentum=c.momentum, weight_decay=c.weight_decay,
                                                         warmup_epochs=0, augment=c.augment),
-                    seed=seed, loss_fn=stamped_loss(stamp, tracking), progress=progress, label=f"{self.name} repair")
+                    seed=seed, loss_fn=stamped_loss(stamp, tracking, blends), progress=progress, label=f"{self.name} repair")
         return repaired
 
 

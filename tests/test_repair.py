@@ -30,11 +30,13 @@ from ci_core.scan_report import BundleIdentity, ScanContext, write_scan
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (
+    BlendStamp,
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,
     TrackingTrigger,
     WrongClassDeltaRepair,
+    invert_blend,
 )
 
 EPS = 4 / 255
@@ -206,6 +208,28 @@ def test_augmentation_changes_the_repair_and_the_seed_fixes_it(world):
     assert all(torch.equal(augmented[k], again[k]) for k in plain)
 
 
+def test_an_inverted_blend_raises_the_target_margin_and_stays_an_image(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    target = names[2]
+    others = clean.images[clean.labels != 2]
+
+    def margin(images):
+        with torch.no_grad():
+            logits = model(images, clean.classnames).float()
+        rest = logits.clone()
+        rest[:, 2] = float("-inf")
+        return float((logits[:, 2] - rest.max(dim=1).values).mean())
+
+    blend = invert_blend(model, clean, target, alpha=0.2, steps=20, seed=0)
+    assert blend.pattern.shape == clean.images.shape[1:] and 0 <= blend.pattern.min() and blend.pattern.max() <= 1
+    stamped = blend.apply(others)
+    assert torch.allclose(stamped, 0.8 * others + 0.2 * blend.pattern)
+    grey = BlendStamp(torch.full_like(blend.pattern, 0.5), 0.2)
+    assert margin(stamped) > margin(grey.apply(others))
+    again = invert_blend(model, clean, target, alpha=0.2, steps=20, seed=0)
+    assert torch.equal(again.pattern, blend.pattern)  # seeded
+
+
 def test_tracking_follows_reconstructed_triggers_only(world):
     given = AdditiveTrigger(saturated_delta(5), epsilon=EPS)
     options = {**QUICK, "track_steps": 1}
@@ -222,8 +246,9 @@ def test_tracking_follows_reconstructed_triggers_only(world):
 # --------------------------------------------------------------------------- the repair itself
 
 
-@pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [(CITriggerRepair, {**QUICK, "track_steps": 1})],
-                         ids=lambda c: getattr(c, "name", "tracked" if isinstance(c, dict) and c.get("track_steps") else ""))
+@pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [
+    (CITriggerRepair, {**QUICK, "track_steps": 1}), (CITriggerRepair, {**QUICK, "blend_alpha": 0.2, "blend_steps": 2})],
+    ids=lambda c: getattr(c, "name", ",".join(k for k in c if k not in QUICK) if isinstance(c, dict) else ""))
 def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls, options):
     model = world["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
