@@ -162,6 +162,11 @@ def parse_seeds(text: str | None) -> set[int] | None:
     return seeds
 
 
+def unscannable(row: dict) -> bool:
+    """The scan could not measure the model (its evidence may stop at the class where the inversion failed)."""
+    return row["cell"].verdict == "unscannable" or len(row["evidence"]) != len(row["reference"])
+
+
 def _split_only(text: str) -> list[str]:
     """'clean:65-70,badclip:51,52' -> ['clean:65-70', 'badclip:51,52']: a comma starts a new item only before a name."""
     items: list[str] = []
@@ -197,9 +202,18 @@ def main(argv=None) -> int:
         print("no scans with a reference in this store", file=sys.stderr)
         return 1
     per_candidate: dict[str, list[tuple[dict, np.ndarray, float | None, str]]] = {}
+    names = None
     for row in rows:
-        for name, (values, p, top) in candidates(row["evidence"], row["reference"], row["holdout"]).items():
+        if unscannable(row):
+            continue  # unscannable: every candidate counts it as flagged (fail closed), below
+        found = candidates(row["evidence"], row["reference"], row["holdout"])
+        names = names or list(found)
+        for name, (values, p, top) in found.items():
             per_candidate.setdefault(name, []).append((row, values, p, top))
+    for row in rows:
+        if unscannable(row):  # as the report ranks and counts an unscannable model: highest, flagged, no target
+            for name in names or ():
+                per_candidate[name].append((row, np.array([np.inf]), 0.0, None))
     if args.classes == "all+base":
         per_candidate = {name: combine(entries) for name, entries in per_candidate.items()}
         rows = [e[0] for e in next(iter(per_candidate.values()))]
@@ -248,6 +262,10 @@ def main(argv=None) -> int:
                                                                                     e[0]["model"].seed)):
             model = row["model"]
             label = model.attack + (" (control)" if model.control else "")
+            if unscannable(row):
+                print(f"{label:24s} {model.dataset:17s} {model.seed:3d} {model.metrics.get('asr_base') or 0:5.2f} "
+                      f"{model.metrics.get('asr_new') or 0:5.2f}  unscannable (counted as flagged, no target named)")
+                continue
             names = [e.name for e in row["evidence"]]
             rank = (1 + int((values > values[names.index(model.target)]).sum())
                     if model.target in names and len(values) == len(names) else None)
