@@ -25,8 +25,10 @@ from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict
-from ci_core.scan_report import BundleIdentity, ScanContext, write_scan
+from ci_core.inversion import PoolHealth
+from ci_core.scan import ScanResult, ScorerVerdict
+from ci_core.scan_output import write_scan
+from ci_core.scan_report import BundleIdentity, ScanContext
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (

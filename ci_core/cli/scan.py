@@ -18,8 +18,9 @@ from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
 from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
-from ci_core.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems
-from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext, write_scan
+from ci_core.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
+from ci_core.scan_output import write_scan
+from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
 from ci_core.validators import printable
 from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes, preset_for
 
@@ -146,7 +147,7 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
-    check_class_count((decider, *also), len(classnames))  # before minutes of work, not after
+    check_scorers((decider, *also), classes=len(classnames), reference=not no_reference)  # before minutes of work
     reference = None
     if not no_reference:
         cache = ReferenceCache(reference_cache or default_cache_dir())

@@ -34,7 +34,8 @@ from ci_core.reference import InvalidReference, ReferenceScan, reference_from_js
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import apply_scorer, scan, stored_problems
-from ci_core.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report, write_scan
+from ci_core.scan_output import write_scan
+from ci_core.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
 from ci_core.plugins import load_trigger
 from ci_core.protocol import (MODEL_BUNDLE, choose_scorers, choose_target, load_task, preset_for, sample_candidates,
                               train_and_save)
