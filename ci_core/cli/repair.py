@@ -11,7 +11,6 @@ trigger for ĉ (and with a ground-truth trigger, given ``--trigger``).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +24,7 @@ from ci_core.data.datasets import LabeledImages, base_new_split
 from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, describe_unreadable, read_image
 from ci_core.errors import ConfigError, DataError
 from ci_core.evaluation import accuracy, attack_success_rates
+from ci_core.files import write_json_atomic
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
@@ -279,9 +279,7 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
             "true_trigger": str(true_trigger) if true_trigger else None, "shots": shots, "seed": seed,
             "before": before, "after": after,
         }
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(json_path)
+        write_json_atomic(json_path, record)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 from ci_core.errors import ConfigError
-from ci_core.files import file_sha256, read_json_object, write_json_atomic
+from ci_core.files import file_sha256, read_json_object, temporary_folder, write_json_atomic
 from ci_core.harness.records import RECORDS, VERSION, Record, spec_hash  # noqa: F401  (VERSION: the store's)
 from ci_core.protocol import MODEL_BUNDLE, MODEL_TRIGGER
 
@@ -231,11 +230,9 @@ class Store:
 
         The body must write ``cell.json``; the manifest is written after it.  On any exception the folder is removed.
         """
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
         final = self.cell_dir(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_root))
-        try:
+        with temporary_folder(self.tmp_root, f"{key}.") as work:
             yield work
             if not (work / CELL_FILE).is_file():
                 raise RuntimeError(f"cell {key}: {CELL_FILE} was not written")
@@ -245,9 +242,6 @@ class Store:
                 shutil.rmtree(work)
             else:
                 _rename(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
         with contextlib.suppress(FileNotFoundError):
             self.failure_path(key).unlink()
 

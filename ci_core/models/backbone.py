@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ci_core.errors import ConfigError
-from ci_core.files import file_sha256
+from ci_core.files import atomic_file, file_sha256
 from ci_core.safe_pickle import open_archive, script_tensors
 
 TINY_MODEL = "ci-tiny-clip"
@@ -172,9 +172,8 @@ def write_tiny_weights(model: open_clip.CLIP, used_token_ids: torch.Tensor, path
     state["token_embedding.ids"] = ids
     state["token_embedding.rows"] = table[ids].contiguous()
     state["token_embedding.vocab_size"] = torch.tensor(table.shape[0])
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp))
 
 
 LOCAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
