@@ -48,7 +48,8 @@ import torch
 from ci_core.class_names import read_class_list
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.files import file_sha256
-from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
+from ci_core.models.backbone import DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
+from ci_core.models.weights import BUILTIN
 from ci_core.models.bundle import META_FILE, bundle_meta, non_finite_tensors
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ci_core.data import tiny_world
 from ci_core.files import write_json_atomic
-from ci_core.models.backbone import ASSETS, TINY_MODEL, read_tiny_weights, write_tiny_weights
+from ci_core.models.backbone import TINY_MODEL
+from ci_core.models.weights import ASSETS, read_tiny_weights, write_tiny_weights
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from ci_core.cli.repair import main as ci_repair
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import BundleError, ConfigError
 from ci_core.evaluation import attack_success_rate
-from ci_core.models.backbone import state_dict_sha256
+from ci_core.models.weights import state_dict_sha256
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.zeroshot import ZeroShotCLIP

@@ -17,7 +17,8 @@ from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
-from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
+from ci_core.models.backbone import TINY_MODEL, load_backbone
+from ci_core.models.weights import BUILTIN
 from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, registry
 from ci_core.reference import ReferenceCache, default_cache_dir, run_reference

@@ -16,7 +16,8 @@ from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
 from ci_core.plugins import registry
 from ci_core.validators import printable
-from ci_core.models.backbone import BUILTIN, TINY_MODEL
+from ci_core.models.backbone import TINY_MODEL
+from ci_core.models.weights import BUILTIN
 from ci_core.runtime import Runtime, StderrProgress, configure_threads, resolve_device, resolve_runtime  # noqa: F401
 
 

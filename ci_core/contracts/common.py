@@ -18,7 +18,8 @@ import torch
 from ci_core.data.labeled import LabeledImages
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Attack, AttackOutcome, Detector, Inversion, Plugin, to_json
-from ci_core.models.backbone import Backbone, TINY_MODEL, load_backbone, state_dict_sha256
+from ci_core.models.backbone import Backbone, TINY_MODEL, load_backbone
+from ci_core.models.weights import state_dict_sha256
 from ci_core.models.bundle import COCOOP, COOP, ZEROSHOT, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import CoOpCLIP

@@ -53,8 +53,8 @@ from safetensors.torch import save_file
 
 from ci_core.errors import BundleError, ConfigError
 from ci_core.files import read_json_object, temporary_folder
-from ci_core.models.backbone import (BUILTIN, QUICKGELU_SUFFIX, Backbone, TextEncoding, architecture, load_backbone,
-                                     random_seed, state_dict_sha256)
+from ci_core.models.backbone import Backbone, TextEncoding, architecture, load_backbone
+from ci_core.models.weights import BUILTIN, QUICKGELU_SUFFIX, random_seed, state_dict_sha256
 from ci_core.models.bundle_schema import (COCOOP, COOP, FORMAT, MAX_META_BYTES, VERSION, ZEROSHOT, check_meta,
                                           expected_tensors)
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
