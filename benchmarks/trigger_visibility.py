@@ -39,12 +39,13 @@ from sklearn.neural_network import MLPClassifier
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
 from ci_core.protocol import MODEL_BUNDLE as BUNDLE
 from ci_core.protocol import MODEL_TRIGGER as TRIGGER
-from ci_core.cli.common import StderrProgress, data_root_option, echo_table, open_dataset, report_errors
+from ci_core.cli.common import data_root_option, echo_table, report_errors
 from ci_core.errors import ConfigError
 from ci_core.files import write_json_atomic
 from ci_core.ssim import ssim
 from ci_core.models.bundle import load_bundle
-from ci_core.plugins import load_trigger
+from ci_core.plugins import load_trigger, open_dataset
+from ci_core.runtime import StderrProgress
 
 @attrs.frozen
 class Visibility:

@@ -29,7 +29,7 @@ from ci_core.evaluation import evaluate
 from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
-from ci_core.plugins import registry
+from ci_core.plugins import open_dataset, registry
 from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
@@ -75,7 +75,7 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
     ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
     if pool.inversion_data == "ood":
         return ood
-    dataset = registry().get("dataset", dataset_name).open(data_root)
+    dataset = open_dataset(dataset_name, data_root)
     per_class = math.ceil(pool.inversion / len(dataset.classnames))
     images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool.inversion]
