@@ -55,6 +55,12 @@ class TextEncoding:
     memory_budget: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
     bf16: bool = False
 
+    def autocast(self):
+        """The context the encoders run in: bfloat16 autocast with ``bf16`` (CUDA), else nothing."""
+        if self.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
 
 @attrs.frozen(kw_only=True)
 class Backbone:
