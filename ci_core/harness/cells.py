@@ -30,7 +30,8 @@ from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
 from ci_core.plugins import open_dataset, registry
-from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
+from ci_core.reference import (InvalidReference, ReferenceCache, ReferenceScan, default_cache_dir, reference_from_json,
+                               run_reference)
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scan import apply_scorer, scan, stored_problems
@@ -128,8 +129,10 @@ def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progre
     with store.writing("reference", cell.key) as work:
         cost = _Cost(device)
         pool = inversion_pool(spec.pool, cell.dataset, cell.data_root, backbone.image_size, spec.seed)
+        # The same cache as ci-scan's (one key: reference_spec's hash): a reference any command computed on this
+        # machine is read, not computed again; the cell keeps its own copy, so a store stands alone.
         reference = run_reference(backbone, spec.template, detector, pool, spec.classnames, seed=spec.seed,
-                                  progress=progress)
+                                  cache=ReferenceCache(default_cache_dir()), progress=progress)
         write_json(work / REFERENCE_FILE, reference.to_json())
         return _file(work, ReferenceRecord(
             key=cell.key, label=cell.label, spec=spec, reference_key=reference.key, pool_sha256=pool.digest(),
