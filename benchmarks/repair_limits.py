@@ -8,7 +8,15 @@ images per base class, drawn by ``--seed``), and prints the attack's own
 trigger's ASR on base and on new classes and the base ACC, before and after.
 It also prints how far the scan's trigger for its top class reaches on its own
 (its ASR on the base and new test images of the model before repair): a repair
-can only unlearn what the trigger it is given reaches.
+can only unlearn what the trigger it is given reaches.  And it prints the floor:
+the attack's own trigger's ASR on a clean model of the same dataset (the
+store's clean model of the lowest seed).  An l-inf trigger optimised towards a
+class moves a clean model towards it too; a prompt-only repair, which cannot
+change the frozen image encoder, is not expected to go far below that.
+
+Settings beyond the repairer's own options: ``shots=N`` (the defender's clean
+images per base class) and ``oracle=true`` (stamp the attack's own trigger and
+target instead of the scan's).
 
     python benchmarks/repair_limits.py STORE --setting ci-trigger --setting ci-trigger:track_steps=1 \\
         [--attacks badclip,siba] [--datasets tiny-colorshapes]
@@ -55,7 +63,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
-    parser.add_argument("--setting", action="append", required=True, help="REPAIRER[:KEY=VALUE,...] (repeatable)")
+    parser.add_argument("--setting", action="append", default=[], help="REPAIRER[:KEY=VALUE,...] (repeatable; "
+                        "none: only the models' figures before repair)")
     parser.add_argument("--attacks", help="comma-separated attacks (default: every backdoored one)")
     parser.add_argument("--datasets", help="comma-separated datasets (default: all)")
     parser.add_argument("--scan-seed", type=int, default=0)
@@ -73,8 +82,13 @@ def main(argv=None) -> int:
         if scan.detector == "ci" and scan.spec.seed == args.scan_seed and scan.spec.classes == "all" and scan.reference:
             scans.setdefault(scan.model, scan)
     backbone = None
-    print("attack dataset seed target | scan top, its trigger's ASR base/new | setting: ASR base before->after, "
-          "ASR new before->after, base ACC before->after, seconds")
+    clean_models = {}  # per dataset, the clean model of the lowest seed
+    for model in sorted(store.cells("model"), key=lambda m: m.seed, reverse=True):
+        if model.attack == "clean" and not model.control:
+            clean_models[model.dataset] = model
+    print("attack dataset seed target | scan top, its trigger's ASR base/new | the attack's trigger on a clean model "
+          "of the dataset, ASR base/new\n    setting: ASR base before->after, ASR new before->after, base ACC "
+          "before->after, seconds")
     for model in sorted(store.cells("model"), key=lambda m: (m.attack, m.dataset, m.seed)):
         if model.target is None or (attacks and model.attack not in attacks) or (datasets and model.dataset not in datasets):
             continue
@@ -96,10 +110,17 @@ def main(argv=None) -> int:
         before = evaluate(loaded, task.test, task.base, task.new, truth, model.target)
         head = (f"{model.attack} {model.dataset} {model.seed} {model.target!r} | {top.name!r} "
                 f"{'-' if reach[0] is None else f'{reach[0]:.2f}'}/{reach[1]:.2f}")
+        if model.dataset in clean_models:  # the floor: what the attack's own trigger does to a model without backdoor
+            reference = clean_models[model.dataset]
+            clean_model, _ = load_bundle(store.bundle_path("model", reference.key), backbone)
+            floor = attack_success_rates(clean_model, task.test, task.base, task.new, truth, model.target)
+            head += f" | on clean seed {reference.seed}: {floor[0]:.3f}/{floor[1]:.3f}"
         print(head, flush=True)
         for name, options in settings:
             label = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
             options = dict(options)
+            shots = options.pop("shots", args.repair_shots)  # the defender's clean images per base class
+            subset = clean if shots == args.repair_shots else repair_set(task.train, shots, args.seed)
             oracle = options.pop("oracle", False)  # the attack's own trigger and target instead of the scan's
             repairer = plugins.get("repairer", name).from_options(options, preset=preset_for(backbone))
             picked = choose_trigger(repairer, triggers)
@@ -107,7 +128,7 @@ def main(argv=None) -> int:
                 picked.trigger if picked else None, picked.name if picked else triggers.target)
             seed_everything(args.seed)
             start = time.perf_counter()
-            repaired = repairer.repair(model=loaded, trigger=trigger, target=target, clean=clean, seed=args.seed)
+            repaired = repairer.repair(model=loaded, trigger=trigger, target=target, clean=subset, seed=args.seed)
             seconds = time.perf_counter() - start
             after = evaluate(repaired, task.test, task.base, task.new, truth, model.target)
             print(f"    {label:40s} base {before.asr_base:.3f}->{after.asr_base:.3f}  new {before.asr_new:.3f}->"

@@ -110,9 +110,10 @@ def _auroc(truth, scores) -> str:
     return f"{auroc(truth, scores):.3f}" if has_both_classes(truth) else "n/a"
 
 
-def load(store: Store, seeds: set[int] | None, classes: str = "all") -> list[dict]:
+def load(store: Store, seeds: set[int] | None, classes: str = "all",
+         only: dict[str, set[int]] | None = None) -> list[dict]:
     """The scans with a reference of candidate classes ``classes`` ('all' or 'base'; 'all+base' loads both and
-    ``combine`` pairs them per model)."""
+    ``combine`` pairs them per model); ``only`` keeps just these attacks, each at these seeds."""
     models = {c.key: c for c in store.cells("model")}
     rows = []
     for cell in store.cells("scan"):
@@ -120,6 +121,8 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all") -> list[dic
             continue
         model = models[cell.model]
         if seeds is not None and model.seed not in seeds:
+            continue
+        if only is not None and model.seed not in only.get(model.attack, ()):
             continue
         evidence = stored_evidence(store.scan_folder(cell.key) / "report.json")
         reference = read_reference(store, cell.reference)
@@ -159,18 +162,37 @@ def parse_seeds(text: str | None) -> set[int] | None:
     return seeds
 
 
+def _split_only(text: str) -> list[str]:
+    """'clean:65-70,badclip:51,52' -> ['clean:65-70', 'badclip:51,52']: a comma starts a new item only before a name."""
+    items: list[str] = []
+    for part in text.split(","):
+        if ":" in part or not items:
+            items.append(part)
+        else:
+            items[-1] += "," + part
+    return items
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
     parser.add_argument("--alpha", type=float, action="append", help="family-wise levels (default 0.01 and 0.05)")
     parser.add_argument("--seeds", help="only models of these seeds, e.g. 1,2,3,11-17")
+    parser.add_argument("--only", help="only these attacks at these seeds, e.g. clean:65-70,badclip:51 (a model's "
+                                       "attack is its own name; controls count under their attack)")
     parser.add_argument("--show", help="print the per-model values of this candidate")
     parser.add_argument("--classes", default="all", choices=("all", "base", "all+base"),
                         help="the scans' candidate classes; all+base judges each model by both of its scans, "
                              "Bonferroni over the two (p = min(1, 2 min(p_all, p_base)))")
     args = parser.parse_args(argv)
     alphas = args.alpha or [0.01, 0.05]
-    rows = load(Store.open(args.store), parse_seeds(args.seeds), args.classes)
+    only = None
+    if args.only:
+        only = {}
+        for item in _split_only(args.only):
+            attack, _, seeds = item.partition(":")
+            only.setdefault(attack, set()).update(parse_seeds(seeds) or ())
+    rows = load(Store.open(args.store), parse_seeds(args.seeds), args.classes, only)
     if not rows:
         print("no scans with a reference in this store", file=sys.stderr)
         return 1

@@ -289,6 +289,9 @@ class Repairer(Plugin):
 
     # The bundle kinds it can repair (ci_core.models.bundle): a zero-shot model has no prompt learner.
     bundle_kinds: ClassVar[tuple[str, ...]] = (COCOOP,)
+    # A control (the paper's Table 19: clean-only, random-delta, wrong-class-delta) shows what the same fine-tuning
+    # does without the scan's trigger; ``ci-bench report`` checks every other repairer against each control.
+    is_control: ClassVar[bool] = False
 
     @abc.abstractmethod
     def repair(self, *, model: PromptTunedCLIP, trigger: Trigger | None, target: str, clean: LabeledImages,

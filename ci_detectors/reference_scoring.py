@@ -27,8 +27,8 @@ Cook and Weisberg 1982; Grubbs' test is its special case b = 0).  The
 model-level p-value is Bonferroni's over the n candidates, p = min(1, n P(T >=
 t_max)), family-wise exact enough for the one-sided maximum; the model is
 flagged iff p <= alpha, and a class iff n P(T >= t_c) <= alpha.  s_max is
-t_max, the predicted target its class.  The threshold thus follows n: the same
-alpha asks t >= 3.90 of 24 candidates, 3.82 of 36 and 3.81 of 50 (Bonferroni over n, Student's t on
+t_max, the predicted target its class.  The threshold thus follows n: alpha =
+0.05 asks t >= 3.21 of 24 candidates, 3.23 of 36 and 3.27 of 50 (Bonferroni over n, Student's t on
 n - 3 degrees of freedom).
 
 Why the cost and not the paper's score S (Eq. 6-7, which mixes loss and ASR):
@@ -41,9 +41,12 @@ cost's smallest clean p-value was 0.16.  ASR is a bounded count that saturates
 on natural targets; the loss keeps measuring.  ``compare="score"`` keeps the
 regression of the base scorer's S for comparison.
 
-alpha was pre-registered on the development seeds: a false alarm costs an
-auditor as much as a miss, so the family-wise error on clean models is held
-at 1%.
+alpha = 0.05 is the false-positive rate an auditor was promised (issue 21's
+aim), frozen before the confirmation models it was read on (docs/verdicts.md,
+"A second freeze").  The first freeze held it at 0.01; on clean prompt-tuned
+models the Student-t null proved conservative (4 of 21 development clean
+p-values below 0.5, 10.5 expected), so 0.01 cost power for an FPR far below
+the aim.
 
 Measured options (docs/verdicts.md, issue 21), none the default: ``compare``
 may name the finished trigger's held-out margin or its logit ASR instead of
@@ -200,7 +203,7 @@ def _compared(instance, attribute, value) -> None:
 
 @attrs.frozen(kw_only=True)
 class ReferenceOutlierConfig:
-    alpha: float = attrs.field(default=0.01, validator=_unit_interval_open)
+    alpha: float = attrs.field(default=0.05, validator=_unit_interval_open)  # docs/verdicts.md, the second freeze
     # What is compared with the backbone (see COMPARED); several joined by '+' are tested together, the family-wise
     # p-value Bonferroni-corrected over the classes and the statistics.
     compare: str = attrs.field(default="cost", validator=_compared)

@@ -40,7 +40,7 @@ from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scan_triggers import PickedTrigger, ScanTriggers
 from ci_core.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger, Trigger
-from ci_core.validators import integer, number, one_of
+from ci_core.validators import boolean, integer, number, one_of
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -67,40 +67,95 @@ class TrackingTrigger:
     (universal adversarial training towards one class).
     """
 
-    def __init__(self, delta: torch.Tensor, epsilon: float, target: str, *, steps: int, step_size: float):
+    def __init__(self, delta: torch.Tensor, epsilon: float, target: str, *, steps: int, step_size: float,
+                 per_image: bool = False):
         self.delta = delta.detach().clone().clamp(-epsilon, epsilon)
         self.epsilon, self.target, self.steps, self.step_size = float(epsilon), target, steps, step_size
+        # per_image: each batch's images get their own delta, started from the stamp, and the stamp stays as it was
+        self.per_image = per_image
+        self._batch_delta: torch.Tensor | None = None
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
+        delta = self._batch_delta if self.per_image and self._batch_delta is not None else self.delta
+        return (images + delta.to(images.device, images.dtype)).clamp(0, 1)
 
     def update(self, model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> None:
         """``steps`` signed steps towards ``target`` on the images of ``labels`` other than the target."""
         names = tuple(classnames) if self.target in classnames else tuple(classnames) + (self.target,)
         target = names.index(self.target)
-        others = images[labels != target] if self.target in classnames else images
-        if len(others) == 0:
+        keep = labels != target if self.target in classnames else torch.ones_like(labels, dtype=torch.bool)
+        if self.per_image:
+            images_to_move = images  # every image gets a delta; the target's own images keep the stamp's
+            delta = self.delta.to(images.device).expand_as(images).clone()
+        else:
+            images_to_move = images[keep]
+            delta = self.delta.to(images.device)
+        if not keep.any():
+            self._batch_delta = delta.detach() if self.per_image else None
             return
-        delta = self.delta.to(images.device)
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_(True)
-            logits = model((others + delta).clamp(0, 1), names).float()
+            logits = model((images_to_move + delta).clamp(0, 1), names).float()
             rest = logits.clone()
             rest[:, target] = float("-inf")
-            margin = (logits[:, target] - rest.max(dim=1).values).mean()
-            (grad,) = torch.autograd.grad(margin, delta)
+            margins = logits[:, target] - rest.max(dim=1).values
+            if self.per_image:
+                margins = margins[keep]
+            (grad,) = torch.autograd.grad(margins.sum() if self.per_image else margins.mean(), delta)
             delta = (delta + self.step_size * self.epsilon * grad.sign()).clamp(-self.epsilon, self.epsilon)
-        self.delta = delta.detach()
+        if self.per_image:
+            self._batch_delta = delta.detach()
+        else:
+            self.delta = delta.detach()
 
 
-def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None) -> Callable:
-    """Cross-entropy over the clean batch and its copies stamped with ``stamp`` and ``tracking``, all with their
-    true labels; ``tracking`` is first moved against the model as it is at this step."""
+class BlendStamp:
+    """x' = (1 - alpha) x + alpha P: a pattern blended into the whole image, the family of Blended's trigger.
+
+    An l-inf reconstruction cannot reach such a trigger (alpha 0.2 moves pixels by up to 0.2, far outside an 8/255
+    ball), so a repair that only unlearns the scan's l-inf trigger leaves a blended backdoor in place.
+    """
+
+    def __init__(self, pattern: torch.Tensor, alpha: float):
+        self.pattern, self.alpha = pattern, float(alpha)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return (1 - self.alpha) * images + self.alpha * self.pattern.to(images.device, images.dtype)
+
+
+def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, steps: int, seed: int,
+                 batch_size: int = 16) -> BlendStamp:
+    """The pattern P that, blended in at ``alpha``, most raises ``target``'s margin on the clean images of the
+    other classes (Adam on a sigmoid-parametrised P, ``steps`` batches), against ``model`` as it is."""
+    names = tuple(clean.classnames) if target in clean.classnames else tuple(clean.classnames) + (target,)
+    index = names.index(target)
+    images = clean.images[clean.labels != index] if target in clean.classnames else clean.images
+    generator = torch.Generator().manual_seed(seed)
+    device = model.device
+    logits_p = (torch.randn(images.shape[1:], generator=generator) * 0.1).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([logits_p], lr=0.1)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
+        logits = model((1 - alpha) * batch + alpha * torch.sigmoid(logits_p), names).float()
+        rest = logits.clone()
+        rest[:, index] = float("-inf")
+        loss = -(logits[:, index] - rest.max(dim=1).values).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return BlendStamp(torch.sigmoid(logits_p).detach().cpu(), alpha)
+
+
+def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None,
+                 extra: Sequence[BlendStamp] = ()) -> Callable:
+    """Cross-entropy over the clean batch and its copies stamped with ``stamp``, each of ``extra`` and
+    ``tracking``, all with their true labels; ``tracking`` is first moved against the model as it is at this step."""
 
     def loss(model, images, labels, classnames):
         batches = [images]
         if stamp is not None:
             batches.append(stamp.apply(images))
+        batches += [other.apply(images) for other in extra]
         if tracking is not None:
             tracking.update(model, images, labels, classnames)
             batches.append(tracking.apply(images))
@@ -116,10 +171,18 @@ class RepairConfig:
     lr: float = attrs.field(default=0.002, validator=number(gt=0))
     momentum: float = attrs.field(default=0.9, validator=number(ge=0, le=1))
     weight_decay: float = attrs.field(default=5e-4, validator=number(ge=0))
+    # Dassl's random resized crop and flip on each clean batch, before it is stamped (as the attacks train).
+    augment: bool = attrs.field(default=False, validator=boolean)
     # Tracking: signed steps per fine-tuning step that move a copy of the stamp towards the class it was made for,
     # against the model being repaired (0: the paper's fixed stamp only); each of step_size x its l-inf radius.
     track_steps: int = attrs.field(default=0, validator=integer(ge=0))
     track_step_size: float = attrs.field(default=0.25, validator=number(gt=0, le=1))
+    # universal: one delta tracked through training; per-image: each batch's images get their own, from the stamp.
+    track_mode: str = attrs.field(default="universal", validator=one_of(("universal", "per-image")))
+    # Also stamp a blended pattern inverted towards the stamp's class on the clean images (0: none): the family of
+    # trigger an l-inf reconstruction cannot reach.  blend_steps Adam steps of batches of 16.
+    blend_alpha: float = attrs.field(default=0.0, validator=number(ge=0, le=1))
+    blend_steps: int = attrs.field(default=100, validator=integer(ge=1))
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -162,7 +225,7 @@ class PromptRepairer(Repairer):
             raise ConfigError(f"{self.name}: track_steps needs an additive trigger with an l-inf radius; the stamp is "
                               f"{type(stamp).__name__}")
         return TrackingTrigger(stamp.delta, stamp.epsilon or stamp.linf, target, steps=c.track_steps,
-                               step_size=c.track_step_size)
+                               step_size=c.track_step_size, per_image=c.track_mode == "per-image")
 
     @abc.abstractmethod
     def perturbation(self, *, trigger: Trigger | None, clean: LabeledImages, seed: int) -> Trigger | None:
@@ -176,14 +239,19 @@ class PromptRepairer(Repairer):
         stamp = self.perturbation(trigger=trigger, clean=clean, seed=seed)
         tracking = self.tracking(stamp, target)
         repaired = copy_model(model)
+        blends = ()
+        if c.blend_alpha > 0 and stamp is not None and self.tracks_stamp:
+            progress(f"{self.name}: inverting a pattern blended at {c.blend_alpha:g} towards {target!r} "
+                     f"({c.blend_steps} steps)")
+            blends = (invert_blend(repaired, clean, target, alpha=c.blend_alpha, steps=c.blend_steps, seed=seed),)
         progress(f"{self.name}: fine-tuning the prompt learner on {len(clean)} clean images"
                  + (f" and their copies stamped with {self.stamp_description(target)}" if stamp is not None else "")
                  + (f", and with a copy of it tracked towards {target!r} ({c.track_steps} steps a batch)"
                     if tracking is not None else ""))
         prompt_tune(repaired, clean, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                                                         momentum=c.momentum, weight_decay=c.weight_decay,
-                                                        warmup_epochs=0),
-                    seed=seed, loss_fn=stamped_loss(stamp, tracking), progress=progress, label=f"{self.name} repair")
+                                                        warmup_epochs=0, augment=c.augment),
+                    seed=seed, loss_fn=stamped_loss(stamp, tracking, blends), progress=progress, label=f"{self.name} repair")
         return repaired
 
 
@@ -203,6 +271,7 @@ class CITriggerRepair(PromptRepairer):
 
 class CleanOnlyRepair(PromptRepairer):
     name = "clean-only"
+    is_control = True
     description = "control: the same fine-tuning on the clean images only"
     trigger_rule = None
 
@@ -223,6 +292,7 @@ class RandomDeltaConfig(RepairConfig):
 
 class RandomDeltaRepair(PromptRepairer):
     name = "random-delta"
+    is_control = True
     description = "control: the same fine-tuning with a random delta in the l-inf ball of the scan's trigger"
     Config = RandomDeltaConfig
 
@@ -258,6 +328,7 @@ class WrongClassConfig(RepairConfig):
 
 class WrongClassDeltaRepair(PromptRepairer):
     name = "wrong-class-delta"
+    is_control = True
     description = "control: the same fine-tuning with CI's trigger for a non-target class (lowest score by default)"
     Config = WrongClassConfig
 

@@ -17,6 +17,8 @@ import pytest
 
 from ci_core.harness import Store, SweepSettings, plan_sweep
 from ci_core.harness.report import build_report, implanted_model_level, to_markdown
+from ci_core.harness.report.markdown import repair_section
+from ci_core.harness.report.tables import repair_check
 from ci_core.harness.records import BackboneKey, ModelSpec, RepairScoring, RepairSpec
 from ci_core.harness.store import KINDS, write_json
 from ci_core.errors import ConfigError
@@ -360,3 +362,51 @@ def test_model_level_over_implanted_backdoors_by_hand():
                                                                                                       None, None)
     every = implanted_model_level(rows, 0.0)
     assert every["backdoored"] == 3 and every["auroc"] == pytest.approx(3 / 6) and every["tpr"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- the repair aim and the controls
+
+
+def repair_record(attack, repairer, before, after, acc=(1.0, 1.0), scan_target="t"):
+    """A repair record with just what ``repair_check`` reads: ASR (seen, unseen) before and after, ACC seen."""
+    return SimpleNamespace(model=f"{attack}-model", repairer=repairer, attack=attack, dataset="tiny-palette", seed=1,
+                           true_target="t", scan_target=scan_target,
+                           before={"asr_base": before[0], "asr_new": before[1], "acc_base": acc[0]},
+                           after={"asr_base": after[0], "asr_new": after[1], "acc_base": acc[1]})
+
+
+def test_repair_check_counts_removed_backdoors_and_beaten_controls_by_hand():
+    records = [
+        # works on seen classes; removed, but random-delta left less (0.04 against 0.05): not beaten
+        repair_record("badclip", "ci-trigger", (0.9, 0.3), (0.05, 0.02), acc=(1.0, 0.99)),
+        repair_record("badclip", "clean-only", (0.9, 0.3), (0.8, 0.5)),
+        repair_record("badclip", "random-delta", (0.9, 0.3), (0.04, 0.0)),
+        # works on unseen classes only; not removed (0.2 seen left), but less than both controls
+        repair_record("siba", "ci-trigger", (0.3, 0.6), (0.2, 0.0), scan_target="other"),
+        repair_record("siba", "clean-only", (0.3, 0.6), (0.5, 0.1)),
+        repair_record("siba", "random-delta", (0.3, 0.6), (0.0, 0.3)),
+        # does not work: left out
+        repair_record("wanet", "ci-trigger", (0.1, 0.05), (0.0, 0.0)),
+        # ASR gone but 5 points of ACC lost: not removed; no control ran on it
+        repair_record("blended", "ci-trigger", (1.0, 1.0), (0.0, 0.01), acc=(1.0, 0.95)),
+    ]
+    check = repair_check(records, controls={"clean-only", "random-delta"})
+    models = {row["attack"]: row for row in check["models"]}
+    assert set(models) == {"badclip", "siba", "blended"} and {r["repairer"] for r in check["models"]} == {"ci-trigger"}
+    assert models["badclip"]["removed"] and models["badclip"]["beats_controls"] is False
+    assert models["badclip"]["left_by_clean-only"] == 0.8 and models["badclip"]["left_by_random-delta"] == 0.04
+    assert models["badclip"]["acc_seen_change"] == pytest.approx(-0.01)
+    assert not models["siba"]["removed"] and models["siba"]["beats_controls"] is True
+    assert models["siba"]["scan_hit"] is False and models["badclip"]["scan_hit"] is True
+    assert not models["blended"]["removed"] and models["blended"]["beats_controls"] is None
+    attacks = {row["attack"]: row for row in check["attacks"]}
+    assert [r["attack"] for r in check["attacks"]] == ["badclip", "blended", "siba", "all"]
+    assert (attacks["badclip"]["removed"], attacks["badclip"]["beats_controls"]) == ("1/1", "0/1")
+    assert (attacks["siba"]["removed"], attacks["siba"]["beats_controls"]) == ("0/1", "1/1")
+    assert (attacks["blended"]["removed"], attacks["blended"]["beats_controls"]) == ("0/1", "0/0")
+    assert (attacks["all"]["removed"], attacks["all"]["beats_controls"]) == ("1/3", "1/2")
+    assert attacks["all"]["asr_seen_after"]["mean"] == pytest.approx((0.05 + 0.2 + 0.0) / 3)
+    report = {"repairs": [{"repairer": "ci-trigger"}], "skipped_repairs": [], "repair_check": check}
+    table = "\n".join(repair_section(report))
+    assert "### Working backdoors: the aim and the controls" in table
+    assert "| ci-trigger | siba | 1 | 0/1 | 1/1 |" in table and "left by clean-only" in table

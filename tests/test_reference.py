@@ -364,10 +364,12 @@ def test_ci_scan_exit_status_says_the_verdict(tmp_path, bundle_of):
 
 
 def test_the_documented_thresholds_are_the_ones_the_scorer_applies():
-    # The scorer's docstring and the README quote these t values for alpha = 0.01.
-    for n, t in ((24, 3.90), (36, 3.82), (50, 3.81)):
+    # The scorer's docstring and the README quote these t values for the default alpha (0.05).
+    alpha = ReferenceOutlierScorer.from_options().config.alpha
+    assert alpha == 0.05
+    for n, t in ((24, 3.21), (36, 3.23), (50, 3.27)):
         below, above = outlier_p_values(np.array([t - 0.01, t + 0.01] + [0.0] * (n - 2)), n - 3)[:2]
-        assert below > 0.01 >= above, (n, t, below, above)
+        assert below > alpha >= above, (n, t, below, above)
 
 
 def test_the_robust_fit_sees_a_target_that_a_cluster_of_its_neighbours_masks():
@@ -382,9 +384,9 @@ def test_the_robust_fit_sees_a_target_that_a_cluster_of_its_neighbours_masks():
     reference, model = evidence([0.5] * n, list(ref_loss)), evidence([0.5] * n, list(model_loss))
     ols = ReferenceOutlierScorer.from_options({"compare": "cost"}).score(model, reference)
     robust = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
-    assert not ols.backdoored and ols.p_value > 0.01
+    assert not ols.backdoored and ols.p_value > 0.05
     assert robust.backdoored and robust.target == "c10" and robust.p_value < 1e-3
-    assert robust.rule == "p <= 0.01 (the largest of 24 robust residuals, Monte Carlo)"
+    assert robust.rule == "p <= 0.05 (the largest of 24 robust residuals, Monte Carlo)"
     # The same verdict on every run: the null is drawn from a fixed seed.
     again = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
     assert again.p_value == robust.p_value

@@ -32,11 +32,13 @@ from ci_core.scan_report import BundleIdentity, ScanContext
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (
+    BlendStamp,
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,
     TrackingTrigger,
     WrongClassDeltaRepair,
+    invert_blend,
 )
 
 EPS = 4 / 255
@@ -184,6 +186,52 @@ def test_tracking_trigger_raises_the_target_margin_and_stays_in_the_ball(world):
     assert torch.equal(start, saturated_delta(7) * 0.5)  # the stamp it started from is left alone
 
 
+def test_per_image_tracking_moves_each_image_and_leaves_the_stamp(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    start = saturated_delta(7) * 0.5
+    tracked = TrackingTrigger(start, EPS / 2, names[2], steps=2, step_size=0.5, per_image=True)
+    tracked.update(model, clean.images, clean.labels, clean.classnames)
+    stamped = tracked.apply(clean.images)
+    deltas = stamped - clean.images
+    assert torch.equal(tracked.delta, start)  # the stamp itself does not move
+    assert deltas.abs().max() <= EPS / 2 + 1e-6
+    moved = [not torch.allclose(d, (clean.images[i] + start).clamp(0, 1) - clean.images[i])
+             for i, d in enumerate(deltas) if int(clean.labels[i]) != 2]
+    assert all(moved)  # every image of another class got a delta of its own
+
+
+def test_augmentation_changes_the_repair_and_the_seed_fixes_it(world):
+    trigger = AdditiveTrigger(saturated_delta(2))
+    kwargs = {"model": world["model"], "trigger": trigger, "target": world["names"][2], "clean": world["clean"], "seed": 0}
+    plain = CITriggerRepair.from_options(QUICK).repair(**kwargs).prompt_learner.state_dict()
+    augmented = CITriggerRepair.from_options({**QUICK, "augment": True}).repair(**kwargs).prompt_learner.state_dict()
+    again = CITriggerRepair.from_options({**QUICK, "augment": True}).repair(**kwargs).prompt_learner.state_dict()
+    assert any(not torch.equal(plain[k], augmented[k]) for k in plain)
+    assert all(torch.equal(augmented[k], again[k]) for k in plain)
+
+
+def test_an_inverted_blend_raises_the_target_margin_and_stays_an_image(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    target = names[2]
+    others = clean.images[clean.labels != 2]
+
+    def margin(images):
+        with torch.no_grad():
+            logits = model(images, clean.classnames).float()
+        rest = logits.clone()
+        rest[:, 2] = float("-inf")
+        return float((logits[:, 2] - rest.max(dim=1).values).mean())
+
+    blend = invert_blend(model, clean, target, alpha=0.2, steps=20, seed=0)
+    assert blend.pattern.shape == clean.images.shape[1:] and 0 <= blend.pattern.min() and blend.pattern.max() <= 1
+    stamped = blend.apply(others)
+    assert torch.allclose(stamped, 0.8 * others + 0.2 * blend.pattern)
+    grey = BlendStamp(torch.full_like(blend.pattern, 0.5), 0.2)
+    assert margin(stamped) > margin(grey.apply(others))
+    again = invert_blend(model, clean, target, alpha=0.2, steps=20, seed=0)
+    assert torch.equal(again.pattern, blend.pattern)  # seeded
+
+
 def test_tracking_follows_reconstructed_triggers_only(world):
     given = AdditiveTrigger(saturated_delta(5), epsilon=EPS)
     options = {**QUICK, "track_steps": 1}
@@ -200,8 +248,9 @@ def test_tracking_follows_reconstructed_triggers_only(world):
 # --------------------------------------------------------------------------- the repair itself
 
 
-@pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [(CITriggerRepair, {**QUICK, "track_steps": 1})],
-                         ids=lambda c: getattr(c, "name", "tracked" if isinstance(c, dict) and c.get("track_steps") else ""))
+@pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [
+    (CITriggerRepair, {**QUICK, "track_steps": 1}), (CITriggerRepair, {**QUICK, "blend_alpha": 0.2, "blend_steps": 2})],
+    ids=lambda c: getattr(c, "name", ",".join(k for k in c if k not in QUICK) if isinstance(c, dict) else ""))
 def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls, options):
     model = world["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -291,6 +340,22 @@ def test_cli_refuses_a_model_its_scan_found_clean_unless_forced(world, tmp_path)
     forced = run([*args, "--out", tmp_path / "r", "--force"])
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "r" / "weights.safetensors").is_file()
+
+
+def test_cli_refuses_an_unscannable_model_even_forced(world, tmp_path):
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
+    unscannable = attrs.evolve(fake_scan(world["names"], [0.0] * len(world["names"])), decision=None,
+                               problems=("its outputs are NaN on every pool image",))
+    context = ScanContext(bundle=BundleIdentity(path=str(world["bundle"]), sha256=bundle_sha256(world["bundle"])),
+                          backbone=None, seed=0, preset="tiny", device="cpu", command=None)
+    write_scan(unscannable, tmp_path / "scan", pool, context)
+    for extra in ([], ["--force"]):
+        result = run([world["bundle"], "--report", tmp_path / "scan", "--data", "builtin", "--out", tmp_path / "r",
+                      "--quiet", *extra])
+        assert result.exit_code == 1, result.output
+        assert "could not measure the model (its outputs are NaN on every pool image)" in result.output
+        assert "no trigger to repair with" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "r").exists()
 
 
 def test_cli_refuses_an_existing_out(world, tmp_path):

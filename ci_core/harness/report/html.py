@@ -32,6 +32,7 @@ TITLES = {
     "cost": ("Cost of a scan", "statistics"),
     "attacks": ("Attacks: ACC and ASR on seen and unseen classes (Tables 7-10)", "attack"),
     "repairs": ("Repair (Table 19)", "repair"),
+    "repair_check": ("Repair of working backdoors: the aim and the controls", "repair_check"),
     "skipped_repairs": ("Not repaired (by plan, not failures)", None),
     "broken": ("Cells whose files do not check out (left out; the next run redoes them)", None),
     "failures": ("Failed cells", None),
@@ -45,7 +46,7 @@ HEADERS = {
     "target_accuracy": "target named", "auroc": "AUROC", "accuracy": "ACC", "min_asr_unseen": "ASR unseen ≥",
     "top_is_target": "top = target", "tp": "TP", "fp": "FP", "fn": "FN", "tn": "TN", "f1": "F1", "s_max": "s_max",
     "acc_seen": "ACC seen", "acc_unseen": "ACC unseen", "asr_seen": "ASR seen", "asr_unseen": "ASR unseen",
-    "scan_hit": "ĉ = target", "youden.threshold": "Youden τ", "youden.j": "J", "youden.tpr": "TPR@τ",
+    "scan_hit": "ĉ = target", "acc_seen_change": "ACC seen change", "beats_controls": "beats every control", "youden.threshold": "Youden τ", "youden.j": "J", "youden.tpr": "TPR@τ",
     "youden.fpr": "FPR@τ", "k": "k",
 }
 # Group keys shown in the overview rather than as sections; a row's lists longer than this are not cells.
@@ -153,9 +154,15 @@ def page_values(report: dict, figures: dict[str, str]) -> dict:
                       for g in groups])
     sections = group_sections(groups, definitions, figures)
     for key, value in report.items():
-        if key in ("detectors", "definitions", "counts", "store") or not isinstance(value, list):
+        if key in ("detectors", "definitions", "counts", "store"):
             continue
-        if _is_rows(value):
+        if isinstance(value, dict) and any(_is_rows(v) for v in value.values()):  # e.g. repair_check: per attack, model
+            sections.append(_section(key, definitions, [{"caption": f"per {sub[:-1] if sub.endswith('s') else sub}",
+                                                         **table(rows)} for sub, rows in value.items() if _is_rows(rows)],
+                                     figures))
+        elif not isinstance(value, list):
+            continue
+        elif _is_rows(value):
             sections.append(_section(key, definitions, [{"caption": None, **table(value)}], figures))
         elif key == "failures":
             sections.append({**_section(key, definitions, [], figures), "empty": "None."})

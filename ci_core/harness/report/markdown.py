@@ -43,6 +43,41 @@ def _p(value: float | None) -> str | None:
 COUNT_COLUMNS = [("models", "models"), ("classes", "classes"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"), ("f1", "F1")]
 
 
+def repair_section(report: dict) -> list[str]:
+    """The repair tables (Table 19, then the working backdoors against the aim and the controls); none without repairs."""
+    if not (report["repairs"] or report["skipped_repairs"]):
+        return []
+    out: list[str] = []
+    out += ["## Repair (Table 19)", "", DEFINITIONS["repair"], ""]
+    columns = [("repairer", "repairer"), ("attack", "attack"), ("dataset", "dataset"), ("models", "models")]
+    for name, header in (("acc_seen", "ACC seen"), ("acc_unseen", "ACC unseen"), ("asr_seen", "ASR seen"),
+                         ("asr_unseen", "ASR unseen")):
+        columns += [(f"{name}_before", f"{header} before"), (f"{name}_after", f"{header} after")]
+    columns += [("scan_hit", "ĉ = target"), ("repair_seconds", "repair s")]
+    out += [md_table(report["repairs"], columns) if report["repairs"] else "No repair has finished yet.", ""]
+    check = report.get("repair_check") or {}
+    if check.get("models"):
+        out += ["### Working backdoors: the aim and the controls", "", DEFINITIONS["repair_check"], "",
+                md_table(check["attacks"], [("repairer", "repairer"), ("attack", "attack"), ("models", "models"),
+                                            ("removed", "removed"), ("beats_controls", "beats every control"),
+                                            ("asr_seen_after", "ASR seen after"),
+                                            ("asr_unseen_after", "ASR unseen after"),
+                                            ("acc_seen_change", "ACC seen change")]), ""]
+        controls = sorted({k for row in check["models"] for k in row if k.startswith("left_by_")})
+        out += [md_table(check["models"], [("repairer", "repairer"), ("attack", "attack"), ("dataset", "dataset"),
+                                           ("seed", "seed"), ("asr_seen_before", "ASR seen before"),
+                                           ("asr_seen_after", "after"), ("asr_unseen_before", "ASR unseen before"),
+                                           ("asr_unseen_after", "after"), ("acc_seen_change", "ACC seen change"),
+                                           ("removed", "removed")]
+                        + [(k, f"left by {k[len('left_by_'):]}") for k in controls]
+                        + [("beats_controls", "beats every control"), ("scan_hit", "ĉ = target")]), ""]
+    if report["skipped_repairs"]:
+        out += ["Not repaired (by plan, not failures):", ""]
+        out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
+        out += [""]
+    return out
+
+
 def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
     counts = report["counts"]
     repairs = f"{counts['repairs']} repairs, " if counts["repairs"] or report["skipped_repairs"] else ""
@@ -135,18 +170,7 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
                                          ("trigger_ssim", "trigger SSIM"), ("train_seconds", "train s"),
                                          ("train_cpu_seconds", "train CPU s")]), ""]
 
-    if report["repairs"] or report["skipped_repairs"]:
-        out += ["## Repair (Table 19)", "", DEFINITIONS["repair"], ""]
-        columns = [("repairer", "repairer"), ("attack", "attack"), ("dataset", "dataset"), ("models", "models")]
-        for name, header in (("acc_seen", "ACC seen"), ("acc_unseen", "ACC unseen"), ("asr_seen", "ASR seen"),
-                             ("asr_unseen", "ASR unseen")):
-            columns += [(f"{name}_before", f"{header} before"), (f"{name}_after", f"{header} after")]
-        columns += [("scan_hit", "ĉ = target"), ("repair_seconds", "repair s")]
-        out += [md_table(report["repairs"], columns) if report["repairs"] else "No repair has finished yet.", ""]
-        if report["skipped_repairs"]:
-            out += ["Not repaired (by plan, not failures):", ""]
-            out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
-            out += [""]
+    out += repair_section(report)
 
     if report["broken"]:
         out += ["## Cells whose files do not check out (left out; the next run moves them aside and redoes them)", "",

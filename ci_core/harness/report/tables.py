@@ -20,6 +20,7 @@ from ci_core.harness.report.scored import ScoredScan, pending, scored_scans, ski
 from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes,
                                         roc_curve, youden_threshold)
 from ci_core.harness.store import Store
+from ci_core.plugins import registry
 from ci_core.protocol import REFERENCE_SCORER
 from ci_core.scan import UNSCANNABLE
 
@@ -92,6 +93,14 @@ DEFINITIONS = {
         "ĉ's trigger). "
         "Repair s is the wall time of the fine-tuning alone. "
         "The 'all' rows pool every model the repairer repaired (the paper's Table 19 averages over attacks)."),
+    "repair_check": (
+        "Every repair of a backdoor that works (the attack's own trigger at ASR 0.5 or more on the seen or on the "
+        "unseen classes before repair), by each repairer that is not a control. Removed: after the repair the "
+        "attack's own trigger has ASR below 0.10 on the seen and on the unseen classes, and clean accuracy on the "
+        "seen classes fell by at most 0.02. Left by a control: what the control repairer (the same fine-tuning "
+        "without the scan's trigger for its top class: clean images only, a random delta, another class's trigger) "
+        "left of the backdoor on the same model, as the higher of its ASR seen and unseen after; the repair beats "
+        "the controls when it leaves strictly less than every one of them. Per attack: how many models meet each."),
     "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
                   "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
 }
@@ -341,6 +350,74 @@ def _repair_rows(repairs: Sequence[RepairRecord]) -> list[dict]:
     return rows
 
 
+REMOVED = 0.10  # the repair aim: the attack's own trigger below this ASR on the seen and on the unseen classes
+ACC_KEPT = 0.02  # ... with clean accuracy on the seen classes at most this much lower than before
+
+
+def _control_repairers(repairs: Sequence[RepairRecord]) -> set[str]:
+    """The repairers of these records that are controls (a repairer no longer installed counts as none)."""
+    plugins = registry()
+    return {name for name in {r.repairer for r in repairs}
+            if name in plugins.names("repairer") and plugins.get("repairer", name).is_control}
+
+
+def _remaining(record: RepairRecord) -> float:
+    """The backdoor left where it works worst for the auditor: the higher of ASR seen and ASR unseen after repair."""
+    return max(record.after.get("asr_base") or 0.0, record.after.get("asr_new") or 0.0)
+
+
+def _works(record: RepairRecord) -> bool:
+    return any((record.before.get(key) or 0.0) >= WORKS for key in ("asr_base", "asr_new"))
+
+
+def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> dict[str, list[dict]]:
+    """Each repair of a working backdoor against the aim and against every control run on the same model.
+
+    Per model and repairer that is not a control: ASR seen / unseen before and after, the ACC change on the seen
+    classes, whether the backdoor is removed (both ASR below ``REMOVED``, ACC at most ``ACC_KEPT`` lower) and, per
+    control, the backdoor that control left (the higher of its ASR seen and unseen after); the repair beats a
+    control when it leaves strictly less.  Then per repairer and attack, how many of its models meet each.
+    """
+    controls = set(controls)
+    working = [r for r in repairs if _works(r)]
+    by_model: dict[str, dict[str, RepairRecord]] = defaultdict(dict)
+    for record in working:
+        by_model[record.model][record.repairer] = record
+    order = {name: i for i, name in enumerate(_attack_order({r.attack for r in working}))}
+    models = []
+    for key, done in sorted(by_model.items(), key=lambda kv: (order[next(iter(kv[1].values())).attack],
+                                                             next(iter(kv[1].values())).dataset,
+                                                             next(iter(kv[1].values())).seed)):
+        ran = {name: _remaining(r) for name, r in done.items() if name in controls}
+        for name, record in sorted(done.items()):
+            if name in controls:
+                continue
+            left = _remaining(record)
+            acc_change = _finite((record.after.get("acc_base") or 0.0) - (record.before.get("acc_base") or 0.0))
+            models.append({
+                "repairer": name, "attack": record.attack, "dataset": record.dataset, "seed": record.seed,
+                "asr_seen_before": record.before.get("asr_base"), "asr_seen_after": record.after.get("asr_base"),
+                "asr_unseen_before": record.before.get("asr_new"), "asr_unseen_after": record.after.get("asr_new"),
+                "acc_seen_change": acc_change, "removed": left < REMOVED and acc_change >= -ACC_KEPT,
+                **{f"left_by_{control}": value for control, value in sorted(ran.items())},
+                "beats_controls": None if not ran else all(left < value for value in ran.values()),
+                "scan_hit": record.scan_target == record.true_target})
+    attacks = []
+    rows_of = lambda rows, field: {value: [r for r in rows if r[field] == value]  # noqa: E731
+                                   for value in dict.fromkeys(r[field] for r in rows)}
+    for repairer, rows in sorted(rows_of(models, "repairer").items()):
+        per_attack = list(rows_of(rows, "attack").items())  # models are in attack order already
+        for attack, part in per_attack + ([("all", rows)] if len(per_attack) > 1 else []):
+            checked = [r for r in part if r["beats_controls"] is not None]
+            attacks.append({"repairer": repairer, "attack": attack, "models": len(part),
+                            "removed": f"{sum(r['removed'] for r in part)}/{len(part)}",
+                            "beats_controls": f"{sum(r['beats_controls'] for r in checked)}/{len(checked)}",
+                            "asr_seen_after": mean_std(r["asr_seen_after"] for r in part),
+                            "asr_unseen_after": mean_std(r["asr_unseen_after"] for r in part),
+                            "acc_seen_change": mean_std(r["acc_seen_change"] for r in part)})
+    return {"models": models, "attacks": attacks}
+
+
 def build_report(store: Store, scorer_options: dict[str, dict] | None = None) -> dict:
     """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name."""
     models, rows = scored_scans(store, scorer_options)
@@ -365,6 +442,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None) ->
         "models": model_rows(rows, labels),
         "attacks": _attack_rows(models),
         "repairs": _repair_rows(repairs),
+        "repair_check": repair_check(repairs, _control_repairers(repairs)),
         "skipped_repairs": skipped_repairs(store),
         "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
                      for f in failures],
