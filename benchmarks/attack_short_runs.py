@@ -22,10 +22,10 @@ import torch
 from ci_core.cli.common import echo_table, parse_options, report_errors
 from ci_core.errors import ConfigError
 from ci_core.files import write_json_atomic
-from ci_core.evaluation import accuracy, attack_success_rates, evaluate
+from ci_core.learning.evaluation import accuracy, attack_success_rates, evaluate
 from ci_core.models.backbone import load_backbone
 from ci_core.plugins import open_dataset, registry
-from ci_core.protocol import choose_target, load_task, preset_for
+from ci_core.learning.protocol import choose_target, load_task, preset_for
 from ci_core.runtime import StderrProgress
 
 

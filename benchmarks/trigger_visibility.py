@@ -37,8 +37,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
-from ci_core.protocol import MODEL_BUNDLE as BUNDLE
-from ci_core.protocol import MODEL_TRIGGER as TRIGGER
+from ci_core.learning.protocol import MODEL_BUNDLE as BUNDLE
+from ci_core.learning.protocol import MODEL_TRIGGER as TRIGGER
 from ci_core.cli.common import data_root_option, echo_table, report_errors
 from ci_core.errors import ConfigError
 from ci_core.files import write_json_atomic

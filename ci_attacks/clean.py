@@ -8,7 +8,7 @@ import torch
 from ci_attacks.poisoning import TINY_SCHEDULE, PromptTuningFields
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import prompt_tune
+from ci_core.learning.training import prompt_tune
 
 
 @attrs.frozen(kw_only=True)

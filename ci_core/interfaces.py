@@ -255,7 +255,7 @@ class Scorer(Plugin):
 
     A scorer with ``needs_reference`` also receives the evidence of the reference scan (the same
     detector run on the model's public backbone used as a zero-shot classifier, same classes, pool and
-    seed; ``ci_core.reference``), one row per class in the same order; other scorers receive None.
+    seed; ``ci_core.scanning.reference``), one row per class in the same order; other scorers receive None.
     """
 
     needs_reference: ClassVar[bool] = False

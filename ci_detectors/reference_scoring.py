@@ -7,7 +7,7 @@ largest of n standardised scores sits near 2 by chance alone (P(s_max >= 2) is
 0.47 for n = 24 and 0.76 for n = 50), and the classes that stand out in a clean
 model are those the untuned backbone already makes easy to reach.
 
-So each class is judged against the reference scan (``ci_core.reference``: the
+So each class is judged against the reference scan (``ci_core.scanning.reference``: the
 same detector, pool, seed and trigger initialisation on the backbone used as a
 zero-shot classifier).  Let y_c be the model's cost of reaching class c and x_c
 the backbone's, negated so that larger means easier: the detector's per-class

@@ -23,7 +23,7 @@ from ci_core.cli.scan import main as ci_scan
 from ci_core.testing import hidden_distribution, source_distribution
 from ci_core.errors import ConfigError, DataError, PluginError
 from ci_core.interfaces import ClassEvidence
-from ci_core.evaluation import predict
+from ci_core.learning.evaluation import predict
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import Registry, plugin_manager, registry

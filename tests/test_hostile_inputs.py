@@ -38,7 +38,7 @@ from ci_core.cli.scan import main as ci_scan
 from ci_core.data import images as images_module
 from ci_core.data.images import MAX_ASPECT, MAX_PIXELS, ImageTooLarge, read_image
 from ci_core.data.ood import load_folder
-from ci_core.delivery import resolve_checkpoint
+from ci_core.models.delivery import resolve_checkpoint
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.interfaces import make_config
 from ci_core.models.backbone import TINY_MODEL, architecture

@@ -73,8 +73,9 @@ def allowed(layer_name: str, dep_layer: str) -> bool:
 
 def test_every_folder_is_read():
     names = modules()
-    for expected in ("ci_core.scan", "ci_attacks.plugin", "ci_detectors_nc.plugin", "ci_detectors_pixb.plugin",
-                     "benchmarks.hostile_inputs", "scripts.train_tiny_clip"):
+    for expected in ("ci_core.scanning.scan", "ci_core.learning.protocol", "ci_core.models.delivery",
+                     "ci_core.data.class_names", "ci_attacks.plugin", "ci_detectors_nc.plugin",
+                     "ci_detectors_pixb.plugin", "benchmarks.hostile_inputs", "scripts.train_tiny_clip"):
         assert expected in names
 
 
@@ -87,6 +88,22 @@ def test_imports_point_down_the_layers():
 # What a program may take from the CLI: its commands and the click helpers every command shares.
 CLI_FACE = {"main", "report_errors", "echo_table", "parse_options", "data_root_option", "runtime_options",
             "backbone_options"}
+
+
+# The core's stage folders, in the order a model goes through them. A stage may import the stages before it
+# (data/ and models/ share one rank: a dataset loads its backbone, a bundle checks its class names) and the
+# root's plugin machinery and foundation, never a later stage.
+STAGES = {"ci_core.data": 0, "ci_core.models": 0, "ci_core.learning": 1, "ci_core.scanning": 2}
+
+
+def stage(name: str) -> int | None:
+    return next((rank for folder, rank in STAGES.items() if name == folder or name.startswith(folder + ".")), None)
+
+
+def test_core_stages_never_import_a_later_stage():
+    backward = [(name, dep) for name, deps in graph(module_level=False).items() for dep in deps
+                if stage(name) is not None and stage(dep) is not None and stage(dep) > stage(name)]
+    assert backward == []
 
 
 def test_programs_take_only_commands_and_click_helpers_from_the_cli():

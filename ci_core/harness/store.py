@@ -6,7 +6,7 @@ Layout of a store folder::
     models/<key>/cell.json     a trained model: its spec, metrics, target ...
     models/<key>/bundle/       ... the model bundle, and trigger.safetensors (+ .json) unless clean
     references/<key>/cell.json the detector run on the untuned backbone (zero-shot) ...
-    references/<key>/reference.json  ... its per-class evidence (ci_core.reference)
+    references/<key>/reference.json  ... its per-class evidence (ci_core.scanning.reference)
     scans/<key>/cell.json      a scan of one model by one detector: its spec and verdict ...
     scans/<key>/scan/          ... report.json and the reconstructed triggers
     repairs/<key>/cell.json    a repair of one model by one repairer: ACC and ASR before and after ...
@@ -41,7 +41,7 @@ from typing import Iterator
 from ci_core.errors import ConfigError
 from ci_core.files import file_sha256, read_json_object, temporary_folder, write_json_atomic
 from ci_core.harness.records import RECORDS, VERSION, Record, spec_hash  # noqa: F401  (VERSION: the store's)
-from ci_core.protocol import MODEL_BUNDLE, MODEL_TRIGGER
+from ci_core.learning.protocol import MODEL_BUNDLE, MODEL_TRIGGER
 
 FORMAT = "ci-bench-store"
 MARKER = "store.json"
@@ -50,7 +50,7 @@ MANIFEST = "manifest.json"
 KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs"}
 # What a finished cell holds besides cell.json and manifest.json.
 SCAN_FOLDER = "scan"  # a scan cell's scan output (report.json, triggers/)
-REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.reference)
+REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.scanning.reference)
 
 
 def write_json(path: Path, data) -> None:

@@ -10,7 +10,7 @@ host answers (``reachable``), so that an offline machine gets a clear error with
 A weights file is ``.safetensors``, a torch state dict (read with ``torch.load(weights_only=True)``), or one of
 OpenAI's own CLIP archives (``ViT-B-16.pt`` as the ``clip`` package downloads it).  Those are TorchScript
 archives, which hold code; one is accepted only when its SHA-256 is the one OpenAI publishes for it
-(``OPENAI_ARCHIVES``), and then only its parameters are read, by ``ci_core.safe_pickle`` (its code and constants
+(``OPENAI_ARCHIVES``), and then only its parameters are read, by ``ci_core.models.safe_pickle`` (its code and constants
 are never loaded).  It fixes the architecture (the open_clip name must match, QuickGELU is implied).  Any other
 TorchScript archive is refused.  ``state_dict_sha256`` is the weights' identity a bundle records.
 """
@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from ci_core.errors import ConfigError
 from ci_core.files import atomic_file, file_sha256
-from ci_core.safe_pickle import open_archive, script_tensors
+from ci_core.models.safe_pickle import open_archive, script_tensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip"  # the shipped tiny CLIP: config, weights
 TINY_WEIGHTS = ASSETS / "weights.safetensors"

@@ -16,7 +16,7 @@ import torch
 
 from ci_core.data.datasets import Dataset, LabeledImages, base_new_split
 from ci_core.errors import ConfigError
-from ci_core.evaluation import AttackMetrics, evaluate
+from ci_core.learning.evaluation import AttackMetrics, evaluate
 from ci_core.interfaces import Attack, AttackOutcome, Detector, Progress, Scorer, silent, to_json
 from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
 from ci_core.runtime import Stopwatch

@@ -12,8 +12,8 @@ The reference of a model is ``ZeroShotCLIP(backbone, template)``: CLIP's own
 zero-shot classifier with the bundle's template ("a photo of a {}."), over the
 same candidate classes, OOD pool, seed and detector config, each class drawing
 the same trigger initialisation and batch order as in the model's scan
-(``ci_core.inversion.class_generator``: the loop of
-``ci_core.inversion`` is the one the model's scan runs).  For a zero-shot bundle (an image encoder
+(``ci_core.scanning.inversion.class_generator``: the loop of
+``ci_core.scanning.inversion`` is the one the model's scan runs).  For a zero-shot bundle (an image encoder
 fine-tuned by the provider) the reference is the backbone it was fine-tuned
 from, the same thing.
 
@@ -51,7 +51,7 @@ from ci_core.keys import backbone_key, canonical_json, spec_hash
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent, to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.zeroshot import ZeroShotCLIP
-from ci_core.inversion import PoolHealth, evidence_from_json, health_from_json, invert_classes, pool_health
+from ci_core.scanning.inversion import PoolHealth, evidence_from_json, health_from_json, invert_classes, pool_health
 from ci_core.json_fields import JsonFields
 
 # 2: per-class margins on T; the backbone key holds QuickGELU, image size and statistics; entries carry the
@@ -127,7 +127,7 @@ def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> Refe
     rows = result.get("classes")
     if not isinstance(rows, list) or [r.get("name") if isinstance(r, dict) else None for r in rows] != spec["classnames"]:
         raise InvalidReference(f"{source}: its classes are not the ones of its spec")
-    # The rows and the pool health are read as a scan report's are (ci_core.inversion): one parser of each.
+    # The rows and the pool health are read as a scan report's are (ci_core.scanning.inversion): one parser of each.
     classes = [evidence_from_json(row, f"{source}: classes[{index}]", InvalidReference) for index, row in enumerate(rows)]
     read = JsonFields(result, source, InvalidReference)
     health = health_from_json(read.child("health"))

@@ -15,8 +15,8 @@ from torchvision.utils import save_image
 
 from ci_core.data.ood import OODPool
 from ci_core.files import publishing, write_json_atomic
-from ci_core.scan import SCAN_OUTPUT, ScanResult
-from ci_core.scan_report import REPORT_FILE, TRIGGERS_DIR, ScanContext, ScanReport
+from ci_core.scanning.scan import SCAN_OUTPUT, ScanResult
+from ci_core.scanning.scan_report import REPORT_FILE, TRIGGERS_DIR, ScanContext, ScanReport
 
 
 def trigger_strip(examples: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:

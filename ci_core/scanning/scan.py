@@ -15,10 +15,10 @@ trigger.  ``unscannable`` is a verdict of its own, never folded into clean.
 
 Each class draws its trigger initialisation and batch order from its own
 generator, seeded by the scan seed and the class name (``class_generator``): a
-model and its reference scan (``ci_core.reference``) are thus paired class by
+model and its reference scan (``ci_core.scanning.reference``) are thus paired class by
 class, whatever the detector consumes per class and whichever classes are
 scanned.  That loop (pool health, inversion, measurement) is
-``ci_core.inversion``'s, shared with the reference scan; this module adds the
+``ci_core.scanning.inversion``'s, shared with the reference scan; this module adds the
 scorers and the verdict.
 """
 
@@ -31,12 +31,13 @@ import attrs
 from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
-from ci_core.inversion import PoolHealth, invert_classes, pool_health
+from ci_core.scanning.inversion import PoolHealth, invert_classes, pool_health
 from ci_core.models.zeroshot import CLIPClassifier
-from ci_core.reference import ReferenceScan
+from ci_core.scanning.reference import ReferenceScan
 
 CLEAN, BACKDOORED, UNSCANNABLE = "clean", "backdoored", "unscannable"
-SCAN_OUTPUT = "scan"  # the kind of output folder write_scan makes (ci_core.scan_output, ci_core.files.publishing)
+# The kind of output folder write_scan makes (ci_core.scanning.scan_output, ci_core.files.publishing).
+SCAN_OUTPUT = "scan"
 
 
 @attrs.frozen(kw_only=True)
@@ -122,7 +123,7 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
     """Run ``detector`` for every class of ``classnames``; ``scorer`` decides, ``also`` are reported beside it.
 
     ``reference`` is the reference scan of the same classes, pool, seed and detector (needed by
-    scorers with ``needs_reference``; see ``ci_core.reference.run_reference``).  ``known_problems`` are
+    scorers with ``needs_reference``; see ``ci_core.scanning.reference.run_reference``).  ``known_problems`` are
     reasons found before the scan that the model cannot be measured (``stored_problems``): then nothing is
     inverted and the verdict is unscannable.
     """

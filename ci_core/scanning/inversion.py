@@ -23,7 +23,7 @@ import torch
 
 from ci_core.data.ood import OODPool
 from ci_core.errors import DataError
-from ci_core.evaluation import predict_logits, target_margins
+from ci_core.learning.evaluation import predict_logits, target_margins
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent
 from ci_core.json_fields import JsonFields
 from ci_core.models.zeroshot import CLIPClassifier

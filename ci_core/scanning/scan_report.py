@@ -32,13 +32,13 @@ from ci_core.data.ood import OODPool
 from ci_core.errors import DataError
 from ci_core.files import read_json_object, slug
 from ci_core.interfaces import ClassEvidence
-from ci_core.inversion import PoolHealth, evidence_from_json, health_from_json, health_to_json
+from ci_core.scanning.inversion import PoolHealth, evidence_from_json, health_from_json, health_to_json
 from ci_core.json_fields import JsonFields
-from ci_core.scan import BACKDOORED, CLEAN, UNSCANNABLE, ScanResult, ScorerVerdict
+from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE, ScanResult, ScorerVerdict
 
 FORMAT = "clip-inspector-scan-report"
 SCHEMA_VERSION = 2  # 1: the untyped layout of toolkit 0.3 and earlier, which had no schema_version
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "scan-report.schema.json"
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "scan-report.schema.json"
 REPORT_FILE = "report.json"
 PAGE_FILE = "report.html"
 TRIGGERS_DIR = "triggers"
@@ -66,7 +66,7 @@ class BundleIdentity:
     checkpoint: str | None = None  # a CoOp/CoCoOp checkpoint delivery: the file read
     model_cell: str | None = None  # a benchmark scan: the store's model cell
     # A checkpoint delivery: the state_dict keys read (as stored) and what else its folder holds: the one
-    # reading the scan made of it (ci_core.delivery).
+    # reading the scan made of it (ci_core.models.delivery).
     state_dict_keys: tuple[str, ...] = ()
     folder_files: tuple[str, ...] = ()
 
