@@ -27,7 +27,7 @@ from ci_core.plugins import registry
 from ci_core.scanning.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scanning.inversion import PoolHealth
 from ci_core.scanning.scan import ScanResult, ScorerVerdict
-from ci_core.scanning.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BundleIdentity, ScanContext
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger

@@ -39,7 +39,7 @@ from ci_core.scanning.inversion import PoolHealth
 from ci_core.scanning.scan import ScanResult, ScorerVerdict
 from ci_core.scanning.scan_report import (SCHEMA_PATH, SCHEMA_VERSION, BundleIdentity, ScanContext, ScanReport,
                                           read_scan_report, report_schema)
-from ci_core.scanning.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_triggers import ScanTriggers
 from ci_core.triggers import AdditiveTrigger
 

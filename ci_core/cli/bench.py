@@ -23,7 +23,7 @@ from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, open_dataset, registry
 from ci_core.scanning.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scanning.scan import scan
-from ci_core.scanning.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
 from ci_core.learning.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target,
                                        load_task, pool_sizes, preset_for, sample_candidates, train_and_save)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ci_core.data.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.cli.common import configure_threads, one_line, report_errors
 from ci_core.models.delivery import default_backbone, import_checkpoint, import_trigger
 from ci_core.errors import BundleError

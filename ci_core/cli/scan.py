@@ -9,7 +9,7 @@ import click
 
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
-from ci_core.data.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.data.ood import load_pool
 from ci_core.models.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
@@ -19,7 +19,7 @@ from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
 from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
 from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
-from ci_core.scanning.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
 from ci_core.validators import printable
 from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes,
@@ -27,7 +27,7 @@ from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, S
 
 
 def candidate_classes(path: Path, meta: dict) -> tuple[str, ...]:
-    """The auditor's candidate classes for a bundle, from ``path`` (see ``ci_core.data.class_names`` for the rules).
+    """The auditor's candidate classes for a bundle, from ``path`` (see ``ci_core.models.class_names`` for the rules).
 
     They need not be classes the bundle lists: its prompt learner (CoCoOp, CoOp with a shared context) or
     zero-shot template is evaluated on any class name, like any new class; so the deployment's real class

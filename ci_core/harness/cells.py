@@ -35,7 +35,7 @@ from ci_core.scanning.reference import (InvalidReference, ReferenceCache, Refere
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scanning.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
 from ci_core.scanning.scan import apply_scorer, scan, stored_problems
-from ci_core.scanning.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
 from ci_core.plugins import load_trigger
 from ci_core.learning.protocol import (MODEL_BUNDLE, choose_scorers, choose_target, load_task, preset_for,

@@ -45,7 +45,7 @@ import attrs
 import open_clip
 import torch
 
-from ci_core.data.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.files import file_sha256
 from ci_core.models.backbone import DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone

@@ -36,7 +36,7 @@ from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.scanning.reference import ReferenceScan
 
 CLEAN, BACKDOORED, UNSCANNABLE = "clean", "backdoored", "unscannable"
-# The kind of output folder write_scan makes (ci_core.scanning.scan_output, ci_core.files.publishing).
+# The kind of output folder write_scan makes (ci_core.pages.scan_output, ci_core.files.publishing).
 SCAN_OUTPUT = "scan"
 
 

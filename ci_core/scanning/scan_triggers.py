@@ -1,7 +1,7 @@
 """What a repair takes from a scan: the per-class triggers and scores, and which one a repairer gets.
 
 A scan folder (``report.json`` and ``triggers/NNN_name.safetensors``, written by
-``ci_core.scanning.scan_output.write_scan`` and read through ``ScanReport``) or an in-memory ``ScanResult`` becomes a
+``ci_core.pages.scan_output.write_scan`` and read through ``ScanReport``) or an in-memory ``ScanResult`` becomes a
 ``ScanTriggers``: the classes, their anomaly scores, the most anomalous class
 ĉ, the hash of the bundle that was scanned, and a loader for each class's
 trigger.  ``check_same_bundle`` refuses a scan made for other weights.
