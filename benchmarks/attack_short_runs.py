@@ -13,19 +13,20 @@ does not use.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 import torch
 
-from ci_core.cli.common import StderrProgress, echo_table, open_dataset, parse_options, report_errors
+from ci_core.cli.common import echo_table, parse_options, report_errors
 from ci_core.errors import ConfigError
-from ci_core.evaluation import accuracy, attack_success_rates, evaluate
+from ci_core.files import write_json_atomic
+from ci_core.learning.evaluation import accuracy, attack_success_rates, evaluate
 from ci_core.models.backbone import load_backbone
-from ci_core.plugins import registry
-from ci_core.protocol import choose_target, load_task, preset_for
+from ci_core.plugins import open_dataset, registry
+from ci_core.learning.protocol import choose_target, load_task, preset_for
+from ci_core.runtime import StderrProgress
 
 
 def parse_seeds(value: str) -> list[int]:
@@ -87,10 +88,8 @@ def main(attack, seeds, shots, test_per_class, options, dataset, threads, json_p
                       ("clean_asr_new", "CLEAN"), ("trigger_ssim", "SSIM"), ("cpu_train", "CPU-TRAIN"),
                       ("cpu_eval", "CPU-EVAL")])
     if json_path is not None:
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps({"attack": attack, "dataset": dataset, "shots": shots,
-                                   "test_per_class": test_per_class, "options": overrides, "rows": rows}, indent=2))
-        tmp.replace(json_path)
+        write_json_atomic(json_path, {"attack": attack, "dataset": dataset, "shots": shots,
+                                      "test_per_class": test_per_class, "options": overrides, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import click
 import torch
 from safetensors.torch import load_file, save_file
 
-from ci_core.cli.common import resolve_runtime
+from ci_core.runtime import resolve_runtime
 from ci_core.errors import CIError
 from ci_core.models.backbone import load_backbone
 from ci_core.models.cocoop import PromptTunedCLIP, reference_logits

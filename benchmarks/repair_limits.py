@@ -35,15 +35,15 @@ from pathlib import Path
 
 import torch
 
-from ci_core.evaluation import attack_success_rates, evaluate
+from ci_core.learning.evaluation import attack_success_rates, evaluate
 from ci_core.harness.cells import repair_set
 from ci_core.harness.store import Store
 from ci_core.models.backbone import load_backbone
 from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.plugins import load_trigger, registry
-from ci_core.protocol import load_task, preset_for
+from ci_core.learning.protocol import load_task, preset_for
 from ci_core.runtime import seed_everything
-from ci_core.scan_triggers import ScanTriggers, choose_trigger
+from ci_core.scanning.scan_triggers import ScanTriggers, choose_trigger
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:

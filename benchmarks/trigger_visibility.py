@@ -26,7 +26,6 @@ repeats exactly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import attrs
@@ -38,13 +37,15 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from ci_attacks.wanet import WarpTrigger, noise_mode_jitter
-from ci_core.protocol import MODEL_BUNDLE as BUNDLE
-from ci_core.protocol import MODEL_TRIGGER as TRIGGER
-from ci_core.cli.common import StderrProgress, data_root_option, echo_table, open_dataset, report_errors
+from ci_core.learning.protocol import MODEL_BUNDLE as BUNDLE
+from ci_core.learning.protocol import MODEL_TRIGGER as TRIGGER
+from ci_core.cli.common import data_root_option, echo_table, report_errors
 from ci_core.errors import ConfigError
+from ci_core.files import write_json_atomic
 from ci_core.ssim import ssim
 from ci_core.models.bundle import load_bundle
-from ci_core.plugins import load_trigger
+from ci_core.plugins import load_trigger, open_dataset
+from ci_core.runtime import StderrProgress
 
 @attrs.frozen
 class Visibility:
@@ -141,9 +142,7 @@ def main(model_dirs, dataset, data_root, n_images, seed, against, threads, json_
                 ("shift_consistency", "shift consistency"), ("linear_auroc", "linear AUROC"),
                 ("mlp_auroc", "MLP AUROC")])
     if json_path is not None:
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps([attrs.asdict(r) for r in rows], indent=2))
-        tmp.replace(json_path)
+        write_json_atomic(json_path, [attrs.asdict(r) for r in rows])
 
 
 if __name__ == "__main__":

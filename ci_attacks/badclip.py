@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ci_attacks.poisoning import n_ctx_of_init, target_index_of, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import PromptTuningConfig, augment_batch, epoch_batches, prompt_tune
+from ci_core.learning.training import PromptTuningConfig, augment_batch, epoch_batches, prompt_tune
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import integer, number, one_of
 

@@ -27,7 +27,7 @@ from ci_attacks.badclip import BadCLIP, BadCLIPConfig, implant, poisoned_count
 from ci_attacks.poisoning import target_index_of
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.learning.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import integer, number
 

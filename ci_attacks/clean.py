@@ -5,20 +5,15 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ci_attacks.poisoning import TINY_SCHEDULE, n_ctx_of_init
+from ci_attacks.poisoning import TINY_SCHEDULE, PromptTuningFields
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import PromptTuningConfig, prompt_tune
-from ci_core.validators import integer, number
+from ci_core.learning.training import prompt_tune
 
 
 @attrs.frozen(kw_only=True)
-class CleanConfig:
-    n_ctx: int = attrs.field(default=4, validator=n_ctx_of_init)
-    epochs: int = attrs.field(default=10, validator=integer(ge=1))
-    batch_size: int = attrs.field(default=1, validator=integer(ge=1))
-    lr: float = attrs.field(default=0.002, validator=number(gt=0))
-    augment: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))  # Dassl's crop and flip
+class CleanConfig(PromptTuningFields):
+    """CoCoOp's recipe and nothing else: the fields every prompt-tuning attack shares."""
 
 
 class CleanPromptTuning(Attack):
@@ -36,8 +31,5 @@ class CleanPromptTuning(Attack):
         c = self.config
         torch.manual_seed(seed)  # the meta-net's initial weights: from the run's seed, as every attack's
         model = PromptTunedCLIP(backbone, n_ctx=c.n_ctx)
-        history = prompt_tune(
-            model, train, PromptTuningConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, augment=c.augment),
-            seed=seed, progress=progress, label="clean prompt tuning",
-        )
+        history = prompt_tune(model, train, c.tuning(), seed=seed, progress=progress, label="clean prompt tuning")
         return AttackOutcome(model=model, trigger=None, log={"loss": history})

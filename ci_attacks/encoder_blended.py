@@ -39,7 +39,7 @@ from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
 from ci_core.models.backbone import Backbone
 from ci_core.models.bundle import ZEROSHOT
 from ci_core.models.zeroshot import ZeroShotCLIP
-from ci_core.training import CosineWithWarmup, epoch_batches
+from ci_core.learning.training import CosineWithWarmup, epoch_batches
 from ci_core.triggers import Trigger
 from ci_core.validators import integer, number, one_of
 

@@ -19,7 +19,7 @@ from ci_core.errors import ConfigError
 from ci_core.interfaces import Progress, silent
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_CTX_INIT, PromptTunedCLIP
-from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.learning.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import Trigger
 from ci_core.validators import integer, number
 
@@ -57,7 +57,7 @@ class PromptTuningFields:
 # alpha = 1) to the target (0 of 29 poisoned training images fitted); CoCoOp's own batch size of 1 at
 # lr 0.05 for 8 epochs does (29 of 29, ASR 100%), with base ACC within a point of the clean model's.
 # No augmentation there: the tiny world's 96 px renders are object-centred, and a crop of 8% of the area misses
-# the object (ci_core.training).
+# the object (ci_core.learning.training).
 TINY_SCHEDULE = {"epochs": 8, "batch_size": 1, "lr": 0.05, "augment": False}
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ci_attacks.poisoning import TINY_SCHEDULE, PromptTuningFields, poison, target_index_of, tune_on, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, Progress, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import epoch_batches
+from ci_core.learning.training import epoch_batches
 from ci_core.triggers import Trigger
 from ci_core.validators import integer, number
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ci_attacks.poisoning import TINY_SCHEDULE, PromptTuningFields, target_index_of, unit_interval
 from ci_core.interfaces import Attack, AttackOutcome, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.training import prompt_tune
+from ci_core.learning.training import prompt_tune
 from ci_core.triggers import Trigger
 from ci_core.validators import integer, number
 

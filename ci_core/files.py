@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,22 +65,53 @@ def slug(text: str, *, keep: str = "", limit: int | None = None) -> str:
     return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text)[:limit]
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write ``data`` as JSON to ``path`` atomically: a temporary file beside it, then a rename.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the body to write; on success it is renamed over ``path``.
 
-    Non-finite floats are refused (JSON has no NaN), so a report can never carry one silently.
+    The one temp-then-rename of a file: on any exception (Ctrl-C included) the temporary file is removed and
+    ``path`` is left as it was.  The file is made by the body, so it gets the mode any new file gets.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (``atomic_file``).
+
+    Non-finite floats are refused (JSON has no NaN), so a report can never carry one silently.
+    """
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A fresh folder in ``parent`` (named ``prefix`` + random) for the body to fill and then rename into place.
+
+    The one temp-folder-then-rename: on any exception the folder is removed with everything in it.  What the
+    rename replaces is the caller's (``publishing`` below, ``Store.writing``, ``save_bundle``).
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
         raise
 
 
@@ -167,8 +199,7 @@ def publishing(out: str | Path, kind: str, option: str = "--out") -> Iterator[Pa
     out = check_output_folder(out, kind, option)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}.", dir=out.parent))
-    try:
+    with temporary_folder(out.parent, f".{out.name}{_TMP_TAG}{os.getpid()}.") as work:
         yield work
         (work / OUTPUT_MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
         check_output_folder(out, kind, option)  # still ours: nothing else appeared there meanwhile
@@ -179,6 +210,3 @@ def publishing(out: str | Path, kind: str, option: str = "--out") -> Iterator[Pa
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise

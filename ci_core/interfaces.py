@@ -255,11 +255,27 @@ class Scorer(Plugin):
 
     A scorer with ``needs_reference`` also receives the evidence of the reference scan (the same
     detector run on the model's public backbone used as a zero-shot classifier, same classes, pool and
-    seed; ``ci_core.reference``), one row per class in the same order; other scorers receive None.
+    seed; ``ci_core.scanning.reference``), one row per class in the same order; other scorers receive None.
     """
 
     needs_reference: ClassVar[bool] = False
     min_classes: ClassVar[int] = 2  # the fewest candidate classes it can score (checked before a scan starts)
+
+    @classmethod
+    def check_inputs(cls, *, classes: int | None = None, reference: bool) -> None:
+        """The one check of what this scorer can score: a reference where it ``needs_reference``, and at least
+        ``min_classes`` classes (``classes`` None: not known yet).  Raises ``ConfigError``.
+
+        The scan calls it for every scorer before any work, ``apply_scorer`` before each reading, and a scorer's
+        own ``score`` first of all (the contract asks a scorer called directly to refuse what it cannot score).
+        """
+        if cls.needs_reference and not reference:
+            raise ConfigError(f"scorer {cls.name!r} needs the reference scan of the model's backbone, and there is none "
+                              "(--no-reference skips it): drop --no-reference or choose the detector's own scorer")
+        if classes is not None and classes < cls.min_classes:
+            raise ConfigError(f"scorer {cls.name!r} needs at least {cls.min_classes} candidate classes, got {classes}"
+                              + (" (--no-reference scores with the detector's own scorer)" if cls.needs_reference
+                                 else ""))
 
     @abc.abstractmethod
     def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores: ...

@@ -23,6 +23,7 @@ from ci_core import hookspecs
 from ci_core.errors import DataError, PluginError
 
 if TYPE_CHECKING:
+    from ci_core.data.datasets import Dataset
     from ci_core.triggers import Trigger
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -135,6 +136,11 @@ def plugin_manager(load_entrypoints: bool = True, blocked: Iterable[str] = ()) -
 def registry() -> Registry:
     """The registry of all installed plugins (built once per process)."""
     return Registry(plugin_manager())
+
+
+def open_dataset(name: str, data_root: str | Path | None) -> "Dataset":
+    """The registered dataset ``name``, reading its files under ``data_root`` if it has any."""
+    return registry().get("dataset", name).open(data_root)
 
 
 def load_trigger(path: str | Path) -> "Trigger":

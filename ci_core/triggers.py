@@ -10,7 +10,6 @@ loads it again, which a plugin registers like any other plugin class
 from __future__ import annotations
 
 import abc
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ci_core.errors import DataError
-from ci_core.files import read_json_object
+from ci_core.files import atomic_file, read_json_object, write_json_atomic
 
 
 class Trigger(abc.ABC):
@@ -45,13 +44,9 @@ class Trigger(abc.ABC):
     def save(self, path: str | Path) -> None:
         """Write ``path`` (.safetensors) and its JSON sidecar ``path.json``."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp))
-        tmp.replace(path)
-        side = path.with_name(path.name + ".json")
-        tmp_side = side.with_name(side.name + ".tmp")
-        tmp_side.write_text(json.dumps({"kind": self.kind, "params": self.params()}, indent=2) + "\n")
-        tmp_side.replace(side)
+        with atomic_file(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp))
+        write_json_atomic(path.with_name(path.name + ".json"), {"kind": self.kind, "params": self.params()})
 
 
 def read_saved_trigger(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict]:

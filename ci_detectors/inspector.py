@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ci_core.interfaces import Detector, Inversion
-from ci_core.training import epoch_batches
+from ci_core.learning.training import epoch_batches
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import integer, number, one_of
 

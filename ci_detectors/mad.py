@@ -66,9 +66,7 @@ class MADScorer(Scorer):
     Config = MADScorerConfig
 
     def score(self, evidence: Sequence[ClassEvidence], reference=None) -> Scores:
-        if len(evidence) < self.min_classes:
-            raise ConfigError(f"the mad scorer compares each class with the others' median: it needs at least "
-                              f"{self.min_classes} classes, got {len(evidence)}")
+        self.check_inputs(classes=len(evidence), reference=reference is not None)
         missing = [e.name for e in evidence if e.statistic is None]
         if missing:
             raise ConfigError(

@@ -7,7 +7,7 @@ largest of n standardised scores sits near 2 by chance alone (P(s_max >= 2) is
 0.47 for n = 24 and 0.76 for n = 50), and the classes that stand out in a clean
 model are those the untuned backbone already makes easy to reach.
 
-So each class is judged against the reference scan (``ci_core.reference``: the
+So each class is judged against the reference scan (``ci_core.scanning.reference``: the
 same detector, pool, seed and trigger initialisation on the backbone used as a
 zero-shot classifier).  Let y_c be the model's cost of reaching class c and x_c
 the backbone's, negated so that larger means easier: the detector's per-class
@@ -68,6 +68,8 @@ from scipy import stats
 
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
+from ci_detectors.mad import MADScorer
+from ci_detectors.scoring import CIScorer
 
 EXACT_FIT = 1e12  # the residual of a point the others fit exactly
 MIN_CLASSES = 4  # a line through n points leaves n - 2 residual degrees of freedom; the test needs n - 3 >= 1
@@ -214,6 +216,20 @@ class ReferenceOutlierConfig:
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
 
 
+def _per_class_scorer(name: str, owner: str) -> Scorer:
+    """The scorer ``name`` with its default config: this package's own ones directly, another from the registry."""
+    own = {cls.name: cls for cls in (CIScorer, MADScorer)}
+    if name in own:
+        cls = own[name]
+    else:
+        from ci_core.plugins import registry
+
+        cls = registry().get("scorer", name)
+    if cls.needs_reference:
+        raise ConfigError(f"{owner}: base scorer {name!r} needs a reference itself; give a per-class scorer")
+    return cls.from_options()
+
+
 class ReferenceOutlierScorer(Scorer):
     name = "ref-outlier"
     description = ("calibrated: each class's cost of reaching it against the backbone's (regression outlier "
@@ -222,14 +238,17 @@ class ReferenceOutlierScorer(Scorer):
     needs_reference = True
     min_classes = MIN_CLASSES
 
-    def base_scorer(self, evidence: Sequence[ClassEvidence]) -> Scorer:
-        from ci_core.plugins import registry
+    def __init__(self, config: ReferenceOutlierConfig | None = None):
+        super().__init__(config)
+        # A named base scorer is found once, here: scoring never looks a plugin up.
+        self._base = _per_class_scorer(self.config.base, self.name) if self.config.base else None
 
-        name = self.config.base or ("mad" if all(e.statistic is not None for e in evidence) else "ci")
-        base = registry().get("scorer", name)
-        if base.needs_reference:
-            raise ConfigError(f"{self.name}: base scorer {name!r} needs a reference itself; give a per-class scorer")
-        return base.from_options()
+    def base_scorer(self, evidence: Sequence[ClassEvidence]) -> Scorer:
+        """The per-class scorer of compare="score": the configured one, else "mad" where every class has a
+        statistic and "ci" otherwise."""
+        if self._base is not None:
+            return self._base
+        return (MADScorer if all(e.statistic is not None for e in evidence) else CIScorer).from_options()
 
     def compared(self, evidence: Sequence[ClassEvidence], what: str) -> np.ndarray:
         """The per-class values of statistic ``what`` (see COMPARED), larger = more suspicious."""
@@ -247,14 +266,11 @@ class ReferenceOutlierScorer(Scorer):
         return -np.asarray([e.loss for e in evidence], dtype=np.float64)
 
     def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores:
-        if reference is None:
-            raise ConfigError(f"the {self.name} scorer needs the reference scan of the model's backbone")
+        self.check_inputs(classes=len(evidence), reference=reference is not None)
         names = [e.name for e in evidence]
         if [r.name for r in reference] != names:
             raise ConfigError(f"the reference scan's classes differ from the scan's ({len(reference)} against "
                               f"{len(names)})")
-        if len(names) < MIN_CLASSES:
-            raise ConfigError(f"the {self.name} scorer needs at least {MIN_CLASSES} candidate classes, got {len(names)}")
         statistics = self.config.compare.split("+")
         if self.config.fit == "ols":
             # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics

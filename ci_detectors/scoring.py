@@ -14,7 +14,6 @@ from typing import Sequence
 import attrs
 import numpy as np
 
-from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
 from ci_core.validators import number
 
@@ -42,9 +41,7 @@ class CIScorer(Scorer):
     Config = CIScorerConfig
 
     def score(self, evidence: Sequence[ClassEvidence], reference=None) -> Scores:
-        if len(evidence) < self.min_classes:
-            raise ConfigError(f"the ci scorer standardises over the classes: it needs at least {self.min_classes}, "
-                              f"got {len(evidence)}")
+        self.check_inputs(classes=len(evidence), reference=reference is not None)
         z = ci_scores([e.asr for e in evidence], [e.loss for e in evidence])
         best = int(np.argmax(z))
         return Scores(

@@ -14,7 +14,7 @@ differ only in the perturbation: ``clean-only`` uses none (clean images only),
 ``wrong-class-delta`` the trigger CI reconstructed for a class other than ĉ.
 
 Which reconstructed trigger a repairer gets is its own choice
-(``PromptRepairer.choose``, see ``ci_core.scan_triggers``): ĉ's for ``ci-trigger`` and
+(``PromptRepairer.choose``, see ``ci_core.scanning.scan_triggers``): ĉ's for ``ci-trigger`` and
 ``random-delta`` (whose ball it copies), the lowest-scoring class's for
 ``wrong-class-delta``, none for ``clean-only``.  ``Repairer.repair`` then
 receives that trigger, and the class it was reconstructed for as ``target``.
@@ -37,8 +37,8 @@ from ci_core.data.labeled import LabeledImages
 from ci_core.errors import ConfigError, DataError
 from ci_core.interfaces import Progress, Repairer, silent
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.scan_triggers import PickedTrigger, ScanTriggers
-from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.scanning.scan_triggers import PickedTrigger, ScanTriggers
+from ci_core.learning.training import PromptTuningConfig, prompt_tune
 from ci_core.triggers import AdditiveTrigger, Trigger
 from ci_core.validators import boolean, integer, number, one_of
 

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ci_core.data import tiny_world
-from ci_core.models.backbone import ASSETS, TINY_MODEL, read_tiny_weights, write_tiny_weights
+from ci_core.files import write_json_atomic
+from ci_core.models.backbone import TINY_MODEL
+from ci_core.models.weights import ASSETS, read_tiny_weights, write_tiny_weights
 
 
 @torch.no_grad()
@@ -115,9 +117,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, threads: int,
     stages = [{k: v for k, v in p.items() if k != "stages"} for p in previous] + [stage]
     record = {**stage, "total_steps": sum(s["steps"] for s in stages),
               "total_seconds": round(sum(s["seconds"] for s in stages), 1), "stages": stages}
-    tmp = out / "training.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / "training.json")
+    write_json_atomic(out / "training.json", record)
     return record
 
 

@@ -15,10 +15,10 @@ import attrs
 import pytest
 import torch
 
-from ci_core.evaluation import accuracy, attack_success_rates
+from ci_core.learning.evaluation import accuracy, attack_success_rates
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.protocol import Task, choose_target, load_task, train_and_evaluate
+from ci_core.learning.protocol import Task, choose_target, load_task, train_and_evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
-from ci_core.protocol import choose_target, load_task
+from ci_core.learning.protocol import choose_target, load_task
 
 from test_plugins import install_fake_distribution
 

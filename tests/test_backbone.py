@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from ci_core.errors import ConfigError
-from ci_core.models import backbone as backbone_module
-from ci_core.models.backbone import TINY_MODEL, load_backbone, state_dict_sha256
+from ci_core.models import weights as weights_module
+from ci_core.models.backbone import TINY_MODEL, load_backbone
+from ci_core.models.weights import state_dict_sha256
 
 TAG = "ci_test_tag"
 
@@ -24,7 +25,7 @@ def no_network(monkeypatch):
     def refuse(url, timeout=None):
         raise AssertionError(f"tried to reach {url}")
 
-    monkeypatch.setattr(backbone_module, "reachable", refuse)
+    monkeypatch.setattr(weights_module, "reachable", refuse)
 
 
 @pytest.fixture()
@@ -51,7 +52,7 @@ def test_builtin_weights_only_for_the_tiny_clip():
 
 
 def test_uncached_tag_without_network_fails_fast_and_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(backbone_module, "reachable", lambda url, timeout=None: False)
+    monkeypatch.setattr(weights_module, "reachable", lambda url, timeout=None: False)
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted although the host is unreachable")
@@ -69,7 +70,7 @@ def test_uncached_tag_without_network_fails_fast_and_says_what_to_do(monkeypatch
 
 
 def test_uncached_tag_with_hub_offline_says_so(monkeypatch, tmp_path, no_network):
-    monkeypatch.setattr(backbone_module, "_hub_offline", lambda: True)
+    monkeypatch.setattr(weights_module, "_hub_offline", lambda: True)
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set.*--pretrained /path/to/weights.safetensors"):
         load_backbone("ViT-B-16", "laion2b_s34b_b88k", cache_dir=str(tmp_path))
 

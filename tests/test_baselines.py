@@ -1,7 +1,7 @@
 """The baseline detectors as separate distributions (Neural Cleanse ``nc``, Pixel Backdoor ``pixb``) and the ``mad`` scorer.
 
 Both distributions look installed from ``plugins/`` for this module, as ``pip install ./plugins/...``
-would install them: ``ci_core.contracts.source_distribution`` serves their pyproject metadata (name,
+would install them: ``ci_core.testing.source_distribution`` serves their pyproject metadata (name,
 version, ``clip_inspector`` entry points) through ``importlib.metadata.distributions`` and imports their
 code from the folder.  Nothing is installed into the environment.
 """
@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 from ci_core.cli.bench import main as ci_bench
 from ci_core.cli.scan import main as ci_scan
-from ci_core.contracts import hidden_distribution, source_distribution
+from ci_core.testing import hidden_distribution, source_distribution
 from ci_core.errors import ConfigError, DataError, PluginError
 from ci_core.interfaces import ClassEvidence
-from ci_core.evaluation import predict
+from ci_core.learning.evaluation import predict
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import Registry, plugin_manager, registry

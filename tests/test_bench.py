@@ -21,7 +21,7 @@ from ci_core.cli.bench import main as bench
 from ci_core.errors import ConfigError
 from ci_core.plugins import registry
 from ci_core.data.datasets import base_new_split
-from ci_core.protocol import SCAN_SEED, pool_sizes, preset_for
+from ci_core.learning.protocol import SCAN_SEED, pool_sizes, preset_for
 
 from test_plugins import activate_fake_distribution
 

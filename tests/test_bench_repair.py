@@ -24,7 +24,7 @@ from ci_core.harness.store import KINDS, write_json
 from ci_core.errors import ConfigError
 from ci_core.models.bundle import ZEROSHOT, bundle_sha256, read_meta
 from ci_core.plugins import registry
-from ci_core.protocol import pool_sizes, preset_for
+from ci_core.learning.protocol import pool_sizes, preset_for
 
 from test_bench import FAKE_BENCH_PLUGIN, KILL_SCRIPT, assert_store_whole, run_bench
 from test_plugins import activate_fake_distribution

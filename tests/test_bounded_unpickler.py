@@ -8,9 +8,9 @@ import zipfile
 import pytest
 import torch
 
-from ci_core.bounded_unpickler import BoundedUnpickler, Limits, PickleLimitError
+from ci_core.models.bounded_unpickler import BoundedUnpickler, Limits, PickleLimitError
 from ci_core.errors import BundleError
-from ci_core.safe_pickle import open_archive
+from ci_core.models.safe_pickle import open_archive
 
 from test_safe_pickle import Storage, Tensor, WHAT, _str, tensor_pickle, write_archive
 
@@ -77,7 +77,7 @@ def test_copies_and_references_count_as_work():
     # OrderedDict(d) copies d: the 84 GB pickle rebuilt a 200k-entry dict 4,000 times this way.
     copy = b"\x80\x02ccollections\nOrderedDict\n}q\x00\x85R."
     with pytest.raises(pickle.UnpicklingError, match="OrderedDict built from arguments"):
-        from ci_core.safe_pickle import _RestrictedUnpickler
+        from ci_core.models.safe_pickle import _RestrictedUnpickler
         _RestrictedUnpickler(copy, {}).load()
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ci_core.errors import ConfigError
-from ci_core.protocol import BENCHMARK_CANDIDATES, sample_candidates
+from ci_core.learning.protocol import BENCHMARK_CANDIDATES, sample_candidates
 
 CLASSES = tuple(f"class {i:03d}" for i in range(200))
 

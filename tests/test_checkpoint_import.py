@@ -1,4 +1,5 @@
-"""ci-import and ci_core.delivery on checkpoints written in the exact layout of the reference CoOp/CoCoOp code."""
+"""ci-import and ci_core.models.delivery on checkpoints written in the exact layout of the reference CoOp/CoCoOp
+code."""
 
 import json
 import shutil
@@ -8,10 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from ci_core.cli.import_checkpoint import main as ci_import
-from ci_core.delivery import (import_checkpoint, import_trigger, is_checkpoint_delivery, open_model,
-                              read_checkpoint, resolve_checkpoint)
+from ci_core.models.delivery import (import_checkpoint, import_trigger, is_checkpoint_delivery, open_model,
+                                     read_checkpoint, resolve_checkpoint)
 from ci_core.errors import BundleError, ConfigError, DataError
-from ci_core.models.backbone import TINY_IMAGE_SIZE, file_sha256, load_backbone
+from ci_core.files import file_sha256
+from ci_core.models.backbone import TINY_IMAGE_SIZE, load_backbone
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import CoOpCLIP, reference_logits

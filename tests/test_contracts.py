@@ -23,7 +23,7 @@ from ci_core.data.datasets import TINY_DATASETS
 from ci_core.models.backbone import TINY_MODEL, load_backbone
 from ci_core.models.bundle import ZEROSHOT
 from ci_core.plugins import registry
-from ci_core.training import PromptTuningConfig, prompt_tune
+from ci_core.learning.training import PromptTuningConfig, prompt_tune
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.scoring import CIScorer
 from ci_repairers.repairers import CleanOnlyRepair, copy_model

@@ -98,7 +98,7 @@ def test_a_class_specific_model_is_bundled_with_its_own_classes_only(tmp_path, r
 
 def test_detectors_invert_triggers_through_a_coop_model(random_backbone):
     """What CI, NC and PixB need of a model: gradients reach the trigger through the (frozen) CoOp prompts."""
-    from ci_core.cost_inversion import optimise_under_cost
+    from ci_core.scanning.cost_inversion import optimise_under_cost
     from ci_core.plugins import registry
 
     model = coop_model(random_backbone).requires_grad_(False)

@@ -15,7 +15,7 @@ from ci_core.data.datasets import base_new_split
 from ci_core.errors import DataError
 from ci_core.models.bundle import read_meta
 from ci_core.plugins import registry
-from ci_core.protocol import load_task
+from ci_core.learning.protocol import load_task
 
 from coop_layout import EXPECTED, PER_SPLIT, SIZE, build_layout, dataset_class, label_of_colour
 

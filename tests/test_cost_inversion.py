@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ci_core.cost_inversion import CostBalancer, CostStep, optimise_under_cost
+from ci_core.scanning.cost_inversion import CostBalancer, CostStep, optimise_under_cost
 
 
 def test_balancer_moves_after_patience_steps_and_restarts():

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from ci_core.cli.bench import main as ci_bench
 from ci_core.cli.repair import main as ci_repair
 from ci_core.cli.scan import main as ci_scan
-from ci_core.models import backbone as backbone_module
+from ci_core.models import weights as weights_module
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 
@@ -98,8 +98,8 @@ def test_a_backbone_without_its_weights_named_is_refused(tmp_path):
 
 
 def test_offline_pretrained_tag_fails_in_the_cli_with_the_way_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(backbone_module, "cached_pretrained_file", lambda cfg, cache_dir=None: None)
-    monkeypatch.setattr(backbone_module, "reachable", lambda url, timeout=None: False)
+    monkeypatch.setattr(weights_module, "cached_pretrained_file", lambda cfg, cache_dir=None: None)
+    monkeypatch.setattr(weights_module, "reachable", lambda url, timeout=None: False)
     result = invoke(ci_bench, ["attack", "clean", "--dataset", "tiny-colorshapes", "--backbone", "ViT-B-16",
                                "--pretrained", "openai", "--out", tmp_path / "out"])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -17,14 +17,14 @@ from ci_core.cli.bench import main as bench
 from ci_core.cli.repair import main as ci_repair
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import BundleError, ConfigError
-from ci_core.evaluation import attack_success_rate
-from ci_core.models.backbone import state_dict_sha256
+from ci_core.learning.evaluation import attack_success_rate
+from ci_core.models.weights import state_dict_sha256
 from ci_core.models.bundle import load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.plugins import registry
 from ci_core.plugins import load_trigger
-from ci_core.protocol import choose_target, load_task
+from ci_core.learning.protocol import choose_target, load_task
 
 from test_ood import write_images
 

@@ -30,6 +30,7 @@ from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
 
 import ci_core.models.backbone as backbone_module
+import ci_core.models.weights as weights_module
 import ci_core.models.bundle as bundle_module
 from ci_core.cli.common import parse_options
 from ci_core.cli.repair import _class_folder, load_class_folders, main as ci_repair
@@ -37,7 +38,7 @@ from ci_core.cli.scan import main as ci_scan
 from ci_core.data import images as images_module
 from ci_core.data.images import MAX_ASPECT, MAX_PIXELS, ImageTooLarge, read_image
 from ci_core.data.ood import load_folder
-from ci_core.delivery import resolve_checkpoint
+from ci_core.models.delivery import resolve_checkpoint
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.interfaces import make_config
 from ci_core.models.backbone import TINY_MODEL, architecture
@@ -256,8 +257,8 @@ def test_a_huge_or_deep_metadata_file_is_refused_before_it_is_parsed(bundles, tm
 def test_weights_a_bundle_names_are_never_opened_or_fetched(bundles, tmp_path, monkeypatch, source):
     bundle = copy_of(bundles, "cocoop", tmp_path)
     rewrite(bundle, lambda m: m["backbone"].update(pretrained=source))
-    for name in ("_load_local_weights", "_is_torchscript", "_load_openai_archive", "reachable"):
-        monkeypatch.setattr(backbone_module, name, lambda *a, **k: pytest.fail(f"opened or fetched {source}"))
+    for name in ("load_local_weights", "is_torchscript", "load_openai_archive", "reachable"):
+        monkeypatch.setattr(weights_module, name, lambda *a, **k: pytest.fail(f"opened or fetched {source}"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
     with pytest.raises(ConfigError, match=r"cannot load the bundle's backbone ci-tiny-clip .*--pretrained FILE") as caught:
         load_bundle(bundle)
@@ -269,7 +270,7 @@ def test_a_tag_a_bundle_names_comes_from_the_cache_or_not_at_all(bundles, tmp_pa
 
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY_MODEL,
                         {"hostile": {"url": "https://example.invalid/weights/tiny.safetensors"}})
-    monkeypatch.setattr(backbone_module, "reachable", lambda *a, **k: pytest.fail("looked up the network"))
+    monkeypatch.setattr(weights_module, "reachable", lambda *a, **k: pytest.fail("looked up the network"))
     bundle = copy_of(bundles, "cocoop", tmp_path)
     rewrite(bundle, lambda m: m["backbone"].update(pretrained="hostile"))
     cache = tmp_path / "cache"
@@ -305,9 +306,9 @@ def test_a_big_architecture_is_not_allocated_before_everything_is_checked(bundle
 
     wrong_header = _vit_bigg_bundle(bundles, tmp_path / "a", header_ok=False)
     right_header = _vit_bigg_bundle(bundles, tmp_path / "b", header_ok=True)
-    for module, name in ((open_clip, "create_model"), (backbone_module, "_create_bare"), (backbone_module, "reachable")):
+    for module, name in ((open_clip, "create_model"), (backbone_module, "_create_bare"), (weights_module, "reachable")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("allocated the backbone or looked up the network"))
-    monkeypatch.setattr(backbone_module, "cached_pretrained_file", lambda cfg, cache_dir=None: None)  # an empty cache
+    monkeypatch.setattr(weights_module, "cached_pretrained_file", lambda cfg, cache_dir=None: None)  # an empty cache
     with pytest.raises(BundleError, match=r"tensor 'prompt_learner.ctx' has shape \[4, 64\], expected \[4, 1280\]"):
         load_bundle(wrong_header)
     with pytest.raises(ConfigError, match=r"'laion2b_s39b_b160k' for ViT-bigG-14 is not in the open_clip cache, and it "
@@ -603,6 +604,6 @@ def test_non_finite_stored_tensors_are_named_for_the_scan(bundles, tmp_path, ran
         tensors[key].view(-1)[-1] = float("nan")
         save_file(tensors, str(bundle / "weights.safetensors"))
         if kind == "zeroshot":  # a provider writes a consistent bundle: the encoder's recorded hash matches
-            rewrite(bundle, lambda m: m["image_encoder"].update(sha256=backbone_module.state_dict_sha256(tensors)))
+            rewrite(bundle, lambda m: m["image_encoder"].update(sha256=weights_module.state_dict_sha256(tensors)))
         _, meta = load_bundle(bundle, backbone=random_backbone)
         assert meta["non_finite_tensors"] == {key: 2 if tensors[key].dim() == 1 else tensors[key].shape[-1] + 1}

@@ -32,7 +32,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-import ci_core.models.backbone as backbone_module
+import ci_core.models.weights as weights_module
 from ci_core.cli.common import parse_options
 from ci_core.cli.scan import main as ci_scan
 from ci_core.errors import CIError, ConfigError
@@ -86,8 +86,8 @@ def nothing_runs(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a hostile input made the tool unpickle, open named weights or reach the network")
 
-    for name in ("_load_local_weights", "_is_torchscript", "_load_openai_archive", "reachable"):
-        monkeypatch.setattr(backbone_module, name, refuse)
+    for name in ("load_local_weights", "is_torchscript", "load_openai_archive", "reachable"):
+        monkeypatch.setattr(weights_module, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr("socket.create_connection", refuse)
 

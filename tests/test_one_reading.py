@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ci_core.class_names import MAX_CLASSES, check_class_names, class_key, read_class_list
+from ci_core.models.class_names import MAX_CLASSES, check_class_names, class_key, read_class_list
 from ci_core.cli.common import report_errors
-from ci_core.delivery import read_checkpoint
+from ci_core.models.delivery import read_checkpoint
 from ci_core.errors import BundleError, DataError
 
 from delivery_layout import cocoop_state, save_dassl

@@ -7,8 +7,10 @@ import zipfile
 import pytest
 
 from ci_core.errors import ConfigError
-from ci_core.models import backbone as backbones
-from ci_core.models.backbone import OPENAI_ARCHIVES, OpenAIArchive, file_sha256, load_backbone
+from ci_core.models import weights
+from ci_core.files import file_sha256
+from ci_core.models.backbone import load_backbone
+from ci_core.models.weights import OPENAI_ARCHIVES, OpenAIArchive
 
 from delivery_layout import CreatesFile, torchscript_archive
 
@@ -62,4 +64,4 @@ def test_an_openai_archive_implies_quick_gelu(tmp_path, traced, random_backbone,
     path = traced
     monkeypatch.setitem(OPENAI_ARCHIVES, file_sha256(path), OpenAIArchive("tiny", random_backbone.name))
     assert load_backbone(random_backbone.name, str(path)).quick_gelu
-    assert backbones._is_torchscript(path) and not backbones._is_torchscript(tmp_path)
+    assert weights.is_torchscript(path) and not weights.is_torchscript(tmp_path)

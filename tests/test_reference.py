@@ -15,9 +15,10 @@ from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Inversion
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.reference import ReferenceCache, reference_spec, run_reference, spec_hash
-from ci_core.scan import UNSCANNABLE, class_generator, scan
-from ci_core.scan_report import BundleIdentity, ScanContext, ScanReport
+from ci_core.scanning.reference import ReferenceCache, reference_spec, run_reference, spec_hash
+from ci_core.scanning.inversion import class_generator
+from ci_core.scanning.scan import UNSCANNABLE, scan
+from ci_core.scanning.scan_report import BundleIdentity, ScanContext, ScanReport
 from ci_core.triggers import AdditiveTrigger
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.reference_scoring import ReferenceOutlierScorer, outlier_p_values, studentized_residuals

@@ -18,15 +18,17 @@ from ci_core.cli.repair import main as ci_repair
 from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import load_pool
 from ci_core.errors import BundleError, ConfigError, DataError
-from ci_core.evaluation import accuracy, attack_success_rates
+from ci_core.learning.evaluation import accuracy, attack_success_rates
 from ci_core.interfaces import ClassEvidence, Scores
 from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import bundle_sha256, load_bundle, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict
-from ci_core.scan_report import BundleIdentity, ScanContext, write_scan
+from ci_core.scanning.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scanning.inversion import PoolHealth
+from ci_core.scanning.scan import ScanResult, ScorerVerdict
+from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan_report import BundleIdentity, ScanContext
 from ci_core.triggers import AdditiveTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ci_core.errors import BundleError
-from ci_core.safe_pickle import Opaque, TensorRef, open_archive, opaque_name, script_tensors
+from ci_core.models.safe_pickle import Opaque, TensorRef, open_archive, opaque_name, script_tensors
 
 from delivery_layout import CreatesFile, MeterLog, RunsCode, save_dassl, torchscript_archive
 

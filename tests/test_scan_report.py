@@ -35,10 +35,12 @@ from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.pages import visible_text
 from ci_core.pages.scan_page import write_scan_page
-from ci_core.scan import PoolHealth, ScanResult, ScorerVerdict
-from ci_core.scan_report import (SCHEMA_PATH, SCHEMA_VERSION, BundleIdentity, ScanContext, ScanReport,
-                                 read_scan_report, report_schema, write_scan)
-from ci_core.scan_triggers import ScanTriggers
+from ci_core.scanning.inversion import PoolHealth
+from ci_core.scanning.scan import ScanResult, ScorerVerdict
+from ci_core.scanning.scan_report import (SCHEMA_PATH, SCHEMA_VERSION, BundleIdentity, ScanContext, ScanReport,
+                                          read_scan_report, report_schema)
+from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan_triggers import ScanTriggers
 from ci_core.triggers import AdditiveTrigger
 
 CLASSES = ("red circle", "blue square", "green star", "pink ring", "cyan cross")

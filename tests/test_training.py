@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ci_core.plugins import registry
-from ci_core.training import CROP_AREA, CROP_RATIO, _crop_box, augment_batch
+from ci_core.learning.training import CROP_AREA, CROP_RATIO, _crop_box, augment_batch
 
 
 def test_crop_boxes_follow_dasslS_area_and_ratio_ranges():
@@ -51,7 +51,7 @@ def test_attacks_augment_on_real_backbones_and_not_on_the_tiny_world():
 def test_prompt_tuning_with_and_without_augmentation_trains(random_backbone, augment):
     from ci_core.data.datasets import LabeledImages
     from ci_core.models.cocoop import PromptTunedCLIP
-    from ci_core.training import PromptTuningConfig, prompt_tune
+    from ci_core.learning.training import PromptTuningConfig, prompt_tune
 
     torch.manual_seed(0)
     model = PromptTunedCLIP(random_backbone)

@@ -10,21 +10,23 @@ import click
 from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
 from ci_core.harness.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
-                                echo_table, open_dataset, parse_options, report_errors, resolve_device, resolve_runtime,
+                                echo_table, parse_options, report_errors, resolve_device, resolve_runtime,
                                 runtime_options)
 from ci_core.data.datasets import TINY_DATASETS
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
-from ci_core.models.backbone import BUILTIN, TINY_MODEL, load_backbone
+from ci_core.models.backbone import TINY_MODEL, load_backbone
+from ci_core.models.weights import BUILTIN
 from ci_core.files import check_output_folder, publishing, write_json_atomic
-from ci_core.plugins import KINDS, registry
-from ci_core.reference import ReferenceCache, default_cache_dir, run_reference
-from ci_core.scan import scan
-from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext, write_scan
-from ci_core.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target, load_task, pool_sizes,
-                              preset_for, sample_candidates, train_and_save)
+from ci_core.plugins import KINDS, open_dataset, registry
+from ci_core.scanning.reference import ReferenceCache, default_cache_dir, run_reference
+from ci_core.scanning.scan import scan
+from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
+from ci_core.learning.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target,
+                                       load_task, pool_sizes, preset_for, sample_candidates, train_and_save)
 
 DEMO_MARKER = "demo.json"
 DEMO_OUTPUT = "demo"

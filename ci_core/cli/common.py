@@ -12,11 +12,10 @@ from pathlib import Path
 import click
 
 from ci_core.data.coop import DATA_ROOT_ENV
-from ci_core.data.datasets import Dataset
 from ci_core.errors import CIError, ConfigError
-from ci_core.plugins import registry
 from ci_core.validators import printable
-from ci_core.models.backbone import BUILTIN, TINY_MODEL
+from ci_core.models.backbone import TINY_MODEL
+from ci_core.models.weights import BUILTIN
 from ci_core.runtime import Runtime, StderrProgress, configure_threads, resolve_device, resolve_runtime  # noqa: F401
 
 
@@ -71,11 +70,6 @@ def data_root_option(func):
         help="Folder holding the CoOp-layout datasets (imagenet/, caltech-101/, oxford_pets/, ...); "
              "needed by every dataset that is not built in.",
     )(func)
-
-
-def open_dataset(name: str, data_root: Path | None) -> Dataset:
-    """The registered dataset ``name``, reading its files under ``data_root`` if it has any."""
-    return registry().get("dataset", name).open(data_root)
 
 
 def runtime_options(func):

@@ -2,7 +2,7 @@
 
 CHECKPOINT is a checkpoint file (``model.pth.tar-N``) or a Dassl output folder
 (its ``prompt_learner/`` latest checkpoint is taken).  Nothing in it is run:
-see ``ci_core.delivery`` and ``ci_core.safe_pickle``.  The training classes are
+see ``ci_core.models.delivery`` and ``ci_core.models.safe_pickle``.  The training classes are
 recovered from the checkpoint's token embeddings, printed, and checked against
 ``--classes``.  With ``--trigger``, BadCLIP's trigger checkpoint (or its
 ``trigger/`` folder) is written beside the bundle in the project's trigger
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import click
 
-from ci_core.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.cli.common import configure_threads, one_line, report_errors
-from ci_core.delivery import default_backbone, import_checkpoint, import_trigger
+from ci_core.models.delivery import default_backbone, import_checkpoint, import_trigger
 from ci_core.errors import BundleError
 from ci_core.models.backbone import load_backbone
 from ci_core.models.bundle import save_bundle

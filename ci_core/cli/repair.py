@@ -11,7 +11,6 @@ trigger for ĉ (and with a ground-truth trigger, given ``--trigger``).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Sequence
@@ -24,16 +23,17 @@ from ci_core.cli.common import (StderrProgress, backbone_options, configure_thre
 from ci_core.data.datasets import LabeledImages, base_new_split
 from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, describe_unreadable, read_image
 from ci_core.errors import ConfigError, DataError
-from ci_core.evaluation import accuracy, attack_success_rates
+from ci_core.learning.evaluation import accuracy, attack_success_rates
+from ci_core.files import write_json_atomic
 from ci_core.interfaces import to_json
 from ci_core.models.backbone import TINY_MODEL
 from ci_core.models.bundle import load_bundle, read_meta, save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.plugins import registry
-from ci_core.scan_triggers import ScanTriggers, check_flagged, check_same_bundle, choose_trigger
+from ci_core.scanning.scan_triggers import ScanTriggers, check_flagged, check_same_bundle, choose_trigger
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
-from ci_core.protocol import preset_for
+from ci_core.learning.protocol import preset_for
 
 BUILTIN = "builtin"
 # The most images per class --shots and --test-images may ask for: far above the few-shot protocol (1 to 16) and
@@ -279,9 +279,7 @@ def main(bundle, report, data, data_root, repairer, out, shots, seed, options, t
             "true_trigger": str(true_trigger) if true_trigger else None, "shots": shots, "seed": seed,
             "before": before, "after": after,
         }
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(json_path)
+        write_json_atomic(json_path, record)
 
 
 if __name__ == "__main__":

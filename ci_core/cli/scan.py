@@ -9,23 +9,25 @@ import click
 
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
-from ci_core.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.data.ood import load_pool
-from ci_core.delivery import default_backbone, is_checkpoint_delivery, open_model
+from ci_core.models.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
 from ci_core.files import check_output_folder
 from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
-from ci_core.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
-from ci_core.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_class_count, scan, stored_problems
-from ci_core.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext, write_scan
+from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
+from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
+from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
 from ci_core.validators import printable
-from ci_core.protocol import MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes, preset_for
+from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes,
+                                       preset_for)
 
 
 def candidate_classes(path: Path, meta: dict) -> tuple[str, ...]:
-    """The auditor's candidate classes for a bundle, from ``path`` (see ``ci_core.class_names`` for the rules).
+    """The auditor's candidate classes for a bundle, from ``path`` (see ``ci_core.models.class_names`` for the rules).
 
     They need not be classes the bundle lists: its prompt learner (CoCoOp, CoOp with a shared context) or
     zero-shot template is evaluated on any class name, like any new class; so the deployment's real class
@@ -146,7 +148,7 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
-    check_class_count((decider, *also), len(classnames))  # before minutes of work, not after
+    check_scorers((decider, *also), classes=len(classnames), reference=not no_reference)  # before minutes of work
     reference = None
     if not no_reference:
         cache = ReferenceCache(reference_cache or default_cache_dir())

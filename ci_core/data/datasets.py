@@ -10,7 +10,8 @@ from ci_core.data import tiny_world
 from ci_core.data.labeled import SPLITS, LabeledImages, base_new_split, check_counts  # noqa: F401
 from ci_core.errors import DataError
 from ci_core.interfaces import Dataset
-from ci_core.models.backbone import BUILTIN, TINY_MODEL
+from ci_core.models.backbone import TINY_MODEL
+from ci_core.models.weights import BUILTIN
 
 
 class TinyWorldDataset(Dataset):

@@ -25,19 +25,21 @@ from ci_core.harness.store import CELL_FILE, REFERENCE_FILE, SCAN_FOLDER, Store,
 from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
 from ci_core.errors import ConfigError, DataError
-from ci_core.evaluation import evaluate
+from ci_core.learning.evaluation import evaluate
 from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
 from ci_core.models.bundle import bundle_sha256, load_bundle, read_meta, save_bundle
-from ci_core.plugins import registry
-from ci_core.reference import InvalidReference, ReferenceScan, reference_from_json, run_reference
+from ci_core.plugins import open_dataset, registry
+from ci_core.scanning.reference import (InvalidReference, ReferenceCache, ReferenceScan, default_cache_dir,
+                                        reference_from_json, run_reference)
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
-from ci_core.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
-from ci_core.scan import apply_scorer, scan, stored_problems
-from ci_core.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report, write_scan
+from ci_core.scanning.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scanning.scan import apply_scorer, scan, stored_problems
+from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
 from ci_core.plugins import load_trigger
-from ci_core.protocol import (MODEL_BUNDLE, choose_scorers, choose_target, load_task, preset_for, sample_candidates,
-                              train_and_save)
+from ci_core.learning.protocol import (MODEL_BUNDLE, choose_scorers, choose_target, load_task, preset_for,
+                                       sample_candidates, train_and_save)
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,7 +76,7 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
     ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
     if pool.inversion_data == "ood":
         return ood
-    dataset = registry().get("dataset", dataset_name).open(data_root)
+    dataset = open_dataset(dataset_name, data_root)
     per_class = math.ceil(pool.inversion / len(dataset.classnames))
     images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool.inversion]
@@ -127,8 +129,10 @@ def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progre
     with store.writing("reference", cell.key) as work:
         cost = _Cost(device)
         pool = inversion_pool(spec.pool, cell.dataset, cell.data_root, backbone.image_size, spec.seed)
+        # The same cache as ci-scan's (one key: reference_spec's hash): a reference any command computed on this
+        # machine is read, not computed again; the cell keeps its own copy, so a store stands alone.
         reference = run_reference(backbone, spec.template, detector, pool, spec.classnames, seed=spec.seed,
-                                  progress=progress)
+                                  cache=ReferenceCache(default_cache_dir()), progress=progress)
         write_json(work / REFERENCE_FILE, reference.to_json())
         return _file(work, ReferenceRecord(
             key=cell.key, label=cell.label, spec=spec, reference_key=reference.key, pool_sha256=pool.digest(),
@@ -137,7 +141,7 @@ def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progre
 
 
 def read_reference(store: Store, key: str) -> ReferenceScan:
-    """A reference cell's scan, checked against the spec it was computed for (``ci_core.reference``)."""
+    """A reference cell's scan, checked against the spec it was computed for (``ci_core.scanning.reference``)."""
     path = store.reference_file(key)
     data = read_json(path, "reference scan")
     spec = data.get("spec")

@@ -2,7 +2,7 @@
 
 A model cell is one (dataset, attack, seed); a scan cell is one (model, detector,
 ablation setting); a reference cell is the same detector setting run on the
-untuned backbone as a zero-shot classifier (``ci_core.reference``), one per
+untuned backbone as a zero-shot classifier (``ci_core.scanning.reference``), one per
 distinct (classes, pool, seed, detector setting) and shared by every model it
 applies to; a repair cell is one (backdoored model, repairer) and uses
 the ``ci`` scan of that model at the default ablation setting.  Besides the
@@ -36,8 +36,8 @@ from ci_core.interfaces import to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.cocoop import DEFAULT_TEMPLATE
 from ci_core.plugins import Registry
-from ci_core.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, SCAN_SEED, default_target, pool_sizes,
-                              preset_for, scan_candidates)
+from ci_core.learning.protocol import (BENCHMARK_CANDIDATES, MAX_POOL, REFERENCE_SCORER, SCAN_SEED, default_target,
+                                       pool_sizes, preset_for, scan_candidates)
 
 CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor target
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.

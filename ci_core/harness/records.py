@@ -218,7 +218,7 @@ class ModelRecord(Record):
     attack: str
     seed: int
     target: str | None  # the backdoor's target; None for clean models and controls
-    metrics: dict  # ACC and ASR on base and new classes, trigger SSIM (ci_core.evaluation.AttackMetrics)
+    metrics: dict  # ACC and ASR on base and new classes, trigger SSIM (ci_core.learning.evaluation.AttackMetrics)
     trigger: str | None  # the ground-truth trigger's kind
     bundle_sha256: str
     base_classes: list = attrs.Factory(list)
@@ -234,7 +234,7 @@ class ReferenceRecord(Record):
     NESTED = {"spec": ReferenceSpec.from_json}
 
     spec: ReferenceSpec
-    reference_key: str  # the reference scan's own key (ci_core.reference: what a cache would file it under)
+    reference_key: str  # the reference scan's own key (ci_core.scanning.reference: what a cache would file it under)
     pool_sha256: str
     detector: str
     n_classes: int

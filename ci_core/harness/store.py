@@ -6,7 +6,7 @@ Layout of a store folder::
     models/<key>/cell.json     a trained model: its spec, metrics, target ...
     models/<key>/bundle/       ... the model bundle, and trigger.safetensors (+ .json) unless clean
     references/<key>/cell.json the detector run on the untuned backbone (zero-shot) ...
-    references/<key>/reference.json  ... its per-class evidence (ci_core.reference)
+    references/<key>/reference.json  ... its per-class evidence (ci_core.scanning.reference)
     scans/<key>/cell.json      a scan of one model by one detector: its spec and verdict ...
     scans/<key>/scan/          ... report.json and the reconstructed triggers
     repairs/<key>/cell.json    a repair of one model by one repairer: ACC and ASR before and after ...
@@ -34,15 +34,14 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 from ci_core.errors import ConfigError
-from ci_core.files import file_sha256, read_json_object, write_json_atomic
+from ci_core.files import file_sha256, read_json_object, temporary_folder, write_json_atomic
 from ci_core.harness.records import RECORDS, VERSION, Record, spec_hash  # noqa: F401  (VERSION: the store's)
-from ci_core.protocol import MODEL_BUNDLE, MODEL_TRIGGER
+from ci_core.learning.protocol import MODEL_BUNDLE, MODEL_TRIGGER
 
 FORMAT = "ci-bench-store"
 MARKER = "store.json"
@@ -51,7 +50,7 @@ MANIFEST = "manifest.json"
 KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs"}
 # What a finished cell holds besides cell.json and manifest.json.
 SCAN_FOLDER = "scan"  # a scan cell's scan output (report.json, triggers/)
-REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.reference)
+REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.scanning.reference)
 
 
 def write_json(path: Path, data) -> None:
@@ -231,11 +230,9 @@ class Store:
 
         The body must write ``cell.json``; the manifest is written after it.  On any exception the folder is removed.
         """
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
         final = self.cell_dir(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_root))
-        try:
+        with temporary_folder(self.tmp_root, f"{key}.") as work:
             yield work
             if not (work / CELL_FILE).is_file():
                 raise RuntimeError(f"cell {key}: {CELL_FILE} was not written")
@@ -245,9 +242,6 @@ class Store:
                 shutil.rmtree(work)
             else:
                 _rename(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
         with contextlib.suppress(FileNotFoundError):
             self.failure_path(key).unlink()
 

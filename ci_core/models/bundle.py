@@ -42,8 +42,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -54,9 +52,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from ci_core.errors import BundleError, ConfigError
-from ci_core.files import read_json_object
-from ci_core.models.backbone import (BUILTIN, QUICKGELU_SUFFIX, Backbone, TextEncoding, architecture, load_backbone,
-                                     random_seed, state_dict_sha256)
+from ci_core.files import read_json_object, temporary_folder
+from ci_core.models.backbone import Backbone, TextEncoding, architecture, load_backbone
+from ci_core.models.weights import BUILTIN, QUICKGELU_SUFFIX, random_seed, state_dict_sha256
 from ci_core.models.bundle_schema import (COCOOP, COOP, FORMAT, MAX_META_BYTES, VERSION, ZEROSHOT, check_meta,
                                           expected_tensors)
 from ci_core.models.cocoop import DEFAULT_TEMPLATE, PromptTunedCLIP
@@ -129,15 +127,10 @@ def save_bundle(model: BundledModel, classnames: Sequence[str], path: str | Path
     meta, tensors = bundle_meta(model, classnames, base_classes=base_classes, template=template, where=path)
     if source is not None:
         meta["source"] = source
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with temporary_folder(path.parent, f".{path.name}.") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from ci_core.class_names import MAX_CLASSES, MAX_NAME_CHARS, check_class_names
+from ci_core.models.class_names import MAX_CLASSES, MAX_NAME_CHARS, check_class_names
 from ci_core.errors import BundleError, ConfigError
 from ci_core.models.backbone import Architecture, architecture
 from ci_core.models.coop import POSITIONS
@@ -256,7 +256,7 @@ def check_meta(meta: dict, meta_path: Path) -> dict:
     """
     meta["kind"] = check_schema(meta, meta_path)
     names = meta["classnames"]
-    # The rules of every class list (ci_core.class_names): printable, no twins that CLIP reads as one class.
+    # The rules of every class list (ci_core.models.class_names): printable, no twins that CLIP reads as one class.
     check_class_names(names, f"{meta_path}: 'classnames'", BundleError)
     base = meta.get("base_classes")
     if base is not None:

@@ -28,7 +28,6 @@ trigger and budget in this toolkit is in pixel units (4/255 means 4/255).
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import Sequence
 
@@ -296,14 +295,9 @@ class PromptTunedCLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot.repeat(batch)]
         return self._project(x).view(batch, n_classes, -1)
 
-    def _autocast(self):
-        if self.text_encoding.bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """(B, K) logits of pixel-space images over ``classnames`` (paper Eq. 2, before the softmax)."""
-        with self._autocast():
+        with self.text_encoding.autocast():
             features = self.image_features(images)
             text = self.encode_prompts(self.prompt_learner(features), self.class_prompts(classnames))
             logits = self.clip.logit_scale.exp() * torch.einsum("bd,bkd->bk", features, text)

@@ -23,7 +23,6 @@ The model offers what the scanner, the evaluation and the detectors use of a
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -176,7 +175,7 @@ class CoOpCLIP(nn.Module):
             return self._text_cache[key]
         prompts, eot = self.prompts(classnames)
         step = self._classes_per_chunk(prompts.shape[1], grad)
-        with self._autocast():
+        with self.text_encoding.autocast():
             parts = [self._encode(prompts[i:i + step], eot[i:i + step]) for i in range(0, len(classnames), step)]
         features = F.normalize(torch.cat(parts).float(), dim=-1)
         if not grad:
@@ -184,14 +183,9 @@ class CoOpCLIP(nn.Module):
             self._text_cache = {key: features}  # one class list at a time: a scan uses one
         return features
 
-    def _autocast(self):
-        if self.text_encoding.bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """(B, K) logits of pixel-space images over ``classnames``."""
-        with self._autocast():
+        with self.text_encoding.autocast():
             features = self.image_features(images)
         text = self.text_features(classnames)
         return (self.clip.logit_scale.exp() * features.float() @ text.t()).float()

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ci_core.pages import file_data_uri, format_number, new_figure, plain_label, png_data_uri, render
-from ci_core.scan import BACKDOORED, CLEAN, MIN_SPREAD_RATIO, UNSCANNABLE
+from ci_core.scanning.inversion import MIN_SPREAD_RATIO
+from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
 
 if TYPE_CHECKING:
-    from ci_core.scan_report import ScanReport
+    from ci_core.scanning.scan_report import ScanReport
 
 PAGE_FILE = "report.html"
 TOP_CLASSES = 5  # trigger strips and loss traces shown for this many of the most anomalous classes

@@ -21,9 +21,9 @@ from ci_core.harness.records import ModelRecord, ScanRecord
 from ci_core.harness.store import Store
 from ci_core.interfaces import to_json
 from ci_core.plugins import registry
-from ci_core.protocol import REFERENCE_SCORER
-from ci_core.scan import UNSCANNABLE, apply_scorer
-from ci_core.scan_report import REPORT_FILE, read_scan_report
+from ci_core.learning.protocol import REFERENCE_SCORER
+from ci_core.scanning.scan import UNSCANNABLE, apply_scorer
+from ci_core.scanning.scan_report import REPORT_FILE, read_scan_report
 
 
 @attrs.frozen(kw_only=True, eq=False)

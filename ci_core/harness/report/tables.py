@@ -21,8 +21,8 @@ from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pea
                                         roc_curve, youden_threshold)
 from ci_core.harness.store import Store
 from ci_core.plugins import registry
-from ci_core.protocol import REFERENCE_SCORER
-from ci_core.scan import UNSCANNABLE
+from ci_core.learning.protocol import REFERENCE_SCORER
+from ci_core.scanning.scan import UNSCANNABLE
 
 IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
 WORKS = 0.5  # ASR on seen or on unseen classes from which a backdoor counts as working in the verdict table

@@ -27,7 +27,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ci_core.cost_inversion import optimise_under_cost
+from ci_core.scanning.cost_inversion import optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
 from ci_core.validators import boolean, integer, number
 from ci_detectors_nc.schedule import CostSchedule

@@ -12,7 +12,7 @@ Follows ``Visualizer.visualize`` of bolunwang/backdoor step for step:
    it to ``init_cost`` (and reset the up/down counters and flags);
 4. ``patience`` consecutive steps at ASR >= threshold multiply the cost by
    ``multiplier``; ``patience`` consecutive steps below divide it by
-   ``multiplier ** 1.5`` (``ci_core.cost_inversion.CostBalancer``, which
+   ``multiplier ** 1.5`` (``ci_core.scanning.cost_inversion.CostBalancer``, which
    Pixel Backdoor balances its cost with too).
 """
 
@@ -22,7 +22,7 @@ import math
 
 import attrs
 
-from ci_core.cost_inversion import CostBalancer
+from ci_core.scanning.cost_inversion import CostBalancer
 
 
 @attrs.frozen

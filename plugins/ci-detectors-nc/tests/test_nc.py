@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ci_core import contracts
+from ci_core import contracts, testing
 from ci_core.plugins import registry
 
 FOLDER = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ FOLDER = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def distribution():
-    with contracts.source_distribution(FOLDER) as dist:
+    with testing.source_distribution(FOLDER) as dist:
         yield dist
 
 
@@ -27,7 +27,7 @@ def test_it_registers_through_clip_inspector_entry_points(distribution):
     assert distribution.metadata["Name"] == "ci-detectors-nc"
     assert [(ep.group, ep.name, ep.value) for ep in distribution.entry_points] == [
         ("clip_inspector", "ci_detectors_nc", "ci_detectors_nc.plugin")]
-    entries = {(e.kind, e.name): e for e in contracts.registered_by(distribution)}
+    entries = {(e.kind, e.name): e for e in testing.registered_by(distribution)}
     assert set(entries) == {("detector", "nc"), ("trigger", "mask-pattern")}
     assert {e.distribution for e in entries.values()} == {f"ci-detectors-nc {distribution.version}"}
     assert entries[("detector", "nc")].cls.__module__ == "ci_detectors_nc.detector"

@@ -30,7 +30,7 @@ import math
 import attrs
 import torch
 
-from ci_core.cost_inversion import CostBalancer, optimise_under_cost
+from ci_core.scanning.cost_inversion import CostBalancer, optimise_under_cost
 from ci_core.interfaces import Detector, Inversion
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import integer, number

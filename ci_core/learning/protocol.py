@@ -16,7 +16,7 @@ import torch
 
 from ci_core.data.datasets import Dataset, LabeledImages, base_new_split
 from ci_core.errors import ConfigError
-from ci_core.evaluation import AttackMetrics, evaluate
+from ci_core.learning.evaluation import AttackMetrics, evaluate
 from ci_core.interfaces import Attack, AttackOutcome, Detector, Progress, Scorer, silent, to_json
 from ci_core.models.bundle import bundle_sha256, read_meta, save_bundle
 from ci_core.runtime import Stopwatch
@@ -195,9 +195,10 @@ def choose_scorers(plugins, detector: Detector | type[Detector], *, scorer: str 
     own = detector.default_scorer
     name = scorer or (REFERENCE_SCORER if reference else own)
     decider_cls = plugins.get("scorer", name)
-    if decider_cls.needs_reference and not reference:
-        raise ConfigError(f"{option_flag} {name}: this scorer compares the model with its reference scan, which "
-                          f"--no-reference skips; drop --no-reference or choose a scorer such as {own!r}")
+    try:
+        decider_cls.check_inputs(reference=reference)
+    except ConfigError as exc:
+        raise ConfigError(f"{option_flag} {name}: {exc} such as {own!r}") from None
     decider = decider_cls.from_options({**configs.get(name, {}), **(options or {})}, preset=preset)
     also = () if name == own else (plugins.get("scorer", own).from_options(configs.get(own), preset=preset),)
     return decider, also

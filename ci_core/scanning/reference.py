@@ -12,7 +12,8 @@ The reference of a model is ``ZeroShotCLIP(backbone, template)``: CLIP's own
 zero-shot classifier with the bundle's template ("a photo of a {}."), over the
 same candidate classes, OOD pool, seed and detector config, each class drawing
 the same trigger initialisation and batch order as in the model's scan
-(``ci_core.scan.class_generator``).  For a zero-shot bundle (an image encoder
+(``ci_core.scanning.inversion.class_generator``: the loop of
+``ci_core.scanning.inversion`` is the one the model's scan runs).  For a zero-shot bundle (an image encoder
 fine-tuned by the provider) the reference is the backbone it was fine-tuned
 from, the same thing.
 
@@ -35,7 +36,6 @@ a file another user owns or can read), the cache is not used at all.
 from __future__ import annotations
 
 import hmac
-import math
 import os
 import secrets
 import stat
@@ -51,8 +51,8 @@ from ci_core.keys import backbone_key, canonical_json, spec_hash
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent, to_json
 from ci_core.models.backbone import Backbone
 from ci_core.models.zeroshot import ZeroShotCLIP
-from ci_core.scan import PoolHealth, invert_classes, pool_health
-from ci_core.scan_report import evidence_from_json
+from ci_core.scanning.inversion import PoolHealth, evidence_from_json, health_from_json, invert_classes, pool_health
+from ci_core.json_fields import JsonFields
 
 # 2: per-class margins on T; the backbone key holds QuickGELU, image size and statistics; entries carry the
 # machine's HMAC.  Entries of 1 lack all three and are computed again.
@@ -115,14 +115,6 @@ class InvalidReference(CIError):
     """A stored reference that does not check out (never trusted; recomputed instead)."""
 
 
-def _number(value: Any, where: str, *, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidReference(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
-
-
 def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> ReferenceScan:
     """A stored reference, checked field by field against the ``spec`` it must have been computed for."""
     if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
@@ -135,19 +127,12 @@ def reference_from_json(data: Any, spec: Mapping[str, Any], source: str) -> Refe
     rows = result.get("classes")
     if not isinstance(rows, list) or [r.get("name") if isinstance(r, dict) else None for r in rows] != spec["classnames"]:
         raise InvalidReference(f"{source}: its classes are not the ones of its spec")
-    # The rows are read as a scan report's are (ci_core.scan_report): one parser of per-class evidence.
+    # The rows and the pool health are read as a scan report's are (ci_core.scanning.inversion): one parser of each.
     classes = [evidence_from_json(row, f"{source}: classes[{index}]", InvalidReference) for index, row in enumerate(rows)]
-    health = result.get("health")
-    if not isinstance(health, dict):
-        raise InvalidReference(f"{source}: no pool health")
-    try:
-        health = PoolHealth(images=int(health["images"]), non_finite=int(health["non_finite"]),
-                            spread=_number(health.get("spread"), source, optional=True),
-                            context_ratio=_number(health.get("context_ratio"), source, optional=True))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidReference(f"{source}: bad pool health ({exc})") from None
-    return ReferenceScan(spec=dict(spec), classes=tuple(classes), health=health,
-                         seconds=_number(result.get("seconds"), source), cached=True)
+    read = JsonFields(result, source, InvalidReference)
+    health = health_from_json(read.child("health"))
+    return ReferenceScan(spec=dict(spec), classes=tuple(classes), health=health, seconds=read.number("seconds"),
+                         cached=True)
 
 
 KEY_FILE = ".hmac-key"

@@ -11,7 +11,7 @@ The file read is the one CoCoOp's evaluation loads (``resolve_checkpoint``), and
 the keys are read as its ``load_state_dict(strict=False)`` reads them; where a
 delivery has two readings it is refused (see docs/checkpoints.md, "One reading").
 Each checkpoint is ``{"state_dict", "epoch", "optimizer", "scheduler",
-"val_result"}``.  It is read by ``ci_core.safe_pickle``, which runs nothing:
+"val_result"}``.  It is read by ``ci_core.models.safe_pickle``, which runs nothing:
 only the tensors of ``state_dict`` are taken; the other entries, and every
 object of a class the reader would not import, are skipped and reported.
 
@@ -45,14 +45,15 @@ import attrs
 import open_clip
 import torch
 
-from ci_core.class_names import read_class_list
+from ci_core.models.class_names import read_class_list
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.files import file_sha256
-from ci_core.models.backbone import BUILTIN, DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
+from ci_core.models.backbone import DEFAULT_REAL, TINY_MODEL, Backbone, TextEncoding, load_backbone
+from ci_core.models.weights import BUILTIN
 from ci_core.models.bundle import META_FILE, bundle_meta, non_finite_tensors
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.models.coop import POSITIONS, CoOpCLIP
-from ci_core.safe_pickle import TensorRef, open_archive, opaque_name
+from ci_core.models.safe_pickle import TensorRef, open_archive, opaque_name
 from ci_core.triggers import AdditiveTrigger
 from ci_core.validators import printable
 

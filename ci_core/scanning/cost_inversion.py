@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ci_core.models.zeroshot import CLIPClassifier
-from ci_core.training import epoch_batches
+from ci_core.learning.training import epoch_batches
 
 
 class CostBalancer:

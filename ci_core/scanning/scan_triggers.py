@@ -1,7 +1,7 @@
 """What a repair takes from a scan: the per-class triggers and scores, and which one a repairer gets.
 
 A scan folder (``report.json`` and ``triggers/NNN_name.safetensors``, written by
-``ci_core.scan_report.write_scan`` and read through ``ScanReport``) or an in-memory ``ScanResult`` becomes a
+``ci_core.pages.scan_output.write_scan`` and read through ``ScanReport``) or an in-memory ``ScanResult`` becomes a
 ``ScanTriggers``: the classes, their anomaly scores, the most anomalous class
 ĉ, the hash of the bundle that was scanned, and a loader for each class's
 trigger.  ``check_same_bundle`` refuses a scan made for other weights.
@@ -24,8 +24,8 @@ import attrs
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
-from ci_core.scan import ScanResult
-from ci_core.scan_report import REPORT_FILE, TRIGGERS_DIR, read_scan_report
+from ci_core.scanning.scan import ScanResult
+from ci_core.scanning.scan_report import REPORT_FILE, TRIGGERS_DIR, read_scan_report
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
 

@@ -22,24 +22,23 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import attrs
-import torch
-from torchvision.utils import save_image
 
 from ci_core.data.ood import OODPool
 from ci_core.errors import DataError
-from ci_core.files import publishing, read_json_object, slug, write_json_atomic
+from ci_core.files import read_json_object, slug
 from ci_core.interfaces import ClassEvidence
-from ci_core.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, PoolHealth, ScanResult, ScorerVerdict
+from ci_core.scanning.inversion import PoolHealth, evidence_from_json, health_from_json, health_to_json
+from ci_core.json_fields import JsonFields
+from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE, ScanResult, ScorerVerdict
 
 FORMAT = "clip-inspector-scan-report"
 SCHEMA_VERSION = 2  # 1: the untyped layout of toolkit 0.3 and earlier, which had no schema_version
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "scan-report.schema.json"
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "scan-report.schema.json"
 REPORT_FILE = "report.json"
 PAGE_FILE = "report.html"
 TRIGGERS_DIR = "triggers"
@@ -55,98 +54,6 @@ def toolkit_version() -> str:
         return "unknown"
 
 
-# --------------------------------------------------------------------------- reading values
-
-class _Reader:
-    """Field-by-field reading of one JSON object, every error naming the file and the key."""
-
-    def __init__(self, data: Any, where: str, error: type[Exception] = DataError):
-        if not isinstance(data, dict):
-            raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
-        self.data, self.where, self.error = data, where, error
-
-    def fail(self, key: str, expected: str, value: Any) -> None:
-        shown = repr(value)
-        raise self.error(f"{self.where}: '{key}' must be {expected}, got {shown[:80]}{'...' if len(shown) > 80 else ''}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def number(self, key: str, *, optional: bool = False, default: Any = None) -> float | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.fail(key, "a finite number" + (" or null" if optional else ""), value)
-        return float(value)
-
-    def integer(self, key: str, *, optional: bool = False, default: Any = None) -> int | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, "an integer" + (" or null" if optional else ""), value)
-        return int(value)
-
-    def text(self, key: str, *, optional: bool = False, default: Any = None) -> str | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            self.fail(key, "a string" + (" or null" if optional else ""), value)
-        return value
-
-    def flag(self, key: str, *, optional: bool = False, default: Any = None) -> bool | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, bool):
-            self.fail(key, "true or false" + (" or null" if optional else ""), value)
-        return value
-
-    def texts(self, key: str, *, default: Any = None) -> tuple[str, ...]:
-        value = self.data.get(key, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.fail(key, "a list of strings", value)
-        return tuple(value)
-
-    def numbers(self, key: str, *, default: Any = None) -> tuple[float, ...]:
-        value = self.data.get(key, default)
-        if not isinstance(value, list) or not all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in value):
-            self.fail(key, "a list of finite numbers", value)
-        return tuple(float(v) for v in value)
-
-    def mapping(self, key: str, *, optional: bool = False, default: Any = None) -> dict | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, dict):
-            self.fail(key, "a JSON object" + (" or null" if optional else ""), value)
-        return value
-
-    def rows(self, key: str) -> list:
-        value = self.data.get(key)
-        if not isinstance(value, list):
-            self.fail(key, "a list", value)
-        return value
-
-    def child(self, key: str, *, optional: bool = False) -> "_Reader | None":
-        value = self.mapping(key, optional=optional)
-        return None if value is None else _Reader(value, f"{self.where}: {key}", self.error)
-
-
-def evidence_from_json(row: Any, where: str, error: type[Exception] = DataError) -> ClassEvidence:
-    """One class's measured evidence (no trigger), as a scan report or a cached reference stores it."""
-    read = _Reader(row, where, error)
-    name = read.text("name")
-    read.where = f"{where}: class {name!r}"
-    return ClassEvidence(name=name, asr=read.number("asr"), loss=read.number("loss"),
-                         statistic=read.number("statistic", optional=True), ssim=read.number("ssim"),
-                         seconds=read.number("seconds"), loss_trace=read.numbers("loss_trace", default=[]),
-                         margin=read.number("margin", optional=True))
-
-
 # --------------------------------------------------------------------------- the parts of a report
 
 
@@ -159,7 +66,7 @@ class BundleIdentity:
     checkpoint: str | None = None  # a CoOp/CoCoOp checkpoint delivery: the file read
     model_cell: str | None = None  # a benchmark scan: the store's model cell
     # A checkpoint delivery: the state_dict keys read (as stored) and what else its folder holds: the one
-    # reading the scan made of it (ci_core.delivery).
+    # reading the scan made of it (ci_core.models.delivery).
     state_dict_keys: tuple[str, ...] = ()
     folder_files: tuple[str, ...] = ()
 
@@ -170,7 +77,7 @@ class BundleIdentity:
         return out
 
     @classmethod
-    def from_json(cls, read: _Reader) -> "BundleIdentity":
+    def from_json(cls, read: JsonFields) -> "BundleIdentity":
         return cls(path=read.text("path", optional=True), sha256=read.text("sha256", optional=True),
                    checkpoint=read.text("checkpoint", optional=True), model_cell=read.text("model_cell", optional=True),
                    state_dict_keys=read.texts("state_dict_keys", default=[]),
@@ -194,7 +101,7 @@ class BackboneIdentity:
         return attrs.asdict(self)
 
     @classmethod
-    def from_json(cls, read: _Reader) -> "BackboneIdentity":
+    def from_json(cls, read: JsonFields) -> "BackboneIdentity":
         return cls(name=read.text("name"), pretrained=read.text("pretrained", optional=True),
                    quick_gelu=read.flag("quick_gelu", optional=True), weights_sha256=read.text("weights_sha256",
                                                                                               optional=True))
@@ -223,7 +130,7 @@ class PoolInfo:
         return {**attrs.asdict(self), "skipped_files": list(self.skipped_files)}
 
     @classmethod
-    def from_json(cls, read: _Reader) -> "PoolInfo":
+    def from_json(cls, read: JsonFields) -> "PoolInfo":
         return cls(source=read.text("source"), inversion=read.integer("inversion"), holdout=read.integer("holdout"),
                    sha256=read.text("sha256", optional=True),
                    image_files_found=read.integer("image_files_found", optional=True),
@@ -244,16 +151,6 @@ class ScanContext:
     command: str | None
     toolkit_version: str = attrs.field(factory=toolkit_version)
     created: str = attrs.field(factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
-def _health_from_json(read: _Reader) -> PoolHealth:
-    return PoolHealth(images=read.integer("images"), non_finite=read.integer("non_finite"),
-                      spread=read.number("spread", optional=True),
-                      context_ratio=read.number("context_ratio", optional=True))
-
-
-def _health_to_json(health: PoolHealth) -> dict:
-    return attrs.asdict(health)
 
 
 @attrs.frozen(kw_only=True)
@@ -298,7 +195,7 @@ class ScorerResult:
                 "rule": self.rule, "per_class": {k: list(v) for k, v in self.per_class.items()}}
 
     @classmethod
-    def from_json(cls, read: _Reader, classnames: Sequence[str], legacy_scores: tuple[float, ...] | None) -> "ScorerResult":
+    def from_json(cls, read: JsonFields, classnames: Sequence[str], legacy_scores: tuple[float, ...] | None) -> "ScorerResult":
         per_class = {}
         if legacy_scores is not None:  # layout 1 kept the scores in the class rows only
             per_class["score"] = legacy_scores
@@ -482,9 +379,9 @@ class ScanReport:
             "scorer_config": None if decided is None else decided.config,
             "scorers": {s.scorer: s.to_json() for s in self.scorers},
             "reference": None if self.reference is None else self.reference.to_json(),
-            "pool_health": _health_to_json(self.pool_health),
+            "pool_health": health_to_json(self.pool_health),
             "reference_pool_health": (None if self.reference_pool_health is None
-                                      else _health_to_json(self.reference_pool_health)),
+                                      else health_to_json(self.reference_pool_health)),
             "seconds": self.seconds,
             "classes": rows,
             "bundle": self.bundle.to_json(), "backbone": None if self.backbone is None else self.backbone.to_json(),
@@ -505,7 +402,7 @@ class ScanReport:
                             "toolkit that wrote it, or scan again")
         if version == SCHEMA_VERSION:
             validate_against_schema(data, source)
-        read = _Reader(data, source)
+        read = JsonFields(data, source)
         verdict = read.text("verdict")
         if verdict not in VERDICTS:
             read.fail("verdict", f"one of {list(VERDICTS)}", verdict)
@@ -515,12 +412,12 @@ class ScanReport:
             evidence = evidence_from_json(row, f"{source}: classes[{index}]")
             ref = None
             if "reference_asr" in row:
-                r = _Reader(row, f"{source}: class {evidence.name!r}")
+                r = JsonFields(row, f"{source}: class {evidence.name!r}")
                 ref = ReferenceMeasure(asr=r.number("reference_asr"), loss=r.number("reference_loss"),
                                        statistic=r.number("reference_statistic", optional=True),
                                        loss_trace=r.numbers("reference_loss_trace", default=[]),
                                        margin=r.number("reference_margin", optional=True))
-            trigger_file = _Reader(row, f"{source}: classes[{index}]").text("trigger_file", optional=True)
+            trigger_file = JsonFields(row, f"{source}: classes[{index}]").text("trigger_file", optional=True)
             if trigger_file is not None and not TRIGGER_FILE.fullmatch(trigger_file):
                 raise DataError(f"{source}: classes[{index}].trigger_file {trigger_file[:80]!r} is not a file of the "
                                 f"scan's {TRIGGERS_DIR}/ folder (expected {TRIGGERS_DIR}/NNN_name.safetensors)")
@@ -540,7 +437,7 @@ class ScanReport:
             for name in order:
                 legacy = None
                 if version == 1:
-                    legacy = tuple(_Reader(r.get("scores"), f"{source}: class {c.name!r}: scores").number(name)
+                    legacy = tuple(JsonFields(r.get("scores"), f"{source}: class {c.name!r}: scores").number(name)
                                    for r, c in zip(rows, classes))
                 result = ScorerResult.from_json(table.child(name), names, legacy)
                 if result.scorer != name:
@@ -566,8 +463,8 @@ class ScanReport:
         report = cls(
             schema_version=version, verdict=verdict, unscannable_reasons=read.texts("unscannable_reasons", default=[]),
             detector=read.text("detector"), detector_config=read.mapping("detector_config"), scorers=tuple(scorers),
-            classes=tuple(classes), reference=reference, pool_health=_health_from_json(read.child("pool_health")),
-            reference_pool_health=None if ref_health is None else _health_from_json(ref_health),
+            classes=tuple(classes), reference=reference, pool_health=health_from_json(read.child("pool_health")),
+            reference_pool_health=None if ref_health is None else health_from_json(ref_health),
             seconds=read.number("seconds"),
             bundle=BundleIdentity.from_json(bundle) if bundle is not None else BundleIdentity(path=None, sha256=None),
             backbone=None if backbone is None else BackboneIdentity.from_json(backbone),
@@ -624,40 +521,3 @@ def read_scan_report(path: str | Path) -> ScanReport:
     if not report_path.is_file():
         raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")
     return ScanReport.from_json(read_json_object(report_path, DataError, "a scan report"), str(report_path))
-
-
-# --------------------------------------------------------------------------- writing a scan folder
-
-
-def trigger_strip(examples: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:
-    """Rows of clean images, the same images triggered, and the change amplified to the full range (grey = none)."""
-    delta = triggered - examples
-    scale = float(delta.abs().max())
-    amplified = 0.5 + 0.5 * delta / scale if scale > 0 else torch.full_like(delta, 0.5)
-    return torch.cat([examples, triggered, amplified.clamp(0, 1)])
-
-
-def write_scan(result: ScanResult, out: str | Path, pool: OODPool, context: ScanContext) -> Path:
-    """Write ``report.json``, ``report.html`` and ``triggers/`` (per class: tensors, and an image strip of clean,
-    triggered and amplified-change images) atomically; returns the path of report.json.
-
-    ``out`` may be missing or an earlier scan folder (``ci_core.files.publishing``); nothing else is replaced.
-    """
-    from ci_core.pages.scan_page import write_scan_page  # the page's imports (Jinja2, matplotlib) only when writing
-
-    report = ScanReport.build(result, context, pool)
-    with publishing(out, SCAN_OUTPUT) as tmp:
-        triggers = tmp / TRIGGERS_DIR
-        triggers.mkdir()
-        examples = pool.holdout[:4]
-        for row, evidence in zip(report.classes, result.classes):
-            if row.trigger_file is None:  # a result whose triggers were not kept has none to write
-                continue
-            stem = Path(row.trigger_file).stem
-            evidence.trigger.save(triggers / f"{stem}.safetensors")
-            with torch.no_grad():
-                stamped = evidence.trigger.apply(examples)
-            save_image(trigger_strip(examples, stamped), triggers / f"{stem}.png", nrow=len(examples))
-        write_json_atomic(tmp / REPORT_FILE, report.to_json())
-        write_scan_page(report, tmp)
-    return Path(out).absolute() / REPORT_FILE

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ci_core.bounded_unpickler import BoundedUnpickler
+from ci_core.models.bounded_unpickler import BoundedUnpickler
 from ci_core.errors import CIError
 from ci_core.validators import printable
 

@@ -1,0 +1,1 @@
+"""The scan stage: inverting a trigger per class, the reference, scoring, the report and its files."""
