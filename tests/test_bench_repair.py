@@ -410,3 +410,14 @@ def test_repair_check_counts_removed_backdoors_and_beaten_controls_by_hand():
     table = "\n".join(repair_section(report))
     assert "### Working backdoors: the aim and the controls" in table
     assert "| ci-trigger | siba | 1 | 0/1 | 1/1 |" in table and "left by clean-only" in table
+
+
+def test_the_anomaly_figure_draws_an_attack_whose_every_model_was_unscannable(tmp_path):
+    from ci_core.harness.report.figures import plot_anomaly_scores
+
+    attacks = [{"attack": "clean", "s_max": {"mean": 1.5, "std": 0.2}},
+               {"attack": "tripwire", "s_max": {"mean": None, "std": None}},  # every model unscannable
+               {"attack": "badclip", "s_max": {"mean": 5.0, "std": None}}]
+    report = {"detectors": [{"label": "ci / ref-outlier", "anomaly_by_attack": attacks, "model_level": {"k": None}}]}
+    assert plot_anomaly_scores(report, tmp_path / "anomaly.png")
+    assert (tmp_path / "anomaly.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,10 +42,16 @@ def plot_anomaly_scores(report: dict, path: Path) -> bool:
     for ax, g in zip(axes, groups):
         attacks = g["anomaly_by_attack"]
         names = [a["attack"] for a in attacks]
+        # An attack whose every model was unscannable has no finite s_max: no bar, a label where it would stand.
         means = [a["s_max"]["mean"] for a in attacks]
         errors = [a["s_max"]["std"] or 0.0 for a in attacks]
         colours = ["tab:green" if name == CLEAN_ATTACK else "tab:red" for name in names]
-        ax.bar(range(len(names)), means, yerr=errors, color=colours, capsize=3)
+        shown = [i for i, mean in enumerate(means) if mean is not None]
+        ax.bar(shown, [means[i] for i in shown], yerr=[errors[i] for i in shown],
+               color=[colours[i] for i in shown], capsize=3)
+        for i in sorted(set(range(len(names))) - set(shown)):
+            ax.text(i, 0.05, "unscannable", rotation=90, ha="center", va="bottom", fontsize="small",
+                    transform=ax.get_xaxis_transform())
         if g["model_level"]["k"] is not None:
             ax.axhline(g["model_level"]["k"], linestyle="--", color="black", linewidth=1, label=f"k = {g['model_level']['k']:g}")
             ax.legend(fontsize="small")
