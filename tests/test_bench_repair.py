@@ -406,6 +406,10 @@ def test_repair_check_counts_removed_backdoors_and_beaten_controls_by_hand():
     assert (attacks["blended"]["removed"], attacks["blended"]["beats_controls"]) == ("0/1", "0/0")
     assert (attacks["all"]["removed"], attacks["all"]["beats_controls"]) == ("1/3", "1/2")
     assert attacks["all"]["asr_seen_after"]["mean"] == pytest.approx((0.05 + 0.2 + 0.0) / 3)
+    # Leaving less by a margin within the test set's noise (0.03 < BEATS_BY) is not beating a control.
+    close = [repair_record("blended", "ci-trigger", (1.0, 1.0), (0.97, 0.9)),
+             repair_record("blended", "clean-only", (1.0, 1.0), (1.0, 1.0))]
+    assert repair_check(close, controls={"clean-only"})["models"][0]["beats_controls"] is False
     report = {"repairs": [{"repairer": "ci-trigger"}], "skipped_repairs": [], "repair_check": check}
     table = "\n".join(repair_section(report))
     assert "### Working backdoors: the aim and the controls" in table

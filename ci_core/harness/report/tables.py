@@ -100,7 +100,8 @@ DEFINITIONS = {
         "seen classes fell by at most 0.02. Left by a control: what the control repairer (the same fine-tuning "
         "without the scan's trigger for its top class: clean images only, a random delta, another class's trigger) "
         "left of the backdoor on the same model, as the higher of its ASR seen and unseen after; the repair beats "
-        "the controls when it leaves strictly less than every one of them. Per attack: how many models meet each."),
+        "the controls when it leaves at least 0.05 less than every one of them (a smaller difference is within the "
+        "test set's noise). Per attack: how many models meet each."),
     "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
                   "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
 }
@@ -352,6 +353,9 @@ def _repair_rows(repairs: Sequence[RepairRecord]) -> list[dict]:
 
 REMOVED = 0.10  # the repair aim: the attack's own trigger below this ASR on the seen and on the unseen classes
 ACC_KEPT = 0.02  # ... with clean accuracy on the seen classes at most this much lower than before
+# A repair beats a control when it leaves at least this much less ASR: below it the two are within the sampling
+# noise of a tiny-world test set (sd of an ASR near 0.5 over 200 images: 0.035).
+BEATS_BY = 0.05
 
 
 def _control_repairers(repairs: Sequence[RepairRecord]) -> set[str]:
@@ -376,7 +380,7 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
     Per model and repairer that is not a control: ASR seen / unseen before and after, the ACC change on the seen
     classes, whether the backdoor is removed (both ASR below ``REMOVED``, ACC at most ``ACC_KEPT`` lower) and, per
     control, the backdoor that control left (the higher of its ASR seen and unseen after); the repair beats a
-    control when it leaves strictly less.  Then per repairer and attack, how many of its models meet each.
+    control when it leaves at least ``BEATS_BY`` less.  Then per repairer and attack, how many of its models meet each.
     """
     controls = set(controls)
     working = [r for r in repairs if _works(r)]
@@ -400,7 +404,7 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
                 "asr_unseen_before": record.before.get("asr_new"), "asr_unseen_after": record.after.get("asr_new"),
                 "acc_seen_change": acc_change, "removed": left < REMOVED and acc_change >= -ACC_KEPT,
                 **{f"left_by_{control}": value for control, value in sorted(ran.items())},
-                "beats_controls": None if not ran else all(left < value for value in ran.values()),
+                "beats_controls": None if not ran else all(left <= value - BEATS_BY for value in ran.values()),
                 "scan_hit": record.scan_target == record.true_target})
     attacks = []
     rows_of = lambda rows, field: {value: [r for r in rows if r[field] == value]  # noqa: E731
