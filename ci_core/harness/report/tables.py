@@ -419,7 +419,7 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
                             "asr_seen_after": mean_std(r["asr_seen_after"] for r in part),
                             "asr_unseen_after": mean_std(r["asr_unseen_after"] for r in part),
                             "acc_seen_change": mean_std(r["acc_seen_change"] for r in part)})
-    return {"models": models, "attacks": attacks}
+    return {"attacks": attacks, "models": models}  # the summary first, as the pages show it
 
 
 def build_report(store: Store, scorer_options: dict[str, dict] | None = None) -> dict:
