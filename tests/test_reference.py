@@ -405,3 +405,45 @@ def test_the_robust_fit_holds_its_family_wise_error_under_the_null(n):
         z = robust_residuals(x, y)[0]
         rejections += robust_p_values(x, z).min() <= 0.05
     assert 0.02 <= rejections / trials <= 0.08
+
+
+def test_ci_scan_inverts_on_an_in_distribution_folder_and_names_its_bad_input(tmp_path, bundle_of):
+    from torchvision.utils import save_image
+
+    from ci_core.models.backbone import TINY_IMAGE_SIZE
+
+    images = load_pool("builtin", inversion=10, holdout=1, image_size=TINY_IMAGE_SIZE, seed=5).inversion
+    labelled = tmp_path / "id"
+    for i, image in enumerate(images):  # labelled by subfolder, one spelled with an underscore
+        folder = labelled / ("red_circle" if i % 2 else "blue square")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(image, folder / f"{i}.png")
+    (labelled / "red_circle" / "broken.png").write_bytes(b"not an image")
+    bundle = bundle_of()
+    common = ["--ood", "builtin", "--pool-size", 8, "--holdout", 8, "--option", "batch_size=4", "--quiet",
+              "--reference-cache", tmp_path / "references"]
+    done = run_scan(bundle, *common, "--inversion-images", labelled, "--out", tmp_path / "id-scan")
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    report = json.loads((tmp_path / "id-scan" / "report.json").read_text())
+    assert f"{labelled} (inversion D, in-distribution)" in report["pool"]["source"]
+    assert report["pool"]["inversion"] == 8 and report["pool"]["holdout"] == 8
+    assert f"--inversion-images {labelled}" in report["command"]
+    ood = run_scan(bundle, *common, "--out", tmp_path / "ood-scan")
+    assert json.loads((tmp_path / "ood-scan" / "report.json").read_text())["pool"]["sha256"] != report["pool"]["sha256"]
+
+    (labelled / "dog").mkdir()
+    (labelled / "cat").mkdir()
+    refused = run_scan(bundle, *common, "--inversion-images", labelled, "--out", tmp_path / "refused")
+    assert refused.exit_code == 1 and "subfolders 'cat', 'dog' name no candidate class" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "refused").exists()
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        save_image(images[i], few / f"{i}.png")
+    (few / "junk.jpg").write_bytes(b"\xff\xd8 truncated")
+    short = run_scan(bundle, *common, "--inversion-images", few, "--out", tmp_path / "short")
+    assert short.exit_code == 1, short.output
+    assert f"in-distribution folder {few}: 3 readable images, but the pool needs 8" in short.output
+    assert "1 unreadable" in short.output and not (tmp_path / "short").exists()
+    missing = run_scan(bundle, *common, "--inversion-images", tmp_path / "nowhere", "--out", tmp_path / "m")
+    assert missing.exit_code == 1 and "in-distribution folder" in missing.output and "does not exist" in missing.output

@@ -10,7 +10,7 @@ import click
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
 from ci_core.models.class_names import read_class_list
-from ci_core.data.ood import load_pool
+from ci_core.data.ood import check_folder_labels, load_pool, with_inversion_folder
 from ci_core.models.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
 from ci_core.files import check_output_folder
@@ -56,6 +56,9 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
                       "1 error, 2 bad usage.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--ood", required=True, help="Folder of unlabelled OOD images, or 'builtin' for the tiny world's pool.")
+@click.option("--inversion-images", type=click.Path(path_type=Path),
+              help="A folder of your own in-distribution images to invert on instead of OOD ones (unlabelled, or one "
+                   "subfolder per candidate class); ASR is still measured on the held-out OOD images.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="For a bundle: the candidate classes, one per line (default: the bundle's); any class the "
                    "deployment has, listed by the bundle or not (a class-specific CoOp context: its classes only). "
@@ -91,7 +94,7 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
+def main(bundle, ood, inversion_images, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
          options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
 
@@ -125,6 +128,8 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
     det = detector_cls.from_options(detector_options, preset=preset)
     decider, also = choose_scorers(plugins, det, scorer=scorer, options=scorer_values, preset=preset,
                                    reference=not no_reference)
+    if inversion_images is not None and not delivery:  # a delivery's classes are known once it is opened
+        check_folder_labels(inversion_images, classnames)
     out = check_output_folder(out or Path(f"scan-{Path(bundle).resolve().name}"), SCAN_OUTPUT)
     progress(f"loading {bundle} on {runtime.device}")
     if delivery:
@@ -146,6 +151,9 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
     default_pool, default_holdout = pool_sizes(preset)
     pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
+    if inversion_images is not None:
+        pool = with_inversion_folder(pool, inversion_images, classnames, image_size=model.backbone.image_size,
+                                     seed=seed, progress=progress)
     progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
              f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
     check_scorers((decider, *also), classes=len(classnames), reference=not no_reference)  # before minutes of work
@@ -158,6 +166,7 @@ def main(bundle, ood, classes_file, class_token_position, load_epoch, out, detec
                   known_problems=stored_problems(meta), progress=progress)
     command = shlex.join(
         ["ci-scan", str(bundle), "--ood", str(ood)]
+        + (["--inversion-images", str(inversion_images)] if inversion_images is not None else [])
         + (["--classes", str(classes_file)] if classes_file else [])
         + (["--class-token-position", class_token_position] if delivery else [])
         + ["--out", str(out), "--detector", det.name, "--scorer", decider.name]

@@ -62,16 +62,17 @@ class FolderSample:
 
 
 def load_folder(folder: Path, count: int, size: int, seed: int,
-                progress: Callable[[str], None] | None = None) -> FolderSample:
-    """``count`` readable images sampled from ``folder`` by ``seed``, and the unreadable files met."""
+                progress: Callable[[str], None] | None = None, what: str = "OOD folder") -> FolderSample:
+    """``count`` readable images sampled from ``folder`` by ``seed``, and the unreadable files met; errors name the
+    folder as ``what``."""
     if not folder.is_dir():
-        raise DataError(f"OOD folder {folder} does not exist or is not a directory")
+        raise DataError(f"{what} {folder} does not exist or is not a directory")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"OOD folder {folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
+        raise DataError(f"{what} {folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
     random.Random(seed).shuffle(files)
     images, skipped = [], []
-    reading = ReadProgress(progress, f"OOD folder {folder}", count)
+    reading = ReadProgress(progress, f"{what} {folder}", count)
     for path in files:
         if len(images) == count:
             break
@@ -82,7 +83,7 @@ def load_folder(folder: Path, count: int, size: int, seed: int,
         reading.step(len(images))
     if len(images) < count:
         raise DataError(
-            f"OOD folder {folder}: {len(images)} readable images, but the pool needs {count} "
+            f"{what} {folder}: {len(images)} readable images, but the pool needs {count} "
             f"({len(files)} image files found, {len(skipped)} unreadable)"
         )
     return FolderSample(torch.stack(images), tuple(skipped), len(files))
@@ -116,3 +117,31 @@ def load_pool(source: str | Path, *, inversion: int, holdout: int, image_size: i
         images, skipped, found = sample.images, sample.skipped, sample.files_found
     return OODPool(inversion=images[:inversion], holdout=images[inversion:], source=str(source), skipped=skipped,
                    files_found=found)
+
+
+ID_FOLDER = "in-distribution folder"
+
+
+def check_folder_labels(folder: Path, classnames) -> None:
+    """A folder of in-distribution images is unlabelled, or holds one subfolder per class (the class name, spaces
+    or underscores): a subfolder that names no candidate class is an error naming it."""
+    if not folder.is_dir():
+        raise DataError(f"{ID_FOLDER} {folder} does not exist or is not a directory")
+    known = {name for c in classnames for name in (c, c.replace(" ", "_"))}
+    unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known)
+    if unknown:
+        raise DataError(f"{ID_FOLDER} {folder}: subfolders {', '.join(repr(u) for u in unknown[:10])}"
+                        f"{' ...' if len(unknown) > 10 else ''} name no candidate class (a subfolder is read as a "
+                        "class label; put the images of other classes elsewhere, or give them unlabelled)")
+
+
+def with_inversion_folder(pool: OODPool, folder: Path, classnames, *, image_size: int, seed: int,
+                          progress: Callable[[str], None] | None = None) -> OODPool:
+    """``pool`` with D drawn from the auditor's own in-distribution images in ``folder`` (as many as D had; their
+    labels unused); T stays the held-out OOD images, so ASR is measured as before."""
+    check_folder_labels(folder, classnames)
+    sample = load_folder(folder, len(pool.inversion), image_size, seed, progress, what=ID_FOLDER)
+    return OODPool(inversion=sample.images, holdout=pool.holdout,
+                   source=f"{pool.source} (held-out T); {folder} (inversion D, in-distribution)",
+                   skipped=pool.skipped + tuple(f"{folder}/{s}" for s in sample.skipped),
+                   files_found=pool.files_found)
