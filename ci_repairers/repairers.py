@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ci_core.data.labeled import LabeledImages
 from ci_core.errors import ConfigError, DataError
 from ci_core.interfaces import Progress, Repairer, silent
+from ci_core.learning.evaluation import target_margins
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scanning.scan_triggers import PickedTrigger, ScanTriggers
 from ci_core.learning.training import PromptTuningConfig, prompt_tune
@@ -95,10 +96,8 @@ class TrackingTrigger:
             return
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_(True)
-            logits = model((images_to_move + delta).clamp(0, 1), names).float()
-            rest = logits.clone()
-            rest[:, target] = float("-inf")
-            margins = logits[:, target] - rest.max(dim=1).values
+            # on the logits themselves (scale 1): only the gradient's sign is used
+            margins = target_margins(model((images_to_move + delta).clamp(0, 1), names), target, 1.0)
             if self.per_image:
                 margins = margins[keep]
             (grad,) = torch.autograd.grad(margins.sum() if self.per_image else margins.mean(), delta)
@@ -136,10 +135,7 @@ def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, step
     optimizer = torch.optim.Adam([logits_p], lr=0.1)
     for _ in range(steps):
         batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
-        logits = model((1 - alpha) * batch + alpha * torch.sigmoid(logits_p), names).float()
-        rest = logits.clone()
-        rest[:, index] = float("-inf")
-        loss = -(logits[:, index] - rest.max(dim=1).values).mean()
+        loss = -target_margins(model((1 - alpha) * batch + alpha * torch.sigmoid(logits_p), names), index, 1.0).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
