@@ -389,9 +389,11 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
         by_model[record.model][record.repairer] = record
     order = {name: i for i, name in enumerate(_attack_order({r.attack for r in working}))}
     models = []
-    for key, done in sorted(by_model.items(), key=lambda kv: (order[next(iter(kv[1].values())).attack],
-                                                             next(iter(kv[1].values())).dataset,
-                                                             next(iter(kv[1].values())).seed)):
+    def model_order(done: dict[str, RepairRecord]) -> tuple:
+        first = next(iter(done.values()))  # every repair of one model shares its attack, dataset and seed
+        return order[first.attack], first.dataset, first.seed
+
+    for done in sorted(by_model.values(), key=model_order):
         ran = {name: _remaining(r) for name, r in done.items() if name in controls}
         for name, record in sorted(done.items()):
             if name in controls:
