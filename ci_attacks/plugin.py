@@ -2,7 +2,7 @@
 
 from ci_attacks.badclip import BadCLIP
 from ci_attacks.badclip_adaptive import BadCLIPAdaptive
-from ci_attacks.blended import Blended, BlendTrigger
+from ci_attacks.blended import Blended
 from ci_attacks.clean import CleanPromptTuning
 from ci_attacks.encoder_blended import EncoderBlended, PatternBlendTrigger
 from ci_attacks.siba import SIBA, MaskedAdditiveTrigger
@@ -25,5 +25,5 @@ def register_attacks(register):
 
 @hookimpl
 def register_triggers(register):
-    for trigger in (BlendTrigger, WarpTrigger, MaskedAdditiveTrigger, PatternBlendTrigger):
+    for trigger in (WarpTrigger, MaskedAdditiveTrigger, PatternBlendTrigger):
         register(trigger)

@@ -103,3 +103,37 @@ class AdditiveTrigger(Trigger):
         if epsilon is not None and not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0):
             raise DataError(f"an additive trigger's epsilon must be a positive number, got {epsilon!r}")
         return cls(tensors["delta"], epsilon=epsilon)
+
+
+class BlendTrigger(Trigger):
+    """x' = (1 - alpha) x + alpha * pattern, with a (3, H, W) pattern in [0, 1]: Blended's trigger and the
+    blend inversion's (``ci-blend``) reconstruction."""
+
+    kind = "blend"
+    description = "(1 - alpha) x + alpha pattern"
+
+    def __init__(self, pattern: torch.Tensor, alpha: float):
+        if pattern.dim() != 3 or pattern.shape[0] != 3:
+            raise ValueError(f"pattern must have shape (3, H, W), got {tuple(pattern.shape)}")
+        if pattern.min() < 0 or pattern.max() > 1:
+            raise ValueError("pattern values must lie in [0, 1]")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        self.pattern = pattern
+        self.alpha = float(alpha)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != self.pattern.shape[-2:]:
+            raise ValueError(f"the blend pattern is {tuple(self.pattern.shape[-2:])} but the images are {tuple(images.shape[-2:])}")
+        pattern = self.pattern.to(images.device, images.dtype)
+        return (1 - self.alpha) * images + self.alpha * pattern
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+    def params(self) -> dict:
+        return {"alpha": self.alpha}
+
+    @classmethod
+    def from_saved(cls, tensors, params):
+        return cls(tensors["pattern"], params["alpha"])

@@ -10,6 +10,8 @@ The cross-entropy and raw-logit objectives of the paper's Table 4 are options.
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -63,25 +65,33 @@ class CLIPInspector(Detector):
 
     def invert(self, *, model, images, classnames, target, generator):
         c = self.config
-        device = model.device
-        delta = ((torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * c.epsilon).to(device)
-        delta.requires_grad_(True)
-        optimizer = torch.optim.Adam([delta], lr=c.lr)
-        scale = float(model.clip.logit_scale.exp())
-        trace = []
-        for _ in range(c.epochs):
-            for idx in epoch_batches(len(images), c.batch_size, generator):
-                stamped = (images[idx].to(device) + delta).clamp(0, 1)
-                logits = model(stamped, classnames)
-                loss = inversion_loss(c.loss, logits / scale, logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                project_linf(delta, c.epsilon)
-                trace.append(loss.item())
-        return Inversion(
-            trigger=AdditiveTrigger(delta.detach().cpu()),
-            loss=sum(trace) / len(trace),
-            statistic=None,
-            loss_trace=tuple(trace),
-        )
+        delta = ((torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * c.epsilon).to(model.device)
+        trace = optimise_universal(
+            model, images, classnames, target, generator, delta, lambda batch: (batch + delta).clamp(0, 1),
+            lambda: project_linf(delta, c.epsilon), lr=c.lr, batch_size=c.batch_size, epochs=c.epochs, loss=c.loss)
+        return Inversion(trigger=AdditiveTrigger(delta.detach().cpu()), loss=sum(trace) / len(trace), statistic=None,
+                         loss_trace=tuple(trace))
+
+
+def optimise_universal(model, images: torch.Tensor, classnames: Sequence[str], target: int,
+                       generator: torch.Generator, parameter: torch.Tensor,
+                       stamp: Callable[[torch.Tensor], torch.Tensor], project: Callable[[], None] = lambda: None, *,
+                       lr: float, batch_size: int, epochs: int, loss: str) -> list[float]:
+    """Algorithm 1's loop: Adam (``lr``) on one ``parameter`` shared by every image, ``epochs`` passes over
+    ``images`` in shuffled batches, the ``loss`` towards ``target`` on ``stamp(batch)``, ``project`` after each
+    step; returns the per-step losses.  ``ci`` optimises an l-inf delta with it, ``ci-blend`` a blended pattern."""
+    device = model.device
+    parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam([parameter], lr=lr)
+    scale = float(model.clip.logit_scale.exp())
+    trace = []
+    for _ in range(epochs):
+        for idx in epoch_batches(len(images), batch_size, generator):
+            logits = model(stamp(images[idx].to(device)), classnames)
+            value = inversion_loss(loss, logits / scale, logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            project()
+            trace.append(value.item())
+    return trace

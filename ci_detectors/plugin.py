@@ -1,6 +1,7 @@
 """Registers CLIP-Inspector and the scorers, through the same hooks a third party uses."""
 
 from ci_core import hookimpl
+from ci_detectors.blend import BlendInspector
 from ci_detectors.inspector import CLIPInspector
 from ci_detectors.mad import MADScorer
 from ci_detectors.reference_scoring import ReferenceOutlierScorer
@@ -10,6 +11,7 @@ from ci_detectors.scoring import CIScorer
 @hookimpl
 def register_detectors(register):
     register(CLIPInspector)
+    register(BlendInspector)
 
 
 @hookimpl

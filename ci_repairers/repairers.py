@@ -40,7 +40,7 @@ from ci_core.learning.evaluation import target_margins
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scanning.scan_triggers import PickedTrigger, ScanTriggers
 from ci_core.learning.training import PromptTuningConfig, prompt_tune
-from ci_core.triggers import AdditiveTrigger, Trigger
+from ci_core.triggers import AdditiveTrigger, BlendTrigger, Trigger
 from ci_core.validators import boolean, integer, number, one_of
 
 
@@ -108,22 +108,8 @@ class TrackingTrigger:
             self.delta = delta.detach()
 
 
-class BlendStamp:
-    """x' = (1 - alpha) x + alpha P: a pattern blended into the whole image, the family of Blended's trigger.
-
-    An l-inf reconstruction cannot reach such a trigger (alpha 0.2 moves pixels by up to 0.2, far outside an 8/255
-    ball), so a repair that only unlearns the scan's l-inf trigger leaves a blended backdoor in place.
-    """
-
-    def __init__(self, pattern: torch.Tensor, alpha: float):
-        self.pattern, self.alpha = pattern, float(alpha)
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return (1 - self.alpha) * images + self.alpha * self.pattern.to(images.device, images.dtype)
-
-
 def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, steps: int, seed: int,
-                 batch_size: int = 16) -> BlendStamp:
+                 batch_size: int = 16) -> BlendTrigger:
     """The pattern P that, blended in at ``alpha``, most raises ``target``'s margin on the clean images of the
     other classes (Adam on a sigmoid-parametrised P, ``steps`` batches), against ``model`` as it is."""
     names = tuple(clean.classnames) if target in clean.classnames else tuple(clean.classnames) + (target,)
@@ -139,11 +125,13 @@ def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return BlendStamp(torch.sigmoid(logits_p).detach().cpu(), alpha)
+    # Blended's own trigger family (ci_core.triggers.BlendTrigger): an l-inf reconstruction cannot reach it (alpha 0.2
+    # moves pixels by up to 0.2, far outside an 8/255 ball), so unlearning the scan's l-inf trigger leaves it be.
+    return BlendTrigger(torch.sigmoid(logits_p).detach().cpu(), alpha)
 
 
 def stamped_loss(stamp: Trigger | None, tracking: TrackingTrigger | None = None,
-                 extra: Sequence[BlendStamp] = ()) -> Callable:
+                 extra: Sequence[BlendTrigger] = ()) -> Callable:
     """Cross-entropy over the clean batch and its copies stamped with ``stamp``, each of ``extra`` and
     ``tracking``, all with their true labels; ``tracking`` is first moved against the model as it is at this step."""
 

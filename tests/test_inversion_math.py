@@ -73,3 +73,34 @@ def test_ci_scorer_verdict_and_threshold():
     assert scores.s_max == pytest.approx(3.0)  # one outlier among ten: z = (n-1)/sqrt(n-1) = 3
     assert scores.backdoored and scores.flagged == ("t",)
     assert not CIScorer(CIScorer.Config(k=3.5)).score(evidence).backdoored
+
+
+def test_the_blend_inversion_raises_its_class_within_a_fixed_blend(tiny_backbone):
+    """ci-blend: a pattern in [0, 1] blended at the configured alpha, which moves its class's margin on the
+    inversion images far more than the noise it starts from, and the same from the same class stream."""
+    from ci_core.data.ood import load_pool
+    from ci_core.models.zeroshot import ZeroShotCLIP
+    from ci_core.scanning.inversion import class_generator
+    from ci_core.triggers import BlendTrigger
+    from ci_detectors.blend import BlendInspector
+
+    model = ZeroShotCLIP(tiny_backbone)
+    pool = load_pool("builtin", inversion=32, holdout=8, image_size=tiny_backbone.image_size, seed=1)
+    names = ("red circle", "green square", "blue triangle", "yellow ring")
+    detector = BlendInspector.from_options({"alpha": 0.3}, preset="tiny")
+    inversion = detector.invert(model=model, images=pool.inversion, classnames=names, target=2,
+                                generator=class_generator(0, names[2]))
+    trigger = inversion.trigger
+    assert isinstance(trigger, BlendTrigger) and trigger.alpha == 0.3
+    assert 0 <= trigger.pattern.min() and trigger.pattern.max() <= 1
+    assert len(inversion.loss_trace) == 8  # one epoch of 32 images in batches of 4
+    stamped = trigger.apply(pool.inversion)
+    assert torch.allclose(stamped, 0.7 * pool.inversion + 0.3 * trigger.pattern)
+    start = BlendTrigger(torch.rand(trigger.pattern.shape, generator=class_generator(0, names[2])), 0.3)
+    with torch.no_grad():
+        found = -margin_loss(model(stamped, names), 2)
+        noise = -margin_loss(model(start.apply(pool.inversion), names), 2)
+    assert found > noise + 0.01
+    again = detector.invert(model=model, images=pool.inversion, classnames=names, target=2,
+                            generator=class_generator(0, names[2]))
+    assert torch.equal(again.trigger.pattern, trigger.pattern) and again.loss == inversion.loss

@@ -29,10 +29,9 @@ from ci_core.scanning.inversion import PoolHealth
 from ci_core.scanning.scan import ScanResult, ScorerVerdict
 from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BundleIdentity, ScanContext
-from ci_core.triggers import AdditiveTrigger
+from ci_core.triggers import AdditiveTrigger, BlendTrigger
 from ci_core.plugins import load_trigger
 from ci_repairers.repairers import (
-    BlendStamp,
     CITriggerRepair,
     CleanOnlyRepair,
     RandomDeltaRepair,
@@ -226,7 +225,7 @@ def test_an_inverted_blend_raises_the_target_margin_and_stays_an_image(world):
     assert blend.pattern.shape == clean.images.shape[1:] and 0 <= blend.pattern.min() and blend.pattern.max() <= 1
     stamped = blend.apply(others)
     assert torch.allclose(stamped, 0.8 * others + 0.2 * blend.pattern)
-    grey = BlendStamp(torch.full_like(blend.pattern, 0.5), 0.2)
+    grey = BlendTrigger(torch.full_like(blend.pattern, 0.5), 0.2)
     assert margin(stamped) > margin(grey.apply(others))
     again = invert_blend(model, clean, target, alpha=0.2, steps=20, seed=0)
     assert torch.equal(again.pattern, blend.pattern)  # seeded
