@@ -17,17 +17,13 @@ import torch
 
 from ci_core.interfaces import Detector, Inversion
 from ci_core.triggers import BlendTrigger
-from ci_core.validators import integer, number, one_of
-from ci_detectors.inspector import LOSSES, optimise_universal
+from ci_core.validators import number
+from ci_detectors.inspector import InversionLoopFields, optimise_universal
 
 
 @attrs.frozen(kw_only=True)
-class BlendInspectorConfig:
+class BlendInspectorConfig(InversionLoopFields):
     alpha: float = attrs.field(default=0.2, validator=number(gt=0, le=1))  # the paper's Blended blend
-    lr: float = attrs.field(default=0.1, validator=number(gt=0))
-    batch_size: int = attrs.field(default=32, validator=integer(ge=1))
-    epochs: int = attrs.field(default=1, validator=integer(ge=1))
-    loss: str = attrs.field(default="margin", validator=one_of(LOSSES))
 
 
 class BlendInspector(Detector):

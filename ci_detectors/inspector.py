@@ -46,12 +46,18 @@ def project_linf(delta: torch.Tensor, epsilon: float) -> None:
 
 
 @attrs.frozen(kw_only=True)
-class InspectorConfig:
-    epsilon: float = attrs.field(default=4 / 255, validator=number(gt=0, le=1))  # pixels are in [0, 1]
+class InversionLoopFields:
+    """Algorithm 1's loop (``optimise_universal``): what every universal-trigger inversion of this package shares."""
+
     lr: float = attrs.field(default=0.1, validator=number(gt=0))
     batch_size: int = attrs.field(default=32, validator=integer(ge=1))
     epochs: int = attrs.field(default=1, validator=integer(ge=1))
     loss: str = attrs.field(default="margin", validator=one_of(LOSSES))
+
+
+@attrs.frozen(kw_only=True)
+class InspectorConfig(InversionLoopFields):
+    epsilon: float = attrs.field(default=4 / 255, validator=number(gt=0, le=1))  # pixels are in [0, 1]
 
 
 class CLIPInspector(Detector):
