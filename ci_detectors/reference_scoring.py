@@ -66,7 +66,7 @@ import attrs
 import numpy as np
 from scipy import stats
 
-from ci_core.errors import ConfigError
+from ci_core.errors import ConfigError, PluginError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
 from ci_detectors.mad import MADScorer
 from ci_detectors.scoring import CIScorer
@@ -224,9 +224,13 @@ def _per_class_scorer(name: str, owner: str) -> Scorer:
     else:
         from ci_core.plugins import registry
 
-        cls = registry().get("scorer", name)
+        try:
+            cls = registry().get("scorer", name)
+        except PluginError as exc:  # a bad option value: the same kind of error as any other option's
+            raise ConfigError(f"{owner} options: base: {exc}") from None
     if cls.needs_reference:
-        raise ConfigError(f"{owner}: base scorer {name!r} needs a reference itself; give a per-class scorer")
+        raise ConfigError(f"{owner} options: base: scorer {name!r} needs a reference itself; give a per-class "
+                          "scorer")
     return cls.from_options()
 
 

@@ -447,3 +447,10 @@ def test_ci_scan_inverts_on_an_in_distribution_folder_and_names_its_bad_input(tm
     assert "1 unreadable" in short.output and not (tmp_path / "short").exists()
     missing = run_scan(bundle, *common, "--inversion-images", tmp_path / "nowhere", "--out", tmp_path / "m")
     assert missing.exit_code == 1 and "in-distribution folder" in missing.output and "does not exist" in missing.output
+
+
+@pytest.mark.parametrize("base, says", [("margin", "unknown scorer 'margin'"),
+                                         ("ref-outlier", "needs a reference itself")])
+def test_a_bad_base_scorer_is_an_option_error_naming_it(base, says):
+    with pytest.raises(ConfigError, match=rf"^ref-outlier options: base: .*{says}"):
+        ReferenceOutlierScorer.from_options({"base": base})
