@@ -111,7 +111,10 @@ class TrackingTrigger:
 def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, steps: int, seed: int,
                  batch_size: int = 16) -> BlendTrigger:
     """The pattern P that, blended in at ``alpha``, most raises ``target``'s margin on the clean images of the
-    other classes (Adam on a sigmoid-parametrised P, ``steps`` batches), against ``model`` as it is."""
+    other classes (Adam on a sigmoid-parametrised P, ``steps`` batches), against ``model`` as it is.
+
+    Blended's own trigger family: an l-inf reconstruction cannot reach it (alpha 0.2 moves pixels by up to 0.2,
+    far outside an 8/255 ball), so unlearning the scan's l-inf trigger alone leaves such a backdoor in place."""
     names = tuple(clean.classnames) if target in clean.classnames else tuple(clean.classnames) + (target,)
     index = names.index(target)
     images = clean.images[clean.labels != index] if target in clean.classnames else clean.images
@@ -125,8 +128,6 @@ def invert_blend(model, clean: LabeledImages, target: str, *, alpha: float, step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    # Blended's own trigger family (ci_core.triggers.BlendTrigger): an l-inf reconstruction cannot reach it (alpha 0.2
-    # moves pixels by up to 0.2, far outside an 8/255 ball), so unlearning the scan's l-inf trigger leaves it be.
     return BlendTrigger(torch.sigmoid(logits_p).detach().cpu(), alpha)
 
 
