@@ -19,3 +19,8 @@ class DataError(CIError):
 
 class PluginError(CIError):
     """A plugin is unknown, clashes with another, or failed to register."""
+
+
+class NotApplicable(CIError):
+    """A benchmark cell that has nothing to do, for a reason only its upstream results show (a repair of a model
+    its scan could not measure has no trigger to repair with): recorded as declined, not as a failure."""

@@ -241,6 +241,7 @@ class FakeDataset(Dataset):
 class FakeBackdoorConfig:
     fail: bool = False
     strength: float = 0.05
+    broken: bool = False  # NaN context: a model no scan can measure (as the tripwire is on OOD images)
 
 
 class FakeBackdoor(Attack):
@@ -256,6 +257,9 @@ class FakeBackdoor(Attack):
         if os.environ.get("FAKE_BENCH_KILL_IN_TRAINING"):  # a kill -9 while the cell is half-written
             os.kill(os.getpid(), signal.SIGKILL)
         model = PromptTunedCLIP(backbone)
+        if self.config.broken:
+            with torch.no_grad():
+                model.prompt_learner.ctx.fill_(float("nan"))
         trigger = AdditiveTrigger(torch.full((3, *train.images.shape[-2:]), self.config.strength))
         return AttackOutcome(model=model, trigger=trigger, log={})
 

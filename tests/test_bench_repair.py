@@ -253,6 +253,35 @@ def test_a_failed_model_fails_its_scan_and_repairs_and_the_sweep_goes_on(tmp_pat
     assert len(list((out / "models").iterdir())) == 1  # the zero-shot model and its scan still ran
 
 
+def test_a_repair_of_an_unscannable_model_is_declined_not_failed(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    sweep = [*BASE, "--attacks", "fake-backdoor", "--attack-option", "fake-backdoor.broken=true", "--repairers",
+             "ci-trigger,clean-only", "--repair-shots", "1", "--out", out]
+    result = run_bench(sweep)
+    assert result.exit_code == 0, result.output
+    assert "3 cells run, 0 reused from the store, 2 with nothing to do (recorded under" in result.output
+    assert "nothing to do for repair ci-trigger repair of fake-backdoor/fake-shapes/seed 1: its scan could not " \
+           "measure the model" in result.output
+    store = Store.open(out)
+    assert store.failures() == [] and store.cells("repair") == []
+    assert {d["spec"]["repairer"] for d in store.declines()} == {"ci-trigger", "clean-only"}
+    assert [s.verdict for s in store.cells("scan")] == ["unscannable"]
+
+    again = run_bench(sweep)  # settled: not run again
+    assert again.exit_code == 0, again.output
+    assert "5 cells (1 models, 1 scans, 1 references, 2 repairs): 5 already in" in again.output
+    assert "(2 of them with nothing to do), 0 to run" in again.output and "0 cells run" in again.output
+
+    report = run_bench(["report", out])
+    assert report.exit_code == 0, report.output
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data["failures"] == [] and data["pending"] == []
+    [skipped] = data["skipped_repairs"]
+    assert skipped["attack"] == "fake-backdoor" and skipped["repairers"] == ["ci-trigger", "clean-only"]
+    assert skipped["reason"].startswith("fake-backdoor/fake-shapes/seed 1: its scan could not measure the model (")
+    assert "no reconstructed trigger to repair with" in (out / "report" / "report.md").read_text()
+
+
 def comparable_repairs(store_dir):
     drop = ("seconds", "cpu_seconds", "repair_seconds", "repair_cpu_seconds")
     return {r.key: {k: v for k, v in r.to_json().items() if k not in drop} for r in Store.open(store_dir).cells("repair")}

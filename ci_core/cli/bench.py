@@ -396,8 +396,10 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
     options = CellOptions(device=device, threads=threads, verbose=verbose and not quiet)
     with runner:
         summary = run_sweep(store, plan, runner, options, progress)
+    declined = (f", {len(summary.declined)} with nothing to do (recorded under {out}/declined)"
+                if summary.declined else "")
     click.echo(f"sweep finished in {clock.seconds:.0f}s: {summary.done} cells run, {summary.reused} reused from the "
-               f"store, {len(summary.failed)} failed; `ci-bench report {out}` writes the tables")
+               f"store{declined}, {len(summary.failed)} failed; `ci-bench report {out}` writes the tables")
     if summary.failed:
         raise click.ClickException(f"{len(summary.failed)} cell(s) failed (recorded under {out}/failed): "
                                    + "; ".join(f"{o['label']}: {o['error']}" for o in summary.failed[:5]))

@@ -24,7 +24,7 @@ from ci_core.harness.records import ModelRecord, PoolSpec, ReferenceRecord, Repa
 from ci_core.harness.store import CELL_FILE, REFERENCE_FILE, SCAN_FOLDER, Store, read_json, write_json
 from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
-from ci_core.errors import ConfigError, DataError
+from ci_core.errors import ConfigError, DataError, NotApplicable
 from ci_core.learning.evaluation import evaluate
 from ci_core.interfaces import ClassEvidence, Progress, to_json
 from ci_core.models.backbone import Backbone, load_backbone
@@ -239,6 +239,10 @@ def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Pr
     target = model_record.target
     if target is None or not store.trigger_path(cell.model_key).is_file():
         raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure ASR with")
+    scan_report = read_scan_report(store.scan_folder(cell.scan_key) / "report.json")
+    if scan_report.decision is None:
+        raise NotApplicable(f"its scan could not measure the model ({'; '.join(scan_report.unscannable_reasons)}), "
+                            "so there is no reconstructed trigger to repair with")
     triggers = rescored_triggers(store, cell)
     check_same_bundle(triggers, bundle)
     with store.writing("repair", cell.key) as work:
@@ -316,6 +320,9 @@ def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[st
         with torch_threads(threads):
             seed_everything(cell.spec.seed)
             runner(store, cell, device=resolve_device(device), progress=lambda m: emit(f"{cell.label}: {m}"))
+    except NotApplicable as exc:  # nothing to do, and rerunning would not change that
+        store.record_declined({**outcome, "spec": cell.spec.to_json(), "reason": str(exc)})
+        return {**outcome, "status": "declined", "reason": str(exc), "seconds": time.perf_counter() - clock}
     except Exception as exc:  # a failing cell is recorded and the sweep goes on
         error = f"{type(exc).__name__}: {exc}"
         store.record_failure({**outcome, "spec": cell.spec.to_json(), "error": error, "traceback": traceback.format_exc()})

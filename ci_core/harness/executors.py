@@ -37,12 +37,12 @@ def _duration(seconds: float) -> str:
 
 
 class SweepStatus:
-    """Counts done / running / failed cells and estimates the time left from the cells finished so far."""
+    """Counts done / declined / running / failed cells and estimates the time left from the cells finished so far."""
 
     def __init__(self, cells: Sequence[Cell], *, already_done: int, parallel: int, emit: Callable[[str], None],
                  running: Callable[[], int] | None = None):
         self.total = len(cells) + already_done
-        self.done, self.failed = already_done, 0
+        self.done, self.failed, self.declined = already_done, 0, 0
         self.left = {kind: sum(c.kind == kind for c in cells) for kind in KINDS}
         self.seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
         self.parallel = max(1, parallel)
@@ -63,7 +63,9 @@ class SweepStatus:
     def line(self, note: str = "") -> str:
         eta = self.eta()
         left = "time left unknown" if eta is None else f"about {_duration(eta)} left"
-        text = (f"cells: {self.done}/{self.total} done, {self.running()} running, {self.failed} failed; {left}")
+        declined = f", {self.declined} with nothing to do" if self.declined else ""
+        text = (f"cells: {self.done}/{self.total} done{declined}, {self.running()} running, {self.failed} failed; "
+                f"{left}")
         return f"{text} | {note}" if note else text
 
     def started(self, cell: Cell) -> None:
@@ -78,6 +80,9 @@ class SweepStatus:
         if outcome["status"] == "done":
             self.done += 1
             note = f"finished {outcome['kind']} {outcome['label']} in {outcome['seconds']:.0f}s"
+        elif outcome["status"] == "declined":
+            self.declined += 1
+            note = f"nothing to do for {outcome['kind']} {outcome['label']}: {outcome['reason']}"
         else:
             self.failed += 1
             self.failures.append(outcome)

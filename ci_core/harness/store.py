@@ -13,6 +13,7 @@ Layout of a store folder::
     repairs/<key>/bundle/      ... the repaired model
     */<key>/manifest.json      the SHA-256 of every other file of the cell, written last
     failed/<key>.json          a cell that raised: its spec and the error (retried by the next run)
+    declined/<key>.json        a cell with nothing to do (``NotApplicable``): its spec and the reason (not rerun)
     corrupt/<key>.<time>/      a finished cell whose files no longer match its manifest, moved aside
     plans/<hash>.json          the cells each `ci-bench run` planned
     .tmp/<key>.<random>/       cells being written right now
@@ -119,6 +120,9 @@ class Store:
     def failure_path(self, key: str) -> Path:
         return self.root / "failed" / f"{key}.json"
 
+    def declined_path(self, key: str) -> Path:
+        return self.root / "declined" / f"{key}.json"
+
     @property
     def tmp_root(self) -> Path:
         return self.root / ".tmp"
@@ -127,6 +131,9 @@ class Store:
 
     def is_done(self, kind: str, key: str) -> bool:
         return (self.cell_dir(kind, key) / MANIFEST).is_file()
+
+    def is_declined(self, key: str) -> bool:
+        return self.declined_path(key).is_file()
 
     def read_cell(self, kind: str, key: str) -> Record:
         """The typed record (``ci_core.harness.records``) a finished cell wrote, checked field by field."""
@@ -186,6 +193,13 @@ class Store:
         if not folder.is_dir():
             return []
         return [read_json(p, "failure record") for p in sorted(folder.glob("*.json"))]
+
+    def declines(self) -> list[dict]:
+        """Cells that had nothing to do (``NotApplicable``), with the reason."""
+        folder = self.root / "declined"
+        if not folder.is_dir():
+            return []
+        return [read_json(p, "declined cell record") for p in sorted(folder.glob("*.json"))]
 
     def running(self) -> int:
         """Cells being written right now (folders under ``.tmp``)."""
@@ -247,6 +261,16 @@ class Store:
 
     def record_failure(self, record: dict) -> None:
         write_json(self.failure_path(record["key"]), {**record, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def record_declined(self, record: dict) -> None:
+        """File a cell that has nothing to do; a failure recorded for it earlier goes."""
+        write_json(self.declined_path(record["key"]), {**record, "declined_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path(record["key"]).unlink()
+
+    def forget_declined(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.declined_path(key).unlink()
 
     def record_plan(self, plan: dict) -> Path:
         path = self.root / "plans" / f"{spec_hash(plan)[:16]}.json"

@@ -17,6 +17,7 @@ class SweepSummary:
     reused: int  # already in the store before this run
     done: int  # finished by this run
     failed: tuple[dict, ...]  # outcomes of the cells that failed in this run
+    declined: tuple[dict, ...] = ()  # outcomes of the cells that had nothing to do (``NotApplicable``)
     discarded: tuple[str, ...]  # half-written cells of an interrupted run, deleted and redone
 
 
@@ -30,6 +31,8 @@ def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Ca
         cells = plan.cells()
         stale: set[str] = set()
         for cell in cells:  # in plan order: a cell's upstream cells come before it
+            if store.is_declined(cell.key) and any(key in stale for key in cell.depends_on):
+                store.forget_declined(cell.key)  # its reason came from results being recomputed
             if not store.is_done(cell.kind, cell.key):
                 continue
             problem = store.verify(cell.kind, cell.key)
@@ -40,15 +43,18 @@ def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Ca
             why = problem or f"its upstream cell {upstream[0]} is being recomputed"
             emit(f"{cell.kind} cell {cell.label}: {why}; moved to {moved.relative_to(store.root)}, computing it again")
             stale.add(cell.key)
-        todo = [c for c in cells if not store.is_done(c.kind, c.key)]
-        reused = len(cells) - len(todo)
-        emit(f"{len(cells)} cells ({plan.counts()}): {reused} already in {store.root}, {len(todo)} to run with the "
-             f"{executor.name} executor")
+        todo = [c for c in cells if not store.is_done(c.kind, c.key) and not store.is_declined(c.key)]
+        declined_before = sum(store.is_declined(c.key) for c in cells)
+        reused = len(cells) - len(todo) - declined_before
+        settled = f" ({declined_before} of them with nothing to do)" if declined_before else ""
+        emit(f"{len(cells)} cells ({plan.counts()}): {reused + declined_before} already in {store.root}{settled}, "
+             f"{len(todo)} to run with the {executor.name} executor")
         for skipped in plan.skipped_repairs:
             emit(f"no repair cells for {skipped.attack} ({', '.join(skipped.repairers)}): {skipped.reason}")
         status = SweepStatus(todo, already_done=reused, parallel=executor.slots(), emit=emit,
                              running=executor.running_probe(store))
         outcomes = executor.run(store, todo, options, status) if todo else []
-    failed = tuple(o for o in outcomes if o["status"] != "done")
-    return SweepSummary(planned=len(cells), reused=reused, done=len(outcomes) - len(failed), failed=failed,
-                        discarded=tuple(discarded))
+    failed = tuple(o for o in outcomes if o["status"] == "failed")
+    declined = tuple(o for o in outcomes if o["status"] == "declined")
+    return SweepSummary(planned=len(cells), reused=reused, done=len(outcomes) - len(failed) - len(declined),
+                        failed=failed, declined=declined, discarded=tuple(discarded))

@@ -33,7 +33,7 @@ TITLES = {
     "attacks": ("Attacks: ACC and ASR on seen and unseen classes (Tables 7-10)", "attack"),
     "repairs": ("Repair (Table 19)", "repair"),
     "repair_check": ("Repair of working backdoors: the aim and the controls", "repair_check"),
-    "skipped_repairs": ("Not repaired (by plan, not failures)", None),
+    "skipped_repairs": ("Not repaired (left out by the plan, or no trigger to repair with; not failures)", None),
     "broken": ("Cells whose files do not check out (left out; the next run redoes them)", None),
     "failures": ("Failed cells", None),
     "pending": ("Planned cells without a result", None),

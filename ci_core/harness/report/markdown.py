@@ -72,7 +72,7 @@ def repair_section(report: dict) -> list[str]:
                         + [(k, f"left by {k[len('left_by_'):]}") for k in controls]
                         + [("beats_controls", "beats every control"), ("scan_hit", "ĉ = target")]), ""]
     if report["skipped_repairs"]:
-        out += ["Not repaired (by plan, not failures):", ""]
+        out += ["Not repaired (left out by the plan, or no trigger to repair with; not failures):", ""]
         out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]
         out += [""]
     return out

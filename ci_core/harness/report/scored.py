@@ -136,7 +136,7 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
 
 
 def pending(store: Store, failed_keys: set[str]) -> list[dict]:
-    """Cells the store's plans hold that have no result and did not fail."""
+    """Cells the store's plans hold that have no result, did not fail and were not declined."""
     seen, found = set(), []
     for plan in store.plans():
         for cell in plan.get("cells", []):
@@ -144,17 +144,30 @@ def pending(store: Store, failed_keys: set[str]) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            if not store.is_done(cell["kind"], key) and key not in failed_keys:
+            if not store.is_done(cell["kind"], key) and key not in failed_keys and not store.is_declined(key):
                 found.append(cell)
     return found
 
 
 def skipped_repairs(store: Store) -> list[dict]:
-    """The repairs the sweeps' plans left out, and why, merged over plans."""
+    """The repairs left out, and why, merged over plans: those the plans left out (known before anything ran) and
+    the repair cells declined when they ran (their scan could not measure the model), per model."""
     merged: dict[tuple[str, str], list[str]] = {}
     for plan in store.plans():
         for skipped in plan.get("skipped_repairs", []):
             names = merged.setdefault((skipped["attack"], skipped["reason"]), [])
             names.extend(n for n in skipped["repairers"] if n not in names)
+    for declined in store.declines():
+        if declined.get("kind") != "repair":
+            continue
+        spec = declined.get("spec", {})
+        try:
+            model = store.read_cell("model", str(spec.get("model", "")))
+        except (ConfigError, OSError):
+            continue  # its model is gone from the store: nothing to report it against
+        reason = f"{model.attack}/{model.dataset}/seed {model.seed}: {declined.get('reason')}"
+        names = merged.setdefault((model.attack, reason), [])
+        if spec.get("repairer") not in names:
+            names.append(spec.get("repairer"))
     order = sorted(merged, key=lambda item: (item[0] != CLEAN_ATTACK, item))  # clean first, as in the tables
     return [{"attack": attack, "repairers": merged[(attack, reason)], "reason": reason} for attack, reason in order]
