@@ -177,7 +177,9 @@ def test_dry_run_lists_repair_cells_and_the_skipped_attacks(tmp_path, fake_plugi
     assert "no repair cells for fake-zeroshot (ci-trigger, clean-only, random-delta, wrong-class-delta): its models " \
            "are 'zeroshot' bundles" in result.output
     assert "no repair cells for clean" in result.output
-    assert "11 cells (3 models, 3 scans, 1 references, 4 repairs), 0 already stored" in result.output
+    assert "12 cells (3 models, 3 scans, 1 references, 4 repairs, 1 floors), 0 already stored" in result.output
+    [floor] = [line for line in result.output.splitlines() if line.startswith("floor ")]
+    assert "floor of fake-backdoor/fake-shapes/seed 1 (clean seed 1)" in floor
     assert not (tmp_path / "store").exists()
 
 
@@ -195,7 +197,7 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *SWEEP, *WITH_REPAIRS, "--out", str(out)],
                             env=env, capture_output=True, text=True, timeout=1800)
     assert killed.returncode == -9, killed.stderr
-    assert "11 cells (3 models, 3 scans, 1 references, 4 repairs): 7 already in" in killed.stderr
+    assert "12 cells (3 models, 3 scans, 1 references, 4 repairs, 1 floors): 7 already in" in killed.stderr
     assert "no repair cells for fake-zeroshot" in killed.stderr
     repaired = sorted(p.name.rsplit("-", 1)[0] for p in (out / "repairs").iterdir())
     assert repaired == ["ci-trigger-fake-backdoor-fake-shapes-s1", "clean-only-fake-backdoor-fake-shapes-s1"]
@@ -205,11 +207,11 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
     resumed = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out])
     assert resumed.exit_code == 0, resumed.output
     assert "deleted 1 half-written cell(s)" in resumed.output
-    assert "2 cells run, 9 reused from the store, 0 failed" in resumed.output
+    assert "3 cells run, 9 reused from the store, 0 failed" in resumed.output  # two repairs and the floor
     assert {p: t for p, t in cell_files(out).items() if p in done} == done  # finished repairs untouched
     assert_store_whole(out)
     again = run_bench([*SWEEP, *WITH_REPAIRS, "--out", out, "--quiet"])
-    assert again.exit_code == 0 and "0 cells run, 11 reused" in again.output
+    assert again.exit_code == 0 and "0 cells run, 12 reused" in again.output
 
     store = Store.open(out)
     model = next(m for m in store.cells("model") if m.attack == "fake-backdoor")
@@ -225,6 +227,12 @@ def test_repairs_reuse_an_earlier_store_and_resume_after_kill(tmp_path, fake_plu
         bundle = store.bundle_path("repair", record.key)
         assert read_meta(bundle)["kind"] == "cocoop" and bundle_sha256(bundle) == record.bundle_sha256
         assert record.bundle_sha256 != model.bundle_sha256
+    # The floor: the backdoored model's own trigger on the clean model of its dataset and seed, its test images.
+    [floor] = store.cells("floor")
+    clean = next(m for m in store.cells("model") if m.attack == "clean")
+    assert (floor.model, floor.clean_model, floor.clean_seed, floor.target) == (model.key, clean.key, 1, model.target)
+    assert floor.metrics["acc_base"] == pytest.approx(clean.metrics["acc_base"])  # the clean model, same test images
+    assert all(0 <= floor.metrics[k] <= 1 for k in ("asr_base", "asr_new"))
     assert repairs["clean-only"].repair_trigger_class is None
     assert repairs["ci-trigger"].repair_trigger_class == scan.predicted_target
     assert repairs["wrong-class-delta"].repair_trigger_class != scan.predicted_target
@@ -443,6 +451,29 @@ def test_repair_check_counts_removed_backdoors_and_beaten_controls_by_hand():
     table = "\n".join(repair_section(report))
     assert "### Working backdoors: the aim and the controls" in table
     assert "| ci-trigger | siba | 1 | 0/1 | 1/1 |" in table and "left by clean-only" in table
+
+
+def test_repair_check_measures_each_repair_against_its_floor_by_hand():
+    records = [repair_record("badclip", "ci-trigger", (0.98, 0.6), (0.21, 0.02)),  # above the aim, below the floor
+               repair_record("blended", "ci-trigger", (1.0, 1.0), (0.90, 0.4)),  # far above a floor of 0
+               repair_record("siba", "ci-trigger", (0.7, 0.5), (0.30, 0.0), acc=(1.0, 0.95)),  # at it, 5 ACC points lost
+               repair_record("wanet", "ci-trigger", (0.9, 0.9), (0.3, 0.3))]  # no clean model: no floor
+    floors = [SimpleNamespace(model=f"{attack}-model", metrics={"asr_base": seen, "asr_new": unseen})
+              for attack, seen, unseen in (("badclip", 0.28, 0.015), ("blended", 0.0, 0.0), ("siba", 0.27, 0.02))]
+    check = repair_check(records, controls=(), floors=floors)
+    models = {row["attack"]: row for row in check["models"]}
+    assert (models["badclip"]["floor_seen"], models["badclip"]["floor_unseen"]) == (0.28, 0.015)
+    assert models["badclip"]["at_floor"] is True and models["badclip"]["removed"] is False
+    assert models["blended"]["at_floor"] is False and models["siba"]["at_floor"] is False
+    assert models["wanet"]["at_floor"] is None and models["wanet"]["floor_seen"] is None
+    attacks = {row["attack"]: row["at_floor"] for row in check["attacks"]}
+    assert attacks == {"badclip": "1/1", "blended": "0/1", "siba": "0/1", "wanet": "0/0", "all": "1/3"}
+    # Within BEATS_BY of the floor counts as at it: 0.33 left against a floor of 0.28.
+    near = repair_check([repair_record("badclip", "ci-trigger", (0.98, 0.6), (0.33, 0.0))], (), floors)
+    assert near["models"][0]["at_floor"] is True
+    table = "\n".join(repair_section({"repairs": [{"repairer": "ci-trigger"}], "skipped_repairs": [],
+                                      "repair_check": check}))
+    assert "at the floor" in table and "| ci-trigger | all | 4 | 0/4 | 0/0 | 1/3 |" in table
 
 
 def test_the_anomaly_figure_draws_an_attack_whose_every_model_was_unscannable(tmp_path):

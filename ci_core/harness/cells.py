@@ -19,8 +19,8 @@ from typing import Any, Mapping
 import attrs
 import torch
 
-from ci_core.harness.plan import Cell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
-from ci_core.harness.records import ModelRecord, PoolSpec, ReferenceRecord, RepairRecord, ScanRecord
+from ci_core.harness.plan import Cell, FloorCell, ModelCell, ReferenceCell, RepairCell, ScanCell, cell_from_json
+from ci_core.harness.records import FloorRecord, ModelRecord, PoolSpec, ReferenceRecord, RepairRecord, ScanRecord
 from ci_core.harness.store import CELL_FILE, REFERENCE_FILE, SCAN_FOLDER, Store, read_json, write_json
 from ci_core.data.labeled import LabeledImages
 from ci_core.data.ood import OODPool, load_pool
@@ -275,6 +275,34 @@ def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Pr
             **cost.fields()))
 
 
+def run_floor_cell(store: Store, cell: FloorCell, *, device: str, progress: Progress) -> dict:
+    """The backdoored model's own trigger on the clean model, on the backdoored model's test images."""
+    _require(store, "model", cell.model_key)
+    _require(store, "model", cell.clean_key)
+    model_record = store.read_cell("model", cell.model_key)
+    clean_record = store.read_cell("model", cell.clean_key)
+    if model_record.target is None or not store.trigger_path(cell.model_key).is_file():
+        raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure")
+    if clean_record.target is not None or clean_record.dataset != model_record.dataset:
+        raise ConfigError(f"its clean model cell {cell.clean_key} is not a clean model of {model_record.dataset}")
+    backbone = cell_backbone(cell, device)
+    with store.writing("floor", cell.key) as work:
+        cost = _Cost(device)
+        clean, meta = load_bundle(store.bundle_path("model", cell.clean_key), backbone)
+        model_spec = model_record.spec
+        dataset = registry().get("dataset", model_record.dataset).open(cell.data_root)
+        task = load_task(dataset, backbone, seed=model_spec.seed, shots=model_spec.shots,
+                         test_per_class=model_spec.test_per_class, progress=progress)
+        if tuple(meta["classnames"]) != tuple(task.test.classnames):
+            raise ConfigError(f"clean model cell {cell.clean_key} classifies other classes than {model_record.dataset}")
+        truth = load_trigger(store.trigger_path(cell.model_key))
+        metrics = evaluate(clean, task.test, task.base, task.new, truth, model_record.target)
+        return _file(work, FloorRecord(
+            key=cell.key, label=cell.label, spec=cell.spec, model=cell.model_key, clean_model=cell.clean_key,
+            dataset=model_record.dataset, attack=model_record.attack, seed=model_record.seed,
+            clean_seed=clean_record.seed, target=model_record.target, metrics=to_json(metrics), **cost.fields()))
+
+
 def rescored_triggers(store: Store, cell: RepairCell) -> ScanTriggers:
     """The scan's triggers, with the scores and ĉ of the scorer the repair's spec names (so that ĉ follows the
     repair's key, not the scorer settings that happened to write the scan report)."""
@@ -295,7 +323,8 @@ def stored_evidence(report_path: Path) -> tuple[ClassEvidence, ...]:
         raise ConfigError(str(exc)) from None
 
 
-RUNNERS = {"model": run_model_cell, "reference": run_reference_cell, "scan": run_scan_cell, "repair": run_repair_cell}
+RUNNERS = {"model": run_model_cell, "reference": run_reference_cell, "scan": run_scan_cell, "repair": run_repair_cell,
+           "floor": run_floor_cell}
 
 
 def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[str, Any], device: str = "auto",
@@ -318,7 +347,7 @@ def execute(store_root: str, cell_json: Mapping[str, Any], *upstream: Mapping[st
                 raise ConfigError(f"its {before.get('kind')} cell {before.get('label')} failed: {before.get('error')}")
         runner = RUNNERS[cell.kind]
         with torch_threads(threads):
-            seed_everything(cell.spec.seed)
+            seed_everything(getattr(cell.spec, "seed", 0))  # a floor draws nothing: it evaluates fixed images
             runner(store, cell, device=resolve_device(device), progress=lambda m: emit(f"{cell.label}: {m}"))
     except NotApplicable as exc:  # nothing to do, and rerunning would not change that
         store.record_declined({**outcome, "spec": cell.spec.to_json(), "reason": str(exc)})

@@ -63,9 +63,9 @@ class SweepStatus:
     def line(self, note: str = "") -> str:
         eta = self.eta()
         left = "time left unknown" if eta is None else f"about {_duration(eta)} left"
-        declined = f", {self.declined} with nothing to do" if self.declined else ""
-        text = (f"cells: {self.done}/{self.total} done{declined}, {self.running()} running, {self.failed} failed; "
-                f"{left}")
+        declined = f" ({self.declined} of them with nothing to do)" if self.declined else ""
+        text = (f"cells: {self.done + self.declined}/{self.total} done{declined}, {self.running()} running, "
+                f"{self.failed} failed; {left}")
         return f"{text} | {note}" if note else text
 
     def started(self, cell: Cell) -> None:

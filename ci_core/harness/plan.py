@@ -5,7 +5,9 @@ ablation setting); a reference cell is the same detector setting run on the
 untuned backbone as a zero-shot classifier (``ci_core.scanning.reference``), one per
 distinct (classes, pool, seed, detector setting) and shared by every model it
 applies to; a repair cell is one (backdoored model, repairer) and uses
-the ``ci`` scan of that model at the default ablation setting.  Besides the
+the ``ci`` scan of that model at the default ablation setting, and a floor cell
+measures a repaired model's own trigger on a clean model of its dataset (what
+the trigger does where there is no backdoor to remove).  Besides the
 attacks, a sweep may train clean controls: ``--controls`` adds, per attack, a
 model trained on that attack's own schedule with its backdoor turned off
 (``Attack.control_options``), and ``--clean-seeds`` extra honest models, so that a
@@ -25,8 +27,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 
-from ci_core.harness.records import (BackboneKey, ModelSpec, PoolSpec, ReferenceSpec, RepairScoring, RepairSpec,
-                                     ScanSpec, Spec, spec_from_json)
+from ci_core.harness.records import (BackboneKey, FloorSpec, ModelSpec, PoolSpec, ReferenceSpec, RepairScoring,
+                                     RepairSpec, ScanSpec, Spec, spec_from_json)
 from ci_core.data.datasets import base_new_split
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import source_fingerprint
@@ -205,8 +207,22 @@ class RepairCell(_Cell):
         return (self.model_key, self.scan_key)
 
 
-Cell = ModelCell | ReferenceCell | ScanCell | RepairCell
-CELL_CLASSES = {cls.kind: cls for cls in (ModelCell, ReferenceCell, ScanCell, RepairCell)}
+@attrs.frozen(kw_only=True, eq=False)
+class FloorCell(_Cell):
+    """A repaired model's own trigger on a clean model of its dataset (``FloorSpec``)."""
+
+    kind: ClassVar[str] = "floor"
+    spec: FloorSpec
+    model_key: str
+    clean_key: str
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return (self.model_key, self.clean_key)
+
+
+Cell = ModelCell | ReferenceCell | ScanCell | RepairCell | FloorCell
+CELL_CLASSES = {cls.kind: cls for cls in (ModelCell, ReferenceCell, ScanCell, RepairCell, FloorCell)}
 
 
 def cell_from_json(data: Mapping[str, Any]) -> Cell:
@@ -235,12 +251,13 @@ class Plan:
     repairs: tuple[RepairCell, ...] = ()
     references: tuple[ReferenceCell, ...] = ()
     skipped_repairs: tuple[SkippedRepairs, ...] = ()
+    floors: tuple[FloorCell, ...] = ()  # per repaired model, its trigger on a clean model of its dataset
     repair_setting: dict | None = None  # the ablation values of the scans repairs use (None: no repairs asked)
     scoring: dict = attrs.Factory(dict)  # scorer name -> config the verdicts are read with (not part of any key)
 
     def cells(self) -> list[Cell]:
         """Each model followed by its scans (each after its reference) and then its repairs, so that results for
-        every setting appear early."""
+        every setting appear early; the floors last (each needs two models)."""
         after: dict[str, list[Cell]] = {}
         for cell in self.scans + self.repairs:
             after.setdefault(cell.model_key, []).append(cell)
@@ -253,13 +270,14 @@ class Plan:
                 if reference is not None:
                     ordered.append(reference)
                 ordered.append(cell)
-        return ordered + list(references.values())
+        return ordered + list(references.values()) + list(self.floors)
 
     def counts(self) -> str:
-        """'2 models, 4 scans' (and ', 2 references', ', 8 repairs' when the plan has them)."""
+        """'2 models, 4 scans' (and ', 2 references', ', 8 repairs', ', 2 floors' when the plan has them)."""
         text = f"{len(self.models)} models, {len(self.scans)} scans"
         text += f", {len(self.references)} references" if self.references else ""
-        return text + (f", {len(self.repairs)} repairs" if self.repairs else "")
+        text += f", {len(self.repairs)} repairs" if self.repairs else ""
+        return text + (f", {len(self.floors)} floors" if self.floors else "")
 
     def describe(self) -> dict:
         described = {"cells": [{"kind": c.kind, "key": c.key, "label": c.label} for c in self.cells()]}
@@ -470,10 +488,33 @@ def plan_sweep(settings: SweepSettings, backbone: Backbone, plugins: Registry) -
                                       f"{attack_name}/{dataset}/seed {seed}", backbone_source=backbone.pretrained,
                                       model_key=model_key, scan_key=repair_scan.key, data_root=settings.data_root))
     return Plan(models=tuple(models), scans=tuple(scans), repairs=tuple(repairs),
-                references=tuple(references.values()),
+                references=tuple(references.values()), floors=_floor_cells(models, repairs, ident, backbone),
                 skipped_repairs=tuple(SkippedRepairs(attack=attack, repairers=names, reason=reason)
                                       for (attack, reason), names in skipped.items()),
                 repair_setting=repair_setting, scoring=scoring)
+
+
+def _floor_cells(models: Sequence[ModelCell], repairs: Sequence[RepairCell], ident: BackboneKey,
+                 backbone: Backbone) -> tuple[FloorCell, ...]:
+    """One floor per repaired model: its trigger on the sweep's clean model of the same dataset, the one of the
+    same seed (tuned on the same few-shot images) if the sweep has it, else the lowest clean seed; none without."""
+    clean: dict[str, list[ModelCell]] = {}
+    for model in models:
+        if model.spec.attack == CLEAN_ATTACK and not model.spec.control:
+            clean.setdefault(model.spec.dataset, []).append(model)
+    floors = []
+    repaired = {cell.model_key for cell in repairs}
+    for model in models:
+        choices = clean.get(model.spec.dataset)
+        if model.key not in repaired or not choices:
+            continue
+        honest = next((c for c in choices if c.spec.seed == model.spec.seed), min(choices, key=lambda c: c.spec.seed))
+        spec = FloorSpec(model=model.key, clean_model=honest.key, backbone=ident)
+        floors.append(FloorCell(key=_key(f"floor-{model.key.rsplit('-', 1)[0]}", spec), spec=spec,
+                                label=f"floor of {model.label} (clean seed {honest.spec.seed})",
+                                backbone_source=backbone.pretrained, model_key=model.key, clean_key=honest.key,
+                                data_root=model.data_root))
+    return tuple(floors)
 
 
 def _model_jobs(settings: SweepSettings, attacks: Mapping[str, Any], attack_classes: Mapping[str, type],

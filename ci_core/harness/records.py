@@ -183,7 +183,21 @@ class RepairSpec(Spec):
     scoring: RepairScoring
 
 
-SPECS = {cls.KIND: cls for cls in (ModelSpec, ReferenceSpec, ScanSpec, RepairSpec)}
+@attrs.frozen(kw_only=True)
+class FloorSpec(Spec):
+    """A backdoored model's own trigger measured on a clean model of the same dataset: what that trigger does to a
+    model with no backdoor, the level below which no repair of the prompt can be asked to bring it."""
+
+    KIND = "floor"
+    NESTED = {"backbone": BackboneKey.from_json}
+
+    store_version: int = VERSION
+    model: str  # the backdoored model cell's key: its trigger, target and test images
+    clean_model: str  # the clean model cell's key
+    backbone: BackboneKey
+
+
+SPECS = {cls.KIND: cls for cls in (ModelSpec, ReferenceSpec, ScanSpec, RepairSpec, FloorSpec)}
 
 
 def spec_from_json(data: Any, where: str = "spec") -> Spec:
@@ -296,4 +310,20 @@ class RepairRecord(Record):
     repair_cpu_seconds: float | None = None
 
 
-RECORDS = {cls.KIND: cls for cls in (ModelRecord, ReferenceRecord, ScanRecord, RepairRecord)}
+@attrs.frozen(kw_only=True)
+class FloorRecord(Record):
+    KIND = "floor"
+    NESTED = {"spec": FloorSpec.from_json}
+
+    spec: FloorSpec
+    model: str
+    clean_model: str
+    dataset: str
+    attack: str
+    seed: int
+    clean_seed: int
+    target: str
+    metrics: dict  # the clean model's ACC and the backdoored model's trigger's ASR on it (evaluation.AttackMetrics)
+
+
+RECORDS = {cls.KIND: cls for cls in (ModelRecord, ReferenceRecord, ScanRecord, RepairRecord, FloorRecord)}

@@ -11,6 +11,7 @@ Layout of a store folder::
     scans/<key>/scan/          ... report.json and the reconstructed triggers
     repairs/<key>/cell.json    a repair of one model by one repairer: ACC and ASR before and after ...
     repairs/<key>/bundle/      ... the repaired model
+    floors/<key>/cell.json     a backdoored model's trigger on a clean model of its dataset: the repair's floor
     */<key>/manifest.json      the SHA-256 of every other file of the cell, written last
     failed/<key>.json          a cell that raised: its spec and the error (retried by the next run)
     declined/<key>.json        a cell with nothing to do (``NotApplicable``): its spec and the reason (not rerun)
@@ -48,7 +49,7 @@ FORMAT = "ci-bench-store"
 MARKER = "store.json"
 CELL_FILE = "cell.json"
 MANIFEST = "manifest.json"
-KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs"}
+KINDS = {"model": "models", "reference": "references", "scan": "scans", "repair": "repairs", "floor": "floors"}
 # What a finished cell holds besides cell.json and manifest.json.
 SCAN_FOLDER = "scan"  # a scan cell's scan output (report.json, triggers/)
 REFERENCE_FILE = "reference.json"  # a reference cell's scan of the backbone (ci_core.scanning.reference)

@@ -46,7 +46,9 @@ HEADERS = {
     "target_accuracy": "target named", "auroc": "AUROC", "accuracy": "ACC", "min_asr_unseen": "ASR unseen ≥",
     "top_is_target": "top = target", "tp": "TP", "fp": "FP", "fn": "FN", "tn": "TN", "f1": "F1", "s_max": "s_max",
     "acc_seen": "ACC seen", "acc_unseen": "ACC unseen", "asr_seen": "ASR seen", "asr_unseen": "ASR unseen",
-    "scan_hit": "ĉ = target", "acc_seen_change": "ACC seen change", "beats_controls": "beats every control", "youden.threshold": "Youden τ", "youden.j": "J", "youden.tpr": "TPR@τ",
+    "scan_hit": "ĉ = target", "acc_seen_change": "ACC seen change", "beats_controls": "beats every control",
+    "floor_seen": "floor seen", "floor_unseen": "floor unseen", "at_floor": "at the floor",
+    "youden.threshold": "Youden τ", "youden.j": "J", "youden.tpr": "TPR@τ",
     "youden.fpr": "FPR@τ", "k": "k",
 }
 # Group keys shown in the overview rather than as sections; a row's lists longer than this are not cells.

@@ -60,6 +60,7 @@ def repair_section(report: dict) -> list[str]:
         out += ["### Working backdoors: the aim and the controls", "", DEFINITIONS["repair_check"], "",
                 md_table(check["attacks"], [("repairer", "repairer"), ("attack", "attack"), ("models", "models"),
                                             ("removed", "removed"), ("beats_controls", "beats every control"),
+                                            ("at_floor", "at the floor"),
                                             ("asr_seen_after", "ASR seen after"),
                                             ("asr_unseen_after", "ASR unseen after"),
                                             ("acc_seen_change", "ACC seen change")]), ""]
@@ -70,7 +71,9 @@ def repair_section(report: dict) -> list[str]:
                                            ("asr_unseen_after", "after"), ("acc_seen_change", "ACC seen change"),
                                            ("removed", "removed")]
                         + [(k, f"left by {k[len('left_by_'):]}") for k in controls]
-                        + [("beats_controls", "beats every control"), ("scan_hit", "ĉ = target")]), ""]
+                        + [("beats_controls", "beats every control"), ("floor_seen", "floor seen"),
+                           ("floor_unseen", "floor unseen"), ("at_floor", "at the floor"),
+                           ("scan_hit", "ĉ = target")]), ""]
     if report["skipped_repairs"]:
         out += ["Not repaired (left out by the plan, or no trigger to repair with; not failures):", ""]
         out += [f"- {s['attack']} ({', '.join(s['repairers'])}): {s['reason']}" for s in report["skipped_repairs"]]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ci_core.errors import ConfigError
 from ci_core.harness.plan import CLEAN_ATTACK, variant_label
-from ci_core.harness.records import ModelRecord, RepairRecord, spec_hash
+from ci_core.harness.records import FloorRecord, ModelRecord, RepairRecord, spec_hash
 from ci_core.harness.report.scored import ScoredScan, pending, scored_scans, skipped_repairs
 from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes,
                                         roc_curve, youden_threshold)
@@ -101,7 +101,11 @@ DEFINITIONS = {
         "without the scan's trigger for its top class: clean images only, a random delta, another class's trigger) "
         "left of the backdoor on the same model, as the higher of its ASR seen and unseen after; the repair beats "
         "the controls when it leaves at least 0.05 less than every one of them (a smaller difference is within the "
-        "test set's noise). Per attack: how many models meet each."),
+        "test set's noise). Floor seen / unseen: the attack's own trigger on a clean model of the same dataset in "
+        "the store (of the same seed where there is one), what that trigger does where there is no backdoor: a "
+        "repair of the prompt alone cannot be asked to go below it. At the floor: the repair left at most the "
+        "floor's higher ASR plus 0.05, and clean accuracy on the seen classes fell by at most 0.02. Per attack: how "
+        "many models meet each (n/n: of the models with a floor)."),
     "statistics": "mean ± sample standard deviation over models (n = number of models); n/a when there is none. "
                   "Times: 's' is wall time; 'CPU s' the CPU time of the process running the cell (all its threads).",
 }
@@ -374,15 +378,20 @@ def _works(record: RepairRecord) -> bool:
     return any((record.before.get(key) or 0.0) >= WORKS for key in ("asr_base", "asr_new"))
 
 
-def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> dict[str, list[dict]]:
-    """Each repair of a working backdoor against the aim and against every control run on the same model.
+def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
+                 floors: Sequence[FloorRecord] = ()) -> dict[str, list[dict]]:
+    """Each repair of a working backdoor against the aim, against every control run on the same model, and against
+    the floor (the attack's own trigger on a clean model of the dataset), where the store has one.
 
     Per model and repairer that is not a control: ASR seen / unseen before and after, the ACC change on the seen
     classes, whether the backdoor is removed (both ASR below ``REMOVED``, ACC at most ``ACC_KEPT`` lower) and, per
     control, the backdoor that control left (the higher of its ASR seen and unseen after); the repair beats a
-    control when it leaves at least ``BEATS_BY`` less.  Then per repairer and attack, how many of its models meet each.
+    control when it leaves at least ``BEATS_BY`` less.  The floor's ASR seen / unseen, and whether the repair left
+    no more than the floor (within ``BEATS_BY``, ACC kept): down to what a model with no backdoor does.  Then per
+    repairer and attack, how many of its models meet each.
     """
     controls = set(controls)
+    floor_of = {floor.model: floor for floor in floors}
     working = [r for r in repairs if _works(r)]
     by_model: dict[str, dict[str, RepairRecord]] = defaultdict(dict)
     for record in working:
@@ -400,6 +409,9 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
                 continue
             left = _remaining(record)
             acc_change = _finite((record.after.get("acc_base") or 0.0) - (record.before.get("acc_base") or 0.0))
+            floor = floor_of.get(record.model)
+            floor_left = None if floor is None else max(floor.metrics.get("asr_base") or 0.0,
+                                                        floor.metrics.get("asr_new") or 0.0)
             models.append({
                 "repairer": name, "attack": record.attack, "dataset": record.dataset, "seed": record.seed,
                 "asr_seen_before": record.before.get("asr_base"), "asr_seen_after": record.after.get("asr_base"),
@@ -407,6 +419,9 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
                 "acc_seen_change": acc_change, "removed": left < REMOVED and acc_change >= -ACC_KEPT,
                 **{f"left_by_{control}": value for control, value in sorted(ran.items())},
                 "beats_controls": None if not ran else all(left <= value - BEATS_BY for value in ran.values()),
+                "floor_seen": None if floor is None else floor.metrics.get("asr_base"),
+                "floor_unseen": None if floor is None else floor.metrics.get("asr_new"),
+                "at_floor": None if floor is None else (left <= floor_left + BEATS_BY and acc_change >= -ACC_KEPT),
                 "scan_hit": record.scan_target == record.true_target})
     attacks = []
     rows_of = lambda rows, field: {value: [r for r in rows if r[field] == value]  # noqa: E731
@@ -415,9 +430,11 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str]) -> di
         per_attack = list(rows_of(rows, "attack").items())  # models are in attack order already
         for attack, part in per_attack + ([("all", rows)] if len(per_attack) > 1 else []):
             checked = [r for r in part if r["beats_controls"] is not None]
+            floored = [r for r in part if r["at_floor"] is not None]
             attacks.append({"repairer": repairer, "attack": attack, "models": len(part),
                             "removed": f"{sum(r['removed'] for r in part)}/{len(part)}",
                             "beats_controls": f"{sum(r['beats_controls'] for r in checked)}/{len(checked)}",
+                            "at_floor": f"{sum(r['at_floor'] for r in floored)}/{len(floored)}",
                             "asr_seen_after": mean_std(r["asr_seen_after"] for r in part),
                             "asr_unseen_after": mean_std(r["asr_unseen_after"] for r in part),
                             "acc_seen_change": mean_std(r["acc_seen_change"] for r in part)})
@@ -448,7 +465,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None) ->
         "models": model_rows(rows, labels),
         "attacks": _attack_rows(models),
         "repairs": _repair_rows(repairs),
-        "repair_check": repair_check(repairs, _control_repairers(repairs)),
+        "repair_check": repair_check(repairs, _control_repairers(repairs), store.cells("floor")),
         "skipped_repairs": skipped_repairs(store),
         "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
                      for f in failures],
