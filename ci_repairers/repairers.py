@@ -168,6 +168,9 @@ class RepairConfig:
     # trigger an l-inf reconstruction cannot reach.  blend_steps Adam steps of batches of 16.
     blend_alpha: float = attrs.field(default=0.0, validator=number(ge=0, le=1))
     blend_steps: int = attrs.field(default=100, validator=integer(ge=1))
+    # Start from a meta-net whose output is zero (its last layer zeroed: pi(x) = 0, the image-conditional part of
+    # the prompt re-learned from the clean set alone), so that a backdoor carried by the meta-net is not inherited.
+    reset_meta_net: bool = attrs.field(default=False, validator=boolean)
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about
@@ -224,6 +227,12 @@ class PromptRepairer(Repairer):
         stamp = self.perturbation(trigger=trigger, clean=clean, seed=seed)
         tracking = self.tracking(stamp, target)
         repaired = copy_model(model)
+        if c.reset_meta_net:
+            progress(f"{self.name}: zeroing the meta-net's last layer (pi = 0 before fine-tuning)")
+            with torch.no_grad():
+                last = repaired.prompt_learner.meta_net.linear2
+                last.weight.zero_()
+                last.bias.zero_()
         blends = ()
         if c.blend_alpha > 0 and stamp is not None and self.tracks_stamp:
             progress(f"{self.name}: inverting a pattern blended at {c.blend_alpha:g} towards {target!r} "

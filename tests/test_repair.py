@@ -231,6 +231,22 @@ def test_an_inverted_blend_raises_the_target_margin_and_stays_an_image(world):
     assert torch.equal(again.pattern, blend.pattern)  # seeded
 
 
+def test_reset_meta_net_starts_the_repair_from_a_zero_image_conditional_prompt(world):
+    model, names, clean = world["model"], world["names"], world["clean"]
+    assert model.prompt_learner.meta_net.linear2.weight.abs().sum() > 0
+    # With a vanishing learning rate the repair is where it started: pi(x) = 0, ctx and linear1 as given.
+    still = CITriggerRepair.from_options({**QUICK, "lr": 1e-30, "reset_meta_net": True}).repair(
+        model=model, trigger=AdditiveTrigger(saturated_delta(2)), target=names[2], clean=clean, seed=0)
+    last = still.prompt_learner.meta_net.linear2
+    assert last.weight.abs().max() < 1e-20 and last.bias.abs().max() < 1e-20
+    assert torch.allclose(still.prompt_learner.ctx, model.prompt_learner.ctx)
+    assert torch.allclose(still.prompt_learner.meta_net.linear1.weight, model.prompt_learner.meta_net.linear1.weight)
+    # With the default learning rate the last layer is learnt again from the clean set.
+    learnt = CITriggerRepair.from_options({**QUICK, "reset_meta_net": True}).repair(
+        model=model, trigger=AdditiveTrigger(saturated_delta(2)), target=names[2], clean=clean, seed=0)
+    assert learnt.prompt_learner.meta_net.linear2.weight.abs().sum() > 0
+
+
 def test_tracking_follows_reconstructed_triggers_only(world):
     given = AdditiveTrigger(saturated_delta(5), epsilon=EPS)
     options = {**QUICK, "track_steps": 1}
@@ -248,7 +264,8 @@ def test_tracking_follows_reconstructed_triggers_only(world):
 
 
 @pytest.mark.parametrize("cls, options", [(cls, QUICK) for cls in ALL] + [
-    (CITriggerRepair, {**QUICK, "track_steps": 1}), (CITriggerRepair, {**QUICK, "blend_alpha": 0.2, "blend_steps": 2})],
+    (CITriggerRepair, {**QUICK, "track_steps": 1}), (CITriggerRepair, {**QUICK, "blend_alpha": 0.2, "blend_steps": 2}),
+    (CleanOnlyRepair, {**QUICK, "reset_meta_net": True})],
     ids=lambda c: getattr(c, "name", ",".join(k for k in c if k not in QUICK) if isinstance(c, dict) else ""))
 def test_repair_returns_a_new_model_and_leaves_the_input_alone(world, cls, options):
     model = world["model"]
