@@ -8,6 +8,11 @@ the model re-learns to classify triggered images by their content.  The
 encoders stay frozen and the input model is left as it was: the repair trains
 a copy of the prompt learner.
 
+By default the fine-tuning starts from a meta-net whose last layer is zeroed
+(``reset_meta_net``): on the development models much of a backdoor lived in
+the meta-net, where fine-tuning on clean images did not reach it
+(docs/repair.md); ``reset_meta_net=false`` is the paper's repair.
+
 The three controls of the paper's Table 19 run exactly the same fine-tuning and
 differ only in the perturbation: ``clean-only`` uses none (clean images only),
 ``random-delta`` a random δ in the ℓ∞ ball of the scan's trigger, and
@@ -170,7 +175,8 @@ class RepairConfig:
     blend_steps: int = attrs.field(default=100, validator=integer(ge=1))
     # Start from a meta-net whose output is zero (its last layer zeroed: pi(x) = 0, the image-conditional part of
     # the prompt re-learned from the clean set alone), so that a backdoor carried by the meta-net is not inherited.
-    reset_meta_net: bool = attrs.field(default=False, validator=boolean)
+    # The default since issue 25's second freeze (docs/repair.md); False is the paper's repair.
+    reset_meta_net: bool = attrs.field(default=True, validator=boolean)
 
 
 # Tiny world: CoCoOp's learning rate with the attacks' tiny batch size, for 16 epochs of the clean set (about

@@ -449,9 +449,12 @@ def measured(model, planted) -> Measured:
                     asr_unseen=unseen)
 
 
-def repaired(cls, planted, trigger) -> Measured:
-    model = cls.from_options(preset="tiny").repair(model=planted["model"], trigger=trigger, target=planted["target"],
-                                                   clean=planted["clean"], seed=0)
+PAPER = {"reset_meta_net": False}  # the paper's repair: fine-tuning from the delivered meta-net
+
+
+def repaired(cls, planted, trigger, options=PAPER) -> Measured:
+    model = cls.from_options(options, preset="tiny").repair(model=planted["model"], trigger=trigger,
+                                                            target=planted["target"], clean=planted["clean"], seed=0)
     return measured(model, planted)
 
 
@@ -478,6 +481,17 @@ def test_repair_with_the_true_trigger_removes_the_backdoor_and_the_controls_leav
     check_removed(planted["before"], fixed)
     for control in (CleanOnlyRepair, RandomDeltaRepair):
         check_left_more(fixed, repaired(control, planted, planted["trigger"] if control is RandomDeltaRepair else None))
+
+
+@pytest.mark.slow
+def test_the_default_repair_resets_the_meta_net_and_removes_the_backdoor_with_the_scans_trigger(planted):
+    require_backdoor(planted)
+    assert CITriggerRepair.from_options(preset="tiny").config.reset_meta_net
+    picked = planted["scan"].pick("top")
+    after = repaired(CITriggerRepair, planted, picked.trigger, options={})
+    # Measured 0.19 / 0.007 left, ACC 1.000: under this backbone's floor on tiny-colorshapes seed 1 (BadCLIP's
+    # trigger reaches 0.284 of a clean model's base images there), not under the 0.10.
+    check_removed(planted["before"], after)
 
 
 @pytest.mark.slow
