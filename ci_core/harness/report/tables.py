@@ -82,7 +82,8 @@ DEFINITIONS = {
                "with s_max >= k.",
     "repair": (
         "Each backdoored model (every attack but 'clean') is fine-tuned by each repairer on a labelled clean subset "
-        "of its own few-shot training set, stamped with the trigger the repairer takes from the model's ci scan. "
+        "of its own few-shot training set, stamped with the trigger the repairer takes from the model's ci scan "
+        "(by default from a meta-net whose last layer is zeroed first; reset_meta_net=false is the paper's repair). "
         "ACC seen / unseen is clean accuracy on the test images of the base / new classes. "
         "ASR seen / unseen is the share of test images not of the target class, stamped with the attack's own "
         "(ground-truth) trigger, that are classified as the target, on the base classes / on the new classes plus "
