@@ -165,7 +165,7 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
 def test_every_kind_of_cell_survives_its_json(tiny_backbone):
     plan = plan_sweep(settings(repairers=("ci-trigger",), repair_shots=1, data_root="/data"), tiny_backbone,
                       registry())
-    assert {c.kind for c in plan.cells()} == {"model", "reference", "scan", "repair"}
+    assert {c.kind for c in plan.cells()} == {"model", "reference", "scan", "repair", "floor"}
     for cell in plan.cells():
         sent = json.loads(json.dumps(cell.to_json()))  # as a worker receives it
         back = cell_from_json(sent)
