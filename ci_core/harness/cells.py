@@ -33,7 +33,7 @@ from ci_core.plugins import open_dataset, registry
 from ci_core.scanning.reference import (InvalidReference, ReferenceCache, ReferenceScan, default_cache_dir,
                                         reference_from_json, run_reference)
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
-from ci_core.scanning.scan_triggers import ScanTriggers, check_same_bundle, choose_trigger
+from ci_core.scanning.scan_triggers import ScanTriggers, UnscannableScan, check_same_bundle, choose_trigger
 from ci_core.scanning.scan import apply_scorer, scan, stored_problems
 from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
@@ -224,11 +224,28 @@ def repair_set(train: LabeledImages, shots: int, seed: int) -> LabeledImages:
     return LabeledImages(train.images[chosen], train.labels[chosen], train.classnames)
 
 
+def _backdoored_model(store: Store, key: str) -> ModelRecord:
+    """The record of model cell ``key``, which must be backdoored: a target and a stored ground-truth trigger."""
+    record = store.read_cell("model", key)
+    if record.target is None or not store.trigger_path(key).is_file():
+        raise ConfigError(f"its model cell {key} has no backdoor (no target and trigger) to measure ASR with")
+    return record
+
+
+def _model_task(record: ModelRecord, data_root: str | None, backbone: Backbone, progress: Progress):
+    """The model cell's own task: the same few-shot training and test images it was trained and evaluated on."""
+    spec = record.spec
+    dataset = registry().get("dataset", record.dataset).open(data_root)
+    return load_task(dataset, backbone, seed=spec.seed, shots=spec.shots, test_per_class=spec.test_per_class,
+                     progress=progress)
+
+
 def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Progress) -> dict:
     spec = cell.spec
     _require(store, "model", cell.model_key)
     _require(store, "scan", cell.scan_key)
-    model_record = store.read_cell("model", cell.model_key)
+    model_record = _backdoored_model(store, cell.model_key)
+    target = model_record.target
     plugins = registry()
     backbone = cell_backbone(cell, device)
     repairer = plugins.get("repairer", spec.repairer).from_options(spec.repairer_config)
@@ -236,24 +253,18 @@ def run_repair_cell(store: Store, cell: RepairCell, *, device: str, progress: Pr
     kind = read_meta(bundle)["kind"]
     if kind not in repairer.bundle_kinds:
         raise ConfigError(f"{bundle} is a {kind!r} bundle, which {repairer.name} cannot repair")
-    target = model_record.target
-    if target is None or not store.trigger_path(cell.model_key).is_file():
-        raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure ASR with")
-    scan_report = read_scan_report(store.scan_folder(cell.scan_key) / "report.json")
-    if scan_report.decision is None:
-        raise NotApplicable(f"its scan could not measure the model ({'; '.join(scan_report.unscannable_reasons)}), "
-                            "so there is no reconstructed trigger to repair with")
-    triggers = rescored_triggers(store, cell)
+    try:
+        triggers = rescored_triggers(store, cell)
+    except UnscannableScan as exc:
+        raise NotApplicable(f"its scan could not measure the model ({'; '.join(exc.reasons)}), "
+                            "so there is no reconstructed trigger to repair with") from None
     check_same_bundle(triggers, bundle)
     with store.writing("repair", cell.key) as work:
         cost = _Cost(device)
         model, meta = load_bundle(bundle, backbone)
         truth = load_trigger(store.trigger_path(cell.model_key))
-        model_spec = model_record.spec
-        dataset = plugins.get("dataset", model_record.dataset).open(cell.data_root)
         # The same training and test images as the model cell, so that "before" and "after" compare.
-        task = load_task(dataset, backbone, seed=model_spec.seed, shots=model_spec.shots,
-                         test_per_class=model_spec.test_per_class, progress=progress)
+        task = _model_task(model_record, cell.data_root, backbone, progress)
         clean = repair_set(task.train, spec.repair_shots, spec.seed)
         picked = choose_trigger(repairer, triggers)
         repair_cost = _Cost(device)
@@ -279,20 +290,15 @@ def run_floor_cell(store: Store, cell: FloorCell, *, device: str, progress: Prog
     """The backdoored model's own trigger on the clean model, on the backdoored model's test images."""
     _require(store, "model", cell.model_key)
     _require(store, "model", cell.clean_key)
-    model_record = store.read_cell("model", cell.model_key)
+    model_record = _backdoored_model(store, cell.model_key)
     clean_record = store.read_cell("model", cell.clean_key)
-    if model_record.target is None or not store.trigger_path(cell.model_key).is_file():
-        raise ConfigError(f"its model cell {cell.model_key} has no backdoor (no target and trigger) to measure")
     if clean_record.target is not None or clean_record.dataset != model_record.dataset:
         raise ConfigError(f"its clean model cell {cell.clean_key} is not a clean model of {model_record.dataset}")
     backbone = cell_backbone(cell, device)
     with store.writing("floor", cell.key) as work:
         cost = _Cost(device)
         clean, meta = load_bundle(store.bundle_path("model", cell.clean_key), backbone)
-        model_spec = model_record.spec
-        dataset = registry().get("dataset", model_record.dataset).open(cell.data_root)
-        task = load_task(dataset, backbone, seed=model_spec.seed, shots=model_spec.shots,
-                         test_per_class=model_spec.test_per_class, progress=progress)
+        task = _model_task(model_record, cell.data_root, backbone, progress)
         if tuple(meta["classnames"]) != tuple(task.test.classnames):
             raise ConfigError(f"clean model cell {cell.clean_key} classifies other classes than {model_record.dataset}")
         truth = load_trigger(store.trigger_path(cell.model_key))

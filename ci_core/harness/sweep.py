@@ -43,11 +43,11 @@ def run_sweep(store: Store, plan: Plan, executor, options: CellOptions, emit: Ca
             why = problem or f"its upstream cell {upstream[0]} is being recomputed"
             emit(f"{cell.kind} cell {cell.label}: {why}; moved to {moved.relative_to(store.root)}, computing it again")
             stale.add(cell.key)
-        todo = [c for c in cells if not store.is_done(c.kind, c.key) and not store.is_declined(c.key)]
-        declined_before = sum(store.is_declined(c.key) for c in cells)
-        reused = len(cells) - len(todo) - declined_before
-        settled = f" ({declined_before} of them with nothing to do)" if declined_before else ""
-        emit(f"{len(cells)} cells ({plan.counts()}): {reused + declined_before} already in {store.root}{settled}, "
+        declined_before = {c.key for c in cells if store.is_declined(c.key)}
+        todo = [c for c in cells if not store.is_done(c.kind, c.key) and c.key not in declined_before]
+        reused = len(cells) - len(todo) - len(declined_before)
+        settled = f" ({len(declined_before)} of them with nothing to do)" if declined_before else ""
+        emit(f"{len(cells)} cells ({plan.counts()}): {len(cells) - len(todo)} already in {store.root}{settled}, "
              f"{len(todo)} to run with the {executor.name} executor")
         for skipped in plan.skipped_repairs:
             emit(f"no repair cells for {skipped.attack} ({', '.join(skipped.repairers)}): {skipped.reason}")

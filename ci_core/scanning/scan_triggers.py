@@ -40,6 +40,15 @@ PICK_RULES = ("top", "lowest", "runner-up")
 # --------------------------------------------------------------------------- the scan's triggers
 
 
+class UnscannableScan(DataError):
+    """A scan report of a model the scan could not measure: it holds no trigger to repair with."""
+
+    def __init__(self, source: str, reasons: tuple[str, ...]):
+        self.reasons = reasons
+        super().__init__(f"{source}: the scan could not measure the model ({'; '.join(reasons)}), "
+                         "so it reconstructed no trigger to repair with")
+
+
 @attrs.frozen(kw_only=True)
 class PickedTrigger:
     """One class's reconstructed trigger, chosen from a scan."""
@@ -82,8 +91,7 @@ class ScanTriggers:
         report = read_scan_report(path)
         source = str(folder / REPORT_FILE) if not path.is_file() else str(path)
         if report.decision is None:
-            raise DataError(f"{source}: the scan could not measure the model ({'; '.join(report.unscannable_reasons)}), "
-                            "so it reconstructed no trigger to repair with")
+            raise UnscannableScan(source, tuple(report.unscannable_reasons))
         if not report.classes:
             raise DataError(f"{source}: expected a scan report with at least one class")
         names = report.classnames

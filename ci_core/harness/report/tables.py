@@ -370,9 +370,14 @@ def _control_repairers(repairs: Sequence[RepairRecord]) -> set[str]:
             if name in plugins.names("repairer") and plugins.get("repairer", name).is_control}
 
 
+def _higher_asr(metrics: dict) -> float:
+    """Where a trigger works worst for the auditor: the higher of its ASR seen and unseen in ``metrics``."""
+    return max(metrics.get("asr_base") or 0.0, metrics.get("asr_new") or 0.0)
+
+
 def _remaining(record: RepairRecord) -> float:
-    """The backdoor left where it works worst for the auditor: the higher of ASR seen and ASR unseen after repair."""
-    return max(record.after.get("asr_base") or 0.0, record.after.get("asr_new") or 0.0)
+    """The backdoor left after repair: the higher of ASR seen and ASR unseen."""
+    return _higher_asr(record.after)
 
 
 def _works(record: RepairRecord) -> bool:
@@ -411,8 +416,7 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
             left = _remaining(record)
             acc_change = _finite((record.after.get("acc_base") or 0.0) - (record.before.get("acc_base") or 0.0))
             floor = floor_of.get(record.model)
-            floor_left = None if floor is None else max(floor.metrics.get("asr_base") or 0.0,
-                                                        floor.metrics.get("asr_new") or 0.0)
+            floor_left = None if floor is None else _higher_asr(floor.metrics)
             models.append({
                 "repairer": name, "attack": record.attack, "dataset": record.dataset, "seed": record.seed,
                 "asr_seen_before": record.before.get("asr_base"), "asr_seen_after": record.after.get("asr_base"),
