@@ -10,17 +10,21 @@ from pathlib import Path
 import attrs
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from ci_core.harness import Store, SweepSettings, plan_sweep
+from ci_core.harness.cells import inversion_pool
 from ci_core.harness.plan import cell_from_json
+from ci_core.harness.records import PoolSpec
 from ci_core.harness.statistics import auroc, class_counts, clopper_pearson, confusion, roc_curve, youden_threshold
 from ci_core.cli.bench import main as bench
-from ci_core.errors import ConfigError
-from ci_core.plugins import registry
+from ci_core.errors import ConfigError, DataError
+from ci_core.plugins import open_dataset, registry
 from ci_core.data.datasets import base_new_split
+from ci_core.data.labeled import LabeledImages
 from ci_core.learning.protocol import SCAN_SEED, pool_sizes, preset_for
 
 from test_plugins import activate_fake_distribution
@@ -137,6 +141,7 @@ def test_same_settings_same_keys_and_every_change_a_new_key(tiny_backbone, rando
         "detector option": settings(detector_options={"ci": {"lr": 0.05}}),
         "loss": settings(losses=("ce",)),
         "inversion data": settings(inversion_data=("id",)),
+        "inversion and held-out data": settings(inversion_data=("id-only",)),
     }
     for what, changed in variants.items():
         plan = plan_sweep(changed, tiny_backbone, plugins)
@@ -170,6 +175,37 @@ def test_every_kind_of_cell_survives_its_json(tiny_backbone):
         sent = json.loads(json.dumps(cell.to_json()))  # as a worker receives it
         back = cell_from_json(sent)
         assert type(back) is type(cell) and attrs.asdict(back) == attrs.asdict(cell)
+
+
+def test_id_only_pool_takes_d_and_t_from_the_datasets_own_images():
+    # The auditor's own images as the whole pool: no OOD image in D or T, the two disjoint, the same for a seed.
+    spec = PoolSpec(source="builtin", inversion=10, holdout=6, inversion_data="id-only")
+    pool = inversion_pool(spec, "tiny-palette", None, 32, seed=3)
+    assert pool.inversion.shape[0] == 10 and pool.holdout.shape[0] == 6
+    rows = [tuple(image.flatten().tolist()) for image in torch.cat([pool.inversion, pool.holdout])]
+    assert len(set(rows)) == 16  # D and T share no image
+    # 16 images of 24 classes: one validation image per class is enough, and every one comes from there
+    validation = open_dataset("tiny-palette", None).load("val", image_size=32, seed=0, shots=1).images
+    assert set(rows) <= {tuple(image.flatten().tolist()) for image in validation}
+    again = inversion_pool(spec, "tiny-palette", None, 32, seed=3)
+    assert torch.equal(again.inversion, pool.inversion) and torch.equal(again.holdout, pool.holdout)
+    ood = inversion_pool(attrs.evolve(spec, inversion_data="id"), "tiny-palette", None, 32, seed=3)
+    assert torch.equal(ood.inversion, pool.inversion)  # 'id' draws the same D, and keeps the OOD T
+    assert not torch.equal(ood.holdout[:6], pool.holdout)
+
+
+def test_id_only_pool_names_a_validation_split_too_small(monkeypatch):
+    class FewImages:  # a real dataset's validation split can hold fewer images than D and T need
+        classnames = ("a", "b")
+
+        def load(self, split, *, image_size, seed, shots):
+            return LabeledImages(torch.zeros(5, 3, image_size, image_size), torch.zeros(5, dtype=torch.long),
+                                 self.classnames)
+
+    monkeypatch.setattr("ci_core.harness.cells.open_dataset", lambda name, root: FewImages())
+    spec = PoolSpec(source="builtin", inversion=4, holdout=2, inversion_data="id-only")
+    with pytest.raises(DataError, match=r"few: its validation split holds 5 images, 6 are needed for D \(4\) and T"):
+        inversion_pool(spec, "few", None, 32, seed=3)
 
 
 def test_ablations_cross_into_scan_cells(tiny_backbone):

@@ -65,11 +65,14 @@ def _ood_pool(source: str, inversion: int, holdout: int, image_size: int, seed: 
 
 def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | None, image_size: int,
                    seed: int) -> OODPool:
-    """D and T of a scan: T is always the OOD held-out set; D is OOD images or, for 'id', the dataset's own.
+    """D and T of a scan, by ``pool.inversion_data``:
 
-    In-distribution D (the paper's Table 17) takes the dataset's validation images
-    of every class, unlabelled, shuffled by ``seed``; keeping T the same makes the
-    two settings' ASR comparable.
+    - 'ood': both from the OOD pool (the paper's setting);
+    - 'id': D is the dataset's validation images of every class, unlabelled, shuffled by ``seed`` (the paper's
+      Table 17); T stays the OOD held-out set, which keeps the two settings' ASR comparable;
+    - 'id-only': D and T are both the dataset's validation images (disjoint), as an auditor who scans with their
+      own images only.  A model that breaks on images unlike its training set (the tripwire) is unscannable on
+      any OOD T; on its own task's images it must work, or it would fail its users.
     """
     # A folder source is identified by its path and a fingerprint of its files; the pool reads the path.
     source = pool.source.split("#sha256:", 1)[0]
@@ -77,10 +80,19 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
     if pool.inversion_data == "ood":
         return ood
     dataset = open_dataset(dataset_name, data_root)
-    per_class = math.ceil(pool.inversion / len(dataset.classnames))
+    wanted = pool.inversion + (pool.holdout if pool.inversion_data == "id-only" else 0)
+    per_class = math.ceil(wanted / len(dataset.classnames))
     images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:pool.inversion]
-    return OODPool(inversion=images[order], holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
+    if len(images) < wanted:
+        raise DataError(f"{dataset_name}: its validation split holds {len(images)} images, {wanted} are needed for "
+                        f"D ({pool.inversion}){' and T (' + str(pool.holdout) + ')' if wanted > pool.inversion else ''}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    inversion = images[order[:pool.inversion]]
+    if pool.inversion_data == "id-only":
+        return OODPool(inversion=inversion, holdout=images[order[pool.inversion:wanted]],
+                       source=f"{dataset_name} validation images (in-distribution, D and T)", skipped=(),
+                       files_found=None)
+    return OODPool(inversion=inversion, holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
                    f"held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
 
 

@@ -45,7 +45,7 @@ CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor targ
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.
 REPAIR_DETECTOR = "ci"
 DEFAULT_INVERSION_DATA = "ood"
-INVERSION_DATA = ("ood", "id")
+INVERSION_DATA = ("ood", "id", "id-only")
 # Which classes a scan inverts: "all" (the paper's benchmark: up to 50 of the dataset's classes, the target among
 # them) or "base" (the classes the model was tuned on, which the organisation deploys; up to 50 of them).
 DEFAULT_CANDIDATE_CLASSES = "all"
@@ -540,7 +540,7 @@ def _reference_cell(detector: str, detector_config: dict, candidates: Sequence[s
                     dataset: str, ident: BackboneKey, variant: dict | None, settings: SweepSettings,
                     backbone: Backbone) -> ReferenceCell:
     """The reference of a scan: the same classes, pool, seed and detector setting on the untuned backbone."""
-    in_distribution = pool.inversion_data == "id"
+    in_distribution = pool.inversion_data != "ood"
     spec = ReferenceSpec(backbone=ident, template=DEFAULT_TEMPLATE, classnames=tuple(candidates), pool=pool, seed=seed,
                          detector=detector, detector_config=detector_config,
                          dataset=dataset if in_distribution else None)  # D is then the dataset's own images
