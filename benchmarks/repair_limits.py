@@ -10,7 +10,8 @@ It also prints how far the scan's trigger for its top class reaches on its own
 (its ASR on the base and new test images of the model before repair): a repair
 can only unlearn what the trigger it is given reaches.  And it prints the floor:
 the attack's own trigger's ASR on a clean model of the same dataset (the
-store's clean model of the lowest seed).  An l-inf trigger optimised towards a
+store's floor cell of the model where it has one, else its clean model of the
+lowest seed).  An l-inf trigger optimised towards a
 class moves a clean model towards it too; a prompt-only repair, which cannot
 change the frozen image encoder, is not expected to go far below that.
 
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
         if scan.detector == "ci" and scan.spec.seed == args.scan_seed and scan.spec.classes == "all" and scan.reference:
             scans.setdefault(scan.model, scan)
     backbone = None
+    floors = {floor.model: floor for floor in store.cells("floor")}  # model key -> its floor cell
     clean_models = {}  # per dataset, the clean model of the lowest seed
     for model in sorted(store.cells("model"), key=lambda m: m.seed, reverse=True):
         if model.attack == "clean" and not model.control:
@@ -110,7 +112,11 @@ def main(argv=None) -> int:
         before = evaluate(loaded, task.test, task.base, task.new, truth, model.target)
         head = (f"{model.attack} {model.dataset} {model.seed} {model.target!r} | {top.name!r} "
                 f"{'-' if reach[0] is None else f'{reach[0]:.2f}'}/{reach[1]:.2f}")
-        if model.dataset in clean_models:  # the floor: what the attack's own trigger does to a model without backdoor
+        if model.key in floors:  # the store's floor cell (the clean model of the same seed where it has one)
+            floor = floors[model.key]
+            head += (f" | on clean seed {floor.clean_seed}: {floor.metrics.get('asr_base') or 0:.3f}/"
+                     f"{floor.metrics.get('asr_new') or 0:.3f}")
+        elif model.dataset in clean_models:  # the floor: what the attack's own trigger does to a clean model
             reference = clean_models[model.dataset]
             clean_model, _ = load_bundle(store.bundle_path("model", reference.key), backbone)
             floor = attack_success_rates(clean_model, task.test, task.base, task.new, truth, model.target)
