@@ -382,6 +382,24 @@ KILL_SCRIPT = textwrap.dedent('''
 ''')
 
 
+def test_a_sweep_on_the_datasets_own_images_scans_and_references_there(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    result = run_bench([*FAKE_SWEEP, "--inversion-data", "ood,id-only", "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = Store.open(out)
+    sources = {}
+    for scan in store.cells("scan"):
+        report = json.loads((store.scan_folder(scan.key) / "report.json").read_text())
+        sources[(scan.model, scan.spec.pool.inversion_data)] = (report["pool"]["source"], report["pool"]["holdout"])
+    assert len(sources) == 4  # two models, each on both pools
+    for (model, data), (source, holdout) in sources.items():
+        assert holdout == 4
+        assert (source == "fake-shapes validation images (in-distribution, D and T)") is (data == "id-only")
+    references = {r.spec.pool.inversion_data: r for r in store.cells("reference")}
+    assert set(references) == {"ood", "id-only"} and references["id-only"].spec.dataset == "fake-shapes"
+    assert references["ood"].spec.dataset is None  # an OOD reference serves every dataset with these classes
+
+
 @pytest.mark.parametrize("kill_point", ["between write and rename", "while the cell is half-written"])
 def test_resume_after_kill_redoes_only_the_killed_cell(tmp_path, fake_plugins, kill_point):
     out = tmp_path / "store"

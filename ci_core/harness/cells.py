@@ -70,30 +70,32 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
     - 'ood': both from the OOD pool (the paper's setting);
     - 'id': D is the dataset's validation images of every class, unlabelled, shuffled by ``seed`` (the paper's
       Table 17); T stays the OOD held-out set, which keeps the two settings' ASR comparable;
-    - 'id-only': D and T are both the dataset's validation images (disjoint), as an auditor who scans with their
-      own images only.  A model that breaks on images unlike its training set (the tripwire) is unscannable on
-      any OOD T; on its own task's images it must work, or it would fail its users.
+    - 'id-only': D and T are both the dataset's validation images (disjoint), as an auditor who scans with images
+      of their own task only.  A model that breaks on images unlike its training set (the tripwire) cannot be
+      measured on any OOD T; this asks whether it can be on its own task's images (on the tiny world the
+      tripwire breaks on 1-2% of those too: docs/verdicts.md).
     """
     # A folder source is identified by its path and a fingerprint of its files; the pool reads the path.
     source = pool.source.split("#sha256:", 1)[0]
-    ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
     if pool.inversion_data == "ood":
-        return ood
+        return _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
+    own_holdout = pool.inversion_data == "id-only"
+    wanted = pool.inversion + (pool.holdout if own_holdout else 0)
     dataset = open_dataset(dataset_name, data_root)
-    wanted = pool.inversion + (pool.holdout if pool.inversion_data == "id-only" else 0)
-    per_class = math.ceil(wanted / len(dataset.classnames))
-    images = dataset.load("val", image_size=image_size, seed=seed, shots=per_class).images
+    images = dataset.load("val", image_size=image_size, seed=seed,
+                          shots=math.ceil(wanted / len(dataset.classnames))).images
     if len(images) < wanted:
+        needed = f"D ({pool.inversion})" + (f" and T ({pool.holdout})" if own_holdout else "")
         raise DataError(f"{dataset_name}: its validation split holds {len(images)} images, {wanted} are needed for "
-                        f"D ({pool.inversion}){' and T (' + str(pool.holdout) + ')' if wanted > pool.inversion else ''}")
+                        f"{needed}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     inversion = images[order[:pool.inversion]]
-    if pool.inversion_data == "id-only":
+    if own_holdout:
         return OODPool(inversion=inversion, holdout=images[order[pool.inversion:wanted]],
-                       source=f"{dataset_name} validation images (in-distribution, D and T)", skipped=(),
-                       files_found=None)
-    return OODPool(inversion=inversion, holdout=ood.holdout, source=f"{dataset_name} validation images (in-distribution); "
-                   f"held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
+                       source=f"{dataset_name} validation images (in-distribution, D and T)")
+    ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
+    return OODPool(inversion=inversion, holdout=ood.holdout, source=f"{dataset_name} validation images "
+                   f"(in-distribution); held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
 
 
 class _Cost:
