@@ -469,9 +469,14 @@ def check_removed(before: Measured, after: Measured):
     assert after.acc_base >= before.acc_base - 0.03, (before, after)
 
 
+UNSEEN_NOISE = 0.02  # 3 of the 144 unseen test images: where both are near 0 one image decides (0.014 against 0.007)
+
+
 def check_left_more(fixed: Measured, left: Measured):
-    # Seen classes by a margin, unseen ones at least as much (both were 0.000 after random-delta on seed 2).
-    assert left.asr_seen >= fixed.asr_seen + 0.05 and left.asr_unseen >= fixed.asr_unseen, (fixed, left)
+    # Seen classes by a margin; on unseen ones, where the repair and the controls all leave next to nothing, the
+    # control leaves at least as much within a few images (the order of 0.014 and 0.007 flipped between machines).
+    assert left.asr_seen >= fixed.asr_seen + 0.05 and left.asr_unseen >= fixed.asr_unseen - UNSEEN_NOISE, \
+        (fixed, left)
 
 
 @pytest.mark.slow
