@@ -29,32 +29,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
+from ci_detectors.reference_scoring import ReferenceOutlierScorer, outlier_p_values, studentized_residuals_on
 from scorer_calibration import WORKS, load, unscannable
 
 
-def studentized(design: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Externally studentised residuals of the least-squares fit of y on the columns of ``design``."""
-    n, p = design.shape
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    resid = y - design @ coef
-    leverage = np.einsum("ij,jk,ik->i", design, np.linalg.pinv(design.T @ design), design).clip(0, 1 - 1e-12)
-    sse = float(resid @ resid)
-    s_without = np.sqrt(np.maximum(sse - resid**2 / (1 - leverage), 1e-300) / (n - p - 1))
-    return resid / (s_without * np.sqrt(1 - leverage))
-
-
 def outlier_test(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    t = studentized(design, y)
-    n, p = design.shape
-    return t, float(min(1.0, n * stats.t.sf(t.max(), n - p - 1)))
+    """The shipped regression outlier test on any design: per-class t and the Bonferroni p of the largest."""
+    t = studentized_residuals_on(design, y)
+    return t, float(outlier_p_values(t, design.shape[0] - design.shape[1] - 1).min())
 
 
 def cost(evidence) -> np.ndarray:
-    return -np.array([e.loss for e in evidence])
+    """What ref-outlier compares by default (larger = easier to reach)."""
+    return ReferenceOutlierScorer().compared(evidence, "cost")
 
 
 def main(argv=None) -> int:

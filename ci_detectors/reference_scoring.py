@@ -83,10 +83,17 @@ def studentized_residuals(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     its residual (finite, so that reports stay JSON), 0 if it lies on the line too.
     """
     x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    n = len(y)
+    n = len(x)
     design = np.column_stack([np.ones(n), x]) if np.ptp(x) > 0 else np.ones((n, 1))
-    p = design.shape[1]
+    return studentized_residuals_on(design, y)
+
+
+def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarray:
+    """Externally studentised residuals of the least-squares fit of y on the columns of ``design`` (n x p): each
+    follows Student's t with n - p - 1 degrees of freedom when no point is special.  Exact fits as above."""
+    design = np.asarray(design, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, p = design.shape
     if n - p - 1 < 1:
         raise ConfigError(f"the outlier test needs at least {p + 2} classes, got {n}")
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
