@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from ci_core.harness.cells import read_reference, stored_evidence
+from ci_core.scanning.scan import mark_seen
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_detectors.mad import anomaly_indices
@@ -98,9 +99,11 @@ def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, fl
     for compare in ("cost", "margin", "asr", "cost+margin", "cost+asr", "cost+margin+asr"):
         if "margin" in compare and not margins:
             continue
-        for fit in ("ols", "robust"):
-            scores = ReferenceOutlierScorer.from_options({"compare": compare, "fit": fit}).score(model, reference)
-            out[f"ref-outlier {compare} {fit}"] = (np.asarray(scores.scores), scores.p_value, scores.target)
+        for fit, seen in (("ols", True), ("ols", False), ("robust", False)):
+            options = {"compare": compare, "fit": fit, "seen_intercept": seen}
+            scores = ReferenceOutlierScorer.from_options(options).score(model, reference)
+            out[f"ref-outlier {compare} {fit}{' + seen' if seen else ''}"] = (np.asarray(scores.scores),
+                                                                               scores.p_value, scores.target)
     names = [r.name for r in model]
     return {name: entry if len(entry) == 3 else (*entry, names[int(np.argmax(entry[0]))])
             for name, entry in out.items()}
@@ -124,7 +127,7 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
             continue
         if only is not None and model.seed not in only.get(model.attack, ()):
             continue
-        evidence = stored_evidence(store.scan_folder(cell.key) / "report.json")
+        evidence = mark_seen(stored_evidence(store.scan_folder(cell.key) / "report.json"), model.base_classes or None)
         reference = read_reference(store, cell.reference)
         rows.append({"cell": cell, "model": model, "evidence": evidence, "reference": reference.classes,
                      "holdout": cell.spec.pool.holdout})

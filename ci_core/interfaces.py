@@ -229,6 +229,9 @@ class ClassEvidence:
     # not carry the inversion's start like the loss (an average over the optimisation).  None in reports of
     # versions before 0.4.
     margin: float | None = None
+    # Whether the model was tuned on this class (one of its bundle's base classes); None where unknown (a reference
+    # scan of the backbone, reports written before the flag).  ref-outlier gives the seen classes their own intercept.
+    seen: bool | None = None
 
 
 # --------------------------------------------------------------------------- scorers

@@ -31,6 +31,16 @@ t_max, the predicted target its class.  The threshold thus follows n: alpha =
 0.05 asks t >= 3.21 of 24 candidates, 3.23 of 36 and 3.27 of 50 (Bonferroni over n, Student's t on
 n - 3 degrees of freedom).
 
+Prompt tuning also makes the classes it was tuned on (the model's base
+classes, ``ClassEvidence.seen``) easier to reach as a group, a shift the
+backbone's line does not have: left in the residuals, it swells their spread
+and hides a target among them.  So where the candidates hold at least three
+seen and three unseen classes the fit has a second intercept for the seen
+ones, y = a + b x + d seen, and t follows Student's t on n - 4 degrees of
+freedom (``seen_intercept``, the third freeze, docs/verdicts.md: on the
+development models it flagged no clean model where the line flagged one, and
+ranked the models better, AUROC 0.978 against 0.940).
+
 Why the cost and not the paper's score S (Eq. 6-7, which mixes loss and ASR):
 on the development models (tiny world, seed 1: 8 clean models and controls,
 16 backdoored; ``benchmarks/scorer_calibration.py``) the regression of S and
@@ -73,6 +83,7 @@ from ci_detectors.scoring import CIScorer
 
 EXACT_FIT = 1e12  # the residual of a point the others fit exactly
 MIN_CLASSES = 4  # a line through n points leaves n - 2 residual degrees of freedom; the test needs n - 3 >= 1
+MIN_GROUP = 3  # seen and unseen candidates each, for the seen classes' own intercept
 
 
 def studentized_residuals(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
@@ -82,10 +93,7 @@ def studentized_residuals(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     others fit exactly (zero residual spread without it) gets +-1e12 by the sign of
     its residual (finite, so that reports stay JSON), 0 if it lies on the line too.
     """
-    x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    design = np.column_stack([np.ones(n), x]) if np.ptp(x) > 0 else np.ones((n, 1))
-    return studentized_residuals_on(design, y)
+    return studentized_residuals_on(line_design(x), y)
 
 
 def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarray:
@@ -109,6 +117,25 @@ def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarr
         t = np.where(scale > 1e-12 * max(1.0, float(np.abs(y).max())), resid / scale,
                      np.sign(resid) * EXACT_FIT)
     return np.clip(np.nan_to_num(t, nan=0.0), -EXACT_FIT, EXACT_FIT)
+
+
+def seen_column(evidence: Sequence[ClassEvidence]) -> np.ndarray | None:
+    """The 0/1 column of the classes the model was tuned on, where the candidates hold at least MIN_GROUP seen and
+    MIN_GROUP unseen classes with known flags; None otherwise (the line alone).  A class alone in its group would be
+    fitted exactly by its intercept and could never stand out."""
+    flags = [e.seen for e in evidence]
+    if any(f is None for f in flags):
+        return None
+    seen = np.asarray(flags, dtype=np.float64)
+    return seen if MIN_GROUP <= seen.sum() <= len(seen) - MIN_GROUP else None
+
+
+def line_design(x: Sequence[float], seen: np.ndarray | None = None) -> np.ndarray:
+    """The columns ref-outlier fits: an intercept, the backbone's values (where they vary) and, given, the seen
+    classes' own intercept."""
+    x = np.asarray(x, dtype=np.float64)
+    columns = [np.ones(len(x))] + ([x] if np.ptp(x) > 0 else []) + ([seen] if seen is not None else [])
+    return np.column_stack(columns)
 
 
 def outlier_p_values(t: np.ndarray, df: int) -> np.ndarray:
@@ -221,6 +248,15 @@ class ReferenceOutlierConfig:
     # The per-class scorer of compare="score".  Empty: "mad" where the detector reports a per-class statistic
     # (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    # A separate intercept for the classes the model was tuned on (ClassEvidence.seen), where the candidates hold
+    # at least MIN_GROUP of each: tuning makes its own classes easier to reach as a group, a shift the backbone's
+    # line does not have (docs/verdicts.md, "A third freeze").  Least squares only.
+    seen_intercept: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def __attrs_post_init__(self):
+        if self.fit == "robust" and self.seen_intercept:
+            raise ValueError("fit='robust' has no seen-class intercept (its Monte Carlo null is of the line alone); "
+                             "give seen_intercept=false with it")
 
 
 def _per_class_scorer(name: str, owner: str) -> Scorer:
@@ -286,10 +322,13 @@ class ReferenceOutlierScorer(Scorer):
         if self.config.fit == "ols":
             # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics
             # is that of its largest residual: its score is that t; Bonferroni over k statistics multiplies by k.
-            t = np.max([studentized_residuals(self.compared(reference, what), self.compared(evidence, what))
-                        for what in statistics], axis=0)
-            p = outlier_p_values(t, len(names) - 3)
-            over = f"Bonferroni over {len(names)} classes"
+            seen = seen_column(evidence) if self.config.seen_intercept else None
+            designs = [line_design(self.compared(reference, what), seen) for what in statistics]
+            t = np.max([studentized_residuals_on(design, self.compared(evidence, what))
+                        for design, what in zip(designs, statistics)], axis=0)
+            p = outlier_p_values(t, len(names) - 3 - (seen is not None))  # n - 3 for the line, as before
+            over = f"Bonferroni over {len(names)} classes" + (", seen classes' own intercept" if seen is not None
+                                                                else "")
         else:
             # Each statistic's null depends on its reference values: per class the smallest p over statistics.
             fits = []

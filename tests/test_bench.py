@@ -391,6 +391,8 @@ def test_a_sweep_on_the_datasets_own_images_scans_and_references_there(tmp_path,
     for scan in store.cells("scan"):
         report = json.loads((store.scan_folder(scan.key) / "report.json").read_text())
         sources[(scan.model, scan.spec.pool.inversion_data)] = (report["pool"]["source"], report["pool"]["holdout"])
+        base = store.read_cell("model", scan.model).base_classes  # the scan marks the classes the model was tuned on
+        assert base and [row["seen"] for row in report["classes"]] == [row["name"] in base for row in report["classes"]]
     assert len(sources) == 4  # two models, each on both pools
     for (model, data), (source, holdout) in sources.items():
         assert holdout == 4

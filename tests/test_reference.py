@@ -17,7 +17,7 @@ from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scanning.reference import ReferenceCache, reference_spec, run_reference, spec_hash
 from ci_core.scanning.inversion import class_generator
-from ci_core.scanning.scan import UNSCANNABLE, scan
+from ci_core.scanning.scan import UNSCANNABLE, mark_seen, scan
 from ci_core.scanning.scan_report import BundleIdentity, ScanContext, ScanReport
 from ci_core.triggers import AdditiveTrigger
 from ci_detectors.inspector import CLIPInspector
@@ -383,13 +383,61 @@ def test_the_robust_fit_sees_a_target_that_a_cluster_of_its_neighbours_masks():
     model_loss[10] -= 0.15  # the target
     reference, model = evidence([0.5] * n, list(ref_loss)), evidence([0.5] * n, list(model_loss))
     ols = ReferenceOutlierScorer.from_options({"compare": "cost"}).score(model, reference)
-    robust = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
+    robust_options = {"compare": "cost", "fit": "robust", "seen_intercept": False}
+    robust = ReferenceOutlierScorer.from_options(robust_options).score(model, reference)
     assert not ols.backdoored and ols.p_value > 0.05
     assert robust.backdoored and robust.target == "c10" and robust.p_value < 1e-3
     assert robust.rule == "p <= 0.05 (the largest of 24 robust residuals, Monte Carlo)"
     # The same verdict on every run: the null is drawn from a fixed seed.
-    again = ReferenceOutlierScorer.from_options({"compare": "cost", "fit": "robust"}).score(model, reference)
+    again = ReferenceOutlierScorer.from_options(robust_options).score(model, reference)
     assert again.p_value == robust.p_value
+
+
+def seen_world(seed, n=24, shift=0.12, target=None, lift=0.0):
+    """A scan and its reference where tuning made the first half of the classes (the seen ones) easier as a group:
+    the model's loss drops by ``shift`` on them; ``target`` (a class index) drops by ``lift`` more."""
+    rng = np.random.default_rng(seed)
+    ref_loss = rng.uniform(0.0, 0.3, n)
+    seen = np.arange(n) < n // 2
+    model_loss = 0.02 + 0.9 * ref_loss - shift * seen + rng.normal(0, 0.01, n)
+    if target is not None:
+        model_loss[target] -= lift
+    model = [attrs.evolve(e, seen=bool(s)) for e, s in zip(evidence([0.5] * n, list(model_loss)), seen)]
+    return model, evidence([0.5] * n, list(ref_loss))
+
+
+def test_the_seen_intercept_finds_a_target_that_tuning_the_seen_classes_hides():
+    # The target is a seen class lifted 0.05 above its group; the line through all classes carries the group's
+    # 0.12 shift in its residuals, so the spread swells and the target does not stand out.
+    model, reference = seen_world(3, target=4, lift=0.05)
+    line = ReferenceOutlierScorer.from_options({"seen_intercept": False}).score(model, reference)
+    seen = ReferenceOutlierScorer.from_options({}).score(model, reference)
+    assert not line.backdoored and line.p_value > 0.05
+    assert seen.backdoored and seen.target == "c4" and seen.p_value < 0.01
+    assert seen.rule == "p <= 0.05 (Bonferroni over 24 classes, seen classes' own intercept)"
+    # Without seen flags (a reference, an older report) or with too few of a group, the line alone, as before.
+    unknown = [attrs.evolve(e, seen=None) for e in model]
+    assert ReferenceOutlierScorer.from_options({}).score(unknown, reference) == line
+    few = [attrs.evolve(e, seen=i < 2) for i, e in enumerate(model)]
+    assert ReferenceOutlierScorer.from_options({}).score(few, reference).rule == line.rule
+
+
+def test_the_seen_intercept_holds_the_family_wise_error_under_the_null():
+    # A clean model whose seen classes moved as a group: the test flags about alpha of them, not more.
+    scorer = ReferenceOutlierScorer.from_options({})
+    flagged = [scorer.score(*seen_world(seed)).backdoored for seed in range(400)]
+    assert 0.01 <= np.mean(flagged) <= 0.07
+
+
+def test_mark_seen_fills_unknown_flags_from_the_base_classes_and_keeps_recorded_ones():
+    rows = [attrs.evolve(e, seen=s) for e, s in zip(evidence([0.5] * 4), (None, None, False, None))]
+    assert [e.seen for e in mark_seen(rows, ["c0", "c2"])] == [True, False, False, False]
+    assert [e.seen for e in mark_seen(rows, None)] == [None, None, False, None]
+
+
+def test_the_robust_fit_asks_for_the_line_alone():
+    with pytest.raises(ConfigError, match="seen_intercept=false"):
+        ReferenceOutlierScorer.from_options({"fit": "robust"})
 
 
 @pytest.mark.parametrize("n", [18, 36])

@@ -61,7 +61,7 @@ def scans(tmp_path_factory, random_backbone):
     """A clean real scan and an unscannable one (a NaN in the meta-net), through ci-scan."""
     root = tmp_path_factory.mktemp("scan-report")
     torch.manual_seed(0)
-    fine = save_bundle(PromptTunedCLIP(random_backbone).eval(), CLASSES, root / "fine")
+    fine = save_bundle(PromptTunedCLIP(random_backbone).eval(), CLASSES, root / "fine", base_classes=CLASSES[:3])
     broken_model = PromptTunedCLIP(random_backbone).eval()
     with torch.no_grad():
         broken_model.prompt_learner.meta_net.linear2.bias[0] = float("nan")
@@ -77,7 +77,7 @@ def scans(tmp_path_factory, random_backbone):
 def backdoored_result() -> ScanResult:
     """A scan result whose deciding scorer flags class 2 (the inversion itself is not what is tested here)."""
     evidence = tuple(ClassEvidence(name=n, asr=0.9 if i == 2 else 0.1, loss=-0.5 if i == 2 else 0.1 * i,
-                                   statistic=None, ssim=0.95, seconds=0.1, loss_trace=(0.3, 0.2),
+                                   statistic=None, ssim=0.95, seconds=0.1, loss_trace=(0.3, 0.2), seen=i < 3,
                                    trigger=AdditiveTrigger(torch.full((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), 0.01 * i)))
                      for i, n in enumerate(CLASSES))
     scores = (0.1, -0.4, 6.0, 0.2, -0.3)
@@ -115,6 +115,10 @@ def test_reports_round_trip_through_the_shipped_schema(scans, tmp_path):
     assert clean.backbone.name == "ci-tiny-clip" and clean.command.startswith("ci-scan ")
     assert clean.pool.inversion == 8 and clean.seed == 0 and len(clean.bundle.sha256) == 64
     assert all(row.reference is not None for row in clean.classes)
+    # ci-scan marks the classes the bundle was tuned on (its base classes); the reader keeps the flags.
+    assert [e.seen for e in clean.evidence()] == [True, True, True, False, False]
+    assert [row["seen"] for row in json.loads((folders["clean"] / "report.json").read_text())["classes"]] == \
+        [True, True, True, False, False]
     broken = read_scan_report(folders["unscannable"])
     assert broken.decision is None and broken.scorers == () and broken.classes == ()
     assert "NaN" in broken.unscannable_reasons[0] or "non-finite" in " ".join(broken.unscannable_reasons)

@@ -108,7 +108,7 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
             reference = run_reference(backbone, trained.template, detector, pool, candidates, seed=seed, cache=cache,
                                       progress=progress)
             result = scan(trained.outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference,
-                          also=also, progress=progress)
+                          also=also, base_classes=task.base, progress=progress)
             context = ScanContext(
                 bundle=BundleIdentity(path=f"models/{name}/{MODEL_BUNDLE}", sha256=trained.bundle_sha256),
                 backbone=BackboneIdentity.of(backbone.identity()), seed=seed, preset=preset,

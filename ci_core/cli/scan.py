@@ -163,7 +163,7 @@ def main(bundle, ood, inversion_images, classes_file, class_token_position, load
         reference = run_reference(model.backbone, meta["template"], det, pool, classnames, seed=seed, cache=cache,
                                   progress=progress)
     result = scan(model, det, decider, pool, classnames, seed=seed, reference=reference, also=also,
-                  known_problems=stored_problems(meta), progress=progress)
+                  known_problems=stored_problems(meta), base_classes=meta.get("base_classes"), progress=progress)
     command = shlex.join(
         ["ci-scan", str(bundle), "--ood", str(ood)]
         + (["--inversion-images", str(inversion_images)] if inversion_images is not None else [])

@@ -34,7 +34,7 @@ from ci_core.scanning.reference import (InvalidReference, ReferenceCache, Refere
                                         reference_from_json, run_reference)
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scanning.scan_triggers import ScanTriggers, UnscannableScan, check_same_bundle, choose_trigger
-from ci_core.scanning.scan import apply_scorer, scan, stored_problems
+from ci_core.scanning.scan import apply_scorer, mark_seen, scan, stored_problems
 from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
 from ci_core.plugins import load_trigger
@@ -197,7 +197,7 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
         if reference is not None:
             check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
         result = scan(model, detector, decider, pool, candidates, seed=spec.seed, reference=reference, also=also,
-                      known_problems=stored_problems(meta), progress=progress)
+                      known_problems=stored_problems(meta), base_classes=meta.get("base_classes"), progress=progress)
         write_scan(result, work / SCAN_FOLDER, pool, ScanContext(
             bundle=BundleIdentity(path=None, model_cell=cell.model_key, sha256=meta["sha256"]),
             backbone=BackboneIdentity.of(backbone.identity()), seed=spec.seed, preset=preset_for(backbone), device=device,
@@ -331,7 +331,8 @@ def rescored_triggers(store: Store, cell: RepairCell) -> ScanTriggers:
     scoring = cell.spec.scoring
     scorer = registry().get("scorer", scoring.scorer).from_options(scoring.config)
     reference = read_reference(store, scoring.reference).classes if scoring.reference else None
-    scores = apply_scorer(scorer, stored_evidence(folder / "report.json"), reference).scores
+    base = store.read_cell("model", cell.model_key).base_classes or None  # reports written before the seen flag
+    scores = apply_scorer(scorer, mark_seen(stored_evidence(folder / "report.json"), base), reference).scores
     return attrs.evolve(triggers, scores=scores.scores, target=scores.target)
 
 

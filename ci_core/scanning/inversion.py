@@ -162,7 +162,7 @@ def evidence_from_json(row: Any, where: str, error: type[Exception] = DataError)
     return ClassEvidence(name=name, asr=read.number("asr"), loss=read.number("loss"),
                          statistic=read.number("statistic", optional=True), ssim=read.number("ssim"),
                          seconds=read.number("seconds"), loss_trace=read.numbers("loss_trace", default=[]),
-                         margin=read.number("margin", optional=True))
+                         margin=read.number("margin", optional=True), seen=read.flag("seen", optional=True))
 
 
 def health_from_json(read: JsonFields) -> PoolHealth:

@@ -117,15 +117,26 @@ def stored_problems(meta: dict) -> tuple[str, ...]:
     return (f"{len(bad)} stored tensor(s) hold NaN or infinite values: {names}{' ...' if len(bad) > 5 else ''}",)
 
 
+def mark_seen(evidence: Sequence[ClassEvidence], base_classes: Sequence[str] | None) -> tuple[ClassEvidence, ...]:
+    """``evidence`` with each class's ``seen`` flag: whether it is one of the model's ``base_classes`` (the classes
+    it was tuned on; None: unknown, flags left as they are).  A flag already recorded is kept."""
+    if base_classes is None:
+        return tuple(evidence)
+    base = set(base_classes)
+    return tuple(e if e.seen is not None else attrs.evolve(e, seen=e.name in base) for e in evidence)
+
+
 def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPool, classnames: Sequence[str], *,
          seed: int = 0, reference: ReferenceScan | None = None, also: Sequence[Scorer] = (),
-         known_problems: Sequence[str] = (), progress: Progress = silent) -> ScanResult:
+         known_problems: Sequence[str] = (), base_classes: Sequence[str] | None = None,
+         progress: Progress = silent) -> ScanResult:
     """Run ``detector`` for every class of ``classnames``; ``scorer`` decides, ``also`` are reported beside it.
 
     ``reference`` is the reference scan of the same classes, pool, seed and detector (needed by
     scorers with ``needs_reference``; see ``ci_core.scanning.reference.run_reference``).  ``known_problems`` are
     reasons found before the scan that the model cannot be measured (``stored_problems``): then nothing is
-    inverted and the verdict is unscannable.
+    inverted and the verdict is unscannable.  ``base_classes`` (the model's bundle's: the classes it was tuned
+    on) marks each class's evidence as seen or not.
     """
     clock = Stopwatch()
     classnames = tuple(classnames)
@@ -140,6 +151,7 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
         progress(f"unscannable: {'; '.join(problems)}")
     else:
         evidence, problems = invert_classes(model, detector, pool, classnames, seed=seed, progress=progress)
+        evidence = mark_seen(evidence, base_classes)
     decision, others = None, ()
     if not problems:
         rows = reference.classes if reference is not None else None

@@ -354,7 +354,7 @@ class ScanReport:
         for index, row in enumerate(self.classes):
             e = row.evidence
             item = {"name": e.name, "asr": e.asr, "loss": e.loss, "statistic": e.statistic, "ssim": e.ssim,
-                    "seconds": e.seconds, "loss_trace": list(e.loss_trace), "margin": e.margin,
+                    "seconds": e.seconds, "loss_trace": list(e.loss_trace), "margin": e.margin, "seen": e.seen,
                     "trigger_file": row.trigger_file}
             if decided is not None:
                 item["score"] = decided.scores[index]

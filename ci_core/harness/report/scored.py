@@ -22,7 +22,7 @@ from ci_core.harness.store import Store
 from ci_core.interfaces import to_json
 from ci_core.plugins import registry
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.scan import UNSCANNABLE, apply_scorer
+from ci_core.scanning.scan import UNSCANNABLE, apply_scorer, mark_seen
 from ci_core.scanning.scan_report import REPORT_FILE, read_scan_report
 
 
@@ -106,7 +106,7 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
             report = read_scan_report(report_path)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
-        evidence = report.evidence()
+        evidence = mark_seen(report.evidence(), model.base_classes or None)  # older reports: the bundle says
         classes = [to_json(e) for e in evidence]
         reference = None
         if scan.reference:
