@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats
 
 from ci_core.harness.cells import read_reference, stored_evidence
-from ci_core.scanning.scan import mark_seen
+from ci_core.scanning.seen import mark_seen
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_detectors.mad import anomaly_indices

@@ -78,12 +78,12 @@ from scipy import stats
 
 from ci_core.errors import ConfigError, PluginError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
+from ci_core.scanning.seen import seen_column
 from ci_detectors.mad import MADScorer
 from ci_detectors.scoring import CIScorer
 
 EXACT_FIT = 1e12  # the residual of a point the others fit exactly
 MIN_CLASSES = 4  # a line through n points leaves n - 2 residual degrees of freedom; the test needs n - 3 >= 1
-MIN_GROUP = 3  # seen and unseen candidates each, for the seen classes' own intercept
 
 
 def studentized_residuals(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
@@ -117,17 +117,6 @@ def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarr
         t = np.where(scale > 1e-12 * max(1.0, float(np.abs(y).max())), resid / scale,
                      np.sign(resid) * EXACT_FIT)
     return np.clip(np.nan_to_num(t, nan=0.0), -EXACT_FIT, EXACT_FIT)
-
-
-def seen_column(evidence: Sequence[ClassEvidence]) -> np.ndarray | None:
-    """The 0/1 column of the classes the model was tuned on, where the candidates hold at least MIN_GROUP seen and
-    MIN_GROUP unseen classes with known flags; None otherwise (the line alone).  A class alone in its group would be
-    fitted exactly by its intercept and could never stand out."""
-    flags = [e.seen for e in evidence]
-    if any(f is None for f in flags):
-        return None
-    seen = np.asarray(flags, dtype=np.float64)
-    return seen if MIN_GROUP <= seen.sum() <= len(seen) - MIN_GROUP else None
 
 
 def line_design(x: Sequence[float], seen: np.ndarray | None = None) -> np.ndarray:
@@ -249,7 +238,7 @@ class ReferenceOutlierConfig:
     # (NC's mask norm, PixB's pixel count: their own scorer), "ci" otherwise (the paper's Eq. 6-7).
     base: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     # A separate intercept for the classes the model was tuned on (ClassEvidence.seen), where the candidates hold
-    # at least MIN_GROUP of each: tuning makes its own classes easier to reach as a group, a shift the backbone's
+    # at least seen.MIN_GROUP of each: tuning makes its own classes easier to reach as a group, a shift the backbone's
     # line does not have (docs/verdicts.md, "A third freeze").  Least squares only.
     seen_intercept: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 

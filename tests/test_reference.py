@@ -17,7 +17,8 @@ from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.scanning.reference import ReferenceCache, reference_spec, run_reference, spec_hash
 from ci_core.scanning.inversion import class_generator
-from ci_core.scanning.scan import UNSCANNABLE, mark_seen, scan
+from ci_core.scanning.scan import UNSCANNABLE, scan
+from ci_core.scanning.seen import mark_seen
 from ci_core.scanning.scan_report import BundleIdentity, ScanContext, ScanReport
 from ci_core.triggers import AdditiveTrigger
 from ci_detectors.inspector import CLIPInspector

@@ -259,6 +259,8 @@ def test_report_page_in_headless_chromium(scans, tmp_path):
     rows = dom.tables["classes"]
     assert [row[1] for row in rows[1:]] == [report.classnames[i] for i in report.ranking()]
     assert all(len(row) == len(rows[0]) for row in rows)
+    tuned_on = rows[0].index("tuned on")  # the bundle's base classes, which the verdict gives their own intercept
+    assert {row[1]: row[tuned_on] for row in rows[1:]} == {n: "yes" if n in CLASSES[:3] else "no" for n in CLASSES}
     images = [a for tag, a in dom.elements if tag == "img"]
     assert images and all(a["src"].startswith("data:image/png;base64,") for a in images)  # self-contained
     assert not any(tag == "script" for tag, _ in dom.elements)

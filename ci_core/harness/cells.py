@@ -34,7 +34,8 @@ from ci_core.scanning.reference import (InvalidReference, ReferenceCache, Refere
                                         reference_from_json, run_reference)
 from ci_core.runtime import StderrProgress, resolve_device, seed_everything, torch_threads
 from ci_core.scanning.scan_triggers import ScanTriggers, UnscannableScan, check_same_bundle, choose_trigger
-from ci_core.scanning.scan import apply_scorer, mark_seen, scan, stored_problems
+from ci_core.scanning.scan import apply_scorer, scan, stored_problems
+from ci_core.scanning.seen import mark_seen
 from ci_core.pages.scan_output import write_scan
 from ci_core.scanning.scan_report import BackboneIdentity, BundleIdentity, ScanContext, read_scan_report
 from ci_core.plugins import load_trigger

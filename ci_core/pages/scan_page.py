@@ -24,6 +24,7 @@ import numpy as np
 from ci_core.pages import file_data_uri, format_number, new_figure, plain_label, png_data_uri, render
 from ci_core.scanning.inversion import MIN_SPREAD_RATIO
 from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
+from ci_core.scanning.seen import seen_column
 
 if TYPE_CHECKING:
     from ci_core.scanning.scan_report import ScanReport
@@ -88,12 +89,27 @@ def evidence_figure(report: "ScanReport") -> str:
     ax = figure.add_subplot()
     if all(r.reference is not None for r in report.classes) and len(names) >= 2:
         model, backbone, what = _cost(report)
-        ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
+        evidence = report.evidence()
+        seen = seen_column(evidence) if decided.config.get("seen_intercept") else None
+        if all(e.seen is not None for e in evidence) and any(e.seen for e in evidence):
+            flags = np.array([bool(e.seen) for e in evidence])
+            ax.scatter(backbone[flags], model[flags], color="tab:blue", s=22, label="classes it was tuned on")
+            ax.scatter(backbone[~flags], model[~flags], color="tab:cyan", s=22, label="other classes")
+        else:
+            ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
         if np.ptp(backbone) > 0:
-            slope, intercept = np.polyfit(backbone, model, 1)
             xs = np.linspace(backbone.min(), backbone.max(), 50)
-            ax.plot(xs, intercept + slope * xs, color="grey", linestyle="--", linewidth=1,
-                    label=f"least-squares fit: y = {intercept:.3g} + {slope:.3g} x")
+            if seen is not None:  # the scorer's fit: one slope, the tuned-on classes their own intercept
+                design = np.column_stack([np.ones(len(model)), backbone, seen])
+                intercept, slope, shift = np.linalg.lstsq(design, model, rcond=None)[0]
+                ax.plot(xs, intercept + shift + slope * xs, color="tab:blue", linestyle="--", linewidth=1,
+                        label=f"least-squares fit, tuned on: y = {intercept + shift:.3g} + {slope:.3g} x")
+                ax.plot(xs, intercept + slope * xs, color="tab:cyan", linestyle="--", linewidth=1,
+                        label=f"least-squares fit, others: y = {intercept:.3g} + {slope:.3g} x")
+            else:
+                slope, intercept = np.polyfit(backbone, model, 1)
+                ax.plot(xs, intercept + slope * xs, color="grey", linestyle="--", linewidth=1,
+                        label=f"least-squares fit: y = {intercept:.3g} + {slope:.3g} x")
         else:
             ax.axhline(model.mean(), color="grey", linestyle="--", linewidth=1, label="mean (constant reference)")
         colour = "tab:red" if decided.backdoored else "tab:orange"
@@ -149,6 +165,9 @@ def _table(report: "ScanReport") -> dict:
     has_reference = all(r.reference is not None for r in report.classes)
     if has_reference:
         columns += ["reference ASR", "reference loss"]
+    has_seen = all(r.evidence.seen is not None for r in report.classes)
+    if has_seen:
+        columns += ["tuned on"]
     figures = [(decided, key) for key in decided.per_class]
     figures += [(other, "score") for other in report.scorers[1:]]
     columns += [_score_header(s.scorer, key) + ("" if s is decided else f" ({s.scorer})") for s, key in figures]
@@ -158,6 +177,8 @@ def _table(report: "ScanReport") -> dict:
         cells = [format_number(row.evidence.asr), format_number(row.evidence.loss)]
         if has_reference:
             cells += [format_number(row.reference.asr), format_number(row.reference.loss)]
+        if has_seen:
+            cells += ["yes" if row.evidence.seen else "no"]
         cells += [format_number(s.per_class[key][index]) for s, key in figures]
         rows.append({"rank": rank, "name": row.name, "cells": cells, "flagged": row.name in decided.flagged,
                      "target": row.name == decided.target})
@@ -252,9 +273,10 @@ def page_values(report: "ScanReport", folder: Path) -> dict:
     if report.reference is not None:
         values["evidence_caption"] = (
             "Each point is one candidate class: how hard the detector found it to reach in the untuned backbone "
-            "(x) and in the delivered model (y). Prompt tuning moves all classes roughly along the dashed line; "
-            "ref-outlier tests whether one class lies far below it (much cheaper to reach than the backbone "
-            "predicts), the signature of an implanted target.")
+            "(x) and in the delivered model (y). Prompt tuning moves all classes roughly along the dashed line "
+            "(the classes it was tuned on, which it makes easier as a group, along their own where the verdict "
+            "fits one); ref-outlier tests whether one class lies far below its line (much cheaper to reach than "
+            "the backbone predicts), the signature of an implanted target.")
     else:
         values["evidence_caption"] = (
             f"The deciding scorer's per-class scores ({decided.scorer}), most anomalous first; red bars are "

@@ -34,6 +34,7 @@ from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores
 from ci_core.scanning.inversion import PoolHealth, invert_classes, pool_health
 from ci_core.models.zeroshot import CLIPClassifier
 from ci_core.scanning.reference import ReferenceScan
+from ci_core.scanning.seen import mark_seen
 
 CLEAN, BACKDOORED, UNSCANNABLE = "clean", "backdoored", "unscannable"
 # The kind of output folder write_scan makes (ci_core.pages.scan_output, ci_core.files.publishing).
@@ -115,15 +116,6 @@ def stored_problems(meta: dict) -> tuple[str, ...]:
         return ()
     names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
     return (f"{len(bad)} stored tensor(s) hold NaN or infinite values: {names}{' ...' if len(bad) > 5 else ''}",)
-
-
-def mark_seen(evidence: Sequence[ClassEvidence], base_classes: Sequence[str] | None) -> tuple[ClassEvidence, ...]:
-    """``evidence`` with each class's ``seen`` flag: whether it is one of the model's ``base_classes`` (the classes
-    it was tuned on; None: unknown, flags left as they are).  A flag already recorded is kept."""
-    if base_classes is None:
-        return tuple(evidence)
-    base = set(base_classes)
-    return tuple(e if e.seen is not None else attrs.evolve(e, seen=e.name in base) for e in evidence)
 
 
 def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPool, classnames: Sequence[str], *,

@@ -22,7 +22,8 @@ from ci_core.harness.store import Store
 from ci_core.interfaces import to_json
 from ci_core.plugins import registry
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.scan import UNSCANNABLE, apply_scorer, mark_seen
+from ci_core.scanning.scan import UNSCANNABLE, apply_scorer
+from ci_core.scanning.seen import mark_seen
 from ci_core.scanning.scan_report import REPORT_FILE, read_scan_report
 
 
