@@ -85,7 +85,7 @@ def evidence_figure(report: "ScanReport") -> str:
     decided = report.decision
     names = report.classnames
     top = names.index(decided.target)
-    figure = new_figure(6.4, 4.4)
+    figure = new_figure(6.4, 5.0)
     ax = figure.add_subplot()
     if all(r.reference is not None for r in report.classes) and len(names) >= 2:
         model, backbone, what = _cost(report)
@@ -120,6 +120,7 @@ def evidence_figure(report: "ScanReport") -> str:
         ax.set_xlabel(f"backbone's cost of reaching the class ({what})", parse_math=False)
         ax.set_ylabel(f"model's cost ({what})", parse_math=False)
         ax.set_title("Each class: cost in the model against the untuned backbone", fontsize=10, parse_math=False)
+        legend_at = "outside lower center"  # under the axes: no class's point hides behind it
     else:
         order = report.ranking()
         scores = np.array(decided.scores)[order]
@@ -134,8 +135,11 @@ def evidence_figure(report: "ScanReport") -> str:
         ax.set_xlabel("classes, most anomalous first")
         ax.set_ylabel(_score_header(decided.scorer, "score"), parse_math=False)
         ax.set_title(f"Per-class scores of {decided.scorer}", fontsize=10, parse_math=False)
+        legend_at = "best"
     if ax.get_legend_handles_labels()[0]:
-        for text in ax.legend(fontsize="small", loc="best").get_texts():
+        legend = (figure.legend(fontsize="small", loc=legend_at, ncols=2) if legend_at.startswith("outside")
+                  else ax.legend(fontsize="small", loc=legend_at))
+        for text in legend.get_texts():
             text.set_parse_math(False)
     return png_data_uri(figure)
 
