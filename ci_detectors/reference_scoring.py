@@ -78,7 +78,7 @@ from scipy import stats
 
 from ci_core.errors import ConfigError, PluginError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
-from ci_core.scanning.seen import seen_column
+from ci_core.scanning.seen import line_design, seen_column
 from ci_detectors.mad import MADScorer
 from ci_detectors.scoring import CIScorer
 
@@ -117,14 +117,6 @@ def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarr
         t = np.where(scale > 1e-12 * max(1.0, float(np.abs(y).max())), resid / scale,
                      np.sign(resid) * EXACT_FIT)
     return np.clip(np.nan_to_num(t, nan=0.0), -EXACT_FIT, EXACT_FIT)
-
-
-def line_design(x: Sequence[float], seen: np.ndarray | None = None) -> np.ndarray:
-    """The columns ref-outlier fits: an intercept, the backbone's values (where they vary) and, given, the seen
-    classes' own intercept."""
-    x = np.asarray(x, dtype=np.float64)
-    columns = [np.ones(len(x))] + ([x] if np.ptp(x) > 0 else []) + ([seen] if seen is not None else [])
-    return np.column_stack(columns)
 
 
 def outlier_p_values(t: np.ndarray, df: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from ci_core.pages import file_data_uri, format_number, new_figure, plain_label, png_data_uri, render
 from ci_core.scanning.inversion import MIN_SPREAD_RATIO
 from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
-from ci_core.scanning.seen import seen_column
+from ci_core.scanning.seen import line_design, seen_column
 
 if TYPE_CHECKING:
     from ci_core.scanning.scan_report import ScanReport
@@ -98,18 +98,14 @@ def evidence_figure(report: "ScanReport") -> str:
         else:
             ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
         if np.ptp(backbone) > 0:
+            # The scorer's own fit (ref-outlier's design): one slope, the tuned-on classes their own intercept.
+            intercept, slope, *shift = np.linalg.lstsq(line_design(backbone, seen), model, rcond=None)[0]
             xs = np.linspace(backbone.min(), backbone.max(), 50)
-            if seen is not None:  # the scorer's fit: one slope, the tuned-on classes their own intercept
-                design = np.column_stack([np.ones(len(model)), backbone, seen])
-                intercept, slope, shift = np.linalg.lstsq(design, model, rcond=None)[0]
-                ax.plot(xs, intercept + shift + slope * xs, color="tab:blue", linestyle="--", linewidth=1,
-                        label=f"least-squares fit, tuned on: y = {intercept + shift:.3g} + {slope:.3g} x")
-                ax.plot(xs, intercept + slope * xs, color="tab:cyan", linestyle="--", linewidth=1,
-                        label=f"least-squares fit, others: y = {intercept:.3g} + {slope:.3g} x")
-            else:
-                slope, intercept = np.polyfit(backbone, model, 1)
-                ax.plot(xs, intercept + slope * xs, color="grey", linestyle="--", linewidth=1,
-                        label=f"least-squares fit: y = {intercept:.3g} + {slope:.3g} x")
+            lines = ([(intercept + shift[0], "tab:blue", ", tuned on"), (intercept, "tab:cyan", ", others")] if shift
+                     else [(intercept, "grey", "")])
+            for at, colour, which in lines:
+                ax.plot(xs, at + slope * xs, color=colour, linestyle="--", linewidth=1,
+                        label=f"least-squares fit{which}: y = {at:.3g} + {slope:.3g} x")
         else:
             ax.axhline(model.mean(), color="grey", linestyle="--", linewidth=1, label="mean (constant reference)")
         colour = "tab:red" if decided.backdoored else "tab:orange"

@@ -34,3 +34,11 @@ def seen_column(evidence: Sequence[ClassEvidence]) -> np.ndarray | None:
         return None
     seen = np.asarray(flags, dtype=np.float64)
     return seen if MIN_GROUP <= seen.sum() <= len(seen) - MIN_GROUP else None
+
+
+def line_design(x: Sequence[float], seen: np.ndarray | None = None) -> np.ndarray:
+    """The columns ref-outlier fits the model's per-class values on (and the scan page draws): an intercept, the
+    backbone's values (where they vary) and, given, the seen classes' own intercept."""
+    x = np.asarray(x, dtype=np.float64)
+    columns = [np.ones(len(x))] + ([x] if np.ptp(x) > 0 else []) + ([seen] if seen is not None else [])
+    return np.column_stack(columns)
