@@ -114,13 +114,15 @@ def _auroc(truth, scores) -> str:
 
 
 def load(store: Store, seeds: set[int] | None, classes: str = "all",
-         only: dict[str, set[int]] | None = None) -> list[dict]:
+         only: dict[str, set[int]] | None = None, data: str = "ood") -> list[dict]:
     """The scans with a reference of candidate classes ``classes`` ('all' or 'base'; 'all+base' loads both and
-    ``combine`` pairs them per model); ``only`` keeps just these attacks, each at these seeds."""
+    ``combine`` pairs them per model) and inversion data ``data`` ('ood', 'id', 'id-only', or two joined by '+',
+    paired the same way); ``only`` keeps just these attacks, each at these seeds."""
     models = {c.key: c for c in store.cells("model")}
     rows = []
     for cell in store.cells("scan"):
-        if not cell.reference or cell.spec.classes not in classes.split("+"):
+        if (not cell.reference or cell.spec.classes not in classes.split("+")
+                or cell.spec.pool.inversion_data not in data.split("+")):
             continue
         model = models[cell.model]
         if seeds is not None and model.seed not in seeds:
@@ -134,17 +136,18 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
     return rows
 
 
-def combine(entries: list) -> list:
-    """One entry per model from its 'all' and 'base' scans: the smaller p doubled (Bonferroni over the two scans),
-    its class the target; the larger s_max ranks it.  Models missing either scan are left out."""
+def combine(entries: list, side) -> list:
+    """One entry per model from its two scans, told apart by ``side(cell)`` (their candidate classes or their
+    inversion data): the smaller p doubled (Bonferroni over the two scans), its class the target; the larger
+    s_max ranks it.  Models missing either scan are left out."""
     by_model: dict[str, dict[str, tuple]] = {}
     for entry in entries:
-        by_model.setdefault(entry[0]["cell"].model, {})[entry[0]["cell"].spec.classes] = entry
+        by_model.setdefault(entry[0]["cell"].model, {})[side(entry[0]["cell"])] = entry
     out = []
     for pair in by_model.values():
-        if set(pair) != {"all", "base"}:
+        if len(pair) != 2:
             continue
-        first, second = pair["all"], pair["base"]
+        first, second = pair.values()
         if first[2] is None or second[2] is None:
             best = max((first, second), key=lambda e: float(e[1].max()))
             out.append((first[0], np.array([float(best[1].max())]), None, best[3]))
@@ -192,7 +195,12 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", default="all", choices=("all", "base", "all+base"),
                         help="the scans' candidate classes; all+base judges each model by both of its scans, "
                              "Bonferroni over the two (p = min(1, 2 min(p_all, p_base)))")
+    parser.add_argument("--data", default="ood", choices=("ood", "id", "id-only", "ood+id", "ood+id-only"),
+                        help="the scans' inversion data (ci-bench run --inversion-data); ood+id judges each model by "
+                             "both of its scans, Bonferroni over the two")
     args = parser.parse_args(argv)
+    if "+" in args.classes and "+" in args.data:
+        parser.error("pair the scans along one axis: --classes all+base or --data ood+..., not both")
     alphas = args.alpha or [0.01, 0.05]
     only = None
     if args.only:
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
         for item in _split_only(args.only):
             attack, _, seeds = item.partition(":")
             only.setdefault(attack, set()).update(parse_seeds(seeds) or ())
-    rows = load(Store.open(args.store), parse_seeds(args.seeds), args.classes, only)
+    rows = load(Store.open(args.store), parse_seeds(args.seeds), args.classes, only, args.data)
     if not rows:
         print("no scans with a reference in this store", file=sys.stderr)
         return 1
@@ -217,8 +225,10 @@ def main(argv=None) -> int:
         if unscannable(row):  # as the report ranks and counts an unscannable model: highest, flagged, no target
             for name in names or ():
                 per_candidate[name].append((row, np.array([np.inf]), 0.0, None))
-    if args.classes == "all+base":
-        per_candidate = {name: combine(entries) for name, entries in per_candidate.items()}
+    if "+" in args.classes or "+" in args.data:
+        side = ((lambda cell: cell.spec.classes) if "+" in args.classes
+                else (lambda cell: cell.spec.pool.inversion_data))
+        per_candidate = {name: combine(entries, side) for name, entries in per_candidate.items()}
         rows = [e[0] for e in next(iter(per_candidate.values()))]
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None
