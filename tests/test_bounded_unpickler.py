@@ -6,7 +6,6 @@ import struct
 import zipfile
 
 import pytest
-import torch
 
 from ci_core.models.bounded_unpickler import BoundedUnpickler, Limits, PickleLimitError
 from ci_core.errors import BundleError
