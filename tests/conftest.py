@@ -49,9 +49,6 @@ def tiny_demo(tmp_path_factory):
     by CI; the end-to-end tests check it and the repair tests remove its backdoor."""
     from ci_core.cli.bench import main as ci_bench
 
-    # The demo is the suite's critical path: under xdist its worker takes two threads, the whole machine once the
-    # other worker has run out of files (one thread each: the demo alone took 689 s of a 987 s suite).
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("demo") / "out"
     rows_path = out.parent / "rows.json"
     result = CliRunner().invoke(ci_bench, ["demo", "--out", str(out), "--json", str(rows_path),
