@@ -58,8 +58,12 @@ def tiny_demo(tmp_path_factory):
     return DemoRun(out=out, rows=rows, output=result.output)
 
 
-
 def pytest_collection_modifyitems(items):
-    """Under `pytest -n 2 --dist loadfile` (the README's command) each file runs on one worker; the end-to-end
-    file, which runs the demo (the longest), goes first, so that the other worker takes the rest beside it."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_end_to_end.py")
+    """Under `pytest -n 2 --dist loadgroup` (the README's command): each file's tests stay on one worker, so that
+    a module's fixtures are built once, and the demo's readers share one worker; the demo, the longest group,
+    goes first so that the other worker takes the rest beside it."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group").kwargs.get(
+        "name", (item.get_closest_marker("xdist_group").args or [""])[0]) != "demo")
