@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import attrs
@@ -12,8 +11,7 @@ from ci_core.models.backbone import load_backbone
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    # Under pytest-xdist (the README's `-n 2`) each worker has a core of its own.
-    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,14 +54,3 @@ def tiny_demo(tmp_path_factory):
     assert result.exit_code == 0, result.output
     rows = {row["model"]: row for row in json.loads(rows_path.read_text())}
     return DemoRun(out=out, rows=rows, output=result.output)
-
-
-def pytest_collection_modifyitems(items):
-    """Under `pytest -n 2 --dist loadgroup` (the README's command): each file's tests stay on one worker, so that
-    a module's fixtures are built once, and the demo's readers share one worker; the demo, the longest group,
-    goes first so that the other worker takes the rest beside it."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group").kwargs.get(
-        "name", (item.get_closest_marker("xdist_group").args or [""])[0]) != "demo")

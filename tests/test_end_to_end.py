@@ -8,8 +8,7 @@ from click.testing import CliRunner
 from ci_core.cli.scan import main as ci_scan
 from ci_core.models.bundle import load_bundle
 
-# One xdist worker runs the demo once for every test that reads it (`--dist loadgroup`).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

@@ -480,7 +480,6 @@ def check_left_more(fixed: Measured, left: Measured):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # beside the end-to-end tests, which run the demo
 def test_repair_with_the_true_trigger_removes_the_backdoor_and_the_controls_leave_more(planted):
     require_backdoor(planted)
     fixed = repaired(CITriggerRepair, planted, planted["trigger"])
@@ -490,7 +489,6 @@ def test_repair_with_the_true_trigger_removes_the_backdoor_and_the_controls_leav
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # beside the end-to-end tests, which run the demo
 def test_the_default_repair_resets_the_meta_net_and_removes_the_backdoor_with_the_scans_trigger(planted):
     require_backdoor(planted)
     assert CITriggerRepair.from_options(preset="tiny").config.reset_meta_net
@@ -502,7 +500,6 @@ def test_the_default_repair_resets_the_meta_net_and_removes_the_backdoor_with_th
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # beside the end-to-end tests, which run the demo
 def test_repair_with_cis_reconstructed_trigger_removes_the_backdoor(planted):
     require_backdoor(planted)
     triggers = planted["scan"]
