@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from ci_core.harness.cells import read_reference, stored_evidence
+from ci_core.harness.plan import DEFAULT_INVERSION_DATA, INVERSION_DATA
 from ci_core.scanning.seen import mark_seen
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", default="all", choices=("all", "base", "all+base"),
                         help="the scans' candidate classes; all+base judges each model by both of its scans, "
                              "Bonferroni over the two (p = min(1, 2 min(p_all, p_base)))")
-    parser.add_argument("--data", default="ood", choices=("ood", "id", "id-only", "ood+id", "ood+id-only"),
+    paired = tuple(f"{DEFAULT_INVERSION_DATA}+{d}" for d in INVERSION_DATA if d != DEFAULT_INVERSION_DATA)
+    parser.add_argument("--data", default=DEFAULT_INVERSION_DATA, choices=INVERSION_DATA + paired,
                         help="the scans' inversion data (ci-bench run --inversion-data); ood+id judges each model by "
                              "both of its scans, Bonferroni over the two")
     args = parser.parse_args(argv)
