@@ -114,16 +114,29 @@ def _auroc(truth, scores) -> str:
     return f"{auroc(truth, scores):.3f}" if has_both_classes(truth) else "n/a"
 
 
+def scan_kinds(classes: str, data: str) -> list[tuple[str, str]]:
+    """The (inversion data, candidate classes) of the scans that judge a model: 'all+base' with 'ood' is two scans
+    of the OOD pool; 'ood+task' with 'all+base' pairs them in order, (ood, all) and (task, base)."""
+    datas, classes_ = data.split("+"), classes.split("+")
+    if len(datas) > 1 and len(classes_) > 1 and len(datas) != len(classes_):
+        raise ValueError(f"--data {data} and --classes {classes}: pair as many of each")
+    count = max(len(datas), len(classes_))
+    return [(datas[min(i, len(datas) - 1)], classes_[min(i, len(classes_) - 1)]) for i in range(count)]
+
+
+def scan_kind(cell) -> tuple[str, str]:
+    return cell.spec.pool.inversion_data, cell.spec.classes
+
+
 def load(store: Store, seeds: set[int] | None, classes: str = "all",
          only: dict[str, set[int]] | None = None, data: str = "ood") -> list[dict]:
-    """The scans with a reference of candidate classes ``classes`` ('all' or 'base'; 'all+base' loads both and
-    ``combine`` pairs them per model) and inversion data ``data`` ('ood', 'id', 'id-only', or two joined by '+',
-    paired the same way); ``only`` keeps just these attacks, each at these seeds."""
+    """The scans with a reference of the kinds ``scan_kinds(classes, data)`` (several are paired per model by
+    ``combine``); ``only`` keeps just these attacks, each at these seeds."""
     models = {c.key: c for c in store.cells("model")}
+    kinds = scan_kinds(classes, data)
     rows = []
     for cell in store.cells("scan"):
-        if (not cell.reference or cell.spec.classes not in classes.split("+")
-                or cell.spec.pool.inversion_data not in data.split("+")):
+        if not cell.reference or scan_kind(cell) not in kinds:
             continue
         model = models[cell.model]
         if seeds is not None and model.seed not in seeds:
@@ -137,25 +150,27 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
     return rows
 
 
-def combine(entries: list, side) -> list:
-    """One entry per model from its two scans, told apart by ``side(cell)`` (their candidate classes or their
-    inversion data): the smaller p doubled (Bonferroni over the two scans), its class the target; the larger
-    s_max ranks it.  Models missing either scan are left out."""
-    by_model: dict[str, dict[str, tuple]] = {}
+def combine(entries: list, kinds: int) -> list:
+    """One entry per model from its ``kinds`` scans (told apart by ``scan_kind``): the smallest p times the number
+    of scans (Bonferroni over them), the target the top class of the measurable scan with the smallest p; the
+    largest s_max ranks it.  Models missing a scan are left out."""
+    by_model: dict[str, dict[tuple, tuple]] = {}
     for entry in entries:
-        by_model.setdefault(entry[0]["cell"].model, {})[side(entry[0]["cell"])] = entry
+        by_model.setdefault(entry[0]["cell"].model, {})[scan_kind(entry[0]["cell"])] = entry
     out = []
-    for pair in by_model.values():
-        if len(pair) != 2:
+    for scans in by_model.values():
+        if len(scans) != kinds:
             continue
-        first, second = pair.values()
-        if first[2] is None or second[2] is None:
-            best = max((first, second), key=lambda e: float(e[1].max()))
-            out.append((first[0], np.array([float(best[1].max())]), None, best[3]))
+        group = list(scans.values())
+        s_max = max(float(e[1].max()) for e in group)
+        if any(e[2] is None for e in group):
+            best = max(group, key=lambda e: float(e[1].max()))
+            out.append((group[0][0], np.array([s_max]), None, best[3]))
             continue
-        best = min((first, second), key=lambda e: e[2])
-        out.append((first[0], np.array([max(float(first[1].max()), float(second[1].max()))]),
-                    min(1.0, 2 * best[2]), best[3]))
+        best = min(group, key=lambda e: e[2])
+        # An unscannable scan flags the model (p 0) but names no class; a scan that could measure it names one.
+        named = min((e for e in group if e[3] is not None), key=lambda e: e[2], default=best)
+        out.append((group[0][0], np.array([s_max]), min(1.0, kinds * best[2]), named[3]))
     return out
 
 
@@ -199,10 +214,13 @@ def main(argv=None) -> int:
     paired = tuple(f"{DEFAULT_INVERSION_DATA}+{d}" for d in INVERSION_DATA if d != DEFAULT_INVERSION_DATA)
     parser.add_argument("--data", default=DEFAULT_INVERSION_DATA, choices=INVERSION_DATA + paired,
                         help="the scans' inversion data (ci-bench run --inversion-data); ood+id judges each model by "
-                             "both of its scans, Bonferroni over the two")
+                             "both of its scans, Bonferroni over the two; with --classes all+base the two pair in "
+                             "order, e.g. --data ood+task --classes all+base: (ood, all) and (task, base)")
     args = parser.parse_args(argv)
-    if "+" in args.classes and "+" in args.data:
-        parser.error("pair the scans along one axis: --classes all+base or --data ood+..., not both")
+    try:
+        kinds = scan_kinds(args.classes, args.data)
+    except ValueError as exc:
+        parser.error(str(exc))
     alphas = args.alpha or [0.01, 0.05]
     only = None
     if args.only:
@@ -227,10 +245,8 @@ def main(argv=None) -> int:
         if unscannable(row):  # as the report ranks and counts an unscannable model: highest, flagged, no target
             for name in names or ():
                 per_candidate[name].append((row, np.array([np.inf]), 0.0, None))
-    if "+" in args.classes or "+" in args.data:
-        side = ((lambda cell: cell.spec.classes) if "+" in args.classes
-                else (lambda cell: cell.spec.pool.inversion_data))
-        per_candidate = {name: combine(entries, side) for name, entries in per_candidate.items()}
+    if len(kinds) > 1:
+        per_candidate = {name: combine(entries, len(kinds)) for name, entries in per_candidate.items()}
         rows = [e[0] for e in next(iter(per_candidate.values()))]
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None

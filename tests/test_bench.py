@@ -208,6 +208,64 @@ def test_id_only_pool_names_a_validation_split_too_small(monkeypatch):
         inversion_pool(spec, "few", None, 32, seed=3)
 
 
+def _rows(images):
+    return {tuple(image.flatten().tolist()) for image in images}
+
+
+def test_task_pool_takes_d_and_t_from_the_scanned_classes_own_images():
+    # The auditor's labelled images of the classes it deploys: D from the train split, T from the validation split,
+    # of those classes only, the same for a seed.
+    dataset = open_dataset("tiny-palette", None)
+    base, _ = base_new_split(dataset.classnames)
+    spec = PoolSpec(source="builtin", inversion=20, holdout=10, inversion_data="task")
+    pool = inversion_pool(spec, "tiny-palette", None, 32, seed=3, classes=base)
+    assert pool.inversion.shape[0] == 20 and pool.holdout.shape[0] == 10
+    assert "12 scanned classes" in pool.source
+    # 20 images of 12 classes take at most two train images per class, 10 at most one validation image each
+    train = dataset.load("train", image_size=32, seed=3, shots=2)
+    assert _rows(pool.inversion) <= _rows(train.restrict(base).images)
+    assert not _rows(pool.inversion) & _rows(train.restrict([c for c in dataset.classnames if c not in base]).images)
+    assert _rows(pool.holdout) <= _rows(dataset.load("val", image_size=32, seed=3, shots=1).restrict(base).images)
+    again = inversion_pool(spec, "tiny-palette", None, 32, seed=3, classes=base)
+    assert torch.equal(again.inversion, pool.inversion) and torch.equal(again.holdout, pool.holdout)
+    assert not torch.equal(inversion_pool(spec, "tiny-palette", None, 32, seed=4, classes=base).inversion,
+                           pool.inversion)
+
+
+def test_task_pool_names_missing_classes_and_too_few_images(monkeypatch):
+    spec = PoolSpec(source="builtin", inversion=4, holdout=2, inversion_data="task")
+    with pytest.raises(ConfigError, match="needs the scan's classes"):
+        inversion_pool(spec, "tiny-palette", None, 32, seed=3)
+    with pytest.raises(ConfigError, match=r"the scan's classes \['no such class'\] are not among its classes"):
+        inversion_pool(spec, "tiny-palette", None, 32, seed=3, classes=("no such class",))
+
+    class FewImages:  # a real dataset's splits hold what they hold: here 3 train and 1 validation image per class
+        classnames = ("a", "b", "c")
+
+        def load(self, split, *, image_size, seed, shots):
+            per_class = 3 if split == "train" else 1
+            labels = torch.arange(3).repeat_interleave(per_class)
+            return LabeledImages(torch.rand(len(labels), 3, image_size, image_size), labels, self.classnames)
+
+    monkeypatch.setattr("ci_core.harness.cells.open_dataset", lambda name, root: FewImages())
+    with pytest.raises(DataError, match=r"few: its train split holds 6 images of the 2 scanned classes, 7 are "
+                                        r"needed for D"):
+        inversion_pool(attrs.evolve(spec, inversion=7), "few", None, 8, seed=3, classes=("a", "b"))
+    with pytest.raises(DataError, match=r"its val split holds 2 images of the 2 scanned classes, 3 are needed for T"):
+        inversion_pool(attrs.evolve(spec, holdout=3), "few", None, 8, seed=3, classes=("a", "c"))
+
+
+def test_a_task_scan_of_the_base_classes_gets_a_reference_on_the_same_images(tiny_backbone):
+    plan = plan_sweep(settings(attacks=("clean",), inversion_data=("ood", "task"), candidate_classes=("all", "base")),
+                      tiny_backbone, registry())
+    kinds = {(s.spec.pool.inversion_data, s.spec.classes) for s in plan.scans}
+    assert kinds == {("ood", "all"), ("ood", "base"), ("task", "all"), ("task", "base")}
+    task_base = next(s for s in plan.scans if (s.spec.pool.inversion_data, s.spec.classes) == ("task", "base"))
+    reference = next(r for r in plan.references if r.key == task_base.reference_key)
+    assert reference.spec.pool == task_base.spec.pool and reference.spec.dataset == "tiny-palette"
+    assert reference.spec.classnames == base_new_split(open_dataset("tiny-palette", None).classnames)[0]
+
+
 def test_ablations_cross_into_scan_cells(tiny_backbone):
     plan = plan_sweep(settings(attacks=("clean",), pool_sizes=(8, 16), batch_sizes=(1, 4), losses=("margin", "ce"),
                                inversion_data=("ood", "id")), tiny_backbone, registry())
@@ -400,6 +458,22 @@ def test_a_sweep_on_the_datasets_own_images_scans_and_references_there(tmp_path,
     references = {r.spec.pool.inversion_data: r for r in store.cells("reference")}
     assert set(references) == {"ood", "id-only"} and references["id-only"].spec.dataset == "fake-shapes"
     assert references["ood"].spec.dataset is None  # an OOD reference serves every dataset with these classes
+
+
+def test_a_sweep_on_the_base_classes_own_images_scans_and_references_there(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    # fake-shapes has two base classes, too few for a reference's outlier test: the detector's own scorer decides
+    result = run_bench([*FAKE_SWEEP, "--inversion-data", "task", "--candidate-classes", "base", "--no-reference",
+                        "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = Store.open(out)
+    scans = store.cells("scan")
+    assert len(scans) == 2
+    for scan in scans:
+        report = json.loads((store.scan_folder(scan.key) / "report.json").read_text())
+        base = store.read_cell("model", scan.model).base_classes
+        assert [row["name"] for row in report["classes"]] == list(base)
+        assert report["pool"]["source"] == f"fake-shapes images of the {len(base)} scanned classes (D train, T validation)"
 
 
 @pytest.mark.parametrize("kill_point", ["between write and rename", "while the cell is half-written"])

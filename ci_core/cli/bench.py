@@ -287,7 +287,9 @@ def _plugin_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict]:
 @click.option("--losses", help="Ablation: comma-separated inversion losses, e.g. margin,ce,logit (detectors with a loss option).")
 @click.option("--inversion-data", default="ood", show_default=True,
               help="Ablation: 'ood', 'id' (D is the dataset's own validation images, T the OOD held-out set), "
-                   "'id-only' (D and T both the dataset's validation images), or several, e.g. 'ood,id-only'.")
+                   "'id-only' (D and T both the dataset's validation images), 'task' (D and T the dataset's "
+                   "train and validation images of the scanned classes only; with --candidate-classes base, the "
+                   "auditor's own images of the classes it deploys), or several, e.g. 'ood,id-only'.")
 @click.option("--candidate-classes", default="all", show_default=True,
               help="Which classes each scan inverts: 'all' (up to 50 of the dataset's classes, the paper's "
                    "benchmark), 'base' (the classes the model was tuned on, which the organisation deploys), or "

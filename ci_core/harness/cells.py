@@ -14,7 +14,7 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import attrs
 import torch
@@ -65,7 +65,7 @@ def _ood_pool(source: str, inversion: int, holdout: int, image_size: int, seed: 
 
 
 def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | None, image_size: int,
-                   seed: int) -> OODPool:
+                   seed: int, classes: Sequence[str] | None = None) -> OODPool:
     """D and T of a scan, by ``pool.inversion_data``:
 
     - 'ood': both from the OOD pool (the paper's setting);
@@ -75,11 +75,17 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
       of their own task only.  A model that breaks on images unlike its training set (the tripwire) cannot be
       measured on any OOD T; this asks whether it can be on its own task's images (on the tiny world the
       tripwire breaks on 1-2% of those too: docs/verdicts.md).
+    - 'task': D and T are the dataset's images of the scanned ``classes`` only, D from the train split and T from
+      the validation split: an auditor who checks the classes it deploys with labelled images of them.  A
+      backdoor that works on the base classes only moves images *among the base classes*; among every class, or
+      on images of other classes, it may not show (docs/verdicts.md).
     """
     # A folder source is identified by its path and a fingerprint of its files; the pool reads the path.
     source = pool.source.split("#sha256:", 1)[0]
     if pool.inversion_data == "ood":
         return _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
+    if pool.inversion_data == "task":
+        return _task_pool(pool, dataset_name, data_root, image_size, seed, classes)
     own_holdout = pool.inversion_data == "id-only"
     wanted = pool.inversion + (pool.holdout if own_holdout else 0)
     dataset = open_dataset(dataset_name, data_root)
@@ -97,6 +103,28 @@ def inversion_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | No
     ood = _ood_pool(source, pool.inversion, pool.holdout, image_size, seed)
     return OODPool(inversion=inversion, holdout=ood.holdout, source=f"{dataset_name} validation images "
                    f"(in-distribution); held-out {ood.source}", skipped=ood.skipped, files_found=ood.files_found)
+
+
+def _task_pool(pool: PoolSpec, dataset_name: str | None, data_root: str | None, image_size: int, seed: int,
+               classes: Sequence[str] | None) -> OODPool:
+    if not classes:
+        raise ConfigError("inversion data 'task' needs the scan's classes: its images are of those classes only")
+    dataset = open_dataset(dataset_name, data_root)
+    unknown = [c for c in classes if c not in dataset.classnames]
+    if unknown:
+        raise ConfigError(f"{dataset_name}: the scan's classes {unknown} are not among its classes")
+    generator = torch.Generator().manual_seed(seed)
+    drawn = []
+    for split, wanted in (("train", pool.inversion), ("val", pool.holdout)):
+        images = dataset.load(split, image_size=image_size, seed=seed,
+                              shots=math.ceil(wanted / len(classes))).restrict(tuple(classes)).images
+        if len(images) < wanted:
+            which = "D" if split == "train" else "T"
+            raise DataError(f"{dataset_name}: its {split} split holds {len(images)} images of the {len(classes)} "
+                            f"scanned classes, {wanted} are needed for {which}")
+        drawn.append(images[torch.randperm(len(images), generator=generator)[:wanted]])
+    return OODPool(inversion=drawn[0], holdout=drawn[1],
+                   source=f"{dataset_name} images of the {len(classes)} scanned classes (D train, T validation)")
 
 
 class _Cost:
@@ -143,7 +171,7 @@ def run_reference_cell(store: Store, cell: ReferenceCell, *, device: str, progre
     detector = registry().get("detector", spec.detector).from_options(spec.detector_config)
     with store.writing("reference", cell.key) as work:
         cost = _Cost(device)
-        pool = inversion_pool(spec.pool, cell.dataset, cell.data_root, backbone.image_size, spec.seed)
+        pool = inversion_pool(spec.pool, cell.dataset, cell.data_root, backbone.image_size, spec.seed, spec.classnames)
         # The same cache as ci-scan's (one key: reference_spec's hash): a reference any command computed on this
         # machine is read, not computed again; the cell keeps its own copy, so a store stands alone.
         reference = run_reference(backbone, spec.template, detector, pool, spec.classnames, seed=spec.seed,
@@ -187,7 +215,6 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
     with store.writing("scan", cell.key) as work:
         cost = _Cost(device)
         model, meta = load_bundle(store.bundle_path("model", cell.model_key), backbone)
-        pool = inversion_pool(spec.pool, model_record.dataset, cell.data_root, backbone.image_size, spec.seed)
         # The paper's benchmark candidates (section 4.2): a seeded sample of the classes, the target among them;
         # or of the base classes the model was tuned on.
         base = meta.get("base_classes") or ()
@@ -195,6 +222,8 @@ def run_scan_cell(store: Store, cell: ScanCell, *, device: str, progress: Progre
             raise ConfigError(f"model cell {cell.model_key}: its bundle records no base classes to scan")
         pool_of = base if spec.classes == "base" else meta["classnames"]
         candidates = sample_candidates(pool_of, seed=spec.seed, target=model_record.target, count=spec.candidates)
+        pool = inversion_pool(spec.pool, model_record.dataset, cell.data_root, backbone.image_size, spec.seed,
+                              candidates)
         if reference is not None:
             check_reference_fits(reference, candidates, pool, meta["template"], cell.reference_key)
         result = scan(model, detector, decider, pool, candidates, seed=spec.seed, reference=reference, also=also,

@@ -45,7 +45,7 @@ CLEAN_ATTACK = "clean"  # the control: the one attack that gets no backdoor targ
 # Repairs take their trigger (for the most anomalous class) from this detector's scan.
 REPAIR_DETECTOR = "ci"
 DEFAULT_INVERSION_DATA = "ood"
-INVERSION_DATA = ("ood", "id", "id-only")
+INVERSION_DATA = ("ood", "id", "id-only", "task")
 # Which classes a scan inverts: "all" (the paper's benchmark: up to 50 of the dataset's classes, the target among
 # them) or "base" (the classes the model was tuned on, which the organisation deploys; up to 50 of them).
 DEFAULT_CANDIDATE_CLASSES = "all"

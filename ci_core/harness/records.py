@@ -92,7 +92,8 @@ class BackboneKey(JSONRecord):
 @attrs.frozen(kw_only=True)
 class PoolSpec(JSONRecord):
     """The OOD pool of a scan: its source (with a fingerprint of a folder's files) and sizes, and whether the
-    inversion set is OOD images or the dataset's own ('id'), or D and T both are ('id-only')."""
+    inversion set is OOD images or the dataset's own ('id'), or D and T both are ('id-only'), or both are the
+    dataset's images of the scanned classes only ('task')."""
 
     source: str
     inversion: int
