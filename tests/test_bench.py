@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -304,6 +305,7 @@ def test_bad_settings_values(change, message):
 
 FAKE_BENCH_PLUGIN = '''
 import os
+import re
 import signal
 
 import attrs
@@ -474,6 +476,54 @@ def test_a_sweep_on_the_base_classes_own_images_scans_and_references_there(tmp_p
         base = store.read_cell("model", scan.model).base_classes
         assert [row["name"] for row in report["classes"]] == list(base)
         assert report["pool"]["source"] == f"fake-shapes images of the {len(base)} scanned classes (D train, T validation)"
+
+
+def test_report_combines_each_models_scans_bonferroni_over_them(tmp_path, fake_plugins):
+    from ci_core.harness.report import build_report, parse_combination, scored_scans
+    from ci_core.harness.report.combined import _combined
+    from ci_core.scanning.scan import UNSCANNABLE
+
+    out = tmp_path / "store"
+    assert run_bench([*FAKE_SWEEP, "--inversion-data", "ood,id-only", "--out", out, "--quiet"]).exit_code == 0
+    store = Store.open(out)
+    kinds = parse_combination("ood/all+id-only/all")
+    report = build_report(store, combine=[kinds])
+    (group,) = [g for g in report["detectors"] if g["variant"] == "ood/all+id-only/all"]
+    assert group["label"] == "fake-detector / ref-outlier over ood/all+id-only/all" and "pool" not in group
+    _, rows = scored_scans(store)
+    calibrated = [r for r in rows if r.scorer == "ref-outlier"]
+    for model in report["models"]:  # one row per model, its scans' verdicts and the combined one side by side
+        own = {r.scan.spec.pool.inversion_data: r for r in calibrated if r.model.seed == model["seed"]
+               and (r.model.attack == model["attack"])}
+        p = min(1.0, 2 * min(own["ood"].p_value, own["id-only"].p_value))
+        deciding = min(own.values(), key=lambda r: r.p_value)
+        got = model["scorers"][group["label"]]
+        assert got["p_value"] == pytest.approx(p) and got["top"] == deciding.predicted_target
+        assert got["verdict"] == ("backdoored" if p <= 0.05 else "clean")
+        assert got["s_max"] == pytest.approx(max(own["ood"].s_max, own["id-only"].s_max))
+    # Fail closed: a scan that could not measure the model flags it unless the other scan flags it with a class.
+    first, second = sorted(own.values(), key=lambda r: r.scan.spec.pool.inversion_data)
+    broken = attrs.evolve(first, verdict=UNSCANNABLE, backdoored=True, p_value=None, predicted_target=None,
+                          s_max=float("inf"))
+    quiet = attrs.evolve(second, verdict="clean", backdoored=False, p_value=0.5)
+    loud = attrs.evolve(second, verdict="backdoored", backdoored=True, p_value=0.001, predicted_target="x")
+    assert _combined("a+b", [broken, quiet]).verdict == UNSCANNABLE
+    flagged = _combined("a+b", [broken, loud])
+    assert (flagged.verdict, flagged.p_value, flagged.predicted_target) == ("backdoored", 0.002, "x")
+    assert _combined("a+b", [broken, broken]).predicted_target is None
+
+
+def test_report_combine_names_bad_and_missing_scan_kinds(tmp_path, fake_plugins):
+    out = tmp_path / "store"
+    assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0
+    for text, message in (("ood/all", "name at least two scan kinds"),
+                          ("ood/all+ood/all", "ood/all is named twice"),
+                          ("ood/all+own/base", "'own/base' is not a scan kind DATA/CLASSES"),
+                          ("ood/all+task/base", r"no model in .* has a scan of each of these kinds with a "
+                                                r"reference \(its scans: ood/all\)")):
+        result = run_bench(["report", out, "--combine", text, "--quiet"])
+        assert result.exit_code != 0 and re.search(message, result.output), (text, result.output)
+        assert not (out / "report").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("kill_point", ["between write and rename", "while the cell is half-written"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.harness.report import parse_combination
 from ci_core.harness.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, parse_options, report_errors, resolve_device, resolve_runtime,
@@ -414,11 +415,17 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
               help="Where to write report.md, report.json and the PNG figures (default: STORE_DIR/report).")
 @click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="Score the stored evidence with scorer NAME configured so, e.g. ref-outlier.alpha=0.05 or ci.k=2.5.")
+@click.option("--combine", "combinations", multiple=True, metavar="DATA/CLASSES+DATA/CLASSES",
+              help="Also judge every model by its scans of these kinds together (repeatable), the calibrated "
+                   "scorer's p-values Bonferroni over them, e.g. ood/all+task/base: the OOD scan of every class and "
+                   "the base classes on the dataset's own images (docs/verdicts.md).")
 @click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
 @report_errors
-def report(store_dir, out, scorer_options, quiet):
+def report(store_dir, out, scorer_options, combinations, quiet):
     """Tables and figures (Markdown, JSON, PNG) from the finished cells of the store STORE_DIR."""
-    folder, markdown = write_report(Store.open(store_dir), out, _plugin_options(scorer_options, "--scorer-option"))
+    combine = [parse_combination(text) for text in combinations]
+    folder, markdown = write_report(Store.open(store_dir), out, _plugin_options(scorer_options, "--scorer-option"),
+                                    combine)
     if not quiet:
         click.echo(markdown)
     click.echo(f"report written to {folder}")

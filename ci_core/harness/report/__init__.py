@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ci_core.files import publishing
+from ci_core.harness.report.combined import ScanKind, parse_combination
 from ci_core.harness.report.figures import plot_anomaly_scores, plot_roc
 from ci_core.harness.report.html import write_bench_page
 from ci_core.harness.report.markdown import md_table, to_markdown
@@ -40,8 +41,8 @@ from ci_core.harness.report.scored import ScoredScan, scored_scans
 from ci_core.harness.report.tables import DEFINITIONS, IMPLANT_LEVELS, _finite, build_report, implanted_model_level
 from ci_core.harness.store import Store
 
-__all__ = ["DEFINITIONS", "IMPLANT_LEVELS", "ScoredScan", "build_report", "implanted_model_level", "md_table",
-           "scored_scans", "to_markdown", "write_report"]
+__all__ = ["DEFINITIONS", "IMPLANT_LEVELS", "ScanKind", "ScoredScan", "build_report", "implanted_model_level",
+           "md_table", "parse_combination", "scored_scans", "to_markdown", "write_report"]
 
 REPORT_FILES = ("report.md", "report.json", "report.html")
 REPORT_OUTPUT = "bench-report"  # the kind of output folder the report writes (ci_core.files.publishing)
@@ -57,11 +58,11 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_report(store: Store, out: Path | None = None,
-                 scorer_options: dict[str, dict] | None = None) -> tuple[Path, str]:
+def write_report(store: Store, out: Path | None = None, scorer_options: dict[str, dict] | None = None,
+                 combine: Sequence[Sequence[ScanKind]] = ()) -> tuple[Path, str]:
     """Write report.md, report.json, report.html and the PNG figures to ``out`` (default STORE/report) atomically."""
     out = Path(out) if out is not None else store.root / "report"
-    report = build_report(store, scorer_options)
+    report = build_report(store, scorer_options, combine)
     with publishing(out, REPORT_OUTPUT) as work:
         figures = [name for name, plot in (("roc.png", plot_roc), ("anomaly_scores.png", plot_anomaly_scores))
                    if plot(report, work / name)]

@@ -23,7 +23,7 @@ def _fmt(value: Any) -> str:
 
 
 def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(header for _, header in columns) + " |",
+    lines = ["| " + " | ".join(header.replace("|", "\\|") for _, header in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(key)).replace("|", "\\|") for key, _ in columns) + " |")
@@ -159,7 +159,8 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
         out += ["![Mean s_max per attack and detector](anomaly_scores.png)", ""]
 
     out += ["## Reconstructed triggers and cost (Tables 4, 15-17, 24)", "", DEFINITIONS["reconstruction"], ""]
-    rows = [{"label": g["label"], "variant": variant_label(g["variant"]), **g["reconstruction"], **g["cost"]}
+    rows = [{"label": g["label"], "variant": variant_label(g["variant"]) if isinstance(g["variant"], dict)
+             else g["variant"], **g["reconstruction"], **g["cost"]}
             for g in groups]
     out += [md_table(rows, [("label", "detector"), ("variant", "setting"), ("target_asr", "target ASR"),
                             ("other_asr", "other-class ASR"), ("target_ssim", "SSIM target"),

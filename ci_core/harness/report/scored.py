@@ -44,6 +44,7 @@ class ScoredScan:
     predicted_target: str | None
     flagged: tuple[str, ...]
     rule: str | None
+    combined: str | None = None  # the scan kinds a combined verdict judged the model by (report --combine)
 
     @property
     def key(self) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from ci_core.errors import ConfigError
 from ci_core.harness.plan import CLEAN_ATTACK, variant_label
 from ci_core.harness.records import FloorRecord, ModelRecord, RepairRecord, spec_hash
+from ci_core.harness.report.combined import ScanKind, combine_scans
 from ci_core.harness.report.scored import ScoredScan, pending, scored_scans, skipped_repairs
 from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes,
                                         roc_curve, youden_threshold)
@@ -48,7 +49,10 @@ DEFINITIONS = {
         "models flagged, with its exact (Clopper-Pearson) 95% interval. TPR: share of a population flagged (flagged / "
         "models); target: share of it whose most anomalous class is the true target. AUROC (works): over the clean "
         "models and those whose trigger works; (implanted): clean and unseen; (all): every model, attacks that do not "
-        "work included as positives; all by s_max, unscannable models ranked highest."),
+        "work included as positives; all by s_max, unscannable models ranked highest. A row 'over A+B' (ci-bench "
+        "report --combine) judges each model by its scans of those kinds together: the calibrated scorer's smallest "
+        "p-value times the number of scans (Bonferroni), the top class of the measurable scan with that p, the "
+        "largest s_max; a scan that could not measure the model flags it unless another flags it with a class."),
     "models": (
         "Every scanned model: the ASR of its attack's own trigger on the seen (base) and unseen (new + target) "
         "classes, its population in the verdict table, and per scorer the verdict, the model-level p-value (where the "
@@ -137,6 +141,9 @@ def _by(rows: Sequence[Any], field: str, order: Callable[[Iterable[str]], list[s
 
 def _group_key(row: ScoredScan) -> str:
     spec = row.scan.spec
+    if row.combined is not None:  # several scans of each model: the same kinds, detector and scorer setting
+        return spec_hash({"combined": row.combined, "detector": spec.detector,
+                          "detector_config": spec.detector_config, "scorer_config": row.scorer_config})
     return spec_hash({"detector": spec.detector, "detector_config": spec.detector_config, "pool": spec.pool.to_json(),
                       "scorer": row.scorer, "scorer_config": row.scorer_config,
                       **({"classes": spec.classes} if spec.classes != "all" else {})})
@@ -172,7 +179,7 @@ def _group_label(groups: dict[str, list[ScoredScan]]) -> dict[str, str]:
 
 def _group_order(row: ScoredScan) -> tuple:
     v = row.variant
-    return (row.detector, v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
+    return (row.combined is not None, str(row.combined or ""), row.detector, v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
             v["inversion_data"], v.get("classes", "all"), spec_hash(row.scan.spec.detector_config),
             row.scorer != REFERENCE_SCORER, row.scorer)
 
@@ -225,7 +232,7 @@ def model_rows(rows: Sequence[ScoredScan], labels: dict[str, str]) -> list[dict]
     by_scan: dict[str, dict] = {}
     for row in rows:
         metrics = row.model.metrics
-        entry = by_scan.setdefault(row.key, {
+        entry = by_scan.setdefault(row.model.key, {  # a model's scans of several settings share its row
             "attack": f"{row.attack} (control)" if row.model.control else row.attack, "dataset": row.dataset,
             "seed": row.model.seed, "asr_seen": metrics.get("asr_base"), "asr_unseen": metrics.get("asr_new"),
             "true_target": row.true_target,
@@ -298,10 +305,14 @@ def _group_summary(label: str, rows: list[ScoredScan]) -> dict:
         other_asr.append(float(np.mean(others)) if others else None)
         all_ssim.append(float(np.mean([c["ssim"] for c in row.classes])))
         per_class_seconds.append(float(np.mean([c["seconds"] for c in row.classes])))
+    # A combined verdict's rows come from the scans that decided: its setting is the combination, with no one pool.
+    combined = first.combined is not None
     return {
-        "label": label, "detector": first.detector, "scorer": first.scorer, "variant": first.variant,
+        "label": label, "detector": first.detector, "scorer": first.scorer,
+        "variant": first.combined if combined else first.variant,
         "detector_config": first.scan.spec.detector_config, "scorer_config": first.scorer_config,
-        "pool": first.scan.spec.pool.to_json(), "verdict": verdict_summary(rows),
+        **({} if combined else {"pool": first.scan.spec.pool.to_json()}),
+        "verdict": verdict_summary(rows),
         "model_level": model_level, "class_level": class_level, "anomaly_by_attack": anomaly,
         "reconstruction": {"target_asr": mean_std(target_asr), "other_asr": mean_std(other_asr),
                            "target_ssim": mean_std(target_ssim), "all_ssim": mean_std(all_ssim)},
@@ -446,9 +457,18 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
     return {"attacks": attacks, "models": models}  # the summary first, as the pages show it
 
 
-def build_report(store: Store, scorer_options: dict[str, dict] | None = None) -> dict:
-    """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name."""
+def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
+                 combine: Sequence[Sequence[ScanKind]] = ()) -> dict:
+    """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name; each of
+    ``combine`` adds a verdict that judges every model by its scans of those kinds together (``combined``)."""
     models, rows = scored_scans(store, scorer_options)
+    for kinds in combine:
+        joined = combine_scans(rows, kinds)
+        if not joined:
+            held = sorted({str(ScanKind.of(row)) for row in rows if row.scorer == REFERENCE_SCORER})
+            raise ConfigError(f"--combine {'+'.join(map(str, kinds))}: no model in {store.root} has a scan of each of "
+                              f"these kinds with a reference (its scans: {', '.join(held) or 'none'})")
+        rows += joined
     repairs = store.cells("repair")
     failures = store.failures()
     broken = store.broken()
