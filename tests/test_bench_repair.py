@@ -18,7 +18,7 @@ import pytest
 from ci_core.harness import Store, SweepSettings, plan_sweep
 from ci_core.harness.report import build_report, implanted_model_level, to_markdown
 from ci_core.harness.report.markdown import repair_section
-from ci_core.harness.report.tables import repair_check
+from ci_core.harness.report.tables import _repair_rows, repair_check, repair_labels
 from ci_core.harness.records import BackboneKey, ModelSpec, RepairScoring, RepairSpec
 from ci_core.harness.store import KINDS, write_json
 from ci_core.errors import ConfigError
@@ -404,12 +404,39 @@ def test_model_level_over_implanted_backdoors_by_hand():
 # --------------------------------------------------------------------------- the repair aim and the controls
 
 
-def repair_record(attack, repairer, before, after, acc=(1.0, 1.0), scan_target="t"):
+def repair_record(attack, repairer, before, after, acc=(1.0, 1.0), scan_target="t", scan="scan"):
     """A repair record with just what ``repair_check`` reads: ASR (seen, unseen) before and after, ACC seen."""
     return SimpleNamespace(model=f"{attack}-model", repairer=repairer, attack=attack, dataset="tiny-palette", seed=1,
-                           true_target="t", scan_target=scan_target,
+                           true_target="t", scan_target=scan_target, scan=scan,
                            before={"asr_base": before[0], "asr_new": before[1], "acc_base": acc[0]},
                            after={"asr_base": after[0], "asr_new": after[1], "acc_base": acc[1]})
+
+
+def test_repairs_of_one_model_from_two_scans_are_checked_apart_against_their_own_controls():
+    # The same model repaired with the OOD scan's trigger and with the base-class scan's (docs/repair.md): each
+    # repair is compared with the controls run from its own scan, and the rows say which scan.
+    records = [
+        repair_record("badclip", "ci-trigger", (0.99, 0.0), (0.29, 0.0), scan="ood-scan"),
+        repair_record("badclip", "clean-only", (0.99, 0.0), (0.31, 0.0), scan="ood-scan"),
+        repair_record("badclip", "ci-trigger", (0.99, 0.0), (0.18, 0.0), scan="base-scan"),
+        repair_record("badclip", "clean-only", (0.99, 0.0), (0.40, 0.0), scan="base-scan"),
+    ]
+    scans = [SimpleNamespace(key=key, spec=SimpleNamespace(pool=SimpleNamespace(inversion_data=data), classes=which))
+             for key, data, which in (("ood-scan", "ood", "all"), ("base-scan", "task", "base"))]
+    label = repair_labels(records, scans)
+    check = repair_check(records, controls={"clean-only"}, label=label)
+    rows = {row["repairer"]: row for row in check["models"]}
+    assert set(rows) == {"ci-trigger [ood/all scan]", "ci-trigger [task/base scan]"}
+    assert rows["ci-trigger [ood/all scan]"]["left_by_clean-only"] == 0.31
+    assert rows["ci-trigger [ood/all scan]"]["beats_controls"] is False  # 0.29 against 0.31: within the noise
+    assert rows["ci-trigger [task/base scan]"]["left_by_clean-only"] == 0.40
+    assert rows["ci-trigger [task/base scan]"]["beats_controls"] is True
+    timed = [SimpleNamespace(**vars(r), repair_seconds=1.0, repair_cpu_seconds=1.0) for r in records]
+    assert {r["repairer"] for r in _repair_rows(timed, label)} == {
+        "ci-trigger [ood/all scan]", "ci-trigger [task/base scan]", "clean-only [ood/all scan]",
+        "clean-only [task/base scan]"}
+    # one kind of scan: the plain repairer names, as before
+    assert repair_labels(records[:2], scans)(records[0]) == "ci-trigger"
 
 
 def test_repair_check_counts_removed_backdoors_and_beaten_controls_by_hand():

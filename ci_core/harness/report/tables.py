@@ -353,10 +353,27 @@ def _repair_row(repairer: str, attack: str, dataset: str, cells: Sequence[Repair
     return row
 
 
-def _repair_rows(repairs: Sequence[RepairRecord]) -> list[dict]:
+def _plain_name(record: RepairRecord) -> str:
+    return record.repairer
+
+
+def repair_labels(repairs: Sequence[RepairRecord], scans: Sequence[Any]) -> Callable[[RepairRecord], str]:
+    """How the report names a repair's setting: its repairer, plus the kind of scan whose trigger it took where
+    the store holds repairs of the same models from scans of several kinds (``--inversion-data``,
+    ``--candidate-classes``), so that they are not pooled."""
+    kind = {scan.key: f"{scan.spec.pool.inversion_data}/{scan.spec.classes}" for scan in scans}
+    if len({kind.get(r.scan) for r in repairs}) <= 1:
+        return _plain_name
+    return lambda record: f"{record.repairer} [{kind.get(record.scan)} scan]"
+
+
+def _repair_rows(repairs: Sequence[RepairRecord], label: Callable[[RepairRecord], str] = _plain_name) -> list[dict]:
     """Per repairer: one row per attack and dataset (and per attack over datasets), then one over every attack."""
     rows = []
-    for repairer, by_repairer in _by(repairs, "repairer").items():
+    grouped: dict[str, list[RepairRecord]] = defaultdict(list)
+    for record in repairs:
+        grouped[label(record)].append(record)
+    for repairer, by_repairer in sorted(grouped.items()):
         per_attack = list(_by(by_repairer, "attack", _attack_order).items())
         for attack, part in per_attack:
             per_dataset = list(_by(part, "dataset").items())
@@ -395,8 +412,8 @@ def _works(record: RepairRecord) -> bool:
     return any((record.before.get(key) or 0.0) >= WORKS for key in ("asr_base", "asr_new"))
 
 
-def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
-                 floors: Sequence[FloorRecord] = ()) -> dict[str, list[dict]]:
+def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str], floors: Sequence[FloorRecord] = (),
+                 label: Callable[[RepairRecord], str] = _plain_name) -> dict[str, list[dict]]:
     """Each repair of a working backdoor against the aim, against every control run on the same model, and against
     the floor (the attack's own trigger on a clean model of the dataset), where the store has one.
 
@@ -405,14 +422,15 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
     control, the backdoor that control left (the higher of its ASR seen and unseen after); the repair beats a
     control when it leaves at least ``BEATS_BY`` less.  The floor's ASR seen / unseen, and whether the repair left
     no more than the floor (within ``BEATS_BY``, ACC kept): down to what a model with no backdoor does.  Then per
-    repairer and attack, how many of its models meet each.
+    repairer and attack, how many of its models meet each.  A repair is compared with the controls that took
+    their trigger from the same scan; ``label`` names its setting in the rows.
     """
     controls = set(controls)
     floor_of = {floor.model: floor for floor in floors}
     working = [r for r in repairs if _works(r)]
-    by_model: dict[str, dict[str, RepairRecord]] = defaultdict(dict)
+    by_model: dict[tuple[str, str], dict[str, RepairRecord]] = defaultdict(dict)
     for record in working:
-        by_model[record.model][record.repairer] = record
+        by_model[(record.model, record.scan)][record.repairer] = record
     order = {name: i for i, name in enumerate(_attack_order({r.attack for r in working}))}
     models = []
     def model_order(done: dict[str, RepairRecord]) -> tuple:
@@ -429,7 +447,7 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str],
             floor = floor_of.get(record.model)
             floor_left = None if floor is None else _higher_asr(floor.metrics)
             models.append({
-                "repairer": name, "attack": record.attack, "dataset": record.dataset, "seed": record.seed,
+                "repairer": label(record), "attack": record.attack, "dataset": record.dataset, "seed": record.seed,
                 "asr_seen_before": record.before.get("asr_base"), "asr_seen_after": record.after.get("asr_base"),
                 "asr_unseen_before": record.before.get("asr_new"), "asr_unseen_after": record.after.get("asr_new"),
                 "acc_seen_change": acc_change, "removed": left < REMOVED and acc_change >= -ACC_KEPT,
@@ -470,6 +488,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
                               f"these kinds with a reference (its scans: {', '.join(held) or 'none'})")
         rows += joined
     repairs = store.cells("repair")
+    shown = repair_labels(repairs, [row.scan for row in rows])
     failures = store.failures()
     broken = store.broken()
     if not models and not failures:
@@ -489,8 +508,8 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
         "detectors": [_group_summary(labels[gid], part) for gid, part in groups.items()],
         "models": model_rows(rows, labels),
         "attacks": _attack_rows(models),
-        "repairs": _repair_rows(repairs),
-        "repair_check": repair_check(repairs, _control_repairers(repairs), store.cells("floor")),
+        "repairs": _repair_rows(repairs, shown),
+        "repair_check": repair_check(repairs, _control_repairers(repairs), store.cells("floor"), shown),
         "skipped_repairs": skipped_repairs(store),
         "failures": [{"kind": f.get("kind"), "label": f.get("label"), "key": f.get("key"), "error": f.get("error")}
                      for f in failures],
