@@ -229,10 +229,11 @@ def verdict_summary(rows: Sequence[ScoredScan]) -> dict:
 def model_rows(rows: Sequence[ScoredScan], labels: dict[str, str]) -> list[dict]:
     """One row per scanned model: its attack's ASR seen / unseen and, per scorer, verdict, p-value and top class,
     so that a miss can be read off.  ``labels`` maps each row's group key to its column label."""
-    by_scan: dict[str, dict] = {}
+    by_model: dict[tuple[str, int], dict] = {}
     for row in rows:
         metrics = row.model.metrics
-        entry = by_scan.setdefault(row.model.key, {  # a model's scans of several settings share its row
+        # a model's scans of several settings share its row (scans with another scan seed get their own)
+        entry = by_model.setdefault((row.model.key, row.scan.spec.seed), {
             "attack": f"{row.attack} (control)" if row.model.control else row.attack, "dataset": row.dataset,
             "seed": row.model.seed, "asr_seen": metrics.get("asr_base"), "asr_unseen": metrics.get("asr_new"),
             "true_target": row.true_target,
@@ -241,8 +242,8 @@ def model_rows(rows: Sequence[ScoredScan], labels: dict[str, str]) -> list[dict]
             "scorers": {}})
         entry["scorers"][labels[_group_key(row)]] = {"verdict": row.verdict, "p_value": row.p_value,
                                                      "s_max": _finite(row.s_max), "top": row.predicted_target}
-    order = {name: i for i, name in enumerate(_attack_order({e["attack"] for e in by_scan.values()}))}
-    return sorted(by_scan.values(), key=lambda e: (order[e["attack"]], e["dataset"], e["seed"]))
+    order = {name: i for i, name in enumerate(_attack_order({e["attack"] for e in by_model.values()}))}
+    return sorted(by_model.values(), key=lambda e: (order[e["attack"]], e["dataset"], e["seed"]))
 
 
 IMPLANT_LEVELS = (0.5, 0.8)  # ASR on unseen classes from which a backdoor counts as implanted
