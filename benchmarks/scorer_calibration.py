@@ -27,6 +27,7 @@ from scipy import stats
 
 from ci_core.harness.cells import read_reference, stored_evidence
 from ci_core.harness.plan import DEFAULT_INVERSION_DATA, INVERSION_DATA
+from ci_core.harness.report.combined import ScanKind
 from ci_core.scanning.seen import mark_seen
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
@@ -114,18 +115,14 @@ def _auroc(truth, scores) -> str:
     return f"{auroc(truth, scores):.3f}" if has_both_classes(truth) else "n/a"
 
 
-def scan_kinds(classes: str, data: str) -> list[tuple[str, str]]:
+def scan_kinds(classes: str, data: str) -> list[ScanKind]:
     """The (inversion data, candidate classes) of the scans that judge a model: 'all+base' with 'ood' is two scans
     of the OOD pool; 'ood+task' with 'all+base' pairs them in order, (ood, all) and (task, base)."""
     datas, classes_ = data.split("+"), classes.split("+")
     if len(datas) > 1 and len(classes_) > 1 and len(datas) != len(classes_):
         raise ValueError(f"--data {data} and --classes {classes}: pair as many of each")
     count = max(len(datas), len(classes_))
-    return [(datas[min(i, len(datas) - 1)], classes_[min(i, len(classes_) - 1)]) for i in range(count)]
-
-
-def scan_kind(cell) -> tuple[str, str]:
-    return cell.spec.pool.inversion_data, cell.spec.classes
+    return [ScanKind(datas[min(i, len(datas) - 1)], classes_[min(i, len(classes_) - 1)]) for i in range(count)]
 
 
 def load(store: Store, seeds: set[int] | None, classes: str = "all",
@@ -136,7 +133,7 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
     kinds = scan_kinds(classes, data)
     rows = []
     for cell in store.cells("scan"):
-        if not cell.reference or scan_kind(cell) not in kinds:
+        if not cell.reference or ScanKind.of(cell) not in kinds:
             continue
         model = models[cell.model]
         if seeds is not None and model.seed not in seeds:
@@ -151,12 +148,12 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
 
 
 def combine(entries: list, kinds: int) -> list:
-    """One entry per model from its ``kinds`` scans (told apart by ``scan_kind``): the smallest p times the number
+    """One entry per model from its ``kinds`` scans (told apart by ``ScanKind.of``): the smallest p times the number
     of scans (Bonferroni over them), the target the top class of the measurable scan with the smallest p; the
     largest s_max ranks it.  Models missing a scan are left out."""
-    by_model: dict[str, dict[tuple, tuple]] = {}
+    by_model: dict[str, dict[ScanKind, tuple]] = {}
     for entry in entries:
-        by_model.setdefault(entry[0]["cell"].model, {})[scan_kind(entry[0]["cell"])] = entry
+        by_model.setdefault(entry[0]["cell"].model, {})[ScanKind.of(entry[0]["cell"])] = entry
     out = []
     for scans in by_model.values():
         if len(scans) != kinds:

@@ -33,8 +33,9 @@ class ScanKind:
         return f"{self.inversion_data}/{self.classes}"
 
     @classmethod
-    def of(cls, row: ScoredScan) -> "ScanKind":
-        return cls(row.scan.spec.pool.inversion_data, row.scan.spec.classes)
+    def of(cls, scan) -> "ScanKind":
+        """The kind of a scan cell or record (anything with its ``spec``)."""
+        return cls(scan.spec.pool.inversion_data, scan.spec.classes)
 
 
 def parse_combination(text: str) -> tuple[ScanKind, ...]:
@@ -60,7 +61,7 @@ def combine_scans(rows: Sequence[ScoredScan], kinds: Sequence[ScanKind]) -> list
     label = "+".join(map(str, kinds))
     per_model: dict[tuple, dict[ScanKind, ScoredScan]] = {}
     for row in rows:
-        kind = ScanKind.of(row)
+        kind = ScanKind.of(row.scan)
         if row.scorer != REFERENCE_SCORER or kind not in kinds:
             continue
         setting = (row.model.key, row.detector, spec_hash(row.scan.spec.detector_config), spec_hash(row.scorer_config))

@@ -179,8 +179,8 @@ def _group_label(groups: dict[str, list[ScoredScan]]) -> dict[str, str]:
 
 def _group_order(row: ScoredScan) -> tuple:
     v = row.variant
-    return (row.combined is not None, str(row.combined or ""), row.detector, v["pool_size"], v["holdout"], v.get("batch_size") or 0, str(v.get("loss") or ""),
-            v["inversion_data"], v.get("classes", "all"), spec_hash(row.scan.spec.detector_config),
+    return (row.combined is not None, str(row.combined or ""), row.detector, v["pool_size"], v["holdout"],
+            v.get("batch_size") or 0, str(v.get("loss") or ""), v["inversion_data"], v.get("classes", "all"), spec_hash(row.scan.spec.detector_config),
             row.scorer != REFERENCE_SCORER, row.scorer)
 
 
@@ -362,7 +362,7 @@ def repair_labels(repairs: Sequence[RepairRecord], scans: Sequence[Any]) -> Call
     """How the report names a repair's setting: its repairer, plus the kind of scan whose trigger it took where
     the store holds repairs of the same models from scans of several kinds (``--inversion-data``,
     ``--candidate-classes``), so that they are not pooled."""
-    kind = {scan.key: f"{scan.spec.pool.inversion_data}/{scan.spec.classes}" for scan in scans}
+    kind = {scan.key: str(ScanKind.of(scan)) for scan in scans}
     if len({kind.get(r.scan) for r in repairs}) <= 1:
         return _plain_name
     return lambda record: f"{record.repairer} [{kind.get(record.scan)} scan]"
@@ -484,7 +484,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
     for kinds in combine:
         joined = combine_scans(rows, kinds)
         if not joined:
-            held = sorted({str(ScanKind.of(row)) for row in rows if row.scorer == REFERENCE_SCORER})
+            held = sorted({str(ScanKind.of(row.scan)) for row in rows if row.scorer == REFERENCE_SCORER})
             raise ConfigError(f"--combine {'+'.join(map(str, kinds))}: no model in {store.root} has a scan of each of "
                               f"these kinds with a reference (its scans: {', '.join(held) or 'none'})")
         rows += joined
