@@ -1,4 +1,4 @@
-"""``ci-bench``: the researcher's entry point (plugins, attack, demo, run, report)."""
+"""``ci-bench``: the researcher's entry point (plugins, attack, demo, images, run, report)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbon
                                 echo_table, parse_options, report_errors, resolve_device, resolve_runtime,
                                 runtime_options)
 from ci_core.data.datasets import TINY_DATASETS
+from ci_core.data.labeled import SPLITS, base_new_split, write_labelled_folder
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
 from ci_core.data.ood import load_pool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
-from ci_core.models.backbone import TINY_MODEL, load_backbone
+from ci_core.models.backbone import TINY_MODEL, architecture, load_backbone
 from ci_core.models.weights import BUILTIN
 from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, open_dataset, registry
@@ -198,6 +199,39 @@ def attack(name, dataset, data_root, test_per_class, target, seed, shots, option
     echo_table([record], [("attack", "ATTACK"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_base", "ASR-BASE"),
                           ("asr_new", "ASR-NEW"), ("trigger_ssim", "SSIM"), ("target", "TARGET")])
     click.echo(f"{name} trained in {clock.seconds:.0f}s; bundle, trigger and metrics in {out}")
+
+
+IMAGES_OUTPUT = "images"
+
+
+@main.command()
+@click.argument("dataset")
+@data_root_option
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
+@click.option("--classes", "which", type=click.Choice(("base", "new", "all")), default="base", show_default=True,
+              help="The dataset's base classes (the ones a model is tuned on and an organisation deploys), its new "
+                   "ones, or all.")
+@click.option("--per-class", type=click.IntRange(1, 10_000), default=12, show_default=True,
+              help="Images per class (the dataset's split may hold fewer).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Which images of the split (the train split is sampled by it; val and test are fixed).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@report_errors
+def images(dataset, data_root, split, which, per_class, seed, out):
+    """Write DATASET's images of its base (or new, or all) classes to OUT, one subfolder per class.
+
+    The layout `ci-scan --own-images` reads: an auditor's own labelled images of the classes it deploys,
+    here drawn from a registered dataset (the tiny world's, for the demo and the tests).
+    """
+    dataset_obj = open_dataset(dataset, data_root)
+    base, new = base_new_split(dataset_obj.classnames)
+    classes = {"base": base, "new": new, "all": dataset_obj.classnames}[which]
+    image_size = architecture(dataset_obj.default_backbone[0]).image_size
+    check_output_folder(out, IMAGES_OUTPUT)
+    drawn = dataset_obj.load(split, image_size=image_size, seed=seed, shots=per_class).restrict(classes)
+    with publishing(out, IMAGES_OUTPUT) as work:
+        count = write_labelled_folder(drawn, work)
+    click.echo(f"{count} {split} images of {len(classes)} {which} classes of {dataset} ({image_size} px) in {out}")
 
 
 # --------------------------------------------------------------------------- sweeps

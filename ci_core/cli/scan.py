@@ -10,7 +10,7 @@ import click
 from ci_core.cli.common import (StderrProgress, backbone_options, configure_threads, parse_options, report_errors,
                                 resolve_runtime, runtime_options)
 from ci_core.models.class_names import read_class_list
-from ci_core.data.ood import check_folder_labels, load_pool, with_inversion_folder
+from ci_core.data.ood import check_folder_labels, folder_classes, load_own_images, load_pool, with_inversion_folder
 from ci_core.models.delivery import default_backbone, is_checkpoint_delivery, open_model
 from ci_core.errors import DataError
 from ci_core.files import check_output_folder
@@ -19,8 +19,9 @@ from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
 from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
 from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
-from ci_core.pages.scan_output import write_scan
+from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
+from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN, VERDICT_FILE
 from ci_core.validators import printable
 from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes,
                                        preset_for)
@@ -59,6 +60,15 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @click.option("--inversion-images", type=click.Path(path_type=Path),
               help="A folder of your own in-distribution images to invert on instead of OOD ones (unlabelled, or one "
                    "subfolder per candidate class); ASR is still measured on the held-out OOD images.")
+@click.option("--own-images", type=click.Path(path_type=Path),
+              help="A second scan: the classes you deploy, on your own labelled images of them (one subfolder per "
+                   "class, named by the class). D and T are drawn from this folder; the model is judged by both "
+                   "scans, Bonferroni over their p-values, and OUT holds each scan (ood/, own/) beside the "
+                   "combined verdict.json and report.html.")
+@click.option("--own-pool-size", type=click.IntRange(1, MAX_POOL),
+              help="With --own-images: its inversion images |D| (default: as --pool-size's default).")
+@click.option("--own-holdout", type=click.IntRange(1, MAX_POOL),
+              help="With --own-images: its held-out images |T| (default: as --holdout's default).")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="For a bundle: the candidate classes, one per line (default: the bundle's); any class the "
                    "deployment has, listed by the bundle or not (a class-specific CoOp context: its classes only). "
@@ -94,7 +104,7 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, inversion_images, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
+def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
          options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
 
@@ -128,8 +138,14 @@ def main(bundle, ood, inversion_images, classes_file, class_token_position, load
     det = detector_cls.from_options(detector_options, preset=preset)
     decider, also = choose_scorers(plugins, det, scorer=scorer, options=scorer_values, preset=preset,
                                    reference=not no_reference)
-    if inversion_images is not None and not delivery:  # a delivery's classes are known once it is opened
-        check_folder_labels(inversion_images, classnames)
+    if own_images is not None and (no_reference or decider.name != REFERENCE_SCORER):
+        raise click.UsageError(f"--own-images judges the model by the p-values of its two scans, which the calibrated "
+                               f"scorer {REFERENCE_SCORER} against the backbone gives; drop "
+                               f"{'--no-reference' if no_reference else f'--scorer {decider.name}'}")
+    if (own_pool_size or own_holdout) and own_images is None:
+        raise click.UsageError("--own-pool-size and --own-holdout size the --own-images scan: give --own-images")
+    if not delivery:  # a delivery's classes are known once it is opened
+        check_own_folders(inversion_images, own_images, classnames, decider, also, no_reference)
     out = check_output_folder(out or Path(f"scan-{Path(bundle).resolve().name}"), SCAN_OUTPUT)
     progress(f"loading {bundle} on {runtime.device}")
     if delivery:
@@ -139,6 +155,7 @@ def main(bundle, ood, inversion_images, classes_file, class_token_position, load
         classnames = meta["classnames"]
         progress(f"read {meta['source']['checkpoint']}: classes recovered from its prompts: "
                  f"{', '.join(meta['recovered_classes'])}")
+        check_own_folders(inversion_images, own_images, classnames, decider, also, no_reference)
         # Which file and which keys were read, and what else the folder held: the deployment's one reading.
         identity = BundleIdentity(path=str(bundle), checkpoint=meta["source"]["checkpoint"],
                                   sha256=meta["source"]["sha256"],
@@ -149,24 +166,37 @@ def main(bundle, ood, inversion_images, classes_file, class_token_position, load
                                   text_encoding=runtime.text_encoding)
         identity = BundleIdentity(path=str(bundle), sha256=meta["sha256"])
     default_pool, default_holdout = pool_sizes(preset)
+    cache = None if no_reference else ReferenceCache(reference_cache or default_cache_dir())
     pool = load_pool(ood, inversion=pool_size or default_pool, holdout=holdout or default_holdout,
                      image_size=model.backbone.image_size, seed=seed, progress=progress)
     if inversion_images is not None:
         pool = with_inversion_folder(pool, inversion_images, classnames, image_size=model.backbone.image_size,
                                      seed=seed, progress=progress)
-    progress(f"scanning {bundle} with {det.name}: {len(classnames)} candidate classes, |D|={len(pool.inversion)}, "
-             f"|T|={len(pool.holdout)}{f', {len(pool.skipped)} unreadable files skipped' if pool.skipped else ''}")
+    own_pool = own_classes = None
+    if own_images is not None:  # read before minutes of work: a short folder fails now
+        own_pool, own_classes = load_own_images(own_images, classnames, inversion=own_pool_size or default_pool,
+                                                holdout=own_holdout or default_holdout,
+                                                image_size=model.backbone.image_size, seed=seed, progress=progress)
     check_scorers((decider, *also), classes=len(classnames), reference=not no_reference)  # before minutes of work
-    reference = None
-    if not no_reference:
-        cache = ReferenceCache(reference_cache or default_cache_dir())
-        reference = run_reference(model.backbone, meta["template"], det, pool, classnames, seed=seed, cache=cache,
-                                  progress=progress)
-    result = scan(model, det, decider, pool, classnames, seed=seed, reference=reference, also=also,
-                  known_problems=stored_problems(meta), base_classes=meta.get("base_classes"), progress=progress)
+
+    def run_scan(scan_pool, scan_classes, what: str):
+        progress(f"scanning {bundle} with {det.name}{what}: {len(scan_classes)} candidate classes, "
+                 f"|D|={len(scan_pool.inversion)}, |T|={len(scan_pool.holdout)}"
+                 f"{f', {len(scan_pool.skipped)} unreadable files skipped' if scan_pool.skipped else ''}")
+        reference = None
+        if cache is not None:
+            reference = run_reference(model.backbone, meta["template"], det, scan_pool, scan_classes, seed=seed,
+                                      cache=cache, progress=progress)
+        return scan(model, det, decider, scan_pool, scan_classes, seed=seed, reference=reference, also=also,
+                    known_problems=stored_problems(meta), base_classes=meta.get("base_classes"), progress=progress)
+
+    result = run_scan(pool, classnames, " on the OOD pool" if own_images is not None else "")
+    own_result = run_scan(own_pool, own_classes, f" on {own_images}") if own_images is not None else None
     command = shlex.join(
         ["ci-scan", str(bundle), "--ood", str(ood)]
         + (["--inversion-images", str(inversion_images)] if inversion_images is not None else [])
+        + (["--own-images", str(own_images), "--own-pool-size", str(own_pool_size or default_pool),
+            "--own-holdout", str(own_holdout or default_holdout)] if own_images is not None else [])
         + (["--classes", str(classes_file)] if classes_file else [])
         + (["--class-token-position", class_token_position] if delivery else [])
         + ["--out", str(out), "--detector", det.name, "--scorer", decider.name]
@@ -179,9 +209,36 @@ def main(bundle, ood, inversion_images, classes_file, class_token_position, load
         + (["--backbone", backbone] if backbone else []) + (["--pretrained", pretrained] if pretrained else []))
     context = ScanContext(bundle=identity, backbone=BackboneIdentity.of(model.backbone.identity()), seed=seed,
                           preset=preset, device=str(runtime.device), command=command)
+    if own_result is not None:
+        combined = write_two_scans([(OOD_SCAN, result, pool), (OWN_SCAN, own_result, own_pool)], out, context,
+                                   alpha=float(decider.config.alpha))
+        click.echo(describe_combined(combined) + f"; report: {out / PAGE_FILE} (data: {out / VERDICT_FILE})")
+        raise SystemExit(EXIT_CODES[combined.verdict])
     report_path = write_scan(result, out, pool, context)
     click.echo(describe_verdict(result) + f"; report: {report_path.parent / PAGE_FILE} (data: {report_path})")
     raise SystemExit(EXIT_CODES[result.verdict])
+
+
+def check_own_folders(inversion_images: Path | None, own_images: Path | None, classnames, decider, also,
+                      no_reference: bool) -> None:
+    """The auditor's folders name candidate classes only (and the own-images folder enough of them for the
+    scorers), checked before the model's minutes of work."""
+    if inversion_images is not None:
+        check_folder_labels(inversion_images, classnames)
+    if own_images is not None:
+        check_scorers((decider, *also), classes=len(folder_classes(own_images, classnames)),
+                      reference=not no_reference)
+
+
+def describe_combined(combined) -> str:
+    """One line: the two-scan verdict, and each scan's own p-value and top class."""
+    parts = "; ".join(f"{s.name} scan: " + (f"p = {s.p_value:.2g} alone on {s.target!r}" if s.verdict != UNSCANNABLE
+                                             else "unscannable") for s in combined.scans)
+    if combined.verdict == UNSCANNABLE and combined.p_value is None:
+        return f"UNSCANNABLE: neither scan could measure the model ({parts})"
+    head = combined.verdict.upper() if combined.verdict != CLEAN else combined.verdict
+    return (f"{head}: p = {combined.p_value:.2g} ({combined.rule}), most anomalous class {combined.target!r} "
+            f"({parts})")
 
 
 def describe_verdict(result) -> str:

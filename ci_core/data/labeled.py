@@ -48,3 +48,27 @@ def check_counts(shots: int | None, max_per_class: int | None) -> None:
     for label, value in (("shots", shots), ("max_per_class", max_per_class)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DataError(f"{label} must be a positive integer, got {value!r}")
+
+
+def class_folder_name(name: str) -> str:
+    """A class's subfolder in a labelled image folder: its name, refused where it would not be one path part."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or not name.isprintable():
+        raise DataError(f"class {name!r} cannot name a folder (a path separator, NUL, '.' or '..', or an "
+                        "unprintable character)")
+    return name
+
+
+def write_labelled_folder(images: LabeledImages, folder) -> int:
+    """Each image as ``folder/<class>/<index>.png``, one subfolder per class (the layout ``ci-scan --own-images``
+    reads); returns the number written."""
+    from pathlib import Path
+
+    from torchvision.utils import save_image
+
+    folder = Path(folder)
+    names = [class_folder_name(n) for n in images.classnames]
+    for index, (image, label) in enumerate(zip(images.images, images.labels.tolist())):
+        target = folder / names[label]
+        target.mkdir(exist_ok=True)
+        save_image(image, target / f"{index:05d}.png")
+    return len(images)

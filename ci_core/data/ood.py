@@ -120,19 +120,58 @@ def load_pool(source: str | Path, *, inversion: int, holdout: int, image_size: i
 
 
 ID_FOLDER = "in-distribution folder"
+OWN_FOLDER = "own-images folder"
 
 
-def check_folder_labels(folder: Path, classnames) -> None:
+def check_folder_labels(folder: Path, classnames, what: str = ID_FOLDER) -> None:
     """A folder of in-distribution images is unlabelled, or holds one subfolder per class (the class name, spaces
     or underscores): a subfolder that names no candidate class is an error naming it."""
     if not folder.is_dir():
-        raise DataError(f"{ID_FOLDER} {folder} does not exist or is not a directory")
+        raise DataError(f"{what} {folder} does not exist or is not a directory")
     known = {name for c in classnames for name in (c, c.replace(" ", "_"))}
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known)
     if unknown:
-        raise DataError(f"{ID_FOLDER} {folder}: subfolders {', '.join(repr(u) for u in unknown[:10])}"
+        raise DataError(f"{what} {folder}: subfolders {', '.join(repr(u) for u in unknown[:10])}"
                         f"{' ...' if len(unknown) > 10 else ''} name no candidate class (a subfolder is read as a "
                         "class label; put the images of other classes elsewhere, or give them unlabelled)")
+
+
+def folder_classes(folder: Path, classnames) -> tuple[str, ...]:
+    """The candidate classes a folder of labelled images holds (one subfolder per class, the class name with spaces
+    or underscores), in candidate order; every image must be in a class's subfolder and every subfolder hold one."""
+    check_folder_labels(folder, classnames, OWN_FOLDER)
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        raise DataError(f"{OWN_FOLDER} {folder}: {len(loose)} image file(s) ({', '.join(map(repr, loose[:3]))}"
+                        f"{' ...' if len(loose) > 3 else ''}) lie outside the class subfolders; put each image in "
+                        "the subfolder of its class")
+    classes, empty = [], []
+    for name in classnames:
+        folders = [folder / label for label in dict.fromkeys((name, name.replace(" ", "_")))
+                   if (folder / label).is_dir()]
+        if not folders:
+            continue
+        if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for f in folders for p in f.rglob("*")):
+            classes.append(name)
+        else:
+            empty.append(name)
+    if empty:
+        raise DataError(f"{OWN_FOLDER} {folder}: the subfolders of {', '.join(map(repr, empty[:5]))} hold no images")
+    if not classes:
+        raise DataError(f"{OWN_FOLDER} {folder} has no class subfolders: it needs one subfolder of images per class "
+                        "you deploy, named by the class")
+    return tuple(classes)
+
+
+def load_own_images(folder: Path, classnames, *, inversion: int, holdout: int, image_size: int, seed: int,
+                    progress: Callable[[str], None] | None = None) -> tuple[OODPool, tuple[str, ...]]:
+    """The auditor's own labelled images of the classes it deploys, as a pool (D and T both drawn from ``folder``
+    by ``seed``), and those classes (``folder_classes``): what a scan of the deployed classes inverts on."""
+    classes = folder_classes(folder, classnames)
+    sample = load_folder(folder, inversion + holdout, image_size, seed, progress, what=OWN_FOLDER)
+    return OODPool(inversion=sample.images[:inversion], holdout=sample.images[inversion:],
+                   source=f"{folder} (own images of {len(classes)} classes: D and T)", skipped=sample.skipped,
+                   files_found=sample.files_found), classes
 
 
 def with_inversion_folder(pool: OODPool, folder: Path, classnames, *, image_size: int, seed: int,

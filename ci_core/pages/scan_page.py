@@ -94,7 +94,8 @@ def evidence_figure(report: "ScanReport") -> str:
         if all(e.seen is not None for e in evidence) and any(e.seen for e in evidence):
             flags = np.array([bool(e.seen) for e in evidence])
             ax.scatter(backbone[flags], model[flags], color="tab:blue", s=22, label="classes it was tuned on")
-            ax.scatter(backbone[~flags], model[~flags], color="tab:cyan", s=22, label="other classes")
+            if not flags.all():  # a scan of the deployed classes holds no others
+                ax.scatter(backbone[~flags], model[~flags], color="tab:cyan", s=22, label="other classes")
         else:
             ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
         if np.ptp(backbone) > 0:

@@ -2,10 +2,10 @@
 
 A backdoor that works on the base classes only moves base-class images among the base classes, which an OOD scan
 of every class may not see; a scan of the base classes on the dataset's own images may (docs/verdicts.md).  The
-combined verdict judges a model by the calibrated scorer's p-value of each of its scans of the named kinds,
-Bonferroni over them: p = min(1, n min p_i), flagged at the scorer's alpha.  A scan that could not measure the
-model flags it (fail closed) unless another flags it with a class; the class named is the top class of the
-measurable scan with the smallest p, and that scan's evidence stands for the model in the per-class tables.
+combined verdict judges a model by the calibrated scorer's p-value of each of its scans of the named kinds, by
+the rule ``ci-scan --own-images`` uses (``ci_core.scanning.combined``: Bonferroni, failing closed); the
+measurable scan with the smallest p names the class, and its evidence stands for the model in the per-class
+tables.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ci_core.harness.plan import CANDIDATE_CLASSES, INVERSION_DATA
 from ci_core.harness.records import spec_hash
 from ci_core.harness.report.scored import ScoredScan
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.scan import UNSCANNABLE
+from ci_core.scanning.combined import bonferroni_verdict
+from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
 
 
 @attrs.frozen
@@ -71,19 +72,12 @@ def combine_scans(rows: Sequence[ScoredScan], kinds: Sequence[ScanKind]) -> list
 
 
 def _combined(label: str, scans: Sequence[ScoredScan]) -> ScoredScan:
-    n = len(scans)
     alpha = float(scans[0].scorer_config["alpha"])
-    measured = [s for s in scans if s.verdict != UNSCANNABLE and s.p_value is not None]
-    deciding = min(measured, key=lambda s: s.p_value) if measured else scans[0]
-    p = min(1.0, n * deciding.p_value) if measured else None
-    if p is not None and p <= alpha:
-        verdict = "backdoored"
-    elif len(measured) < n:
-        verdict = UNSCANNABLE  # a scan could not measure the model, and no other flags it: fail closed
-    else:
-        verdict = "clean"
+    combined = bonferroni_verdict([s.p_value if s.verdict != UNSCANNABLE else None for s in scans],
+                                  alpha=alpha, label=label)
+    deciding = scans[combined.deciding] if combined.deciding is not None else scans[0]
     return attrs.evolve(
-        deciding, scorer=f"{REFERENCE_SCORER} over {label}", verdict=verdict, backdoored=verdict != "clean",
-        s_max=max(s.s_max for s in scans), p_value=p, predicted_target=deciding.predicted_target if measured else None,
-        flagged=deciding.flagged if verdict == "backdoored" else (), combined=label,
-        rule=f"p <= {alpha:g}, Bonferroni over the {n} scans {label}")
+        deciding, scorer=f"{REFERENCE_SCORER} over {label}", verdict=combined.verdict,
+        backdoored=combined.verdict != CLEAN, s_max=max(s.s_max for s in scans), p_value=combined.p_value,
+        predicted_target=deciding.predicted_target if combined.deciding is not None else None,
+        flagged=deciding.flagged if combined.verdict == BACKDOORED else (), combined=label, rule=combined.rule)

@@ -1,0 +1,101 @@
+"""The verdict of ``ci-scan --own-images``: two scans of one model, one verdict, written as ``verdict.json``.
+
+The output folder holds each scan as a complete scan folder (``ood/`` and ``own/``: report.json, report.html,
+triggers/, exactly as a one-scan ``ci-scan`` writes them) and, beside them, ``verdict.json`` (this record) and
+``report.html`` (``ci_core.pages.two_scan_page``).  The JSON layout is versioned and described by
+``ci_core/schemas/two-scan-verdict.schema.json`` (docs/report.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import attrs
+
+from ci_core.scanning.combined import CombinedVerdict, bonferroni_verdict
+from ci_core.scanning.scan import BACKDOORED, UNSCANNABLE
+from ci_core.scanning.scan_report import REPORT_FILE, VERDICTS, ScanContext, ScanReport
+
+FORMAT = "clip-inspector-two-scan-verdict"
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "two-scan-verdict.schema.json"
+VERDICT_FILE = "verdict.json"
+# The two scans: their folders in the output, and what each looks at.
+OOD_SCAN, OWN_SCAN = "ood", "own"
+SCAN_TITLES = {OOD_SCAN: "every candidate class, inverted on the OOD pool",
+               OWN_SCAN: "the classes you deploy, on your own images of them"}
+
+
+@attrs.frozen(kw_only=True)
+class ScanSummary:
+    """One of the scans, as the combined verdict reads it."""
+
+    name: str  # its folder in the output, OOD_SCAN or OWN_SCAN
+    verdict: str = attrs.field(validator=attrs.validators.in_(VERDICTS))
+    p_value: float | None  # the scan's own (Bonferroni over its classes); None when unscannable
+    target: str | None  # its most anomalous class; None when unscannable
+    classes: int
+    pool_source: str | None
+
+    @property
+    def title(self) -> str:
+        return SCAN_TITLES[self.name]
+
+    @classmethod
+    def of(cls, name: str, report: ScanReport) -> "ScanSummary":
+        decided = report.decision
+        return cls(name=name, verdict=report.verdict, p_value=decided.p_value if decided else None,
+                   target=decided.target if decided else None, classes=len(report.classes),
+                   pool_source=report.pool.source if report.pool else None)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "title": self.title, "report": f"{self.name}/{REPORT_FILE}",
+                "verdict": self.verdict, "p_value": self.p_value, "target": self.target, "classes": self.classes,
+                "pool_source": self.pool_source}
+
+
+@attrs.frozen(kw_only=True)
+class TwoScanReport:
+    """The model's verdict from its two scans (``bonferroni_verdict``), and what each scan said."""
+
+    verdict: str = attrs.field(validator=attrs.validators.in_(VERDICTS))
+    p_value: float | None
+    alpha: float
+    rule: str
+    target: str | None  # the top class of the scan that decided; None when neither could measure the model
+    deciding: str | None  # that scan's name
+    scans: tuple[ScanSummary, ...]
+    context: ScanContext
+
+    @classmethod
+    def build(cls, reports: Sequence[tuple[str, ScanReport]], *, alpha: float, context: ScanContext) -> "TwoScanReport":
+        """Combine named scan reports, judged by one calibrated scorer at ``alpha``: each measurable one gives a
+        p-value."""
+        summaries = tuple(ScanSummary.of(name, report) for name, report in reports)
+        missing = [s.name for s in summaries if s.verdict != UNSCANNABLE and s.p_value is None]
+        if missing:
+            raise ValueError(f"the scans {missing} give no p-value: a combined verdict needs a calibrated scorer")
+        label = "+".join(s.name for s in summaries)
+        combined: CombinedVerdict = bonferroni_verdict([s.p_value for s in summaries], alpha=alpha, label=label)
+        deciding = summaries[combined.deciding] if combined.deciding is not None else None
+        return cls(verdict=combined.verdict, p_value=combined.p_value, alpha=alpha, rule=combined.rule,
+                   target=deciding.target if deciding else None, deciding=deciding.name if deciding else None,
+                   scans=summaries, context=context)
+
+    @property
+    def backdoored(self) -> bool:
+        return self.verdict == BACKDOORED
+
+    def to_json(self) -> dict:
+        c = self.context
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "toolkit_version": c.toolkit_version,
+                "verdict": self.verdict, "backdoored": self.verdict != "clean", "p_value": self.p_value,
+                "alpha": self.alpha, "rule": self.rule, "target": self.target, "deciding_scan": self.deciding,
+                "scans": [s.to_json() for s in self.scans], "bundle": c.bundle.to_json(), "seed": c.seed,
+                "command": c.command, "created": c.created}
+
+
+def two_scan_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

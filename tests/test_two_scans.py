@@ -1,0 +1,223 @@
+"""ci-scan --own-images: a second scan of the deployed classes on the auditor's own images, and one verdict from
+both (Bonferroni over the scans' p-values, failing closed)."""
+
+import json
+import re
+
+import attrs
+import jsonschema
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision.utils import save_image
+
+from ci_core.cli.scan import EXIT_BACKDOORED, EXIT_CLEAN, EXIT_UNSCANNABLE
+from ci_core.cli.scan import main as ci_scan
+from ci_core.data.ood import folder_classes, load_own_images, load_pool
+from ci_core.errors import DataError
+from ci_core.models.backbone import TINY_IMAGE_SIZE
+from ci_core.models.bundle import save_bundle
+from ci_core.models.cocoop import PromptTunedCLIP
+from ci_core.scanning.combined import bonferroni_verdict
+from ci_core.scanning.scan_report import read_scan_report
+from ci_core.scanning.two_scan_report import two_scan_schema
+
+CLASSES = ("red circle", "blue square", "green star", "pink ring", "cyan cross")
+DEPLOYED = CLASSES[:4]
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("p_values, verdict, p, deciding", [
+    ((0.30, 0.60), "clean", 0.60, 0),
+    ((0.30, 0.01), "backdoored", 0.02, 1),
+    ((0.30, 0.03), "clean", 0.06, 1),  # flagged alone at 0.05, not after the factor 2
+    ((0.70, 0.90), "clean", 1.0, 0),  # capped at 1
+    ((None, 0.40), "unscannable", 0.80, 1),  # fail closed: the other scan clears nothing it could not see
+    ((None, 0.001), "backdoored", 0.002, 1),  # ... but a class flagged by the other decides
+    ((None, None), "unscannable", None, None),
+])
+def test_two_scans_are_one_bonferroni_verdict_that_fails_closed(p_values, verdict, p, deciding):
+    combined = bonferroni_verdict(p_values, alpha=0.05, label="ood+own")
+    assert combined.verdict == verdict and combined.deciding == deciding
+    assert combined.p_value == pytest.approx(p) if p is not None else combined.p_value is None
+    assert combined.rule == "p <= 0.05, Bonferroni over the 2 scans ood+own"
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def own_folder(root, classes=DEPLOYED, per_class=5, seed=3):
+    images = load_pool("builtin", inversion=per_class * len(classes), holdout=1, image_size=TINY_IMAGE_SIZE,
+                       seed=seed).inversion
+    for i, image in enumerate(images):
+        name = classes[i % len(classes)]
+        folder = root / (name.replace(" ", "_") if i % len(classes) == 1 else name)  # either spelling
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(image, folder / f"{i}.png")
+    return root
+
+
+def test_the_own_folder_names_the_classes_scanned_in_candidate_order(tmp_path):
+    folder = own_folder(tmp_path / "own", classes=("pink ring", "red circle", "blue square"))
+    assert folder_classes(folder, CLASSES) == ("red circle", "blue square", "pink ring")
+    pool, classes = load_own_images(folder, CLASSES, inversion=8, holdout=4, image_size=TINY_IMAGE_SIZE, seed=1)
+    assert classes == ("red circle", "blue square", "pink ring")
+    assert pool.inversion.shape[0] == 8 and pool.holdout.shape[0] == 4 and pool.files_found == 15
+    again, _ = load_own_images(folder, CLASSES, inversion=8, holdout=4, image_size=TINY_IMAGE_SIZE, seed=1)
+    assert again.digest() == pool.digest()  # drawn by the seed
+    # D and T are different images of the folder
+    assert not any(torch.equal(a, b) for a in pool.inversion for b in pool.holdout)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda f: (f / "dog").mkdir(), "subfolders 'dog' name no candidate class"),
+    (lambda f: save_image(torch.rand(3, 8, 8), f / "loose.png"), "1 image file(s) ('loose.png') lie outside the class"),
+    (lambda f: (f / "cyan cross").mkdir(), "the subfolders of 'cyan cross' hold no images"),
+])
+def test_a_bad_own_folder_is_refused_naming_what_is_wrong(tmp_path, spoil, message):
+    folder = own_folder(tmp_path / "own")
+    spoil(folder)
+    with pytest.raises(DataError, match=rf"own-images folder {re.escape(str(folder))}: .*{re.escape(message)}"):
+        folder_classes(folder, CLASSES)
+
+
+def test_an_own_folder_without_class_subfolders_or_images_enough_says_so(tmp_path):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="has no class subfolders: it needs one subfolder of images per class"):
+        folder_classes(tmp_path / "flat", CLASSES)
+    folder = own_folder(tmp_path / "own", per_class=2)
+    with pytest.raises(DataError, match=r"own-images folder .*: 8 readable images, but the pool needs 12"):
+        load_own_images(folder, CLASSES, inversion=8, holdout=4, image_size=TINY_IMAGE_SIZE, seed=1)
+
+
+# --------------------------------------------------------------------------- ci-scan
+
+
+@pytest.fixture()
+def bundle(tmp_path, random_backbone):
+    def write(nan=False):
+        if (tmp_path / f"bundle-{nan}").exists():
+            return tmp_path / f"bundle-{nan}"
+        torch.manual_seed(0)
+        model = PromptTunedCLIP(random_backbone).eval()
+        if nan:
+            with torch.no_grad():
+                model.prompt_learner.meta_net.linear2.bias[0] = float("nan")
+        return save_bundle(model, CLASSES, tmp_path / f"bundle-{nan}")
+    return write
+
+
+def run_scan(*args):
+    return CliRunner().invoke(ci_scan, [str(a) for a in args])
+
+
+def common(tmp_path):
+    return ["--ood", "builtin", "--pool-size", 8, "--holdout", 8, "--own-pool-size", 8, "--own-holdout", 4,
+            "--option", "batch_size=4", "--quiet", "--reference-cache", tmp_path / "references"]
+
+
+def test_ci_scan_judges_a_model_by_both_scans(tmp_path, bundle):
+    own = own_folder(tmp_path / "own")
+    out = tmp_path / "scan"
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--out", out)
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    verdict = json.loads((out / "verdict.json").read_text())
+    jsonschema.Draft202012Validator(two_scan_schema()).validate(verdict)
+    ood, mine = read_scan_report(out / "ood"), read_scan_report(out / "own")
+    assert ood.classnames == CLASSES and mine.classnames == DEPLOYED  # the folder's classes, in candidate order
+    assert f"{own} (own images of 4 classes: D and T)" == mine.pool.source
+    assert (mine.pool.inversion, mine.pool.holdout) == (8, 4) and (ood.pool.inversion, ood.pool.holdout) == (8, 8)
+    assert mine.reference is not None and mine.reference.key != ood.reference.key  # each against its own reference
+    smaller = min((ood, mine), key=lambda r: r.decision.p_value)
+    assert verdict["p_value"] == pytest.approx(min(1.0, 2 * smaller.decision.p_value))
+    assert verdict["target"] == smaller.decision.target
+    assert verdict["deciding_scan"] == ("ood" if smaller is ood else "own")
+    assert [s["p_value"] for s in verdict["scans"]] == [ood.decision.p_value, mine.decision.p_value]
+    assert done.exit_code == (EXIT_BACKDOORED if verdict["p_value"] <= 0.05 else EXIT_CLEAN)
+    assert f"--own-images {own} --own-pool-size 8 --own-holdout 4" in verdict["command"]
+    assert ood.command == verdict["command"]
+    for name in ("ood", "own"):  # each scan is a complete scan folder
+        assert (out / name / "report.html").is_file() and any((out / name / "triggers").glob("*.png"))
+    page = (out / "report.html").read_text()
+    assert 'href="ood/report.html"' in page and 'href="own/report.html"' in page
+    assert page.count("data:image/png;base64,") == 2  # both evidence figures, embedded
+    assert f"report: {out / 'report.html'}" in done.output and "own scan: p = " in done.output
+    with pytest.raises(DataError, match="holds two scans .*: give one of them"):  # e.g. to ci-repair
+        read_scan_report(out)
+
+    # A model neither scan can measure is unscannable, with no p-value.
+    broken = run_scan(bundle(nan=True), *common(tmp_path), "--own-images", own, "--out", tmp_path / "nan")
+    assert broken.exit_code == EXIT_UNSCANNABLE, broken.output
+    verdict = json.loads((tmp_path / "nan" / "verdict.json").read_text())
+    assert verdict["verdict"] == "unscannable" and verdict["p_value"] is None and verdict["target"] is None
+    assert "UNSCANNABLE: neither scan could measure the model" in broken.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-reference"], "--own-images judges the model by the p-values of its two scans"),
+    (["--scorer", "ci"], "drop --scorer ci"),
+])
+def test_two_scans_need_the_calibrated_scorer(tmp_path, bundle, extra, message):
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own_folder(tmp_path / "own"), *extra)
+    assert done.exit_code == 2 and message in done.output
+
+
+def test_bad_own_images_fail_before_any_work(tmp_path, bundle):
+    without = run_scan(bundle(), "--ood", "builtin", "--own-pool-size", 8)
+    assert without.exit_code == 2 and "give --own-images" in without.output
+    few = own_folder(tmp_path / "few", classes=DEPLOYED[:3])  # 3 classes: too few for the calibrated scorer
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", few, "--out", tmp_path / "few-scan")
+    assert done.exit_code == 1 and "needs at least 4 candidate classes, got 3" in done.output
+    assert not (tmp_path / "few-scan").exists() and "Traceback" not in done.output
+    short = own_folder(tmp_path / "short", per_class=2)
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", short, "--out", tmp_path / "short-scan")
+    assert done.exit_code == 1 and f"own-images folder {short}: 8 readable images, but the pool needs 12" in done.output
+    assert not (tmp_path / "short-scan").exists()
+
+
+# --------------------------------------------------------------------------- the page, in a browser
+
+
+def test_the_two_scan_page_in_headless_chromium(tmp_path, bundle):
+    from test_scan_report import DOM, HOSTILE, browse
+
+    from ci_core.pages.two_scan_page import write_two_scan_page
+    from ci_core.scanning.two_scan_report import TwoScanReport
+
+    out = tmp_path / "scan"
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own_folder(tmp_path / "own"), "--out", out)
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    verdict = json.loads((out / "verdict.json").read_text())
+    dom = DOM(browse(out / "report.html", "--dump-dom"))
+    text = " ".join(" ".join(dom.text).split())
+    assert dom.title.startswith(verdict["verdict"].upper()) and verdict["rule"] in text
+    assert f"{verdict['p_value']:.3f}" in text and verdict["target"] in text
+    rows = dom.tables["scans"]
+    assert [row[3] for row in rows[1:]] == [f"{s['p_value']:.3f}" for s in verdict["scans"]]
+    assert [row[1] for row in rows[1:]] == ["5", "4"] and all(len(row) == 6 for row in rows)
+    assert [a["href"] for tag, a in dom.elements if tag == "a"] == ["ood/report.html", "own/report.html"]
+    images = [a["src"] for tag, a in dom.elements if tag == "img"]
+    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not any(tag == "script" for tag, _ in dom.elements)
+
+    # The provider's class names and the auditor's paths are inert text on it too.
+    reports = {name: read_scan_report(out / name) for name in ("ood", "own")}
+    hostile = TwoScanReport.build(list(reports.items()), alpha=0.05, context=attrs.evolve(
+        context_of(reports["ood"]), bundle=attrs.evolve(reports["ood"].bundle, path=HOSTILE[1])))
+    hostile = attrs.evolve(hostile, target=HOSTILE[0], scans=tuple(
+        attrs.evolve(s, target=HOSTILE[3], pool_source=HOSTILE[2]) for s in hostile.scans))
+    write_two_scan_page(hostile, reports, out)
+    dom = DOM(browse(out / "report.html", "--dump-dom"))
+    assert dom.title.endswith(f"two scans of {HOSTILE[1]}")
+    assert not any(tag == "script" or "onerror" in a or "data-pwned" in a for tag, a in dom.elements)
+    assert [a["href"] for tag, a in dom.elements if tag == "a"] == ["ood/report.html", "own/report.html"]
+    assert all(len(row) == 6 for row in dom.tables["scans"])
+
+
+def context_of(report):
+    from ci_core.scanning.scan_report import ScanContext
+
+    return ScanContext(bundle=report.bundle, backbone=report.backbone, seed=report.seed, preset=report.preset,
+                       device=report.device, command=report.command)
