@@ -75,12 +75,20 @@ def test_the_own_folder_names_the_classes_scanned_in_candidate_order(tmp_path):
     (lambda f: (f / "dog").mkdir(), "subfolders 'dog' name no candidate class"),
     (lambda f: save_image(torch.rand(3, 8, 8), f / "loose.png"), "1 image file(s) ('loose.png') lie outside the class"),
     (lambda f: (f / "cyan cross").mkdir(), "the subfolders of 'cyan cross' hold no images"),
+    (lambda f: (f / "cyan_cross").symlink_to(f / "pink ring"), "subfolders 'cyan_cross' are links"),
 ])
 def test_a_bad_own_folder_is_refused_naming_what_is_wrong(tmp_path, spoil, message):
     folder = own_folder(tmp_path / "own")
     spoil(folder)
     with pytest.raises(DataError, match=rf"own-images folder {re.escape(str(folder))}: .*{re.escape(message)}"):
         folder_classes(folder, CLASSES)
+
+
+def test_a_class_name_that_is_a_path_finds_nothing_outside_the_folder(tmp_path):
+    # The bundle names the candidate classes: '../x' must not reach the folder's neighbour.
+    folder = own_folder(tmp_path / "own", classes=("red circle", "blue square"))
+    own_folder(tmp_path / "x", classes=("pink ring",))
+    assert folder_classes(folder, ("red circle", "blue square", "../x", "..")) == ("red circle", "blue square")
 
 
 def test_an_own_folder_without_class_subfolders_or_images_enough_says_so(tmp_path):
@@ -221,3 +229,36 @@ def context_of(report):
 
     return ScanContext(bundle=report.bundle, backbone=report.backbone, seed=report.seed, preset=report.preset,
                        device=report.device, command=report.command)
+
+
+def test_ci_bench_images_writes_a_datasets_base_classes_as_an_own_images_folder(tmp_path):
+    from ci_core.cli.bench import main as ci_bench
+    from ci_core.data.labeled import base_new_split
+    from ci_core.plugins import open_dataset
+
+    out = tmp_path / "own"
+    done = CliRunner().invoke(ci_bench, ["images", "tiny-palette", "--per-class", 2, "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    classnames = open_dataset("tiny-palette", None).classnames
+    base, _ = base_new_split(classnames)
+    assert folder_classes(out, classnames) == base
+    assert all(len(list((out / name).glob("*.png"))) == 2 for name in base)
+    assert f"{2 * len(base)} val images of {len(base)} base classes of tiny-palette" in done.output
+    again = CliRunner().invoke(ci_bench, ["images", "tiny-palette", "--classes", "all", "--per-class", 1,
+                                          "--out", str(out)])  # its own earlier output: replaced whole
+    assert again.exit_code == 0 and folder_classes(out, classnames) == classnames
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    refused = CliRunner().invoke(ci_bench, ["images", "tiny-palette", "--out", str(tmp_path / "mine")])
+    assert refused.exit_code == 1 and "is not a folder this toolkit wrote" in refused.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "", "tab\there", "c\\d"])
+def test_a_class_that_cannot_name_a_folder_is_refused_before_writing(tmp_path, name):
+    from ci_core.data.labeled import LabeledImages, write_labelled_folder
+
+    images = LabeledImages(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), ("red circle", name))
+    with pytest.raises(DataError, match="cannot name a folder"):
+        write_labelled_folder(images, tmp_path)
+    assert list(tmp_path.iterdir()) == []

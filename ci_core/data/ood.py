@@ -145,10 +145,15 @@ def folder_classes(folder: Path, classnames) -> tuple[str, ...]:
         raise DataError(f"{OWN_FOLDER} {folder}: {len(loose)} image file(s) ({', '.join(map(repr, loose[:3]))}"
                         f"{' ...' if len(loose) > 3 else ''}) lie outside the class subfolders; put each image in "
                         "the subfolder of its class")
+    # Matched against the folder's own entries, never joined from a class name (the bundle's, untrusted).
+    subfolders = {p.name: p for p in folder.iterdir() if p.is_dir()}
+    linked = sorted(name for name, p in subfolders.items() if p.is_symlink())
+    if linked:
+        raise DataError(f"{OWN_FOLDER} {folder}: subfolders {', '.join(map(repr, linked[:5]))} are links, which the "
+                        "images are not read through; put each class's images in the folder itself")
     classes, empty = [], []
     for name in classnames:
-        folders = [folder / label for label in dict.fromkeys((name, name.replace(" ", "_")))
-                   if (folder / label).is_dir()]
+        folders = [subfolders[label] for label in dict.fromkeys((name, name.replace(" ", "_"))) if label in subfolders]
         if not folders:
             continue
         if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for f in folders for p in f.rglob("*")):
