@@ -376,3 +376,28 @@ def test_ci_scan_reads_a_dassl_folder_directly(tmp_path, cocoop):
     # Without the class list the checkpoint cannot be read: a clear error before anything is written.
     result = CliRunner().invoke(ci_scan, [str(a) for a in [output, *TINY, "--ood", "builtin", "--out", tmp_path / "x"]])
     assert result.exit_code == 1 and "give it with --classes FILE" in result.output and not (tmp_path / "x").exists()
+
+
+def test_ci_scan_scans_a_dassl_folders_deployed_classes_on_own_images(tmp_path, cocoop):
+    from ci_core.cli.scan import main as ci_scan
+    from test_two_scans import own_folder
+
+    output = tmp_path / "OUTPUT"
+    save_dassl(output, "prompt_learner", cocoop_state(cocoop, BASE), learner=cocoop.prompt_learner)
+    out = tmp_path / "scan"
+    args = [output, "--classes", classes_file(tmp_path), *TINY, "--ood", "builtin", "--pool-size", 8, "--holdout", 8,
+            "--own-images", own_folder(tmp_path / "own", classes=CLASSES, per_class=3), "--own-pool-size", 8,
+            "--own-holdout", 4, "--out", out, "--quiet"]
+    result = CliRunner().invoke(ci_scan, [str(a) for a in args])
+    assert result.exit_code in (0, 3), result.output
+    verdict = json.loads((out / "verdict.json").read_text())
+    own = json.loads((out / "own" / "report.json").read_text())
+    assert [c["name"] for c in own["classes"]] == list(CLASSES)
+    # both scans read the one checkpoint the deployment loads
+    assert own["bundle"]["checkpoint"] == verdict["bundle"]["checkpoint"]
+    assert own["bundle"]["checkpoint"].endswith("model-best.pth.tar")
+    # A subfolder naming no class of the delivery is refused once the delivery's classes are known.
+    (tmp_path / "own" / "dog").mkdir()
+    result = CliRunner().invoke(ci_scan, [str(a) for a in args[:-3] + ["--out", tmp_path / "refused", "--quiet"]])
+    assert result.exit_code == 1 and "subfolders 'dog' name no candidate class" in result.output
+    assert not (tmp_path / "refused").exists()
