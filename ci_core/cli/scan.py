@@ -104,8 +104,9 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, classes_file, class_token_position, load_epoch, out, detector, scorer, no_reference, reference_cache,
-         options, scorer_options, pool_size, holdout, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
+def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, classes_file, class_token_position,
+         load_epoch, out, detector, scorer, no_reference, reference_cache, options, scorer_options, pool_size, holdout,
+         seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
 
     BUNDLE is a model bundle, or a delivery of the reference CoOp/CoCoOp code: a checkpoint file or a Dassl
@@ -115,6 +116,9 @@ def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, 
     the evidence figure, the per-class table, the top classes' triggers, pool health, provenance and the
     command that reproduces the scan.  OUT/report.json holds the same, typed and versioned
     (ci_core/schemas/scan-report.schema.json).
+
+    With --own-images, OUT holds both scans (OUT/ood/ and OUT/own/, each as above), their one verdict in
+    OUT/verdict.json (ci_core/schemas/two-scan-verdict.schema.json) and OUT/report.html showing both.
     """
     configure_threads()
     progress = StderrProgress(quiet)

@@ -63,9 +63,10 @@ def write_two_scan_page(verdict: "TwoScanReport", reports: dict[str, "ScanReport
                       "page": f"{summary.name}/{PAGE_FILE}", "meaning": scan_sentence(summary, len(verdict.scans)),
                       "reasons": list(report.unscannable_reasons), "pool": summary.pool_source or "n/a",
                       "evidence": evidence_figure(report) if scannable else None})
+    smaller = next((s.title for s in verdict.scans if s.name == verdict.deciding), "neither scan")
     facts = [("p-value (both scans)", format_number(verdict.p_value)), ("rule", verdict.rule),
              ("alpha", f"{verdict.alpha:g}"), ("most anomalous class", verdict.target or "n/a"),
-             ("the scan with the smaller p", next((s.title for s in verdict.scans if s.name == verdict.deciding), "neither scan"))]
+             ("the scan with the smaller p", smaller)]
     provenance = [("model", context.bundle.path), ("model SHA-256", context.bundle.sha256),
                   ("seed", str(context.seed)), ("device", str(context.device)),
                   ("toolkit version", str(context.toolkit_version)), ("report written", context.created)]
