@@ -422,6 +422,12 @@ def class_file(path: Path, names=CLASSES[:2]) -> Path:
     return path
 
 
+def FORCE() -> list:
+    """--force where ci-repair has it: the repair cases' scans find the random-weight model clean, and a repair of a
+    model found clean is refused unless forced (issue 25), which would end every case before its bad input."""
+    return ["--force"] if any("--force" in p.opts for p in _commands()["repair"].params) else []
+
+
 def scan_supports(option: str) -> bool:
     return any(option in p.opts for p in _commands()["scan"].params)
 
@@ -561,7 +567,7 @@ def group2() -> list[Case]:
         first = CliRunner().invoke(_commands()["scan"], [str(a) for a in scan_args(bundle, work)])
         assert (work / "out" / "report.json").is_file(), first.output
         args = [bundle, "--report", work / "out", "--data", "builtin", "--out", out or work / "repaired", "--shots", 1,
-                "--test-images", 1, "--option", "epochs=1", "--quiet"]
+                "--test-images", 1, "--option", "epochs=1", "--quiet", *FORCE()]
         if json_path is not None:
             args += ["--json", json_path]
         return args, bundle
@@ -753,7 +759,7 @@ def group3(baseline: float) -> list[Case]:
                 good_images(work / "data" / "test" / class_name.replace(" ", "_"), 1)
             bad = write_bad(work / "data" / "train" / "blue_square")  # its 3rd file: --shots 3 reads them all
             return Run("repair", [bundle, "--report", work / "out", "--data", work / "data", "--out", work / "repaired",
-                                  "--shots", 3, "--test-images", 1, "--option", "epochs=1", "--quiet"],
+                                  "--shots", 3, "--test-images", 1, "--option", "epochs=1", "--quiet", *FORCE()],
                        names=(bad[0].name,), time_limit=decode_limit + 20)
         return Case(3, name, prepare)
 
@@ -762,7 +768,42 @@ def group3(baseline: float) -> list[Case]:
         repair_case("ci-repair class folder: 13000 x 13000 PNG header", raw("huge.png", png_header(13000, 13000))),
         repair_case("ci-repair class folder: corrupt PNG", raw("bad.png", b"\x89PNG\r\n\x1a\nrubbish")),
     ]
+
+    def own_case(name, write_bad):
+        """ci-scan --own-images OWN with a bad image in one of OWN's class subfolders, read first by --seed: skipped
+        and counted in the own scan's pool, the scan goes on."""
+        def prepare(work):
+            folder = work / "own"
+            for class_name in CLASSES:
+                good_images(folder / class_name, 2)
+            bad = [p for p in write_bad(folder / CLASSES[0]) if p is not None]
+            seed = _seed_reading_first(folder, [p for p in bad if p.is_file()])
+            args = scan_args(make_bundle(work / "bundle"), work, classes=False, reference=True,
+                             extra=[*own_options(folder), "--seed", seed])
+
+            def check(result, run):
+                own = work / "out" / "own" / "report.json"
+                if not own.is_file():
+                    return "no own/report.json"
+                if json.loads(own.read_text())["pool"].get("skipped_unreadable", 0) < 1:
+                    return "the bad image was read as an image"
+                return None
+
+            return Run("scan", args, expect="verdict", check=check, names=("own",), time_limit=decode_limit * 3 + 30)
+        return Case(3, name, prepare)
+
+    if scan_supports("--own-images"):
+        cases += [
+            own_case("--own-images class folder: 20000 x 20000 PNG header", raw("bomb.png", png_header(20000, 20000))),
+            own_case("--own-images class folder: truncated JPEG", truncated("cut.jpg", "JPEG")),
+            own_case("--own-images class folder: text file named .png", raw("notes.png", b"just some text\n")),
+        ]
     return cases
+
+
+def own_options(folder: Path) -> list:
+    """ci-scan's second scan on the auditor's own images in ``folder``, 2 + 2 of them."""
+    return ["--own-images", folder, "--own-pool-size", 2, "--own-holdout", 2]
 
 
 # --------------------------------------------------------------------------- group 4: bundle metadata
@@ -963,7 +1004,8 @@ def group5(baseline: float) -> list[Case]:
             if setup_data is not None:
                 setup_data(work, data, secret)
             return Run("repair", [bundle, "--report", work / "out", "--data", data, "--out", work / "repaired",
-                                  "--shots", shots, "--test-images", 1, "--option", "epochs=1", "--quiet"],
+                                  "--shots", shots, "--test-images", 1, "--option", "epochs=1", "--quiet",
+                                  *FORCE()],
                        names=("class", "link", "outside", name_of_class[:10]), secrets=(secret,),
                        time_limit=time_limit or baseline * 3 + 60)
         return Case(5, name, prepare)
@@ -989,6 +1031,47 @@ def group5(baseline: float) -> list[Case]:
         repair_case("ci-repair: class folder is a link out of --data", "linked", setup_data=link_class),
         repair_case("ci-repair: an image is a link out of --data", "linked", setup_data=link_image, shots=2),
     ]
+
+    def own_case(name, arrange, expect="error", names=("own-images",)):
+        """ci-scan --own-images OWN (one subfolder of images per class of CLASSES) arranged to lead out of OWN,
+        with images in work/s that must never be read."""
+        def prepare(work):
+            secret = _secret_images(work, "s")
+            folder = work / "own"
+            for class_name in CLASSES:
+                good_images(folder / class_name.replace(" ", "_"), 2)
+            classes = arrange(work, folder, secret)
+            bundle = make_bundle(work / "bundle", classes=classes)
+
+            def check(result, run):  # the own scan covers the folder's classes, nothing the bundle's names reach
+                own = work / "out" / "own" / "report.json"
+                names_scanned = [c["name"] for c in json.loads(own.read_text())["classes"]] if own.is_file() else None
+                return None if names_scanned == CLASSES else f"own scan of {names_scanned}"
+
+            return Run("scan", scan_args(bundle, work, classes=False, reference=True, extra=own_options(folder)),
+                       expect=expect, names=names, secrets=(secret,), check=check if expect == "verdict" else None,
+                       time_limit=baseline * 3 + 60)
+        return Case(5, name, prepare)
+
+    def link_own_class(work, folder, secret):
+        os.symlink(secret, folder / "cyan_cross")
+        return [*CLASSES, "cyan cross"]
+
+    def loose_image(work, folder, secret):
+        good_images(folder, 1)
+        return CLASSES
+
+    if scan_supports("--own-images"):
+        cases += [
+            own_case("--own-images: the bundle's class '../s' (a folder beside OWN)",
+                     lambda work, folder, secret: [*CLASSES, "../s"], expect="verdict"),
+            own_case("--own-images: the bundle's class '..'", lambda work, folder, secret: [*CLASSES, ".."],
+                     expect="verdict"),
+            own_case("--own-images: a class subfolder is a link out of OWN", link_own_class, names=("link",)),
+            own_case("--own-images: a subfolder naming no class",
+                     lambda work, folder, secret: ((folder / "dog").mkdir(), CLASSES)[1], names=("dog",)),
+            own_case("--own-images: an image outside the class subfolders", loose_image, names=("good0.png",)),
+        ]
 
     def delivery_case(name, arrange, command="scan", names=("outside", "checkpoint", "model.pth"), expect="error"):
         def prepare(work):
