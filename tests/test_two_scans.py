@@ -152,7 +152,7 @@ def test_ci_scan_judges_a_model_by_both_scans(tmp_path, bundle):
     assert 'href="ood/report.html"' in page and 'href="own/report.html"' in page
     assert page.count("data:image/png;base64,") == 2  # both evidence figures, embedded
     assert f"report: {out / 'report.html'}" in done.output and "own scan: p = " in done.output
-    with pytest.raises(DataError, match="holds two scans .*: give one of them"):  # e.g. to ci-repair
+    with pytest.raises(DataError, match="holds two scans .*: read one of them"):  # e.g. to ci-repair
         read_scan_report(out)
 
     # A model neither scan can measure is unscannable, with no p-value.
@@ -262,3 +262,32 @@ def test_a_class_that_cannot_name_a_folder_is_refused_before_writing(tmp_path, n
     with pytest.raises(DataError, match="cannot name a folder"):
         write_labelled_folder(images, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ci_repair_takes_the_trigger_of_the_scan_that_named_the_class(tmp_path, bundle):
+    from ci_core.cli.repair import main as ci_repair
+
+    out = tmp_path / "scan"
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own_folder(tmp_path / "own"), "--out", out)
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    verdict = json.loads((out / "verdict.json").read_text())
+    data = tmp_path / "data"
+    for split, names in (("train", CLASSES[:3]), ("test", CLASSES)):
+        for name in names:
+            own_folder(data / split, classes=(name,), per_class=1)
+    args = [bundle(), "--report", out, "--data", data, "--shots", 1, "--option", "epochs=1", "--quiet"]
+    repaired = CliRunner().invoke(ci_repair, [str(a) for a in
+                                              [*args, "--out", tmp_path / "r", "--force", "--json", tmp_path / "r.json"]])
+    assert repaired.exit_code == 0, repaired.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["scan_target"] == record["repair_trigger_class"] == verdict["target"]
+    assert record["report"] == f"{out} (its {verdict['deciding_scan']} scan, the one with the smaller p)"
+    assert verdict["verdict"] == "clean"  # the random-weight model: the pair's verdict decides the refusal
+    refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r2"]])
+    assert refused.exit_code == 1 and "the scan found this model clean" in refused.output
+    assert f"p = {verdict['p_value']:.3g}" in refused.output
+    # An edited verdict.json is refused, not half-believed.
+    edited = dict(verdict, backdoored=not verdict["backdoored"])
+    (out / "verdict.json").write_text(json.dumps(edited))
+    refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r3", "--force"]])
+    assert refused.exit_code == 1 and "disagree (an edited file?)" in refused.output

@@ -520,7 +520,7 @@ def read_scan_report(path: str | Path) -> ScanReport:
     report_path = path / REPORT_FILE if path.is_dir() else path
     if not report_path.is_file():
         if path.is_dir() and (path / "verdict.json").is_file():
-            raise DataError(f"{path} holds two scans (ci-scan --own-images): give one of them, {path / 'ood'} or "
+            raise DataError(f"{path} holds two scans (ci-scan --own-images): read one of them, {path / 'ood'} or "
                             f"{path / 'own'}")
         raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")
     return ScanReport.from_json(read_json_object(report_path, DataError, "a scan report"), str(report_path))

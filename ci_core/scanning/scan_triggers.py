@@ -24,8 +24,9 @@ import attrs
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
-from ci_core.scanning.scan import ScanResult
+from ci_core.scanning.scan import BACKDOORED, ScanResult
 from ci_core.scanning.scan_report import REPORT_FILE, TRIGGERS_DIR, read_scan_report
+from ci_core.scanning.two_scan_report import VERDICT_FILE, is_two_scan_folder, read_two_scan_verdict
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
 
@@ -85,8 +86,19 @@ class ScanTriggers:
 
     @classmethod
     def read(cls, path: str | Path) -> "ScanTriggers":
-        """The triggers of a scan folder (``report.json`` and its trigger files), or of its report.json."""
+        """The triggers of a scan folder (``report.json`` and its trigger files), or of its report.json.
+
+        A ``ci-scan --own-images`` folder gives the triggers of the scan whose class its verdict names (the one
+        with the smaller p), judged by the pair's verdict: a repair goes for the class the auditor was told of.
+        """
         path = Path(path)
+        if is_two_scan_folder(path):
+            pair = read_two_scan_verdict(path)
+            if pair["deciding_scan"] is None:
+                raise UnscannableScan(str(path / VERDICT_FILE), ("neither of its two scans could measure the model",))
+            deciding = cls.read(path / pair["deciding_scan"])
+            return attrs.evolve(deciding, backdoored=pair["verdict"] == BACKDOORED, p_value=pair["p_value"],
+                                source=f"{path} (its {pair['deciding_scan']} scan, the one with the smaller p)")
         folder = path.parent if path.is_file() else path
         report = read_scan_report(path)
         source = str(folder / REPORT_FILE) if not path.is_file() else str(path)

@@ -14,6 +14,9 @@ from typing import Sequence
 
 import attrs
 
+from ci_core.errors import DataError
+from ci_core.files import read_json_object
+
 from ci_core.scanning.combined import CombinedVerdict, bonferroni_verdict
 from ci_core.scanning.scan import BACKDOORED, UNSCANNABLE
 from ci_core.scanning.scan_report import REPORT_FILE, VERDICTS, ScanContext, ScanReport
@@ -99,3 +102,23 @@ class TwoScanReport:
 
 def two_scan_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def is_two_scan_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / VERDICT_FILE).is_file()
+
+
+def read_two_scan_verdict(folder: str | Path) -> dict:
+    """``folder``'s verdict.json, checked against its schema (and its derived fields against each other)."""
+    import jsonschema
+
+    path = Path(folder) / VERDICT_FILE
+    data = read_json_object(path, DataError, "a two-scan verdict")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(two_scan_schema()).iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise DataError(f"{path}: {where or 'the verdict'} does not match the two-scan verdict schema "
+                        f"({SCHEMA_PATH.name}): {error.message[:200]}")
+    if data["backdoored"] != (data["verdict"] != "clean") or (data["deciding_scan"] is None) != (data["p_value"] is None):
+        raise DataError(f"{path}: its verdict, backdoored, p_value and deciding_scan disagree (an edited file?)")
+    return data
