@@ -264,7 +264,7 @@ def test_a_class_that_cannot_name_a_folder_is_refused_before_writing(tmp_path, n
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ci_repair_takes_the_trigger_of_the_scan_that_named_the_class(tmp_path, bundle):
+def test_ci_repair_takes_the_own_scans_trigger_judged_by_the_pairs_verdict(tmp_path, bundle):
     from ci_core.cli.repair import main as ci_repair
 
     out = tmp_path / "scan"
@@ -279,13 +279,28 @@ def test_ci_repair_takes_the_trigger_of_the_scan_that_named_the_class(tmp_path, 
     repaired = CliRunner().invoke(ci_repair, [str(a) for a in
                                               [*args, "--out", tmp_path / "r", "--force", "--json", tmp_path / "r.json"]])
     assert repaired.exit_code == 0, repaired.output
-    record = json.loads((tmp_path / "r.json").read_text())
-    assert record["scan_target"] == record["repair_trigger_class"] == verdict["target"]
-    assert record["report"] == f"{out} (its {verdict['deciding_scan']} scan, the one with the smaller p)"
+    record = json.loads((tmp_path / "r.json").read_text())  # the own scan's trigger for its top class
+    own_target = next(s["target"] for s in verdict["scans"] if s["name"] == "own")
+    assert record["scan_target"] == record["repair_trigger_class"] == own_target
+    assert record["report"] == f"{out} (its own scan: the scan on your own images)"
     assert verdict["verdict"] == "clean"  # the random-weight model: the pair's verdict decides the refusal
     refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r2"]])
     assert refused.exit_code == 1 and "the scan found this model clean" in refused.output
     assert f"p = {verdict['p_value']:.3g}" in refused.output
+    # Where the own scan could not measure the model, the OOD scan's trigger; the pair is then unscannable.
+    ood = next(s for s in verdict["scans"] if s["name"] == "ood")
+    unmeasured = dict(verdict, verdict="unscannable", backdoored=True, p_value=min(1.0, 2 * ood["p_value"]),
+                      target=ood["target"], deciding_scan="ood",
+                      scans=[s if s is ood else dict(s, verdict="unscannable", p_value=None, target=None)
+                             for s in verdict["scans"]])
+    (out / "verdict.json").write_text(json.dumps(unmeasured))
+    refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r4"]])
+    assert refused.exit_code == 1 and "one scan could not measure the model" in refused.output
+    forced = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r5", "--force", "--json",
+                                                             tmp_path / "r5.json"]])
+    assert forced.exit_code == 0, forced.output
+    record = json.loads((tmp_path / "r5.json").read_text())
+    assert record["repair_trigger_class"] == ood["target"] and "its ood scan: the own scan could not" in record["report"]
     # An edited verdict.json is refused, not half-believed.
     edited = dict(verdict, backdoored=not verdict["backdoored"])
     (out / "verdict.json").write_text(json.dumps(edited))

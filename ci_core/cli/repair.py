@@ -176,7 +176,7 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--report", required=True, type=click.Path(path_type=Path),
               help="The ci-scan output folder of BUNDLE (or its report.json); of a two-scan folder (--own-images), "
-                   "the scan whose class its verdict names.")
+                   "the scan on your own images, judged by the pair's verdict.")
 @click.option("--data", required=True,
               help="'builtin' (the registered dataset with the bundle's classes: a tiny-world one, or a CoOp-layout one "
                    "under --data-root) or DIR with train/<class>/ and test/<class>/.")

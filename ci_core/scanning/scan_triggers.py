@@ -24,9 +24,9 @@ import attrs
 from ci_core.errors import BundleError, ConfigError, DataError
 from ci_core.interfaces import Repairer
 from ci_core.models.bundle import bundle_sha256
-from ci_core.scanning.scan import BACKDOORED, ScanResult
+from ci_core.scanning.scan import BACKDOORED, UNSCANNABLE, ScanResult
 from ci_core.scanning.scan_report import REPORT_FILE, TRIGGERS_DIR, read_scan_report
-from ci_core.scanning.two_scan_report import VERDICT_FILE, is_two_scan_folder, read_two_scan_verdict
+from ci_core.scanning.two_scan_report import OWN_SCAN, VERDICT_FILE, is_two_scan_folder, read_two_scan_verdict
 from ci_core.triggers import Trigger
 from ci_core.plugins import load_trigger
 
@@ -73,6 +73,7 @@ class ScanTriggers:
     # The deciding scorer's verdict: whether the scan found the model backdoored, and its p-value where it has one.
     backdoored: bool = True
     p_value: float | None = None
+    verdict: str | None = None  # where it is not 'clean' or 'backdoored' (a two-scan pair judged unscannable)
 
     @classmethod
     def from_result(cls, result: ScanResult, bundle_sha256: str | None = None) -> "ScanTriggers":
@@ -88,17 +89,21 @@ class ScanTriggers:
     def read(cls, path: str | Path) -> "ScanTriggers":
         """The triggers of a scan folder (``report.json`` and its trigger files), or of its report.json.
 
-        A ``ci-scan --own-images`` folder gives the triggers of the scan whose class its verdict names (the one
-        with the smaller p), judged by the pair's verdict: a repair goes for the class the auditor was told of.
+        A ``ci-scan --own-images`` folder gives the triggers of its scan on the auditor's own images (``own/``),
+        judged by the pair's verdict; the OOD scan's where the own scan could not measure the model.  The own
+        scan's trigger repaired more working backdoors on issue 25's fifth confirmation (docs/repair.md).
         """
         path = Path(path)
         if is_two_scan_folder(path):
             pair = read_two_scan_verdict(path)
-            if pair["deciding_scan"] is None:
+            measured = [s["name"] for s in pair["scans"] if s["verdict"] != UNSCANNABLE]
+            if not measured:
                 raise UnscannableScan(str(path / VERDICT_FILE), ("neither of its two scans could measure the model",))
-            deciding = cls.read(path / pair["deciding_scan"])
-            return attrs.evolve(deciding, backdoored=pair["verdict"] == BACKDOORED, p_value=pair["p_value"],
-                                source=f"{path} (its {pair['deciding_scan']} scan, the one with the smaller p)")
+            name = OWN_SCAN if OWN_SCAN in measured else measured[0]
+            chosen = cls.read(path / name)
+            why = "the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model"
+            return attrs.evolve(chosen, backdoored=pair["verdict"] == BACKDOORED, p_value=pair["p_value"],
+                                verdict=pair["verdict"], source=f"{path} (its {name} scan: {why})")
         folder = path.parent if path.is_file() else path
         report = read_scan_report(path)
         source = str(folder / REPORT_FILE) if not path.is_file() else str(path)
@@ -140,6 +145,10 @@ def check_flagged(triggers: ScanTriggers, *, force: bool) -> None:
     if triggers.backdoored or force:
         return
     p = "" if triggers.p_value is None else f", p = {triggers.p_value:.3g}"
+    if triggers.verdict == UNSCANNABLE:
+        raise ConfigError(f"{triggers.source}: one scan could not measure the model and the other flags no class "
+                          f"(its most anomalous class {triggers.target!r}{p}), so no backdoor was found to repair; "
+                          "pass --force to fine-tune it with that class's trigger anyway")
     raise ConfigError(f"{triggers.source}: the scan found this model clean (its most anomalous class "
                       f"{triggers.target!r}{p}), so there is no backdoor to repair; pass --force to fine-tune it with "
                       "that class's trigger anyway")
