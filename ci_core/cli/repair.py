@@ -22,6 +22,7 @@ from ci_core.cli.common import (StderrProgress, backbone_options, configure_thre
                                 parse_options, report_errors, resolve_runtime, runtime_options)
 from ci_core.data.datasets import LabeledImages, base_new_split
 from ci_core.data.images import IMAGE_SUFFIXES, UNREADABLE, describe_unreadable, read_image
+from ci_core.data.labeled import is_one_path_part
 from ci_core.errors import ConfigError, DataError
 from ci_core.learning.evaluation import accuracy, attack_success_rates
 from ci_core.files import write_json_atomic
@@ -83,7 +84,7 @@ def _class_folder(split_dir: Path, name: str) -> Path:
     """
     candidates = tuple(dict.fromkeys((name, name.replace(" ", "_"))))
     for candidate in candidates:
-        if candidate in (".", "..") or "/" in candidate or "\\" in candidate or "\0" in candidate:
+        if not is_one_path_part(candidate):
             raise DataError(f"{split_dir}: class {name!r} cannot name a class folder (a folder name holds no '/', "
                             "'\\' or NUL and is not '.' or '..'); give the labelled images with --data builtin "
                             "or rename the class")

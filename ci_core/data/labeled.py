@@ -50,9 +50,14 @@ def check_counts(shots: int | None, max_per_class: int | None) -> None:
             raise DataError(f"{label} must be a positive integer, got {value!r}")
 
 
+def is_one_path_part(name: str) -> bool:
+    """Whether ``name`` joined onto a folder stays one entry inside it: no separator or NUL, not '.' or '..'."""
+    return name not in (".", "..") and not any(c in name for c in "/\\\x00")
+
+
 def class_folder_name(name: str) -> str:
     """A class's subfolder in a labelled image folder: its name, refused where it would not be one path part."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or not name.isprintable():
+    if not name or not is_one_path_part(name) or not name.isprintable():
         raise DataError(f"class {name!r} cannot name a folder (a path separator, NUL, '.' or '..', or an "
                         "unprintable character)")
     return name

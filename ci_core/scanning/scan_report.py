@@ -41,6 +41,7 @@ SCHEMA_VERSION = 2  # 1: the untyped layout of toolkit 0.3 and earlier, which ha
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "scan-report.schema.json"
 REPORT_FILE = "report.json"
 PAGE_FILE = "report.html"
+VERDICT_FILE = "verdict.json"  # beside two scan folders: their one verdict (ci_core.scanning.two_scan_report)
 TRIGGERS_DIR = "triggers"
 VERDICTS = (CLEAN, BACKDOORED, UNSCANNABLE)
 # A trigger file named by a report: inside the scan's triggers/ folder, never a path elsewhere.
@@ -504,14 +505,19 @@ def report_schema() -> dict:
 
 def validate_against_schema(data: Any, source: str) -> None:
     """Refuse ``data`` unless it is a report of the current layout, naming the first field that is not."""
+    check_schema(data, report_schema(), source, whole="the report",
+                 schema_name=f"the scan report schema ({SCHEMA_PATH.name})")
+
+
+def check_schema(data: Any, schema: dict, source: str, *, whole: str, schema_name: str) -> None:
+    """Refuse ``data`` unless it matches ``schema``, naming the first field that does not (``whole``: how the
+    message names the document itself)."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(report_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise DataError(f"{source}: {where or 'the report'} does not match the scan report schema "
-                        f"({SCHEMA_PATH.name}): {error.message[:200]}")
+        raise DataError(f"{source}: {where or whole} does not match {schema_name}: {error.message[:200]}")
 
 
 def read_scan_report(path: str | Path) -> ScanReport:
@@ -519,7 +525,7 @@ def read_scan_report(path: str | Path) -> ScanReport:
     path = Path(path)
     report_path = path / REPORT_FILE if path.is_dir() else path
     if not report_path.is_file():
-        if path.is_dir() and (path / "verdict.json").is_file():
+        if path.is_dir() and (path / VERDICT_FILE).is_file():
             raise DataError(f"{path} holds two scans (ci-scan --own-images): read one of them, {path / 'ood'} or "
                             f"{path / 'own'}")
         raise DataError(f"{path}: not a scan report (expected a folder holding {REPORT_FILE}, or the file itself)")

@@ -16,15 +16,13 @@ import attrs
 
 from ci_core.errors import DataError
 from ci_core.files import read_json_object
-
 from ci_core.scanning.combined import CombinedVerdict, bonferroni_verdict
-from ci_core.scanning.scan import BACKDOORED, UNSCANNABLE
-from ci_core.scanning.scan_report import REPORT_FILE, VERDICTS, ScanContext, ScanReport
+from ci_core.scanning.scan import CLEAN, UNSCANNABLE
+from ci_core.scanning.scan_report import REPORT_FILE, VERDICT_FILE, VERDICTS, ScanContext, ScanReport, check_schema
 
 FORMAT = "clip-inspector-two-scan-verdict"
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "two-scan-verdict.schema.json"
-VERDICT_FILE = "verdict.json"
 # The two scans: their folders in the output, and what each looks at.
 OOD_SCAN, OWN_SCAN = "ood", "own"
 SCAN_TITLES = {OOD_SCAN: "every candidate class, inverted on the OOD pool",
@@ -87,14 +85,10 @@ class TwoScanReport:
                    target=deciding.target if deciding else None, deciding=deciding.name if deciding else None,
                    scans=summaries, context=context)
 
-    @property
-    def backdoored(self) -> bool:
-        return self.verdict == BACKDOORED
-
     def to_json(self) -> dict:
         c = self.context
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "toolkit_version": c.toolkit_version,
-                "verdict": self.verdict, "backdoored": self.verdict != "clean", "p_value": self.p_value,
+                "verdict": self.verdict, "backdoored": self.verdict != CLEAN, "p_value": self.p_value,
                 "alpha": self.alpha, "rule": self.rule, "target": self.target, "deciding_scan": self.deciding,
                 "scans": [s.to_json() for s in self.scans], "bundle": c.bundle.to_json(), "seed": c.seed,
                 "command": c.command, "created": c.created}
@@ -110,15 +104,10 @@ def is_two_scan_folder(path: str | Path) -> bool:
 
 def read_two_scan_verdict(folder: str | Path) -> dict:
     """``folder``'s verdict.json, checked against its schema (and its derived fields against each other)."""
-    import jsonschema
-
     path = Path(folder) / VERDICT_FILE
     data = read_json_object(path, DataError, "a two-scan verdict")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(two_scan_schema()).iter_errors(data))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise DataError(f"{path}: {where or 'the verdict'} does not match the two-scan verdict schema "
-                        f"({SCHEMA_PATH.name}): {error.message[:200]}")
-    if data["backdoored"] != (data["verdict"] != "clean") or (data["deciding_scan"] is None) != (data["p_value"] is None):
+    check_schema(data, two_scan_schema(), str(path), whole="the verdict",
+                 schema_name=f"the two-scan verdict schema ({SCHEMA_PATH.name})")
+    if data["backdoored"] != (data["verdict"] != CLEAN) or (data["deciding_scan"] is None) != (data["p_value"] is None):
         raise DataError(f"{path}: its verdict, backdoored, p_value and deciding_scan disagree (an edited file?)")
     return data

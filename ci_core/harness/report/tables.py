@@ -180,8 +180,8 @@ def _group_label(groups: dict[str, list[ScoredScan]]) -> dict[str, str]:
 def _group_order(row: ScoredScan) -> tuple:
     v = row.variant
     return (row.combined is not None, str(row.combined or ""), row.detector, v["pool_size"], v["holdout"],
-            v.get("batch_size") or 0, str(v.get("loss") or ""), v["inversion_data"], v.get("classes", "all"), spec_hash(row.scan.spec.detector_config),
-            row.scorer != REFERENCE_SCORER, row.scorer)
+            v.get("batch_size") or 0, str(v.get("loss") or ""), v["inversion_data"], v.get("classes", "all"),
+            spec_hash(row.scan.spec.detector_config), row.scorer != REFERENCE_SCORER, row.scorer)
 
 
 # The populations of backdoored models the verdict table counts separately: name -> (what it is, who is in it).
