@@ -6,7 +6,11 @@ import pytest
 from click.testing import CliRunner
 
 from ci_core.cli.scan import main as ci_scan
+from ci_core.data.ood import load_own_images
 from ci_core.models.bundle import load_bundle
+from ci_core.scanning.scan_report import read_scan_report
+from ci_core.scanning.two_scan_report import read_two_scan_verdict
+from ci_core.models.backbone import TINY_IMAGE_SIZE
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +43,20 @@ def test_badclip_implants(demo):
 def test_ci_flags_badclip_with_the_true_target(demo):
     _, rows, _ = demo
     bad = rows["badclip"]
-    assert bad["verdict"] == "backdoored" and bad["backdoored"] is True and bad["scorer"] == "ref-outlier"
+    assert bad["verdict"] == "backdoored" and bad["backdoored"] is True
     assert bad["predicted_target"] == bad["true_target"] and bad["p_value"] <= 0.01
+    # Each scan alone (the pair's p is Bonferroni over them): measured 4.5e-05 on the OOD pool, 2.5e-04 on the own
+    # images, both naming the target.
+    for scan in bad["scans"].values():
+        assert scan["scorer"] == "ref-outlier" and scan["verdict"] == "backdoored"
+    assert bad["p_value"] == pytest.approx(min(1.0, 2 * min(bad["ood_p_value"], bad["own_p_value"])))
 
 
 def test_clean_model_scores_below_the_backdoored_one(demo):
     _, rows, _ = demo
-    assert rows["clean"]["s_max"] < rows["badclip"]["s_max"]
-    assert rows["clean"]["p_value"] > rows["badclip"]["p_value"]
+    for scan in ("ood", "own"):
+        assert rows["clean"]["scans"][scan]["s_max"] < rows["badclip"]["scans"][scan]["s_max"]
+        assert rows["clean"]["scans"][scan]["p_value"] > rows["badclip"]["scans"][scan]["p_value"]
 
 
 def test_the_calibrated_verdict_passes_the_clean_model(demo):
@@ -59,21 +69,39 @@ def test_the_papers_scorer_is_reported_beside_the_verdict(demo):
     for row in rows.values():
         assert row["paper_scorer"] == "ci" and isinstance(row["paper_s_max"], float)
         assert row["paper_flagged"] == (row["paper_s_max"] >= 2.0)
-    assert "PAPER-S_MAX" in output and "VERDICT" in output
-    # The reference was scanned once for both models (same classes, pool and seed) and then read from the cache.
-    assert sorted(row["reference_cached"] for row in rows.values()) == [False, True]
+    assert "PAPER-S_MAX" in output and "VERDICT" in output and "P-OWN" in output
+    # Each scan's reference was scanned once for both models (same classes, pool and seed), then read from the cache.
+    for scan in ("ood", "own"):
+        assert sorted(row["scans"][scan]["reference_cached"] for row in rows.values()) == [False, True]
 
 
 def test_demo_prints_the_table_and_keeps_its_outputs(demo):
     out, rows, output = demo
     assert "MODEL" in output and "badclip" in output and "clean" in output
-    for name in rows:
-        report = json.loads((out / "scans" / name / "report.json").read_text())
-        assert report["verdict"] == rows[name]["verdict"] and report["p_value"] == rows[name]["p_value"]
+    for name, row in rows.items():
+        pair = read_two_scan_verdict(out / "scans" / name)  # schema-checked, and agreeing with both scans' reports
+        assert (pair["verdict"], pair["p_value"], pair["target"]) == (row["verdict"], row["p_value"],
+                                                                      row["predicted_target"])
+        assert [scan["name"] for scan in pair["scans"]] == ["ood", "own"]
+        for scan in pair["scans"]:
+            report = read_scan_report(out / "scans" / name / scan["name"])
+            assert report.decision.p_value == row["scans"][scan["name"]]["p_value"] == row[f"{scan['name']}_p_value"]
+            assert report.command.startswith("ci-bench demo ") and report.bundle.sha256
         page = out.absolute() / "scans" / name / "report.html"
-        assert page.is_file() and f"{name}: {report['verdict']}; page: {page}" in output  # the demo names each page
-        assert report["command"].startswith("ci-bench demo ") and report["bundle"]["sha256"]
+        assert page.is_file() and f"{name}: {row['verdict']}; page: {page}" in output  # the demo names each page
         load_bundle(out / "models" / name / "bundle")  # every saved bundle loads again
+
+
+def test_the_demos_own_images_are_the_folder_ci_scan_reads(demo):
+    """`ci-scan --own-images OUT/own-images --seed 1` draws the very pool the demo's own scans used."""
+    out, rows, _ = demo
+    own = read_scan_report(out / "scans" / "badclip" / "own")
+    meta = json.loads((out / "models" / "badclip" / "bundle" / "bundle.json").read_text())
+    pool, classes = load_own_images(out / "own-images", meta["classnames"], inversion=own.pool.inversion,
+                                    holdout=own.pool.holdout, image_size=TINY_IMAGE_SIZE, seed=1)
+    assert classes == tuple(meta["base_classes"]) == own.classnames
+    assert pool.digest() == own.pool.sha256 and pool.source == own.pool.source
+    assert own.pool.source.startswith(str(out / "own-images"))
 
 
 def test_ci_scan_cli_on_the_demo_bundle(demo, tmp_path):

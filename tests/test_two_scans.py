@@ -254,6 +254,23 @@ def test_ci_bench_images_writes_a_datasets_base_classes_as_an_own_images_folder(
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("dataset, per_class", [("tiny-palette", 16), ("tiny-colorshapes", 12)])
+def test_ci_bench_images_writes_enough_for_a_default_own_scan(tmp_path, dataset, per_class):
+    """12 base classes need 16 images each for |D| + |T| = 128 + 64 (at 12 each the scan would refuse 144)."""
+    from ci_core.cli.bench import main as ci_bench
+    from ci_core.learning.protocol import POOL_SIZES
+    from ci_core.plugins import open_dataset
+
+    out = tmp_path / "own"
+    done = CliRunner().invoke(ci_bench, ["images", dataset, "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    classes = folder_classes(out, open_dataset(dataset, None).classnames)
+    assert all(len(list((out / name).glob("*.png"))) == per_class for name in classes)
+    inversion, holdout = POOL_SIZES["tiny"]
+    pool, _ = load_own_images(out, classes, inversion=inversion, holdout=holdout, image_size=TINY_IMAGE_SIZE, seed=0)
+    assert (len(pool.inversion), len(pool.holdout)) == (inversion, holdout)
+
+
 @pytest.mark.parametrize("name", ["a/b", "..", "", "tab\there", "c\\d"])
 def test_a_class_that_cannot_name_a_folder_is_refused_before_writing(tmp_path, name):
     from ci_core.data.labeled import LabeledImages, write_labelled_folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import attrs
 import click
 
 from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
@@ -16,7 +17,7 @@ from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbon
 from ci_core.data.datasets import TINY_DATASETS
 from ci_core.data.labeled import SPLITS, base_new_split, write_labelled_folder
 from ci_core.data.ood import BUILTIN as BUILTIN_POOL
-from ci_core.data.ood import load_pool
+from ci_core.data.ood import load_own_images, load_pool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import Stopwatch, to_json
 from ci_core.models.backbone import TINY_MODEL, architecture, load_backbone
@@ -24,11 +25,13 @@ from ci_core.models.weights import BUILTIN
 from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, open_dataset, registry
 from ci_core.scanning.reference import ReferenceCache, default_cache_dir, run_reference
-from ci_core.scanning.scan import scan
-from ci_core.pages.scan_output import write_scan
+from ci_core.scanning.scan import CLEAN, scan
+from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN
+from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
-from ci_core.learning.protocol import (MAX_POOL, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers, choose_target,
-                                       load_task, pool_sizes, preset_for, sample_candidates, train_and_save)
+from ci_core.learning.protocol import (MAX_POOL, MIN_OWN_PER_CLASS, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers,
+                                       choose_target, load_task, own_images_per_class, pool_sizes, preset_for,
+                                       sample_candidates, train_and_save)
 
 DEMO_MARKER = "demo.json"
 DEMO_OUTPUT = "demo"
@@ -59,15 +62,22 @@ def plugins():
 @click.option("--attacks", default="clean,badclip", show_default=True,
               help="Comma-separated attacks, or 'all' for every registered attack.")
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--ood-only", is_flag=True,
+              help="One scan per model, on the OOD pool (the paper's setting), without the second scan of the base "
+                   "classes on the dataset's own validation images.")
 @backbone_options(f"the bundled tiny CLIP ({TINY_MODEL}, {BUILTIN})")
 @runtime_options
 @click.option("--quiet", is_flag=True)
 @report_errors
-def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
+def demo(out, json_path, dataset, data_root, attacks, seed, ood_only, backbone, pretrained, device, max_text_batch,
+         bf16, quiet):
     """Train a clean and a backdoored model per attack on the tiny world, scan each with CLIP-Inspector.
 
-    Each scan inverts triggers for the paper's benchmark candidates: 50 classes drawn by --seed with the
-    backdoor's target among them, or every class of a dataset with at most 50.
+    Each model is scanned twice, as `ci-scan --own-images` scans a delivered model, and judged by both scans
+    (Bonferroni over their p-values): on the OOD pool, inverting the paper's benchmark candidates (50 classes
+    drawn by --seed with the backdoor's target among them, or every class of a dataset with at most 50); and on
+    the auditor's own images of the classes it deploys (the base classes' validation images, written to
+    OUT/own-images). --ood-only keeps the first scan only.
     """
     configure_threads()
     clock = Stopwatch()
@@ -90,11 +100,14 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
     cache = ReferenceCache(default_cache_dir())
     # The demo's scans sample their candidates from the seed, so the demo itself is what reproduces them.
     command = shlex.join(["ci-bench", "demo", "--out", str(out), "--dataset", dataset, "--attacks", ",".join(attack_names),
-                          "--seed", str(seed)] + (["--data-root", str(data_root)] if data_root else [])
+                          "--seed", str(seed)] + (["--ood-only"] if ood_only else [])
+                         + (["--data-root", str(data_root)] if data_root else [])
                          + (["--backbone", backbone.name, "--pretrained", str(backbone.pretrained)]
                             if backbone.name != TINY_MODEL or backbone.pretrained != BUILTIN else []))
     rows = []
     with publishing(out, DEMO_OUTPUT) as work:
+        own = None if ood_only else _demo_own_images(dataset_obj, task, work, Path(out) / OWN_IMAGES_DIR, preset,
+                                                     image_size=backbone.image_size, seed=seed, progress=progress)
         for name, attack_cls in attack_classes.items():
             attack = attack_cls.from_options(preset=preset)
             attack_target = None if name == "clean" else target
@@ -103,37 +116,76 @@ def demo(out, json_path, dataset, data_root, attacks, seed, backbone, pretrained
             trained = train_and_save(attack, backbone, task, work / "models" / name, target=attack_target, seed=seed,
                                      progress=progress)
             metrics = trained.metrics
-            candidates = sample_candidates(task.base + task.new, seed=seed, target=attack_target)
             progress(f"{name}: ACC base {metrics.acc_base:.3f} new {metrics.acc_new:.3f}"
-                     + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else "")
-                     + f"; scanning {len(candidates)} classes")
-            reference = run_reference(backbone, trained.template, detector, pool, candidates, seed=seed, cache=cache,
-                                      progress=progress)
-            result = scan(trained.outcome.model, detector, decider, pool, candidates, seed=seed, reference=reference,
-                          also=also, base_classes=task.base, progress=progress)
+                     + (f", ASR new {metrics.asr_new:.3f}" if metrics.asr_new is not None else ""))
+            plans = [(OOD_SCAN, pool, sample_candidates(task.base + task.new, seed=seed, target=attack_target))]
+            if own is not None:
+                plans.append((OWN_SCAN, *own))
+            scans, figures = [], {}
+            for scan_name, scan_pool, classes in plans:
+                progress(f"{name}: scanning {len(classes)} classes on {scan_pool.source}")
+                reference = run_reference(backbone, trained.template, detector, scan_pool, classes, seed=seed,
+                                          cache=cache, progress=progress)
+                result = scan(trained.outcome.model, detector, decider, scan_pool, classes, seed=seed,
+                              reference=reference, also=also, base_classes=task.base, progress=progress)
+                scans.append((scan_name, result, scan_pool))
+                figures[scan_name] = {**result.summary(), "scan_seconds": round(result.seconds, 1),
+                                      "reference_seconds": round(reference.seconds, 1),
+                                      "reference_cached": reference.cached}
             context = ScanContext(
                 bundle=BundleIdentity(path=f"models/{name}/{MODEL_BUNDLE}", sha256=trained.bundle_sha256),
                 backbone=BackboneIdentity.of(backbone.identity()), seed=seed, preset=preset,
                 device=str(runtime.device), command=command)
-            write_scan(result, work / "scans" / name, pool, context)
+            ood = figures[OOD_SCAN]
+            if own is None:
+                write_scan(scans[0][1], work / "scans" / name, pool, context)
+                verdict = {key: ood[key] for key in ("verdict", "backdoored", "p_value", "predicted_target")}
+            else:
+                pair = write_two_scans(scans, work / "scans" / name, context, alpha=float(decider.config.alpha))
+                verdict = {"verdict": pair.verdict, "backdoored": pair.verdict != CLEAN, "p_value": pair.p_value,
+                           "predicted_target": pair.target}
             rows.append({
-                "model": name, "dataset": dataset, "seed": seed, **to_json(metrics), **result.summary(),
-                "true_target": attack_target, "train_seconds": round(trained.seconds, 1),
-                "scan_seconds": round(result.seconds, 1), "reference_seconds": round(reference.seconds, 1),
-                "reference_cached": reference.cached,
+                "model": name, "dataset": dataset, "seed": seed, **to_json(metrics), **verdict,
+                "true_target": attack_target, "ood_p_value": ood["p_value"],
+                "own_p_value": figures[OWN_SCAN]["p_value"] if own is not None else None,
+                "paper_scorer": ood["paper_scorer"], "paper_s_max": ood["paper_s_max"],
+                "paper_flagged": ood["paper_flagged"], "train_seconds": round(trained.seconds, 1), "scans": figures,
             })
         write_json_atomic(work / DEMO_MARKER, {"rows": rows, "seconds": round(clock.seconds, 1)})
     echo_table(rows, [
         ("model", "MODEL"), ("acc_base", "ACC-BASE"), ("acc_new", "ACC-NEW"), ("asr_new", "ASR-NEW"),
         ("verdict", "VERDICT"), ("p_value", "P"), ("predicted_target", "PREDICTED"), ("true_target", "TRUE-TARGET"),
+        *([] if ood_only else [("ood_p_value", "P-OOD"), ("own_p_value", "P-OWN")]),
         ("paper_s_max", "PAPER-S_MAX"), ("paper_flagged", "PAPER-K=2"),
     ])
-    click.echo(f"verdict: {decider.name} ({decider.description}); PAPER: the paper's scorer (s_max >= k) beside it")
+    click.echo(f"verdict: {decider.name} ({decider.description})"
+               + ("" if ood_only else f", on two scans: P = min(1, 2 min(P-OOD, P-OWN)) at alpha "
+                                      f"{float(decider.config.alpha):g}")
+               + "; PAPER: the paper's scorer (s_max >= k on the OOD scan) beside it")
     for row in rows:
         click.echo(f"{row['model']}: {row['verdict']}; page: {Path(out).absolute() / 'scans' / row['model'] / PAGE_FILE}")
-    click.echo(f"demo finished in {clock.seconds:.0f}s; models and scans in {out}")
+    click.echo(f"demo finished in {clock.seconds:.0f}s; models and scans in {out}"
+               + ("" if ood_only else f"; the own images in {Path(out) / OWN_IMAGES_DIR}"))
     if json_path:
         write_json_atomic(json_path, rows)
+
+
+OWN_IMAGES_DIR = "own-images"
+
+
+def _demo_own_images(dataset_obj, task, work: Path, shown_as: Path, preset, *, image_size: int, seed: int,
+                     progress) -> tuple:
+    """The demo auditor's own images of the classes it deploys: the base classes' validation images, written to
+    ``work/own-images`` as `ci-bench images` writes them and read back as `ci-scan --own-images` reads them."""
+    drawn = dataset_obj.load("val", image_size=image_size, seed=seed,
+                             shots=own_images_per_class(len(task.base), preset)).restrict(task.base)
+    (work / OWN_IMAGES_DIR).mkdir()
+    write_labelled_folder(drawn, work / OWN_IMAGES_DIR)
+    inversion, holdout = pool_sizes(preset)
+    own_pool, classes = load_own_images(work / OWN_IMAGES_DIR, task.base + task.new, inversion=inversion,
+                                        holdout=holdout, image_size=image_size, seed=seed, progress=progress)
+    # Named by where the folder will be once the demo's output is in place, not by the temporary folder.
+    return attrs.evolve(own_pool, source=own_pool.source.replace(str(work / OWN_IMAGES_DIR), str(shown_as), 1)), classes
 
 
 ATTACK_MARKER = "metrics.json"
@@ -211,8 +263,10 @@ IMAGES_OUTPUT = "images"
 @click.option("--classes", "which", type=click.Choice(("base", "new", "all")), default="base", show_default=True,
               help="The dataset's base classes (the ones a model is tuned on and an organisation deploys), its new "
                    "ones, or all.")
-@click.option("--per-class", type=click.IntRange(1, 10_000), default=12, show_default=True,
-              help="Images per class (the dataset's split may hold fewer).")
+@click.option("--per-class", type=click.IntRange(1, 10_000), default=None,
+              help=f"Images per class (the dataset's split may hold fewer). Default: enough for `ci-scan "
+                   f"--own-images` at its default pool sizes on the dataset's backbone (|D| + |T| over the classes), "
+                   f"at least {MIN_OWN_PER_CLASS}.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Which images of the split (the train split is sampled by it; val and test are fixed).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
@@ -227,6 +281,7 @@ def images(dataset, data_root, split, which, per_class, seed, out):
     base, new = base_new_split(dataset_obj.classnames)
     classes = {"base": base, "new": new, "all": dataset_obj.classnames}[which]
     image_size = architecture(dataset_obj.default_backbone[0]).image_size
+    per_class = per_class or own_images_per_class(len(classes), preset_for(dataset_obj.default_backbone[0]))
     check_output_folder(out, IMAGES_OUTPUT)
     drawn = dataset_obj.load(split, image_size=image_size, seed=seed, shots=per_class).restrict(classes)
     with publishing(out, IMAGES_OUTPUT) as work:

@@ -124,6 +124,15 @@ def pool_sizes(preset: str | None) -> tuple[int, int]:
     return POOL_SIZES.get(preset, POOL_SIZES[None])
 
 
+MIN_OWN_PER_CLASS = 12
+
+
+def own_images_per_class(classes: int, preset: str | None) -> int:
+    """Images per class an own-images folder needs for a scan at the preset's default |D| + |T| (both are drawn
+    from the folder), and at least ``MIN_OWN_PER_CLASS``."""
+    return max(MIN_OWN_PER_CLASS, -(-sum(pool_sizes(preset)) // max(classes, 1)))
+
+
 def train_and_evaluate(attack: Attack, backbone: Backbone, task: Task, *, target: str | None, seed: int,
                        progress: Progress = silent) -> tuple[AttackOutcome, AttackMetrics]:
     torch.manual_seed(seed)
