@@ -182,6 +182,11 @@ def _demo_own_images(dataset_obj, task, work: Path, shown_as: Path, preset, *, i
     (work / OWN_IMAGES_DIR).mkdir()
     write_labelled_folder(drawn, work / OWN_IMAGES_DIR)
     inversion, holdout = pool_sizes(preset)
+    if len(drawn) < inversion + holdout:  # a real dataset's validation split may be smaller: |D|:|T| kept at 2:1
+        inversion = len(drawn) * inversion // (inversion + holdout)
+        holdout = len(drawn) - inversion
+        progress(f"the own scan: {len(drawn)} validation images of {len(task.base)} base classes, so "
+                 f"|D| {inversion} and |T| {holdout}")
     own_pool, classes = load_own_images(work / OWN_IMAGES_DIR, task.base + task.new, inversion=inversion,
                                         holdout=holdout, image_size=image_size, seed=seed, progress=progress)
     # Named by where the folder will be once the demo's output is in place, not by the temporary folder.
