@@ -124,3 +124,21 @@ def test_ci_scan_cli_on_the_demo_bundle(demo, tmp_path):
     by_name = {c["name"]: c for c in report["classes"]}
     assert by_name[target]["asr"] >= 0.5
     assert report["detector_config"]["epsilon"] == pytest.approx(8 / 255)  # the tiny preset
+
+
+def test_demo_ood_only_keeps_the_papers_one_scan(tmp_path, monkeypatch):
+    """`--ood-only`: one scan folder per model, judged by the OOD scan alone, and no own images written."""
+    from ci_core.cli import bench
+
+    monkeypatch.setattr(bench, "pool_sizes", lambda preset: (16, 8))  # a small pool: this checks the layout only
+    out, rows_path = tmp_path / "demo", tmp_path / "rows.json"
+    result = CliRunner().invoke(bench.main, ["demo", "--ood-only", "--attacks", "clean", "--dataset", "tiny-palette",
+                                             "--out", str(out), "--json", str(rows_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(rows_path.read_text())
+    assert list(row["scans"]) == ["ood"] and row["own_p_value"] is None
+    assert (row["verdict"], row["p_value"]) == (row["scans"]["ood"]["verdict"], row["ood_p_value"])
+    report = read_scan_report(out / "scans" / "clean")  # a single scan's folder, as ci-scan without --own-images
+    assert report.decision.p_value == row["p_value"] and (report.pool.inversion, report.pool.holdout) == (16, 8)
+    assert "--ood-only" in report.command and not (out / "own-images").exists()
+    assert "P-OWN" not in result.output and "VERDICT" in result.output
