@@ -111,6 +111,25 @@ def test_class_level_counts_and_f1_match_scikit_learn():
         class_counts(CLASSES, ["z"], None)
 
 
+@pytest.mark.parametrize("measured, target, expected", [
+    ([], "c", (0, 0, 1, 0)),  # unscannable before any class: the target missed
+    (["a", "b"], "c", (0, 0, 1, 2)),  # stopped partway, before the target's class (a tripwire did on seed 56)
+    (["a", "b", "c"], "c", (0, 0, 1, 2)),  # stopped after it: measured, not flagged
+    (["a", "b"], None, (0, 0, 0, 2)),  # a clean model's scan stopped partway
+])
+def test_class_counts_of_an_unscannable_scan_miss_a_target_it_did_not_reach(measured, target, expected):
+    from types import SimpleNamespace
+
+    from ci_core.harness.report.tables import scan_class_counts
+
+    row = SimpleNamespace(classes=[{"name": n} for n in measured], flagged=(), true_target=target,
+                          verdict="unscannable")
+    counts = scan_class_counts(row)
+    assert (counts.tp, counts.fp, counts.fn, counts.tn) == expected
+    with pytest.raises(ValueError, match="not a candidate class"):  # a measured scan without the target is a bug
+        scan_class_counts(SimpleNamespace(classes=[{"name": "a"}], flagged=(), true_target="c", verdict="clean"))
+
+
 # --------------------------------------------------------------------------- planning and keys
 
 

@@ -150,9 +150,11 @@ def _group_key(row: ScoredScan) -> str:
 
 
 def scan_class_counts(row: ScoredScan) -> Counts:
-    if not row.classes:  # unscannable: flagged as a model, but no class was measured (the target is missed)
-        return Counts(fn=int(row.true_target is not None))
-    return class_counts([c["name"] for c in row.classes], row.flagged, row.true_target)
+    names = [c["name"] for c in row.classes]
+    if row.verdict == UNSCANNABLE and row.true_target not in names:
+        # Flagged as a model, but the scan stopped before the target's class (or measured none): the target is missed.
+        return class_counts(names, row.flagged, None) + Counts(fn=int(row.true_target is not None))
+    return class_counts(names, row.flagged, row.true_target)
 
 
 def _counts_row(name: str, rows: Sequence[ScoredScan]) -> dict:
