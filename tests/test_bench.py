@@ -532,6 +532,31 @@ def test_report_combines_each_models_scans_bonferroni_over_them(tmp_path, fake_p
     assert _combined("a+b", [broken, broken]).predicted_target is None
 
 
+def test_report_reads_a_scan_that_stopped_before_the_targets_class(tmp_path, fake_plugins, monkeypatch):
+    """A tripwire can stop a scan partway (seed 56, patterns: 6 of 12 classes): the report counts the target as
+    missed and keeps the reconstruction figures to the scans that measured it."""
+    from ci_core.harness.report import build_report
+    from ci_core.harness.report import tables
+    from ci_core.scanning.scan import UNSCANNABLE
+
+    out = tmp_path / "store"
+    assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0
+    read = tables.scored_scans
+
+    def stopped_partway(store, options=None):
+        models, rows = read(store, options)
+        return models, [attrs.evolve(r, verdict=UNSCANNABLE, backdoored=True, p_value=None, predicted_target=None,
+                                     flagged=(), classes=[c for c in r.classes if c["name"] != r.true_target][:1])
+                        if r.true_target is not None else r for r in rows]
+
+    monkeypatch.setattr(tables, "scored_scans", stopped_partway)
+    report = build_report(Store.open(out))
+    for group in report["detectors"]:
+        everything = group["class_level"]["attack"][-1]
+        assert everything["name"] == "all" and everything["tp"] == 0 and everything["fn"] == 1
+        assert group["reconstruction"]["target_asr"]["n"] == 0
+
+
 def test_report_combine_names_bad_and_missing_scan_kinds(tmp_path, fake_plugins):
     out = tmp_path / "store"
     assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0

@@ -301,7 +301,7 @@ def _group_summary(label: str, rows: list[ScoredScan]) -> dict:
     for row in (r for r in rows if r.classes):  # an unscannable scan measured no class
         by_name = {c["name"]: c for c in row.classes}
         target = row.true_target
-        if target is not None:
+        if target in by_name:  # not where an unscannable scan stopped before the target's class
             target_asr.append(by_name[target]["asr"])
             target_ssim.append(by_name[target]["ssim"])
         others = [c["asr"] for c in row.classes if c["name"] != target]
