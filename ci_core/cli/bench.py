@@ -35,6 +35,7 @@ from ci_core.learning.protocol import (MAX_POOL, MIN_OWN_PER_CLASS, MODEL_BUNDLE
 
 DEMO_MARKER = "demo.json"
 DEMO_OUTPUT = "demo"
+OWN_IMAGES_DIR = "own-images"  # the demo auditor's own images of the deployed classes, inside the demo's output
 
 
 @click.group()
@@ -168,9 +169,6 @@ def demo(out, json_path, dataset, data_root, attacks, seed, ood_only, backbone, 
                + ("" if ood_only else f"; the own images in {Path(out) / OWN_IMAGES_DIR}"))
     if json_path:
         write_json_atomic(json_path, rows)
-
-
-OWN_IMAGES_DIR = "own-images"
 
 
 def _demo_own_images(dataset_obj, task, work: Path, shown_as: Path, preset, *, image_size: int, seed: int,
