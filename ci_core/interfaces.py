@@ -229,6 +229,12 @@ class ClassEvidence:
     # not carry the inversion's start like the loss (an average over the optimisation).  None in reports of
     # versions before 0.4.
     margin: float | None = None
+    # The untuned backbone's mean margin towards this class on the same stamped T images (the backbone read as a
+    # zero-shot classifier): how much of the trigger's pull the public backbone shares.  A trigger that exploits
+    # what the backbone already knows moves both; one the model alone answers to (an implanted backdoor) moves
+    # the model's margin only (ref-outlier's compare=transfer).  None where the scan had no reference, and in
+    # reports written before the field existed.
+    transfer_margin: float | None = None
     # Whether the model was tuned on this class (one of its bundle's base classes); None where unknown (a reference
     # scan of the backbone, reports written before the flag).  ref-outlier gives the seen classes their own intercept.
     seen: bool | None = None

@@ -204,8 +204,12 @@ def _unit_interval_open(instance, attribute, value) -> None:
 #          (CI: the margin loss averaged over the optimisation);
 #   margin the finished trigger's mean margin on the held-out images T (ClassEvidence.margin);
 #   asr    the logit of the finished trigger's ASR on T (continuity-corrected);
-#   score  the base scorer's per-class anomaly score (the paper's S for CI).
-COMPARED = ("cost", "margin", "asr", "score")
+#   score  the base scorer's per-class anomaly score (the paper's S for CI);
+#   transfer  the finished trigger's margin on the model against the backbone's margin under the *same* trigger
+#          (ClassEvidence.transfer_margin): the line is fitted on the scan's own evidence, not on the reference
+#          scan's, and a class lies above it where the model answers to its trigger far more than the backbone
+#          does.  A trigger the backbone shares is a natural feature; one the model alone answers to is implanted.
+COMPARED = ("cost", "margin", "asr", "score", "transfer")
 FITS = ("ols", "robust")
 
 
@@ -293,6 +297,18 @@ class ReferenceOutlierScorer(Scorer):
             return -np.asarray([e.statistic for e in evidence], dtype=np.float64)
         return -np.asarray([e.loss for e in evidence], dtype=np.float64)
 
+    def against(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence],
+                what: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of statistic ``what``: the backbone's values and the model's, both larger = easier to reach."""
+        if what != "transfer":
+            return self.compared(reference, what), self.compared(evidence, what)
+        if any(e.transfer_margin is None or e.margin is None for e in evidence):
+            raise ConfigError(f"{self.name}: compare=transfer needs each class's transfer margin (the backbone's "
+                              "margin under the model's trigger), which a scan records only with a reference and "
+                              "since the field exists; scan again")
+        return (np.asarray([e.transfer_margin for e in evidence], dtype=np.float64),
+                np.asarray([e.margin for e in evidence], dtype=np.float64))
+
     def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores:
         self.check_inputs(classes=len(evidence), reference=reference is not None)
         names = [e.name for e in evidence]
@@ -304,9 +320,8 @@ class ReferenceOutlierScorer(Scorer):
             # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics
             # is that of its largest residual: its score is that t; Bonferroni over k statistics multiplies by k.
             seen = seen_column(evidence) if self.config.seen_intercept else None
-            designs = [line_design(self.compared(reference, what), seen) for what in statistics]
-            t = np.max([studentized_residuals_on(design, self.compared(evidence, what))
-                        for design, what in zip(designs, statistics)], axis=0)
+            pairs = [self.against(evidence, reference, what) for what in statistics]
+            t = np.max([studentized_residuals_on(line_design(x, seen), y) for x, y in pairs], axis=0)
             p = outlier_p_values(t, len(names) - 3 - (seen is not None))  # n - 3 for the line, as before
             over = f"Bonferroni over {len(names)} classes" + (", seen classes' own intercept" if seen is not None
                                                                 else "")
@@ -314,8 +329,8 @@ class ReferenceOutlierScorer(Scorer):
             # Each statistic's null depends on its reference values: per class the smallest p over statistics.
             fits = []
             for what in statistics:
-                x = self.compared(reference, what)
-                z = robust_residuals(x, self.compared(evidence, what))[0]
+                x, y = self.against(evidence, reference, what)
+                z = robust_residuals(x, y)[0]
                 fits.append((z, robust_p_values(x, z)))
             which = np.argmin([p for _, p in fits], axis=0)
             t = np.array([fits[k][0][c] for c, k in enumerate(which)])

@@ -504,3 +504,60 @@ def test_ci_scan_inverts_on_an_in_distribution_folder_and_names_its_bad_input(tm
 def test_a_bad_base_scorer_is_an_option_error_naming_it(base, says):
     with pytest.raises(ConfigError, match=rf"^ref-outlier options: base: .*{says}"):
         ReferenceOutlierScorer.from_options({"base": base})
+
+
+# --------------------------------------------------------------------------- transfer: does the backbone share the trigger?
+
+
+def with_transfer(margins, transfer):
+    return [ClassEvidence(name=f"c{i}", asr=0.5, loss=0.0, statistic=None, ssim=1.0, seconds=0.0, margin=m,
+                          transfer_margin=t) for i, (m, t) in enumerate(zip(margins, transfer))]
+
+
+def test_the_transfer_comparison_flags_a_trigger_only_the_model_answers_to():
+    rng = np.random.default_rng(21)
+    n = 24
+    transfer = rng.normal(-0.05, 0.04, n)  # what the backbone makes of each class's trigger
+    margins = 0.02 + 1.1 * transfer + rng.normal(0, 0.005, n)
+    reference = with_transfer(rng.normal(-0.05, 0.04, n), [None] * n)  # not read by compare=transfer
+    scorer = ReferenceOutlierScorer.from_options({"compare": "transfer", "seen_intercept": False})
+    # A natural target: the model reaches c3 easily, but the backbone answers to the same trigger as much.
+    transfer[3], margins[3] = 0.20, 0.02 + 1.1 * 0.20
+    quiet = scorer.score(with_transfer(margins, transfer), reference)
+    assert not quiet.backdoored and quiet.p_value > 0.05
+    # A margin the model reaches that the backbone does not share under the same trigger: implanted.
+    margins[9] = transfer[9] + 0.15
+    loud = scorer.score(with_transfer(margins, transfer), reference)
+    assert loud.backdoored and loud.target == "c9" and loud.p_value < 1e-3
+    # Together with the cost: one family-wise test over both statistics.
+    both = ReferenceOutlierScorer.from_options({"compare": "cost+transfer", "seen_intercept": False})
+    assert both.score(with_transfer(margins, transfer), reference).target == "c9"
+    # Evidence without the backbone's reading (a scan without reference, an older report): a clear error.
+    with pytest.raises(ConfigError, match="transfer margin"):
+        scorer.score(with_transfer(margins, [None] * n), reference)
+
+
+def test_a_scan_with_a_reference_reads_each_trigger_on_the_backbone_too(random_backbone, small_pool, detector):
+    from ci_core.models.zeroshot import ZeroShotCLIP
+
+    reference = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2)
+    # The backbone scanned as the model: the backbone's reading of each trigger is the model's own.
+    itself = scan(ZeroShotCLIP(random_backbone, own_visual=False).eval(), detector, ReferenceOutlierScorer(),
+                  small_pool, CLASSES, seed=2, reference=reference)
+    for e in itself.classes:
+        assert e.transfer_margin == pytest.approx(e.margin, abs=1e-6)
+    # A prompt-tuned model whose context was moved: the backbone reads the same triggers differently.
+    tuned = PromptTunedCLIP(random_backbone)
+    with torch.no_grad():
+        tuned.prompt_learner.ctx.add_(torch.randn(tuned.prompt_learner.ctx.shape, generator=torch.Generator().manual_seed(0)))
+    result = scan(tuned.eval(), detector, ReferenceOutlierScorer(), small_pool, CLASSES, seed=2, reference=reference)
+    assert all(e.transfer_margin is not None for e in result.classes)
+    assert any(abs(e.transfer_margin - e.margin) > 1e-4 for e in result.classes)
+    # Recorded in the report and read back.
+    report = ScanReport.build(result, ScanContext(bundle=BundleIdentity(path=None, sha256=None), backbone=None, seed=2,
+                                                  preset=None, device="cpu", command=None), small_pool)
+    again = ScanReport.from_json(json.loads(json.dumps(report.to_json())), "report.json")
+    assert [e.transfer_margin for e in again.evidence()] == [e.transfer_margin for e in result.classes]
+    # Without a reference nothing is read by the backbone.
+    alone = scan(tuned.eval(), detector, CIScorer(), small_pool, CLASSES, seed=2)
+    assert all(e.transfer_margin is None for e in alone.classes)

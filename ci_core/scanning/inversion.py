@@ -111,10 +111,12 @@ def _finite_inversion(evidence_loss: float, trace: Sequence[float], tensors: dic
 
 
 def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, classnames: Sequence[str], *, seed: int,
-                   progress: Progress = silent, label: str = "") -> tuple[tuple[ClassEvidence, ...], tuple[str, ...]]:
+                   progress: Progress = silent, label: str = "",
+                   transfer: CLIPClassifier | None = None) -> tuple[tuple[ClassEvidence, ...], tuple[str, ...]]:
     """Per-class evidence of ``detector`` on ``model``, and the problems that stopped it (empty if none).
 
-    Stops at the first class whose inversion is not finite: such a model cannot be measured.
+    ``transfer`` (the untuned backbone as a zero-shot classifier) also reads every stamped T image: each class's
+    ``transfer_margin``.  Stops at the first class whose inversion is not finite: such a model cannot be measured.
     """
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval().requires_grad_(False)  # the scan never changes the model
@@ -137,6 +139,11 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
                 asr = float(logits.argmax(-1).eq(index).float().mean())
                 margin = float(target_margins(logits, index, float(model.clip.logit_scale.exp())).mean())
                 similarity = float(ssim(pool.holdout, stamped).mean())
+                transfer_margin = None
+                if transfer is not None:
+                    read_by_backbone = predict_logits(transfer, stamped, classnames)
+                    transfer_margin = float(target_margins(read_by_backbone, index,
+                                                           float(transfer.clip.logit_scale.exp())).mean())
             statistic = None if inversion.statistic is None else float(inversion.statistic)
             if statistic is not None and not math.isfinite(statistic):
                 problems = (f"the inversion for class {name!r} gave a non-finite statistic",)
@@ -145,6 +152,7 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
                 name=name, asr=asr, loss=float(inversion.loss), statistic=statistic, ssim=similarity,
                 seconds=class_clock.seconds, loss_trace=trace, trigger=inversion.trigger,
                 margin=margin if math.isfinite(margin) else None,
+                transfer_margin=transfer_margin if transfer_margin is None or math.isfinite(transfer_margin) else None,
             ))
             progress(f"{label}: class {index + 1}/{len(classnames)} {name!r}: "
                      f"ASR {asr:.3f} loss {inversion.loss:.4f} ({class_clock.seconds:.1f}s)")
@@ -162,7 +170,8 @@ def evidence_from_json(row: Any, where: str, error: type[Exception] = DataError)
     return ClassEvidence(name=name, asr=read.number("asr"), loss=read.number("loss"),
                          statistic=read.number("statistic", optional=True), ssim=read.number("ssim"),
                          seconds=read.number("seconds"), loss_trace=read.numbers("loss_trace", default=[]),
-                         margin=read.number("margin", optional=True), seen=read.flag("seen", optional=True))
+                         margin=read.number("margin", optional=True), seen=read.flag("seen", optional=True),
+                         transfer_margin=read.number("transfer_margin", optional=True))
 
 
 def health_from_json(read: JsonFields) -> PoolHealth:

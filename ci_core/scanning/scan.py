@@ -32,7 +32,7 @@ from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
 from ci_core.scanning.inversion import PoolHealth, invert_classes, pool_health
-from ci_core.models.zeroshot import CLIPClassifier
+from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
 from ci_core.scanning.reference import ReferenceScan
 from ci_core.scanning.seen import mark_seen
 
@@ -142,7 +142,11 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
     if problems:
         progress(f"unscannable: {'; '.join(problems)}")
     else:
-        evidence, problems = invert_classes(model, detector, pool, classnames, seed=seed, progress=progress)
+        # With a reference, the untuned backbone also reads every stamped held-out image (transfer_margin).
+        transfer = (ZeroShotCLIP(model.backbone, reference.spec["template"], own_visual=False).eval()
+                    if reference is not None else None)
+        evidence, problems = invert_classes(model, detector, pool, classnames, seed=seed, progress=progress,
+                                            transfer=transfer)
         evidence = mark_seen(evidence, base_classes)
     decision, others = None, ()
     if not problems:

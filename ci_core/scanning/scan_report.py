@@ -356,6 +356,7 @@ class ScanReport:
             e = row.evidence
             item = {"name": e.name, "asr": e.asr, "loss": e.loss, "statistic": e.statistic, "ssim": e.ssim,
                     "seconds": e.seconds, "loss_trace": list(e.loss_trace), "margin": e.margin, "seen": e.seen,
+                    "transfer_margin": e.transfer_margin,
                     "trigger_file": row.trigger_file}
             if decided is not None:
                 item["score"] = decided.scores[index]
