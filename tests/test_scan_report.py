@@ -34,6 +34,7 @@ from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
 from ci_core.pages import visible_text
+from ci_core.pages import format_number
 from ci_core.pages.scan_page import write_scan_page
 from ci_core.scanning.inversion import PoolHealth
 from ci_core.scanning.scan import ScanResult, ScorerVerdict
@@ -261,6 +262,12 @@ def test_report_page_in_headless_chromium(scans, tmp_path):
     assert all(len(row) == len(rows[0]) for row in rows)
     tuned_on = rows[0].index("tuned on")  # the bundle's base classes, which the verdict gives their own intercept
     assert {row[1]: row[tuned_on] for row in rows[1:]} == {n: "yes" if n in CLASSES[:3] else "no" for n in CLASSES}
+    # Each trigger read by the backbone too: the transfer figure, and both margins per class in the table.
+    assert any(tag == "figure" and a.get("id") == "transfer" for tag, a in dom.elements)
+    read_by_backbone = rows[0].index("backbone's margin, same trigger")
+    by_name = {e.name: e for e in report.evidence()}
+    assert {row[1]: row[read_by_backbone] for row in rows[1:]} == {
+        n: format_number(by_name[n].transfer_margin) for n in CLASSES}
     images = [a for tag, a in dom.elements if tag == "img"]
     assert images and all(a["src"].startswith("data:image/png;base64,") for a in images)  # self-contained
     assert not any(tag == "script" for tag, _ in dom.elements)
@@ -282,6 +289,14 @@ def test_report_page_in_headless_chromium(scans, tmp_path):
     assert all(len(row) == len(rows[0]) for row in rows)
     assert not any(tag == "a" for tag, _ in dom.elements)  # no name became a link
     browse(hostile_folder / "report.html", f"--screenshot={shot}", "--window-size=1200,2400")
+
+    # A report written before the backbone's reading was recorded: no transfer figure, no such column.
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    write_scan_page(attrs.evolve(report, classes=tuple(
+        attrs.evolve(row, evidence=attrs.evolve(row.evidence, transfer_margin=None)) for row in report.classes)), older)
+    html = (older / "report.html").read_text()
+    assert 'id="transfer"' not in html and "same trigger" not in html and 'id="classes"' in html
 
     # Unscannable: the reasons, and no table or figure that could be read as a result.
     broken = read_scan_report(scans["unscannable"][0])

@@ -80,6 +80,39 @@ def _cost(report: "ScanReport") -> tuple[np.ndarray, np.ndarray, str]:
     return np.array([r.evidence.loss for r in rows]), np.array([r.reference.loss for r in rows]), "inversion loss"
 
 
+def _against_the_backbone(ax, report: "ScanReport", backbone: np.ndarray, model: np.ndarray) -> None:
+    """Each class as a point (backbone's value, model's value), ref-outlier's fitted line(s) and the most anomalous
+    class marked: the layout of both evidence figures."""
+    decided = report.decision
+    names = report.classnames
+    top = names.index(decided.target)
+    evidence = report.evidence()
+    seen = seen_column(evidence) if decided.config.get("seen_intercept") else None
+    if all(e.seen is not None for e in evidence) and any(e.seen for e in evidence):
+        flags = np.array([bool(e.seen) for e in evidence])
+        ax.scatter(backbone[flags], model[flags], color="tab:blue", s=22, label="classes it was tuned on")
+        if not flags.all():  # a scan of the deployed classes holds no others
+            ax.scatter(backbone[~flags], model[~flags], color="tab:cyan", s=22, label="other classes")
+    else:
+        ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
+    if np.ptp(backbone) > 0:
+        # The scorer's own fit (ref-outlier's design): one slope, the tuned-on classes their own intercept.
+        intercept, slope, *shift = np.linalg.lstsq(line_design(backbone, seen), model, rcond=None)[0]
+        xs = np.linspace(backbone.min(), backbone.max(), 50)
+        lines = ([(intercept + shift[0], "tab:blue", ", tuned on"), (intercept, "tab:cyan", ", others")] if shift
+                 else [(intercept, "grey", "")])
+        for at, colour, which in lines:
+            ax.plot(xs, at + slope * xs, color=colour, linestyle="--", linewidth=1,
+                    label=f"least-squares fit{which}: y = {at:.3g} + {slope:.3g} x")
+    else:
+        ax.axhline(model.mean(), color="grey", linestyle="--", linewidth=1, label="mean (constant reference)")
+    colour = "tab:red" if decided.backdoored else "tab:orange"
+    ax.scatter([backbone[top]], [model[top]], color=colour, s=80, marker="D", zorder=3,
+               label="flagged" if decided.backdoored else "most anomalous (not flagged)")
+    ax.annotate(plain_label(names[top]), (backbone[top], model[top]), xytext=(8, -12), textcoords="offset points",
+                color=colour, fontsize=9, parse_math=False)
+
+
 def evidence_figure(report: "ScanReport") -> str:
     """The picture behind the verdict, as a data: URI (see the module docstring)."""
     decided = report.decision
@@ -89,31 +122,7 @@ def evidence_figure(report: "ScanReport") -> str:
     ax = figure.add_subplot()
     if all(r.reference is not None for r in report.classes) and len(names) >= 2:
         model, backbone, what = _cost(report)
-        evidence = report.evidence()
-        seen = seen_column(evidence) if decided.config.get("seen_intercept") else None
-        if all(e.seen is not None for e in evidence) and any(e.seen for e in evidence):
-            flags = np.array([bool(e.seen) for e in evidence])
-            ax.scatter(backbone[flags], model[flags], color="tab:blue", s=22, label="classes it was tuned on")
-            if not flags.all():  # a scan of the deployed classes holds no others
-                ax.scatter(backbone[~flags], model[~flags], color="tab:cyan", s=22, label="other classes")
-        else:
-            ax.scatter(backbone, model, color="tab:blue", s=22, label="classes")
-        if np.ptp(backbone) > 0:
-            # The scorer's own fit (ref-outlier's design): one slope, the tuned-on classes their own intercept.
-            intercept, slope, *shift = np.linalg.lstsq(line_design(backbone, seen), model, rcond=None)[0]
-            xs = np.linspace(backbone.min(), backbone.max(), 50)
-            lines = ([(intercept + shift[0], "tab:blue", ", tuned on"), (intercept, "tab:cyan", ", others")] if shift
-                     else [(intercept, "grey", "")])
-            for at, colour, which in lines:
-                ax.plot(xs, at + slope * xs, color=colour, linestyle="--", linewidth=1,
-                        label=f"least-squares fit{which}: y = {at:.3g} + {slope:.3g} x")
-        else:
-            ax.axhline(model.mean(), color="grey", linestyle="--", linewidth=1, label="mean (constant reference)")
-        colour = "tab:red" if decided.backdoored else "tab:orange"
-        ax.scatter([backbone[top]], [model[top]], color=colour, s=80, marker="D", zorder=3,
-                   label="flagged" if decided.backdoored else "most anomalous (not flagged)")
-        ax.annotate(plain_label(names[top]), (backbone[top], model[top]), xytext=(8, -12), textcoords="offset points",
-                    color=colour, fontsize=9, parse_math=False)
+        _against_the_backbone(ax, report, backbone, model)
         ax.set_xlabel(f"backbone's cost of reaching the class ({what})", parse_math=False)
         ax.set_ylabel(f"model's cost ({what})", parse_math=False)
         ax.set_title("Each class: cost in the model against the untuned backbone", fontsize=10, parse_math=False)
@@ -138,6 +147,27 @@ def evidence_figure(report: "ScanReport") -> str:
                   else ax.legend(fontsize="small", loc=legend_at))
         for text in legend.get_texts():
             text.set_parse_math(False)
+    return png_data_uri(figure)
+
+
+def transfer_figure(report: "ScanReport") -> str | None:
+    """Each class's finished trigger read by the model (y) and by the untuned backbone (x), as a data: URI; None
+    where the scan did not record the backbone's reading (no reference, or a report written before it)."""
+    evidence = report.evidence()
+    if len(evidence) < 2 or any(e.margin is None or e.transfer_margin is None for e in evidence):
+        return None
+    figure = new_figure(6.4, 5.0)
+    ax = figure.add_subplot()
+    _against_the_backbone(ax, report, np.array([e.transfer_margin for e in evidence]),
+                          np.array([e.margin for e in evidence]))
+    ax.axline((0, 0), slope=1, color="lightgrey", linewidth=1, zorder=0)
+    ax.set_xlabel("backbone's margin towards the class under the model's trigger", parse_math=False)
+    ax.set_ylabel("model's margin under the same trigger", parse_math=False)
+    ax.set_title("Each class's trigger, read by the model and by the untuned backbone", fontsize=10,
+                 parse_math=False)
+    legend = figure.legend(fontsize="small", loc="outside lower center", ncols=2)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
     return png_data_uri(figure)
 
 
@@ -166,6 +196,10 @@ def _table(report: "ScanReport") -> dict:
     has_reference = all(r.reference is not None for r in report.classes)
     if has_reference:
         columns += ["reference ASR", "reference loss"]
+    has_transfer = all(r.evidence.margin is not None and r.evidence.transfer_margin is not None
+                       for r in report.classes)
+    if has_transfer:
+        columns += ["margin", "backbone's margin, same trigger"]
     has_seen = all(r.evidence.seen is not None for r in report.classes)
     if has_seen:
         columns += ["tuned on"]
@@ -178,6 +212,8 @@ def _table(report: "ScanReport") -> dict:
         cells = [format_number(row.evidence.asr), format_number(row.evidence.loss)]
         if has_reference:
             cells += [format_number(row.reference.asr), format_number(row.reference.loss)]
+        if has_transfer:
+            cells += [format_number(row.evidence.margin), format_number(row.evidence.transfer_margin)]
         if has_seen:
             cells += ["yes" if row.evidence.seen else "no"]
         cells += [format_number(s.per_class[key][index]) for s, key in figures]
@@ -258,7 +294,7 @@ def page_values(report: "ScanReport", folder: Path) -> dict:
         "title": report.bundle.path or report.bundle.model_cell or "scan", "health": _health(report),
         "provenance": _provenance(report), "command": report.command, "classes": len(report.classes),
         "detector": report.detector, "facts": [], "table": None, "evidence": None, "strips": [], "traces": None,
-        "evidence_caption": "",
+        "evidence_caption": "", "transfer": None,
     }
     if decided is None:
         return values
@@ -270,7 +306,7 @@ def page_values(report: "ScanReport", folder: Path) -> dict:
                          f"{'flagged' if s.backdoored else 'not flagged'} at {s.rule}") for s in report.scorers[1:]]
     top = report.ranking()[:TOP_CLASSES]
     values.update(table=_table(report), evidence=evidence_figure(report), strips=_strips(report, folder, top),
-                  traces=loss_trace_figure(report, top))
+                  traces=loss_trace_figure(report, top), transfer=transfer_figure(report))
     if report.reference is not None:
         values["evidence_caption"] = (
             "Each point is one candidate class: how hard the detector found it to reach in the untuned backbone "
