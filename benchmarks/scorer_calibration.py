@@ -98,8 +98,10 @@ def candidates(model, reference, holdout: int) -> dict[str, tuple[np.ndarray, fl
                                                                   out["regression of margin"],
                                                                   out["regression of logit ASR"])
     # The shipped scorer's settings (ci_detectors.reference_scoring), robust fits included.
-    for compare in ("cost", "margin", "asr", "cost+margin", "cost+asr", "cost+margin+asr"):
-        if "margin" in compare and not margins:
+    transfer = all(r.transfer_margin is not None and r.margin is not None for r in model)
+    for compare in ("cost", "margin", "asr", "cost+margin", "cost+asr", "cost+margin+asr", "transfer",
+                    "cost+transfer"):
+        if "margin" in compare and not margins or "transfer" in compare and not transfer:
             continue
         for fit, seen in (("ols", True), ("ols", False), ("robust", False)):
             options = {"compare": compare, "fit": fit, "seen_intercept": seen}

@@ -59,6 +59,34 @@ def margins(model, triggers, images, classnames) -> list[float]:
     return out
 
 
+@torch.no_grad()
+def clean_margins(model, images, classnames) -> list[float]:
+    """Each class's mean margin on the untouched images: where the classifier already stands before any trigger."""
+    logits = predict_logits(model, images, classnames)
+    scale = float(model.clip.logit_scale.exp())
+    return [float(target_margins(logits, index, scale).mean()) for index in range(len(classnames))]
+
+
+def add_clean_margins(store_root: str, out: Path) -> None:
+    """Add m0 and b0 (the model's and the backbone's margins on clean T) to the entries of ``out``."""
+    store = Store.open(store_root)
+    done = json.loads(out.read_text())
+    models = {c.key: c for c in store.cells("model")}
+    for number, cell in enumerate(store.cells("scan"), 1):
+        entry = done.get(cell.key)
+        if entry is None or "mm" not in entry or "m0" in entry:
+            continue
+        model_record = models[cell.model]
+        backbone = _load_backbone(cell.spec.backbone.name, "builtin", "cpu")
+        pool = inversion_pool(cell.spec.pool, model_record.dataset, None, backbone.image_size, cell.spec.seed,
+                              entry["classes"])
+        model, meta = load_bundle(store.bundle_path("model", cell.model), backbone)
+        zero_shot = ZeroShotCLIP(backbone, meta["template"], own_visual=False).eval()
+        entry["m0"] = clean_margins(model.eval(), pool.holdout, entry["classes"])
+        entry["b0"] = clean_margins(zero_shot, pool.holdout, entry["classes"])
+    write_json(out, done)
+
+
 def measure(store_root: str, out: Path, kinds: list[ScanKind]) -> None:
     store = Store.open(store_root)
     models = {c.key: c for c in store.cells("model")}
@@ -130,6 +158,13 @@ def statistics_of(r: dict) -> dict[str, tuple[float, int]]:
         "grubbs mm - bm": _reg(mm - bm),
         "grubbs interaction": _reg((mm - bm) - (mb - bb)),
     }
+    if "m0" in r:
+        m0, b0 = np.array(r["m0"]), np.array(r["b0"])
+        out["gain on gain"] = _reg(mm - m0, bm - b0)
+        out["margin on bm and m0 - b0"] = _reg(mm, bm, m0 - b0)
+        if with_seen:
+            out["gain on gain + seen"] = _reg(mm - m0, bm - b0, seen)
+            out["margin on bm, m0 - b0 + seen"] = _reg(mm, bm, m0 - b0, seen)
     if with_seen:
         out["margin on bm + seen"] = _reg(mm, bm, seen)
         out["margin on bm, bb + seen"] = _reg(mm, bm, bb, seen)
@@ -234,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="ood/all")
     parser.add_argument("--analyse", nargs="+")
     parser.add_argument("--pairs", nargs="+")
+    parser.add_argument("--clean-margins", action="store_true",
+                        help="add each class's margin on the clean T images (model and backbone) to --out")
     args = parser.parse_args(argv)
     if args.pairs:
         pair_verdicts(args.pairs)
@@ -242,6 +279,9 @@ def main(argv=None) -> int:
         analyse(args.analyse)
         return 0
     torch.set_num_threads(1)
+    if args.clean_margins:
+        add_clean_margins(args.store, args.out)
+        return 0
     kinds = [ScanKind(*k.split("/")) for k in args.kinds.split(",")]
     measure(args.store, args.out, kinds)
     return 0
