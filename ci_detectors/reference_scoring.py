@@ -65,6 +65,16 @@ statistics); ``fit="robust"`` replaces least squares by a Theil-Sen line with
 residuals in MADs and a Monte Carlo null, which a cluster of classes the
 trigger also moves cannot mask.  On the development models neither beat the
 least-squares cost over all classes.
+
+``compare="transfer"`` asks another question of the same scan: not how cheap
+the class is in the model against the backbone's own trigger, but whether the
+backbone answers to the *model's* trigger.  x is the untuned backbone's margin
+towards the class under the model's finished trigger, y the model's margin
+under it (both on T, ``ClassEvidence.transfer_margin`` and ``margin``); a
+class far above the fit has a trigger the model alone answers to.  With
+``cost+transfer`` (one test over both, Bonferroni over the two) it caught the
+Blended backdoors the l-inf inversion cannot tell from the backbone by their
+cost; it is the fourth freeze, awaiting its confirmation (docs/verdicts.md).
 """
 
 from __future__ import annotations
