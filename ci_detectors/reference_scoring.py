@@ -72,9 +72,11 @@ backbone answers to the *model's* trigger.  x is the untuned backbone's margin
 towards the class under the model's finished trigger, y the model's margin
 under it (both on T, ``ClassEvidence.transfer_margin`` and ``margin``); a
 class far above the fit has a trigger the model alone answers to.  With
-``cost+transfer`` (one test over both, Bonferroni over the two) it caught the
-Blended backdoors the l-inf inversion cannot tell from the backbone by their
-cost; it is the fourth freeze, awaiting its confirmation (docs/verdicts.md).
+``cost+transfer`` (one test over both, Bonferroni over the two) it caught
+development Blended backdoors the l-inf inversion cannot tell from the
+backbone by their cost; frozen as the fourth verdict, on its confirmation it
+flagged the same models as the cost alone, so it stays an option
+(docs/verdicts.md, "transfer margin").
 """
 
 from __future__ import annotations
