@@ -103,7 +103,7 @@ def _against_the_backbone(ax, report: "ScanReport", backbone: np.ndarray, model:
                  else [(intercept, "grey", "")])
         for at, colour, which in lines:
             ax.plot(xs, at + slope * xs, color=colour, linestyle="--", linewidth=1,
-                    label=f"least-squares fit{which}: y = {at:.3g} + {slope:.3g} x")
+                    label=f"least-squares fit{which}: y = {at:.3f} + {slope:.3f} x")
     else:
         ax.axhline(model.mean(), color="grey", linestyle="--", linewidth=1, label="mean (constant reference)")
     colour = "tab:red" if decided.backdoored else "tab:orange"
