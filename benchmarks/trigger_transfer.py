@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from ci_core.files import write_json_atomic as write_json
 from ci_core.harness.cells import _load_backbone, inversion_pool, stored_evidence
 from ci_core.harness.report.combined import ScanKind
 from ci_core.harness.store import Store
-from ci_core.interfaces import ClassEvidence
-from ci_core.learning.evaluation import predict_logits, target_margins
+from ci_core.learning.evaluation import mean_margin, predict_logits
 from ci_core.models.bundle import load_bundle
 from ci_core.models.zeroshot import ZeroShotCLIP
 from ci_core.plugins import registry
@@ -51,20 +49,16 @@ WORKS = 0.5
 
 
 def margins(model, triggers, images, classnames) -> list[float]:
-    scale = float(model.clip.logit_scale.exp())
-    out = []
-    for index, trigger in enumerate(triggers):
-        logits = predict_logits(model, trigger.apply(images), classnames)
-        out.append(float(target_margins(logits, index, scale).mean()))
-    return out
+    """Each class's mean margin under its own trigger (as a scan measures ``margin`` and ``transfer_margin``)."""
+    return [mean_margin(model, predict_logits(model, trigger.apply(images), classnames), index)
+            for index, trigger in enumerate(triggers)]
 
 
 @torch.no_grad()
 def clean_margins(model, images, classnames) -> list[float]:
     """Each class's mean margin on the untouched images: where the classifier already stands before any trigger."""
     logits = predict_logits(model, images, classnames)
-    scale = float(model.clip.logit_scale.exp())
-    return [float(target_margins(logits, index, scale).mean()) for index in range(len(classnames))]
+    return [mean_margin(model, logits, index) for index in range(len(classnames))]
 
 
 def add_clean_margins(store_root: str, out: Path) -> None:

@@ -71,6 +71,11 @@ def target_margins(logits: torch.Tensor, target: int, logit_scale: float) -> tor
     return similarities[:, target] - others.max(dim=1).values
 
 
+def mean_margin(classifier, logits: torch.Tensor, target: int) -> float:
+    """The mean of ``target_margins`` over the images of ``logits``, which ``classifier`` gave (its logit scale)."""
+    return float(target_margins(logits, target, float(classifier.clip.logit_scale.exp())).mean())
+
+
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, classnames, batch_size: int = 256) -> torch.Tensor:
     """The logits of every image (on the CPU)."""

@@ -117,7 +117,6 @@ def evidence_figure(report: "ScanReport") -> str:
     """The picture behind the verdict, as a data: URI (see the module docstring)."""
     decided = report.decision
     names = report.classnames
-    top = names.index(decided.target)
     figure = new_figure(6.4, 5.0)
     ax = figure.add_subplot()
     if all(r.reference is not None for r in report.classes) and len(names) >= 2:
@@ -142,12 +141,18 @@ def evidence_figure(report: "ScanReport") -> str:
         ax.set_ylabel(_score_header(decided.scorer, "score"), parse_math=False)
         ax.set_title(f"Per-class scores of {decided.scorer}", fontsize=10, parse_math=False)
         legend_at = "best"
-    if ax.get_legend_handles_labels()[0]:
-        legend = (figure.legend(fontsize="small", loc=legend_at, ncols=2) if legend_at.startswith("outside")
-                  else ax.legend(fontsize="small", loc=legend_at))
-        for text in legend.get_texts():
-            text.set_parse_math(False)
+    _add_legend(figure, ax, legend_at)
     return png_data_uri(figure)
+
+
+def _add_legend(figure, ax, at: str) -> None:
+    """The axes' legend at ``at`` ('outside ...': under the axes, in two columns), its labels as plain text."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    legend = (figure.legend(fontsize="small", loc=at, ncols=2) if at.startswith("outside")
+              else ax.legend(fontsize="small", loc=at))
+    for text in legend.get_texts():
+        text.set_parse_math(False)
 
 
 def transfer_figure(report: "ScanReport") -> str | None:
@@ -165,9 +170,7 @@ def transfer_figure(report: "ScanReport") -> str | None:
     ax.set_ylabel("model's margin under the same trigger", parse_math=False)
     ax.set_title("Each class's trigger, read by the model and by the untuned backbone", fontsize=10,
                  parse_math=False)
-    legend = figure.legend(fontsize="small", loc="outside lower center", ncols=2)
-    for text in legend.get_texts():
-        text.set_parse_math(False)
+    _add_legend(figure, ax, "outside lower center")
     return png_data_uri(figure)
 
 

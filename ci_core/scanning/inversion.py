@@ -23,7 +23,7 @@ import torch
 
 from ci_core.data.ood import OODPool
 from ci_core.errors import DataError
-from ci_core.learning.evaluation import predict_logits, target_margins
+from ci_core.learning.evaluation import mean_margin, predict_logits
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Stopwatch, silent
 from ci_core.json_fields import JsonFields
 from ci_core.models.zeroshot import CLIPClassifier
@@ -137,13 +137,10 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
                 stamped = inversion.trigger.apply(pool.holdout)
                 logits = predict_logits(model, stamped, classnames)
                 asr = float(logits.argmax(-1).eq(index).float().mean())
-                margin = float(target_margins(logits, index, float(model.clip.logit_scale.exp())).mean())
+                margin = mean_margin(model, logits, index)
                 similarity = float(ssim(pool.holdout, stamped).mean())
-                transfer_margin = None
-                if transfer is not None:
-                    read_by_backbone = predict_logits(transfer, stamped, classnames)
-                    transfer_margin = float(target_margins(read_by_backbone, index,
-                                                           float(transfer.clip.logit_scale.exp())).mean())
+                transfer_margin = (None if transfer is None
+                                   else mean_margin(transfer, predict_logits(transfer, stamped, classnames), index))
             statistic = None if inversion.statistic is None else float(inversion.statistic)
             if statistic is not None and not math.isfinite(statistic):
                 problems = (f"the inversion for class {name!r} gave a non-finite statistic",)
