@@ -149,7 +149,7 @@ def load(store: Store, seeds: set[int] | None, classes: str = "all",
     return rows
 
 
-def combine(entries: list, kinds: int) -> list:
+def combine(entries: list, kinds: list[ScanKind]) -> list:
     """One entry per model from its ``kinds`` scans (told apart by ``ScanKind.of``): the smallest p times the number
     of scans (Bonferroni over them), the target the top class of the measurable scan with the smallest p; the
     largest s_max ranks it.  Models missing a scan are left out."""
@@ -158,9 +158,9 @@ def combine(entries: list, kinds: int) -> list:
         by_model.setdefault(entry[0]["cell"].model, {})[ScanKind.of(entry[0]["cell"])] = entry
     out = []
     for scans in by_model.values():
-        if len(scans) != kinds:
+        if len(scans) != len(kinds):
             continue
-        group = list(scans.values())
+        group = [scans[kind] for kind in kinds]  # the first kind's row stands for the model, whatever the order
         s_max = max(float(e[1].max()) for e in group)
         if any(e[2] is None for e in group):
             best = max(group, key=lambda e: float(e[1].max()))
@@ -169,8 +169,23 @@ def combine(entries: list, kinds: int) -> list:
         best = min(group, key=lambda e: e[2])
         # An unscannable scan flags the model (p 0) but names no class; a scan that could measure it names one.
         named = min((e for e in group if e[3] is not None), key=lambda e: e[2], default=best)
-        out.append((group[0][0], np.array([s_max]), min(1.0, kinds * best[2]), named[3]))
+        out.append((group[0][0], np.array([s_max]), min(1.0, len(kinds) * best[2]), named[3]))
     return out
+
+
+def mixed(per_candidate: dict, mix: str, kinds: list[ScanKind]) -> list:
+    """The entries of a row that reads each scan kind by its own candidate: 'A+B' takes kind 1's entries from A and
+    kind 2's from B (A and B are candidate names, which may contain '+' themselves: the split is the one that names
+    two known candidates)."""
+    if len(kinds) != 2:
+        raise SystemExit(f"--mix {mix!r}: needs two scans per model (--data/--classes pairs), got {len(kinds)}")
+    splits = [(mix[:i], mix[i + 1:]) for i, ch in enumerate(mix) if ch == "+"
+              and mix[:i] in per_candidate and mix[i + 1:] in per_candidate]
+    if len(splits) != 1:
+        raise SystemExit(f"--mix {mix!r}: expected two candidate names joined by '+', of: {sorted(per_candidate)}")
+    first, second = splits[0]
+    return ([e for e in per_candidate[first] if ScanKind.of(e[0]["cell"]) == kinds[0]]
+            + [e for e in per_candidate[second] if ScanKind.of(e[0]["cell"]) == kinds[1]])
 
 
 def parse_seeds(text: str | None) -> set[int] | None:
@@ -207,6 +222,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="only these attacks at these seeds, e.g. clean:65-70,badclip:51 (a model's "
                                        "attack is its own name; controls count under their attack)")
     parser.add_argument("--show", help="print the per-model values of this candidate")
+    parser.add_argument("--mix", action="append", default=[], metavar="CANDIDATE+CANDIDATE",
+                        help="with two scans per model: a further row that judges the first scan by one candidate and "
+                             "the second by another, e.g. 'ref-outlier cost ols + seen+ref-outlier cost robust' "
+                             "(split at the last '+' followed by 'ref-outlier' or another candidate's name)")
     parser.add_argument("--classes", default="all", choices=("all", "base", "all+base"),
                         help="the scans' candidate classes; all+base judges each model by both of its scans, "
                              "Bonferroni over the two (p = min(1, 2 min(p_all, p_base)))")
@@ -244,8 +263,10 @@ def main(argv=None) -> int:
         if unscannable(row):  # as the report ranks and counts an unscannable model: highest, flagged, no target
             for name in names or ():
                 per_candidate[name].append((row, np.array([np.inf]), 0.0, None))
+    for mix in args.mix:
+        per_candidate[f"mix: {mix}"] = mixed(per_candidate, mix, kinds)
     if len(kinds) > 1:
-        per_candidate = {name: combine(entries, len(kinds)) for name, entries in per_candidate.items()}
+        per_candidate = {name: combine(entries, kinds) for name, entries in per_candidate.items()}
         rows = [e[0] for e in next(iter(per_candidate.values()))]
     clean_n = sum(r["model"].target is None for r in rows)
     implanted = [r for r in rows if r["model"].target is not None

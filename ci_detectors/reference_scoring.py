@@ -328,13 +328,18 @@ class ReferenceOutlierScorer(Scorer):
             raise ConfigError(f"the reference scan's classes differ from the scan's ({len(reference)} against "
                               f"{len(names)})")
         statistics = self.config.compare.split("+")
+        per_class: dict[str, tuple[float, ...]] = {}
         if self.config.fit == "ols":
             # Every test has the same n and degrees of freedom, so a class's smallest p-value over the statistics
             # is that of its largest residual: its score is that t; Bonferroni over k statistics multiplies by k.
             seen = seen_column(evidence) if self.config.seen_intercept else None
             pairs = [self.against(evidence, reference, what) for what in statistics]
             t = np.max([studentized_residuals_on(line_design(x, seen), y) for x, y in pairs], axis=0)
-            p = outlier_p_values(t, len(names) - 3 - (seen is not None))  # n - 3 for the line, as before
+            df = len(names) - 3 - (seen is not None)  # n - 3 for the line, as before
+            p = outlier_p_values(t, df)
+            # Each class's own p before the correction over the classes: what a test pairing this scan's classes
+            # with another scan's reads (ci_core.scanning.combined.paired_verdict).
+            per_class["p_class"] = tuple(float(v) for v in np.minimum(1.0, len(statistics) * stats.t.sf(t, df)))
             over = f"Bonferroni over {len(names)} classes" + (", seen classes' own intercept" if seen is not None
                                                                 else "")
         else:
@@ -357,5 +362,5 @@ class ReferenceOutlierScorer(Scorer):
             scores=tuple(float(v) for v in t), s_max=float(t[best]), target=names[best],
             backdoored=bool(p[best] <= alpha), flagged=tuple(n for n, v in zip(names, p) if v <= alpha),
             p_value=float(p[best]), rule=f"p <= {alpha:g} ({over})",
-            per_class={"p": tuple(float(v) for v in p)},
+            per_class={"p": tuple(float(v) for v in p), **per_class},
         )

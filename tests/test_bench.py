@@ -532,6 +532,36 @@ def test_report_combines_each_models_scans_bonferroni_over_them(tmp_path, fake_p
     assert _combined("a+b", [broken, broken]).predicted_target is None
 
 
+def test_report_reads_two_scans_by_the_paired_test(tmp_path, fake_plugins):
+    from ci_core.harness.report import build_report, parse_combination, scored_scans
+    from ci_core.scanning.combined import paired_verdict
+
+    out = tmp_path / "store"
+    assert run_bench([*FAKE_SWEEP, "--inversion-data", "ood,id-only", "--out", out, "--quiet"]).exit_code == 0
+    store = Store.open(out)
+    combination = parse_combination("paired:ood/all+id-only/all")
+    assert str(combination) == "paired:ood/all+id-only/all" and combination.rule == "paired"
+    report = build_report(store, combine=[combination, parse_combination("ood/all+id-only/all")])
+    label = "fake-detector / ref-outlier over paired:ood/all+id-only/all"
+    assert label in {g["label"] for g in report["detectors"]}
+    _, rows = scored_scans(store)
+    calibrated = [r for r in rows if r.scorer == "ref-outlier"]
+    for model in report["models"]:
+        own = {r.scan.spec.pool.inversion_data: r for r in calibrated if r.model.seed == model["seed"]
+               and r.model.attack == model["attack"]}
+        first, second = own["ood"], own["id-only"]
+        # The per-class p before the correction: the scorer's adjusted p is n times it, capped at 1.
+        assert first.class_p and min(1.0, len(first.class_p) * min(first.class_p.values())) == pytest.approx(
+            first.p_value)
+        expected = paired_verdict([first.class_p, second.class_p], [first.p_value, second.p_value],
+                                  alpha=0.05, label="")
+        got = model["scorers"][label]
+        assert got["p_value"] == pytest.approx(expected.p_value) and got["top"] == expected.target
+        assert got["verdict"] == expected.verdict
+    result = run_bench(["report", out, "--combine", "fisher:ood/all+id-only/all", "--quiet"])
+    assert result.exit_code != 0 and "'fisher' is not a rule; expected one of bonferroni, paired" in result.output
+
+
 def test_report_reads_a_scan_that_stopped_before_the_targets_class(tmp_path, fake_plugins, monkeypatch):
     """A tripwire can stop a scan partway (seed 56, patterns: 6 of 12 classes): the report counts the target as
     missed and keeps the reconstruction figures to the scans that measured it."""

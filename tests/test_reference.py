@@ -423,6 +423,21 @@ def test_the_seen_intercept_finds_a_target_that_tuning_the_seen_classes_hides():
     assert ReferenceOutlierScorer.from_options({}).score(few, reference).rule == line.rule
 
 
+def test_each_classs_p_before_the_correction_is_recorded_for_the_least_squares_fit():
+    """What the paired test of two scans reads: P(T_df >= t) per class, df = n - 3 for the line and n - 4 with
+    the seen intercept; the verdict's adjusted p is n times it (capped at 1).  A robust fit gives none."""
+    from scipy import stats
+
+    for options, (model, reference), df in (({"seen_intercept": False}, seen_world(3, target=4, lift=0.05), 21),
+                                            ({}, seen_world(3, target=4, lift=0.05), 20)):
+        scores = ReferenceOutlierScorer.from_options(options).score(model, reference)
+        class_p = np.asarray(scores.per_class["p_class"])
+        assert class_p == pytest.approx(stats.t.sf(np.asarray(scores.scores), df))
+        assert np.asarray(scores.per_class["p"]) == pytest.approx(np.minimum(1.0, 24 * class_p))
+    robust = ReferenceOutlierScorer.from_options({"fit": "robust", "seen_intercept": False}).score(model, reference)
+    assert "p_class" not in robust.per_class
+
+
 def test_the_seen_intercept_holds_the_family_wise_error_under_the_null():
     # A clean model whose seen classes moved as a group: the test flags about alpha of them, not more.
     scorer = ReferenceOutlierScorer.from_options({})

@@ -18,7 +18,10 @@ from ci_core.errors import DataError
 from ci_core.models.backbone import TINY_IMAGE_SIZE
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
-from ci_core.scanning.combined import bonferroni_verdict
+import numpy as np
+from scipy import stats
+
+from ci_core.scanning.combined import bonferroni_verdict, paired_evidence, paired_verdict
 from ci_core.scanning.scan_report import read_scan_report
 from ci_core.scanning.two_scan_report import two_scan_schema
 
@@ -43,6 +46,62 @@ def test_two_scans_are_one_bonferroni_verdict_that_fails_closed(p_values, verdic
     assert combined.verdict == verdict and combined.deciding == deciding
     assert combined.p_value == pytest.approx(p) if p is not None else combined.p_value is None
     assert combined.rule == "p <= 0.05, Bonferroni over the 2 scans ood+own"
+
+
+def _p_of(z):
+    return {f"class {i}": float(stats.norm.sf(v)) for i, v in enumerate(z)}
+
+
+def test_paired_test_flags_a_class_easy_in_both_scans_that_neither_flags_alone():
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=12) * 0.7, rng.normal(size=12) * 0.7
+    first[5], second[5] = 2.6, 2.6  # p 0.0047 each: times 12 classes (x 2 scans) neither clears 0.05 alone
+    p_first, p_second = _p_of(first), _p_of(second)
+    alone = bonferroni_verdict([min(1, 12 * min(p_first.values())), min(1, 12 * min(p_second.values()))],
+                               alpha=0.05, label="a+b")
+    paired = paired_verdict([p_first, p_second], [None, None], alpha=0.05, label="a+b")
+    assert alone.verdict == "clean"
+    assert paired.verdict == "backdoored" and paired.target == "class 5" and paired.fallback is None
+    evidence = paired.evidence
+    # The combined score of a class is its two normal scores summed with the correlation of the *other* classes.
+    for i in (0, 5):
+        others = np.arange(12) != i
+        rho = min(1.0, max(0.0, float(np.corrcoef(first[others], second[others])[0, 1])))
+        assert evidence.correlation[i] == pytest.approx(rho)
+        assert evidence.combined[i] == pytest.approx((first[i] + second[i]) / np.sqrt(2 * (1 + rho)), abs=1e-6)
+    assert paired.p_value == pytest.approx(12 * stats.norm.sf(max(evidence.combined)))
+    # The same class strong in one scan only is weaker evidence than in both.
+    second[5] = 0.0
+    assert paired_verdict([p_first, _p_of(second)], [None, None], alpha=0.05, label="a+b").p_value > paired.p_value
+
+
+def test_paired_test_holds_its_level_when_a_clean_models_scans_correlate():
+    """Clean models whose class quirks show in both scans (correlation 0.6, 18 classes): the leave-one-out
+    correlation keeps the family-wise rate near alpha, where summing as if independent does not."""
+    rng = np.random.default_rng(1)
+    flagged = independent = 0
+    models = 600
+    for _ in range(models):
+        shared = rng.normal(size=18)
+        first = np.sqrt(0.6) * shared + np.sqrt(0.4) * rng.normal(size=18)
+        second = np.sqrt(0.6) * shared + np.sqrt(0.4) * rng.normal(size=18)
+        flagged += paired_verdict([_p_of(first), _p_of(second)], [None, None], alpha=0.05,
+                                  label="a+b").verdict == "backdoored"
+        independent += 18 * stats.norm.sf(((first + second) / np.sqrt(2)).max()) <= 0.05
+    assert flagged / models <= 0.08 and independent / models >= 0.08
+
+
+def test_paired_test_falls_back_to_bonferroni_when_a_scan_could_not_measure():
+    measured = {"a": 0.5, "b": 0.01, "c": 0.3, "d": 0.9}
+    paired = paired_verdict([None, measured], [None, 0.001], alpha=0.05, label="a+b")
+    assert (paired.verdict, paired.p_value, paired.target, paired.evidence) == ("backdoored", 0.002, None, None)
+    assert paired.fallback.deciding == 1
+    assert paired_verdict([None, measured], [None, 0.4], alpha=0.05, label="a+b").verdict == "unscannable"
+    with pytest.raises(ValueError, match="at least 4 classes scanned by both"):
+        paired_evidence({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, {"a": 0.1, "b": 0.2, "x": 0.3})
+    # Only the classes both scanned are paired, in the first scan's order; a p of 0 stays finite.
+    evidence = paired_evidence({"x": 0.5, "d": 0.0, "c": 0.3, "b": 0.2, "a": 0.1}, measured)
+    assert evidence.classes == ("d", "c", "b", "a") and np.isfinite(evidence.combined).all()
 
 
 # --------------------------------------------------------------------------- the folder

@@ -507,10 +507,11 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
               help="Where to write report.md, report.json and the PNG figures (default: STORE_DIR/report).")
 @click.option("--scorer-option", "scorer_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="Score the stored evidence with scorer NAME configured so, e.g. ref-outlier.alpha=0.05 or ci.k=2.5.")
-@click.option("--combine", "combinations", multiple=True, metavar="DATA/CLASSES+DATA/CLASSES",
+@click.option("--combine", "combinations", multiple=True, metavar="[paired:]DATA/CLASSES+DATA/CLASSES",
               help="Also judge every model by its scans of these kinds together (repeatable), the calibrated "
                    "scorer's p-values Bonferroni over them, e.g. ood/all+task/base: the OOD scan of every class and "
-                   "the base classes on the dataset's own images (docs/verdicts.md).")
+                   "the base classes on the dataset's own images; with 'paired:' two scans are read by the paired "
+                   "test, the same class easy to reach in both (docs/verdicts.md).")
 @click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
 @report_errors
 def report(store_dir, out, scorer_options, combinations, quiet):

@@ -9,13 +9,20 @@ so with a class (fail closed: an unscannable scan is never read as clean); the c
 the measurable scan with the smallest p.
 
 ``ci-scan --own-images`` and ``ci-bench report --combine`` both decide through ``bonferroni_verdict``.
+
+``paired_verdict`` asks instead whether the *same* class is easy to reach in both scans (docs/verdicts.md, "The same
+class in both scans"): per class shared by the scans, the two per-class p-values become normal scores, summed with
+the scans' correlation estimated from the other shared classes; Bonferroni over the shared classes.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import attrs
+import numpy as np
+from scipy import stats
 
 from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
 
@@ -44,3 +51,67 @@ def bonferroni_verdict(p_values: Sequence[float | None], *, alpha: float, label:
         verdict = CLEAN
     return CombinedVerdict(verdict=verdict, p_value=p, deciding=deciding,
                            rule=f"p <= {alpha:g}, Bonferroni over the {n} scans {label}")
+
+
+PAIRED_MIN_CLASSES = 4  # a correlation over the other shared classes needs at least three of them
+
+
+@attrs.frozen(kw_only=True)
+class PairedEvidence:
+    """The paired test's figures for each class both scans measured (in the first scan's order)."""
+
+    classes: tuple[str, ...]
+    z: tuple[tuple[float, ...], tuple[float, ...]]  # each scan's normal score, Phi^-1(1 - p_class)
+    correlation: tuple[float, ...]  # the scans' correlation over the other shared classes, clipped to [0, 1]
+    combined: tuple[float, ...]  # (z_1 + z_2) / sqrt(2 (1 + correlation))
+
+
+def paired_evidence(first: Mapping[str, float], second: Mapping[str, float]) -> PairedEvidence:
+    """Pair two scans' per-class p-values (before any correction over the classes) over the classes both scanned."""
+    names = tuple(name for name in first if name in second)
+    if len(names) < PAIRED_MIN_CLASSES:
+        raise ValueError(f"the paired test needs at least {PAIRED_MIN_CLASSES} classes scanned by both scans, got "
+                         f"{len(names)}")
+    # A p of 0 (a class the others fit exactly) stays finite: its score is the largest a double can express.
+    z = [stats.norm.isf(np.clip([float(scan[name]) for name in names], 1e-300, 1.0)) for scan in (first, second)]
+    correlation = []
+    for i in range(len(names)):
+        others = np.arange(len(names)) != i
+        a, b = z[0][others], z[1][others]
+        rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 1.0  # no spread: assume the worst
+        correlation.append(min(1.0, max(0.0, rho)))
+    combined = (z[0] + z[1]) / np.sqrt(2.0 * (1.0 + np.asarray(correlation)))
+    return PairedEvidence(classes=names, z=(tuple(map(float, z[0])), tuple(map(float, z[1]))),
+                          correlation=tuple(correlation), combined=tuple(map(float, combined)))
+
+
+@attrs.frozen(kw_only=True)
+class PairedVerdict:
+    verdict: str  # CLEAN, BACKDOORED or UNSCANNABLE
+    p_value: float | None
+    target: str | None  # the shared class with the largest combined score (None when a scan could not measure)
+    evidence: PairedEvidence | None  # None when a scan could not measure the model
+    rule: str
+    # Where a scan could not measure the model: the Bonferroni rule's deciding scan (its top class is the target).
+    fallback: CombinedVerdict | None = None
+
+
+def paired_verdict(class_p: Sequence[Mapping[str, float] | None], p_values: Sequence[float | None], *,
+                   alpha: float, label: str) -> PairedVerdict:
+    """The paired test of two scans: ``class_p`` holds each scan's per-class p before the correction over the
+    classes (None: the scan could not measure the model), ``p_values`` each scan's own verdict p.  Where a scan
+    could not measure the model the Bonferroni rule over ``p_values`` decides (fail closed; ``fallback``)."""
+    if len(class_p) != 2 or len(p_values) != 2:
+        raise ValueError("the paired test reads exactly two scans")
+    if any(p is None for p in class_p):
+        fallback = bonferroni_verdict(p_values, alpha=alpha, label=label)
+        return PairedVerdict(verdict=fallback.verdict, p_value=fallback.p_value, target=None, evidence=None,
+                             rule=fallback.rule + " (a scan could not measure the model, so the pair is not read)",
+                             fallback=fallback)
+    evidence = paired_evidence(class_p[0], class_p[1])
+    best = int(np.argmax(evidence.combined))
+    p = min(1.0, len(evidence.classes) * float(stats.norm.sf(evidence.combined[best])))
+    rule = (f"p <= {alpha:g}, the same class in both scans {label} (normal scores summed with their correlation "
+            f"over the other classes; Bonferroni over the {len(evidence.classes)} classes both scanned)")
+    return PairedVerdict(verdict=BACKDOORED if p <= alpha else CLEAN, p_value=p, target=evidence.classes[best],
+                         evidence=evidence, rule=rule)

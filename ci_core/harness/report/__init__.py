@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ci_core.files import publishing
-from ci_core.harness.report.combined import ScanKind, parse_combination
+from ci_core.harness.report.combined import Combination, ScanKind, parse_combination
 from ci_core.harness.report.figures import plot_anomaly_scores, plot_roc
 from ci_core.harness.report.html import write_bench_page
 from ci_core.harness.report.markdown import md_table, to_markdown
@@ -59,7 +59,7 @@ def _json_ready(value: Any) -> Any:
 
 
 def write_report(store: Store, out: Path | None = None, scorer_options: dict[str, dict] | None = None,
-                 combine: Sequence[Sequence[ScanKind]] = ()) -> tuple[Path, str]:
+                 combine: Sequence[Combination] = ()) -> tuple[Path, str]:
     """Write report.md, report.json, report.html and the PNG figures to ``out`` (default STORE/report) atomically."""
     out = Path(out) if out is not None else store.root / "report"
     report = build_report(store, scorer_options, combine)

@@ -10,7 +10,7 @@ every scorer, ranked above every score (fail closed).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import attrs
 
@@ -45,6 +45,9 @@ class ScoredScan:
     flagged: tuple[str, ...]
     rule: str | None
     combined: str | None = None  # the scan kinds a combined verdict judged the model by (report --combine)
+    # Each class's p-value before the scorer's correction over the classes (where the scorer gives one): what the
+    # paired test of two scans reads (ci_core.scanning.combined.paired_verdict).
+    class_p: Mapping[str, float] | None = None
 
     @property
     def key(self) -> str:
@@ -131,9 +134,12 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
                                        predicted_target=None, flagged=(), rule=None))
                 continue
             scores = apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
+            class_p = scores.per_class.get("p_class")
             rows.append(ScoredScan(**common, verdict="backdoored" if scores.backdoored else "clean",
                                    backdoored=scores.backdoored, s_max=scores.s_max, p_value=scores.p_value,
-                                   predicted_target=scores.target, flagged=scores.flagged, rule=scores.rule))
+                                   predicted_target=scores.target, flagged=scores.flagged, rule=scores.rule,
+                                   class_p=None if class_p is None else dict(zip((e.name for e in evidence),
+                                                                                 map(float, class_p)))))
     return list(models.values()), rows
 
 

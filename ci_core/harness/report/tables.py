@@ -16,7 +16,7 @@ import numpy as np
 from ci_core.errors import ConfigError
 from ci_core.harness.plan import CLEAN_ATTACK, variant_label
 from ci_core.harness.records import FloorRecord, ModelRecord, RepairRecord, spec_hash
-from ci_core.harness.report.combined import ScanKind, combine_scans
+from ci_core.harness.report.combined import Combination, ScanKind, combine_scans
 from ci_core.harness.report.scored import ScoredScan, pending, scored_scans, skipped_repairs
 from ci_core.harness.statistics import (Counts, auroc, class_counts, clopper_pearson, confusion, has_both_classes,
                                         roc_curve, youden_threshold)
@@ -52,7 +52,11 @@ DEFINITIONS = {
         "work included as positives; all by s_max, unscannable models ranked highest. A row 'over A+B' (ci-bench "
         "report --combine) judges each model by its scans of those kinds together: the calibrated scorer's smallest "
         "p-value times the number of scans (Bonferroni), the top class of the measurable scan with that p, the "
-        "largest s_max; a scan that could not measure the model flags it unless another flags it with a class."),
+        "largest s_max; a scan that could not measure the model flags it unless another flags it with a class. A row "
+        "'over paired:A+B' reads the two scans by the paired test (the same class easy to reach in both: per class "
+        "the two p-values before the correction over the classes as normal scores, summed with their correlation over "
+        "the other classes; Bonferroni over the classes both scanned; s_max is -log10 p); where a scan could not "
+        "measure the model it falls back to the Bonferroni rule."),
     "models": (
         "Every scanned model: the ASR of its attack's own trigger on the seen (base) and unseen (new + target) "
         "classes, its population in the verdict table, and per scorer the verdict, the model-level p-value (where the "
@@ -479,15 +483,15 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str], floor
 
 
 def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
-                 combine: Sequence[Sequence[ScanKind]] = ()) -> dict:
+                 combine: Sequence[Combination] = ()) -> dict:
     """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name; each of
     ``combine`` adds a verdict that judges every model by its scans of those kinds together (``combined``)."""
     models, rows = scored_scans(store, scorer_options)
-    for kinds in combine:
-        joined = combine_scans(rows, kinds)
+    for combination in combine:
+        joined = combine_scans(rows, combination)
         if not joined:
             held = sorted({str(ScanKind.of(row.scan)) for row in rows if row.scorer == REFERENCE_SCORER})
-            raise ConfigError(f"--combine {'+'.join(map(str, kinds))}: no model in {store.root} has a scan of each of "
+            raise ConfigError(f"--combine {combination}: no model in {store.root} has a scan of each of "
                               f"these kinds with a reference (its scans: {', '.join(held) or 'none'})")
         rows += joined
     repairs = store.cells("repair")
