@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ci_core.files import write_json_atomic as write_json
-from ci_core.harness.cells import _load_backbone, inversion_pool, stored_evidence
+from ci_core.harness.cells import cached_backbone, inversion_pool, stored_evidence
 from ci_core.harness.report.combined import ScanKind
 from ci_core.harness.store import Store
 from ci_core.learning.evaluation import mean_margin, predict_logits
@@ -71,7 +71,7 @@ def add_clean_margins(store_root: str, out: Path) -> None:
         if entry is None or "mm" not in entry or "m0" in entry:
             continue
         model_record = models[cell.model]
-        backbone = _load_backbone(cell.spec.backbone.name, "builtin", "cpu")
+        backbone = cached_backbone(cell.spec.backbone.name, "builtin", "cpu")
         pool = inversion_pool(cell.spec.pool, model_record.dataset, None, backbone.image_size, cell.spec.seed,
                               entry["classes"])
         model, meta = load_bundle(store.bundle_path("model", cell.model), backbone)
@@ -100,7 +100,7 @@ def measure(store_root: str, out: Path, kinds: list[ScanKind]) -> None:
                  "base": list(model_record.base_classes or ()), "classes": names, "verdict": cell.verdict,
                  "predicted": cell.predicted_target,
                  "p_value": cell.p_value}
-        backbone = _load_backbone(cell.spec.backbone.name, "builtin", "cpu")
+        backbone = cached_backbone(cell.spec.backbone.name, "builtin", "cpu")
         if cell.verdict == "unscannable":
             done[cell.key] = entry
             continue

@@ -44,14 +44,15 @@ from ci_core.learning.protocol import (MODEL_BUNDLE, choose_scorers, choose_targ
 
 
 @functools.lru_cache(maxsize=2)
-def _load_backbone(name: str, source: str, device: str) -> Backbone:
+def cached_backbone(name: str, source: str, device: str) -> Backbone:
+    """The backbone NAME from SOURCE on DEVICE, loaded once per process (a sweep and its benchmarks reuse it)."""
     return load_backbone(name, source, device=device)
 
 
 def cell_backbone(cell: Cell, device: str) -> Backbone:
     """The backbone a cell was planned for, checked against the weights hash in its key."""
     ident = cell.spec.backbone
-    backbone = _load_backbone(ident.name, cell.backbone_source, device)
+    backbone = cached_backbone(ident.name, cell.backbone_source, device)
     if backbone.weights_sha256 != ident.weights_sha256:
         raise ConfigError(f"backbone {ident.name} from {cell.backbone_source!r} has weights sha256 "
                           f"{backbone.weights_sha256[:16]}..., but the sweep was planned with "
