@@ -203,7 +203,8 @@ def test_ci_scan_judges_a_model_by_both_scans(tmp_path, bundle):
     assert verdict["deciding_scan"] == ("ood" if smaller is ood else "own")
     assert [s["p_value"] for s in verdict["scans"]] == [ood.decision.p_value, mine.decision.p_value]
     assert done.exit_code == (EXIT_BACKDOORED if verdict["p_value"] <= 0.05 else EXIT_CLEAN)
-    assert f"--own-images {own} --own-pool-size 8 --own-holdout 4" in verdict["command"]
+    assert f"--own-images {own} --own-pool-size 8 --own-holdout 4 --combine bonferroni" in verdict["command"]
+    assert verdict["combination"] == "bonferroni"
     assert ood.command == verdict["command"]
     for name in ("ood", "own"):  # each scan is a complete scan folder
         assert (out / name / "report.html").is_file() and any((out / name / "triggers").glob("*.png"))
@@ -220,6 +221,28 @@ def test_ci_scan_judges_a_model_by_both_scans(tmp_path, bundle):
     verdict = json.loads((tmp_path / "nan" / "verdict.json").read_text())
     assert verdict["verdict"] == "unscannable" and verdict["p_value"] is None and verdict["target"] is None
     assert "UNSCANNABLE: neither scan could measure the model" in broken.output
+
+
+def test_ci_scan_reads_both_scans_by_the_paired_test(tmp_path, bundle):
+    own = own_folder(tmp_path / "own")
+    out = tmp_path / "paired"
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--combine", "paired", "--out", out)
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    verdict = json.loads((out / "verdict.json").read_text())
+    jsonschema.Draft202012Validator(two_scan_schema()).validate(verdict)
+    ood, mine = read_scan_report(out / "ood"), read_scan_report(out / "own")
+    class_p = [dict(zip(r.classnames, r.decision.per_class["p_class"])) for r in (ood, mine)]
+    expected = paired_verdict(class_p, [ood.decision.p_value, mine.decision.p_value], alpha=0.05, label="ood+own")
+    assert verdict["combination"] == "paired" and verdict["rule"] == expected.rule
+    assert verdict["p_value"] == pytest.approx(expected.p_value) and verdict["target"] == expected.target
+    assert verdict["target"] in DEPLOYED and verdict["deciding_scan"] in ("ood", "own")
+    assert "--combine paired" in verdict["command"] and "the same class in both scans" in done.output
+    # Asked without a second scan, or of a scorer that gives no per-class p, it says why before any work.
+    alone = run_scan(bundle(), "--ood", "builtin", "--combine", "paired")
+    assert alone.exit_code == 2 and "--combine paired reads two scans of the model: give --own-images" in alone.output
+    robust = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--combine", "paired",
+                      "--scorer-option", "fit=robust", "--scorer-option", "seen_intercept=false")
+    assert robust.exit_code == 2 and "fit=ols only (got fit=robust)" in robust.output
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -269,8 +292,16 @@ def test_the_two_scan_page_in_headless_chromium(tmp_path, bundle):
     assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not any(tag == "script" for tag, _ in dom.elements)
 
-    # The provider's class names and the auditor's paths are inert text on it too.
+    # The paired reading of the same scans says what it asked, per scan and in the facts.
     reports = {name: read_scan_report(out / name) for name in ("ood", "own")}
+    paired = TwoScanReport.build(list(reports.items()), alpha=0.05, context=context_of(reports["ood"]),
+                                 combination="paired")
+    write_two_scan_page(paired, reports, out)
+    text = " ".join(" ".join(DOM(browse(out / "report.html", "--dump-dom")).text).split())
+    assert paired.rule in text and text.count("asks whether the same class is easy to reach in both scans") == 2
+    assert "the scan where that class stands out more" in text and paired.target in text
+
+    # The provider's class names and the auditor's paths are inert text on it too.
     hostile = TwoScanReport.build(list(reports.items()), alpha=0.05, context=attrs.evolve(
         context_of(reports["ood"]), bundle=attrs.evolve(reports["ood"].bundle, path=HOSTILE[1])))
     hostile = attrs.evolve(hostile, target=HOSTILE[0], scans=tuple(

@@ -21,6 +21,7 @@ from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_
 from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
 from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
+from ci_core.scanning.combined import COMBINE_RULES
 from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN, VERDICT_FILE
 from ci_core.validators import printable
 from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes,
@@ -65,6 +66,9 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
                    "class, named by the class). D and T are drawn from this folder; the model is judged by both "
                    "scans, Bonferroni over their p-values, and OUT holds each scan (ood/, own/) beside the "
                    "combined verdict.json and report.html.")
+@click.option("--combine", "combination", type=click.Choice(COMBINE_RULES), default="bonferroni", show_default=True,
+              help="With --own-images: how the two scans make one verdict: bonferroni, min(1, 2 min p) over the "
+                   "scans; paired, the same deployed class easy to reach in both scans (docs/verdicts.md).")
 @click.option("--own-pool-size", type=click.IntRange(1, MAX_POOL),
               help="With --own-images: its inversion images |D| (default: as --pool-size's default).")
 @click.option("--own-holdout", type=click.IntRange(1, MAX_POOL),
@@ -104,7 +108,7 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, classes_file, class_token_position,
+def main(bundle, ood, inversion_images, own_images, combination, own_pool_size, own_holdout, classes_file, class_token_position,
          load_epoch, out, detector, scorer, no_reference, reference_cache, options, scorer_options, pool_size, holdout,
          seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
@@ -148,6 +152,11 @@ def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, 
                                f"{'--no-reference' if no_reference else f'--scorer {decider.name}'}")
     if (own_pool_size or own_holdout) and own_images is None:
         raise click.UsageError("--own-pool-size and --own-holdout size the --own-images scan: give --own-images")
+    if combination == "paired" and own_images is None:
+        raise click.UsageError("--combine paired reads two scans of the model: give --own-images")
+    if combination == "paired" and getattr(decider.config, "fit", "ols") != "ols":
+        raise click.UsageError(f"--combine paired reads each class's p-value before the correction over the classes, "
+                               f"which {REFERENCE_SCORER} gives with fit=ols only (got fit={decider.config.fit})")
     if not delivery:  # a delivery's classes are known once it is opened
         check_own_folders(inversion_images, own_images, classnames, decider, also, no_reference)
     out = check_output_folder(out or Path(f"scan-{Path(bundle).resolve().name}"), SCAN_OUTPUT)
@@ -200,7 +209,8 @@ def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, 
         ["ci-scan", str(bundle), "--ood", str(ood)]
         + (["--inversion-images", str(inversion_images)] if inversion_images is not None else [])
         + (["--own-images", str(own_images), "--own-pool-size", str(own_pool_size or default_pool),
-            "--own-holdout", str(own_holdout or default_holdout)] if own_images is not None else [])
+            "--own-holdout", str(own_holdout or default_holdout), "--combine", combination]
+           if own_images is not None else [])
         + (["--classes", str(classes_file)] if classes_file else [])
         + (["--class-token-position", class_token_position] if delivery else [])
         + ["--out", str(out), "--detector", det.name, "--scorer", decider.name]
@@ -215,7 +225,7 @@ def main(bundle, ood, inversion_images, own_images, own_pool_size, own_holdout, 
                           preset=preset, device=str(runtime.device), command=command)
     if own_result is not None:
         combined = write_two_scans([(OOD_SCAN, result, pool), (OWN_SCAN, own_result, own_pool)], out, context,
-                                   alpha=float(decider.config.alpha))
+                                   alpha=float(decider.config.alpha), combination=combination)
         click.echo(describe_combined(combined) + f"; report: {out / PAGE_FILE} (data: {out / VERDICT_FILE})")
         raise SystemExit(EXIT_CODES[combined.verdict])
     report_path = write_scan(result, out, pool, context)

@@ -43,13 +43,13 @@ def write_scan(result: ScanResult, out: str | Path, pool: OODPool, context: Scan
 
 
 def write_two_scans(scans: Sequence[tuple[str, ScanResult, OODPool]], out: str | Path, context: ScanContext, *,
-                    alpha: float) -> TwoScanReport:
+                    alpha: float, combination: str = "bonferroni") -> TwoScanReport:
     """``ci-scan --own-images``'s folder, written atomically: each named scan as a complete scan folder
     (``out/<name>/``), the combined verdict (``verdict.json``) and the page that shows both (``report.html``)."""
     from ci_core.pages.two_scan_page import write_two_scan_page
 
     reports = {name: ScanReport.build(result, context, pool) for name, result, pool in scans}
-    verdict = TwoScanReport.build(list(reports.items()), alpha=alpha, context=context)
+    verdict = TwoScanReport.build(list(reports.items()), alpha=alpha, context=context, combination=combination)
     with publishing(out, SCAN_OUTPUT) as tmp:
         for name, result, pool in scans:
             (tmp / name).mkdir()

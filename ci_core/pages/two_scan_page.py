@@ -25,8 +25,11 @@ def combined_meaning(verdict: "TwoScanReport") -> str:
     figure = f"p = {format_number(verdict.p_value)}"
     if verdict.verdict == BACKDOORED:
         decided = next(s for s in verdict.scans if s.name == verdict.deciding)
+        where = ("in both scans together" if verdict.combination == "paired" and verdict.p_value is not None
+                 and decided.verdict != UNSCANNABLE and all(s.verdict != UNSCANNABLE for s in verdict.scans)
+                 else f"in the scan of {decided.title}")
         return (f"The class \u201c{verdict.target}\u201d is far easier to reach in this model than its public "
-                f"backbone predicts, in the scan of {decided.title} ({figure} for the two scans together, "
+                f"backbone predicts, {where} ({figure} for the two scans together, "
                 f"{verdict.rule}): the model very likely carries a backdoor whose target is that class. "
                 "Do not deploy it.")
     if verdict.verdict == UNSCANNABLE:
@@ -39,12 +42,15 @@ def combined_meaning(verdict: "TwoScanReport") -> str:
             "model.")
 
 
-def scan_sentence(summary, scans: int) -> str:
+def scan_sentence(summary, scans: int, combination: str = "bonferroni") -> str:
     """What one scan found, as a part of the pair (its own page judges it alone, at the full alpha)."""
     if summary.verdict == UNSCANNABLE:
         return "This scan could not measure the model:"
+    how = (f"the verdict above multiplies the smaller p by {scans}" if combination != "paired" else
+           "the verdict above asks whether the same class is easy to reach in both scans, each class's evidence "
+           "from the two scans together")
     return (f"Its most anomalous class is \u201c{summary.target}\u201d, at p = {format_number(summary.p_value)} for "
-            f"this scan alone; the verdict above multiplies the smaller p by {scans}.")
+            f"this scan alone; {how}.")
 
 
 def write_two_scan_page(verdict: "TwoScanReport", reports: dict[str, "ScanReport"], folder: Path) -> Path:
@@ -60,13 +66,14 @@ def write_two_scan_page(verdict: "TwoScanReport", reports: dict[str, "ScanReport
                       "p": format_number(summary.p_value),
                       "target": summary.target or "n/a", "deciding": summary.name == verdict.deciding,
                       "flagged": summary.name == verdict.deciding and verdict.verdict == BACKDOORED,
-                      "page": f"{summary.name}/{PAGE_FILE}", "meaning": scan_sentence(summary, len(verdict.scans)),
+                      "page": f"{summary.name}/{PAGE_FILE}", "meaning": scan_sentence(summary, len(verdict.scans), verdict.combination),
                       "reasons": list(report.unscannable_reasons), "pool": summary.pool_source or "n/a",
                       "evidence": evidence_figure(report) if scannable else None})
     smaller = next((s.title for s in verdict.scans if s.name == verdict.deciding), "neither scan")
     facts = [("p-value (both scans)", format_number(verdict.p_value)), ("rule", verdict.rule),
              ("alpha", f"{verdict.alpha:g}"), ("most anomalous class", verdict.target or "n/a"),
-             ("the scan with the smaller p", smaller)]
+             ("the scan where that class stands out more" if verdict.combination == "paired" and verdict.target
+              and all(s.verdict != UNSCANNABLE for s in verdict.scans) else "the scan with the smaller p", smaller)]
     provenance = [("model", context.bundle.path), ("model SHA-256", context.bundle.sha256),
                   ("seed", str(context.seed)), ("device", str(context.device)),
                   ("toolkit version", str(context.toolkit_version)), ("report written", context.created)]

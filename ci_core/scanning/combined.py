@@ -53,6 +53,7 @@ def bonferroni_verdict(p_values: Sequence[float | None], *, alpha: float, label:
                            rule=f"p <= {alpha:g}, Bonferroni over the {n} scans {label}")
 
 
+COMBINE_RULES = ("bonferroni", "paired")  # how a verdict reads several scans: bonferroni_verdict, paired_verdict
 PAIRED_MIN_CLASSES = 4  # a correlation over the other shared classes needs at least three of them
 
 

@@ -16,7 +16,7 @@ import attrs
 
 from ci_core.errors import DataError
 from ci_core.files import read_json_object
-from ci_core.scanning.combined import CombinedVerdict, bonferroni_verdict
+from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, paired_verdict
 from ci_core.scanning.scan import CLEAN, UNSCANNABLE
 from ci_core.scanning.scan_report import REPORT_FILE, VERDICT_FILE, VERDICTS, ScanContext, ScanReport, check_schema
 
@@ -59,39 +59,66 @@ class ScanSummary:
 
 @attrs.frozen(kw_only=True)
 class TwoScanReport:
-    """The model's verdict from its two scans (``bonferroni_verdict``), and what each scan said."""
+    """The model's verdict from its two scans (``bonferroni_verdict``, or ``paired_verdict`` with
+    ``combination="paired"``), and what each scan said."""
 
     verdict: str = attrs.field(validator=attrs.validators.in_(VERDICTS))
     p_value: float | None
     alpha: float
     rule: str
-    target: str | None  # the top class of the scan that decided; None when neither could measure the model
-    deciding: str | None  # that scan's name
+    target: str | None  # the class named: the top class of the deciding scan, or the paired test's class
+    deciding: str | None  # the scan that stands for the verdict (the paired test: where its class scores higher)
     scans: tuple[ScanSummary, ...]
     context: ScanContext
+    combination: str = attrs.field(default="bonferroni", validator=attrs.validators.in_(COMBINE_RULES))
 
     @classmethod
-    def build(cls, reports: Sequence[tuple[str, ScanReport]], *, alpha: float, context: ScanContext) -> "TwoScanReport":
+    def build(cls, reports: Sequence[tuple[str, ScanReport]], *, alpha: float, context: ScanContext,
+              combination: str = "bonferroni") -> "TwoScanReport":
         """Combine named scan reports, judged by one calibrated scorer at ``alpha``: each measurable one gives a
-        p-value."""
+        p-value (and, for the paired test, a p-value per class before the correction over the classes)."""
         summaries = tuple(ScanSummary.of(name, report) for name, report in reports)
         missing = [s.name for s in summaries if s.verdict != UNSCANNABLE and s.p_value is None]
         if missing:
             raise ValueError(f"the scans {missing} give no p-value: a combined verdict needs a calibrated scorer")
         label = "+".join(s.name for s in summaries)
-        combined: CombinedVerdict = bonferroni_verdict([s.p_value for s in summaries], alpha=alpha, label=label)
+        p_values = [s.p_value for s in summaries]
+        if combination == "paired":
+            class_p = [_class_p(report) if s.verdict != UNSCANNABLE else None
+                       for s, (_, report) in zip(summaries, reports)]
+            paired = paired_verdict(class_p, p_values, alpha=alpha, label=label)
+            if paired.fallback is None:
+                z, at = paired.evidence.z, paired.evidence.classes.index(paired.target)
+                deciding = summaries[0] if z[0][at] >= z[1][at] else summaries[1]
+                return cls(verdict=paired.verdict, p_value=paired.p_value, alpha=alpha, rule=paired.rule,
+                           target=paired.target, deciding=deciding.name, scans=summaries, context=context,
+                           combination=combination)
+            combined, rule = paired.fallback, paired.rule
+        else:
+            combined = bonferroni_verdict(p_values, alpha=alpha, label=label)
+            rule = combined.rule
         deciding = summaries[combined.deciding] if combined.deciding is not None else None
-        return cls(verdict=combined.verdict, p_value=combined.p_value, alpha=alpha, rule=combined.rule,
+        return cls(verdict=combined.verdict, p_value=combined.p_value, alpha=alpha, rule=rule,
                    target=deciding.target if deciding else None, deciding=deciding.name if deciding else None,
-                   scans=summaries, context=context)
+                   scans=summaries, context=context, combination=combination)
 
     def to_json(self) -> dict:
         c = self.context
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "toolkit_version": c.toolkit_version,
                 "verdict": self.verdict, "backdoored": self.verdict != CLEAN, "p_value": self.p_value,
-                "alpha": self.alpha, "rule": self.rule, "target": self.target, "deciding_scan": self.deciding,
+                "alpha": self.alpha, "combination": self.combination, "rule": self.rule, "target": self.target,
+                "deciding_scan": self.deciding,
                 "scans": [s.to_json() for s in self.scans], "bundle": c.bundle.to_json(), "seed": c.seed,
                 "command": c.command, "created": c.created}
+
+
+def _class_p(report: ScanReport) -> dict[str, float]:
+    """The deciding scorer's p-value per class before its correction over the classes (ref-outlier, least squares)."""
+    values = report.decision.per_class.get("p_class") if report.decision else None
+    if values is None:
+        raise ValueError("the paired test needs each class's p-value before the correction over the classes, which "
+                         "the calibrated scorer gives with fit=ols only")
+    return dict(zip((row.name for row in report.classes), values))
 
 
 def two_scan_schema() -> dict:

@@ -23,7 +23,7 @@ from ci_core.harness.plan import CANDIDATE_CLASSES, INVERSION_DATA
 from ci_core.harness.records import spec_hash
 from ci_core.harness.report.scored import ScoredScan
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.combined import bonferroni_verdict, paired_verdict
+from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, paired_verdict
 from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
 
 
@@ -41,9 +41,6 @@ class ScanKind:
     def of(cls, scan) -> "ScanKind":
         """The kind of a scan cell or record (anything with its ``spec``)."""
         return cls(scan.spec.pool.inversion_data, scan.spec.classes)
-
-
-RULES = ("bonferroni", "paired")  # how a combination reads its scans; "bonferroni" needs no prefix
 
 
 @attrs.frozen
@@ -64,8 +61,8 @@ def parse_combination(text: str) -> Combination:
     rule, colon, body = text.partition(":")
     if not colon:
         rule, body = "bonferroni", text
-    elif rule not in RULES:
-        raise ConfigError(f"--combine {text!r}: {rule!r} is not a rule; expected one of {', '.join(RULES)} before "
+    elif rule not in COMBINE_RULES:
+        raise ConfigError(f"--combine {text!r}: {rule!r} is not a rule; expected one of {', '.join(COMBINE_RULES)} before "
                           "':' (or no prefix for bonferroni)")
     kinds = []
     for part in body.split("+"):
