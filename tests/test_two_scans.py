@@ -408,6 +408,15 @@ def test_ci_repair_takes_the_own_scans_trigger_judged_by_the_pairs_verdict(tmp_p
     assert forced.exit_code == 0, forced.output
     record = json.loads((tmp_path / "r5.json").read_text())
     assert record["repair_trigger_class"] == ood["target"] and "its ood scan: the own scan could not" in record["report"]
+    # A pair read by the paired test: the own scan's trigger for the class the test names.
+    own = next(s for s in verdict["scans"] if s["name"] == "own")
+    named = next(name for name in DEPLOYED if name != own["target"])
+    (out / "verdict.json").write_text(json.dumps(dict(verdict, combination="paired", target=named)))
+    forced = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r6", "--force", "--json",
+                                                             tmp_path / "r6.json"]])
+    assert forced.exit_code == 0, forced.output
+    record = json.loads((tmp_path / "r6.json").read_text())
+    assert record["repair_trigger_class"] == named and "for the class the paired test names" in record["report"]
     # An edited verdict.json is refused, not half-believed.
     edited = dict(verdict, backdoored=not verdict["backdoored"])
     (out / "verdict.json").write_text(json.dumps(edited))

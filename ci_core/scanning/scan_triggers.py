@@ -90,7 +90,8 @@ class ScanTriggers:
         """The triggers of a scan folder (``report.json`` and its trigger files), or of its report.json.
 
         A ``ci-scan --own-images`` folder gives the triggers of its scan on the auditor's own images (``own/``),
-        judged by the pair's verdict; the OOD scan's where the own scan could not measure the model.  The own
+        judged by the pair's verdict; the OOD scan's where the own scan could not measure the model.  A pair read
+        by the paired test takes the trigger of the class it names.  The own
         scan's trigger repaired more working backdoors on issue 25's fifth confirmation (docs/repair.md).
         """
         path = Path(path)
@@ -102,6 +103,11 @@ class ScanTriggers:
             name = OWN_SCAN if OWN_SCAN in measured else measured[0]
             chosen = cls.read(path / name)
             why = "the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model"
+            if pair.get("combination") == "paired" and pair["target"] in chosen.classnames:
+                # The paired test names the class easy to reach in both scans: that class's trigger, not the top
+                # class of one scan alone.
+                chosen = attrs.evolve(chosen, target=pair["target"])
+                why += ", for the class the paired test names"
             return attrs.evolve(chosen, backdoored=pair["verdict"] == BACKDOORED, p_value=pair["p_value"],
                                 verdict=pair["verdict"], source=f"{path} (its {name} scan: {why})")
         folder = path.parent if path.is_file() else path
