@@ -112,7 +112,7 @@ def test_reports_round_trip_through_the_shipped_schema(scans, tmp_path):
         assert (folder / "report.html").is_file()
     clean = read_scan_report(folders["clean"])
     assert clean.classnames == CLASSES and clean.decision.scorer == "ref-outlier"
-    assert set(clean.decision.per_class) == {"score", "p"} and [s.scorer for s in clean.scorers] == ["ref-outlier", "ci"]
+    assert set(clean.decision.per_class) == {"score", "p", "p_class"} and [s.scorer for s in clean.scorers] == ["ref-outlier", "ci"]
     assert clean.backbone.name == "ci-tiny-clip" and clean.command.startswith("ci-scan ")
     assert clean.pool.inversion == 8 and clean.seed == 0 and len(clean.bundle.sha256) == 64
     assert all(row.reference is not None for row in clean.classes)
