@@ -497,7 +497,7 @@ def test_a_sweep_on_the_base_classes_own_images_scans_and_references_there(tmp_p
         assert report["pool"]["source"] == f"fake-shapes images of the {len(base)} scanned classes (D train, T validation)"
 
 
-def test_report_combines_each_models_scans_bonferroni_over_them(tmp_path, fake_plugins):
+def test_report_combines_each_models_scans_bonferroni_or_paired(tmp_path, fake_plugins):
     from ci_core.harness.report import build_report, parse_combination, scored_scans
     from ci_core.harness.report.combined import _combined
     from ci_core.scanning.scan import UNSCANNABLE
@@ -531,21 +531,14 @@ def test_report_combines_each_models_scans_bonferroni_over_them(tmp_path, fake_p
     assert (flagged.verdict, flagged.p_value, flagged.predicted_target) == ("backdoored", 0.002, "x")
     assert _combined("a+b", [broken, broken]).predicted_target is None
 
-
-def test_report_reads_two_scans_by_the_paired_test(tmp_path, fake_plugins):
-    from ci_core.harness.report import build_report, parse_combination, scored_scans
+    # The same scans read by the paired test (the same class easy to reach in both).
     from ci_core.scanning.combined import paired_verdict
 
-    out = tmp_path / "store"
-    assert run_bench([*FAKE_SWEEP, "--inversion-data", "ood,id-only", "--out", out, "--quiet"]).exit_code == 0
-    store = Store.open(out)
     combination = parse_combination("paired:ood/all+id-only/all")
     assert str(combination) == "paired:ood/all+id-only/all" and combination.rule == "paired"
-    report = build_report(store, combine=[combination, parse_combination("ood/all+id-only/all")])
+    report = build_report(store, combine=[combination])
     label = "fake-detector / ref-outlier over paired:ood/all+id-only/all"
     assert label in {g["label"] for g in report["detectors"]}
-    _, rows = scored_scans(store)
-    calibrated = [r for r in rows if r.scorer == "ref-outlier"]
     for model in report["models"]:
         own = {r.scan.spec.pool.inversion_data: r for r in calibrated if r.model.seed == model["seed"]
                and r.model.attack == model["attack"]}
