@@ -24,6 +24,7 @@ from ci_core.models.backbone import TINY_MODEL, architecture, load_backbone
 from ci_core.models.weights import BUILTIN
 from ci_core.files import check_output_folder, publishing, write_json_atomic
 from ci_core.plugins import KINDS, open_dataset, registry
+from ci_core.scanning.combined import COMBINATION_SUMMARY, DEFAULT_COMBINATION
 from ci_core.scanning.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scanning.scan import CLEAN, scan
 from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN
@@ -142,7 +143,8 @@ def demo(out, json_path, dataset, data_root, attacks, seed, ood_only, backbone, 
                 write_scan(scans[0][1], work / "scans" / name, pool, context)
                 verdict = {key: ood[key] for key in ("verdict", "backdoored", "p_value", "predicted_target")}
             else:
-                pair = write_two_scans(scans, work / "scans" / name, context, alpha=float(decider.config.alpha))
+                pair = write_two_scans(scans, work / "scans" / name, context, alpha=float(decider.config.alpha),
+                                       combination=DEFAULT_COMBINATION)
                 verdict = {"verdict": pair.verdict, "backdoored": pair.verdict != CLEAN, "p_value": pair.p_value,
                            "predicted_target": pair.target}
             rows.append({
@@ -160,7 +162,7 @@ def demo(out, json_path, dataset, data_root, attacks, seed, ood_only, backbone, 
         ("paper_s_max", "PAPER-S_MAX"), ("paper_flagged", "PAPER-K=2"),
     ])
     click.echo(f"verdict: {decider.name} ({decider.description})"
-               + ("" if ood_only else f", on two scans: P = min(1, 2 min(P-OOD, P-OWN)) at alpha "
+               + ("" if ood_only else f", on two scans: {COMBINATION_SUMMARY[DEFAULT_COMBINATION]} at alpha "
                                       f"{float(decider.config.alpha):g}")
                + "; PAPER: the paper's scorer (s_max >= k on the OOD scan) beside it")
     for row in rows:

@@ -21,7 +21,7 @@ from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_
 from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
 from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
-from ci_core.scanning.combined import COMBINE_RULES
+from ci_core.scanning.combined import COMBINE_RULES, DEFAULT_COMBINATION
 from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN, VERDICT_FILE
 from ci_core.validators import printable
 from ci_core.learning.protocol import (MAX_POOL, POOL_SIZES, REFERENCE_SCORER, SCAN_SEED, choose_scorers, pool_sizes,
@@ -66,7 +66,8 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
                    "class, named by the class). D and T are drawn from this folder; the model is judged by both "
                    "scans, Bonferroni over their p-values, and OUT holds each scan (ood/, own/) beside the "
                    "combined verdict.json and report.html.")
-@click.option("--combine", "combination", type=click.Choice(COMBINE_RULES), default="bonferroni", show_default=True,
+@click.option("--combine", "combination", type=click.Choice(COMBINE_RULES), default=DEFAULT_COMBINATION,
+              show_default=True,
               help="With --own-images: how the two scans make one verdict: bonferroni, min(1, 2 min p) over the "
                    "scans; paired, the same deployed class easy to reach in both scans (docs/verdicts.md).")
 @click.option("--own-pool-size", type=click.IntRange(1, MAX_POOL),

@@ -54,6 +54,12 @@ def bonferroni_verdict(p_values: Sequence[float | None], *, alpha: float, label:
 
 
 COMBINE_RULES = ("bonferroni", "paired")  # how a verdict reads several scans: bonferroni_verdict, paired_verdict
+# How ci-scan --own-images and ci-bench demo read their two scans unless told (docs/verdicts.md, the fifth freeze).
+DEFAULT_COMBINATION = "bonferroni"
+COMBINATION_SUMMARY = {
+    "bonferroni": "P = min(1, 2 min(P-OOD, P-OWN))",
+    "paired": "P from the paired test (the same deployed class easy to reach in both scans)",
+}
 PAIRED_MIN_CLASSES = 4  # a correlation over the other shared classes needs at least three of them
 
 
