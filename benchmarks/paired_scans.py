@@ -10,8 +10,8 @@ Every model of the stores with a calibrated scan of both kinds is judged by:
 * mean: the mean of the two normal scores (correlation 1: valid whatever the correlation, and weakest);
 * paired + first scan: the paired p and the first scan's p, Bonferroni over the two.
 
-A scan that could not measure the model counts as flagged (fail closed), named nothing, and ranks highest; AUROC
-is over -log10 p.  Development figures of docs/verdicts.md ("The same class in both scans") come from it.
+A scan that could not measure the model counts as flagged (fail closed) and ranks highest, naming the other scan's
+top class where that one could measure it; AUROC is over -log10 p.  Development figures of docs/verdicts.md ("The same class in both scans") come from it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def with_correlation(first: dict, second: dict, rho: float) -> tuple[float, str]
 def judged(first, second) -> dict[str, tuple[float, str | None]]:
     """Rule -> (p, class named) for one model's two scans (ScoredScan rows of the calibrated scorer)."""
     if UNSCANNABLE in (first.verdict, second.verdict):
-        return {rule: (0.0, None) for rule in RULES}
+        # Fail closed, as the report does: flagged and ranked highest; the class named is the measurable scan's.
+        measured = [s for s in (first, second) if s.verdict != UNSCANNABLE]
+        return {rule: (0.0, measured[0].predicted_target if measured else None) for rule in RULES}
     bonferroni = min((first.p_value, first.predicted_target), (second.p_value, second.predicted_target))
     evidence = paired_evidence(first.class_p, second.class_p)
     best = int(np.argmax(evidence.combined))
