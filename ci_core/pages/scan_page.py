@@ -33,7 +33,7 @@ PAGE_FILE = "report.html"
 TOP_CLASSES = 5  # trigger strips and loss traces shown for this many of the most anomalous classes
 # What each known scorer's per-class score is, for the table's header; another scorer's is "score (name)".
 SCORE_NAMES = {"ref-outlier": "residual t", "ci": "anomaly score S", "mad": "anomaly index"}
-FIGURE_NAMES = {"p": "p (adjusted)", "p_class": "p (this class alone)"}
+FIGURE_NAMES = {"p": "p (adjusted)", "p_class": "p alone"}
 
 
 def _score_header(scorer: str, figure: str) -> str:
