@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from ci_core.harness.report import parse_combination, scored_scans
 from ci_core.harness.report.combined import ScanKind
@@ -35,11 +34,11 @@ from ci_core.scanning.scan import UNSCANNABLE
 WORKS = 0.5
 
 
-def with_correlation(first: dict, second: dict, rho: float) -> tuple[float, str]:
-    evidence = paired_evidence(first, second)
-    combined = (np.asarray(evidence.z[0]) + np.asarray(evidence.z[1])) / math.sqrt(2 * (1 + rho))
-    best = int(np.argmax(combined))
-    return min(1.0, len(combined) * float(stats.norm.sf(combined[best]))), evidence.classes[best]
+def read_pair(first: dict, second: dict, correlation: float | None = None) -> tuple[float, str]:
+    """(p, class named) of the paired test, its correlation estimated (None) or fixed."""
+    evidence = paired_evidence(first, second, correlation=correlation)
+    best = int(np.argmax(evidence.combined))
+    return evidence.p_values[best], evidence.classes[best]
 
 
 def judged(first, second) -> dict[str, tuple[float, str | None]]:
@@ -49,15 +48,12 @@ def judged(first, second) -> dict[str, tuple[float, str | None]]:
         measured = [s for s in (first, second) if s.verdict != UNSCANNABLE]
         return {rule: (0.0, measured[0].predicted_target if measured else None) for rule in RULES}
     bonferroni = min((first.p_value, first.predicted_target), (second.p_value, second.predicted_target))
-    evidence = paired_evidence(first.class_p, second.class_p)
-    best = int(np.argmax(evidence.combined))
-    paired = (min(1.0, len(evidence.classes) * float(stats.norm.sf(evidence.combined[best]))),
-              evidence.classes[best])
+    paired = read_pair(first.class_p, second.class_p)
     return {
         "bonferroni (frozen two-scan verdict)": (min(1.0, 2 * bonferroni[0]), bonferroni[1]),
         "paired, leave-one-out correlation": paired,
-        "paired as if independent": with_correlation(first.class_p, second.class_p, 0.0),
-        "mean of the two normal scores": with_correlation(first.class_p, second.class_p, 1.0),
+        "paired as if independent": read_pair(first.class_p, second.class_p, 0.0),
+        "mean of the two normal scores": read_pair(first.class_p, second.class_p, 1.0),
         "paired + first scan (x 2)": min((min(1.0, 2 * paired[0]), paired[1]),
                                          (min(1.0, 2 * first.p_value), first.predicted_target)),
     }

@@ -25,9 +25,7 @@ def combined_meaning(verdict: "TwoScanReport") -> str:
     figure = f"p = {format_number(verdict.p_value)}"
     if verdict.verdict == BACKDOORED:
         decided = next(s for s in verdict.scans if s.name == verdict.deciding)
-        where = ("in both scans together" if verdict.combination == "paired" and verdict.p_value is not None
-                 and decided.verdict != UNSCANNABLE and all(s.verdict != UNSCANNABLE for s in verdict.scans)
-                 else f"in the scan of {decided.title}")
+        where = "in both scans together" if verdict.read_as_pair else f"in the scan of {decided.title}"
         return (f"The class \u201c{verdict.target}\u201d is far easier to reach in this model than its public "
                 f"backbone predicts, {where} ({figure} for the two scans together, "
                 f"{verdict.rule}): the model very likely carries a backdoor whose target is that class. "
@@ -72,8 +70,8 @@ def write_two_scan_page(verdict: "TwoScanReport", reports: dict[str, "ScanReport
     smaller = next((s.title for s in verdict.scans if s.name == verdict.deciding), "neither scan")
     facts = [("p-value (both scans)", format_number(verdict.p_value)), ("rule", verdict.rule),
              ("alpha", f"{verdict.alpha:g}"), ("most anomalous class", verdict.target or "n/a"),
-             ("the scan where that class stands out more" if verdict.combination == "paired" and verdict.target
-              and all(s.verdict != UNSCANNABLE for s in verdict.scans) else "the scan with the smaller p", smaller)]
+             ("the scan where that class stands out more" if verdict.read_as_pair else "the scan with the smaller p",
+              smaller)]
     provenance = [("model", context.bundle.path), ("model SHA-256", context.bundle.sha256),
                   ("seed", str(context.seed)), ("device", str(context.device)),
                   ("toolkit version", str(context.toolkit_version)), ("report written", context.created)]

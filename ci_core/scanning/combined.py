@@ -72,24 +72,37 @@ class PairedEvidence:
     correlation: tuple[float, ...]  # the scans' correlation over the other shared classes, clipped to [0, 1]
     combined: tuple[float, ...]  # (z_1 + z_2) / sqrt(2 (1 + correlation))
 
+    @property
+    def p_values(self) -> tuple[float, ...]:
+        """Each class's family-wise p: its combined score's normal tail, Bonferroni over the shared classes."""
+        return tuple(min(1.0, len(self.classes) * float(stats.norm.sf(z))) for z in self.combined)
 
-def paired_evidence(first: Mapping[str, float], second: Mapping[str, float]) -> PairedEvidence:
-    """Pair two scans' per-class p-values (before any correction over the classes) over the classes both scanned."""
+    def stronger_scan(self, name: str) -> int:
+        """Which scan (0 or 1) class ``name`` stands out more in; the first on a tie."""
+        at = self.classes.index(name)
+        return 0 if self.z[0][at] >= self.z[1][at] else 1
+
+
+def paired_evidence(first: Mapping[str, float], second: Mapping[str, float], *,
+                    correlation: float | None = None) -> PairedEvidence:
+    """Pair two scans' per-class p-values (before any correction over the classes) over the classes both scanned.
+    ``correlation`` fixes the scans' correlation instead of estimating it per class (for measuring the variants:
+    0 treats the scans as independent, 1 averages the two scores)."""
     names = tuple(name for name in first if name in second)
     if len(names) < PAIRED_MIN_CLASSES:
         raise ValueError(f"the paired test needs at least {PAIRED_MIN_CLASSES} classes scanned by both scans, got "
                          f"{len(names)}")
     # A p of 0 (a class the others fit exactly) stays finite: its score is the largest a double can express.
     z = [stats.norm.isf(np.clip([float(scan[name]) for name in names], 1e-300, 1.0)) for scan in (first, second)]
-    correlation = []
-    for i in range(len(names)):
+    rhos = [] if correlation is None else [float(correlation)] * len(names)
+    for i in range(len(names) if correlation is None else 0):
         others = np.arange(len(names)) != i
         a, b = z[0][others], z[1][others]
         rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 1.0  # no spread: assume the worst
-        correlation.append(min(1.0, max(0.0, rho)))
-    combined = (z[0] + z[1]) / np.sqrt(2.0 * (1.0 + np.asarray(correlation)))
+        rhos.append(min(1.0, max(0.0, rho)))
+    combined = (z[0] + z[1]) / np.sqrt(2.0 * (1.0 + np.asarray(rhos)))
     return PairedEvidence(classes=names, z=(tuple(map(float, z[0])), tuple(map(float, z[1]))),
-                          correlation=tuple(correlation), combined=tuple(map(float, combined)))
+                          correlation=tuple(rhos), combined=tuple(map(float, combined)))
 
 
 @attrs.frozen(kw_only=True)
@@ -117,7 +130,7 @@ def paired_verdict(class_p: Sequence[Mapping[str, float] | None], p_values: Sequ
                              fallback=fallback)
     evidence = paired_evidence(class_p[0], class_p[1])
     best = int(np.argmax(evidence.combined))
-    p = min(1.0, len(evidence.classes) * float(stats.norm.sf(evidence.combined[best])))
+    p = evidence.p_values[best]
     rule = (f"p <= {alpha:g}, the same class in both scans {label} (normal scores summed with their correlation "
             f"over the other classes; Bonferroni over the {len(evidence.classes)} classes both scanned)")
     return PairedVerdict(verdict=BACKDOORED if p <= alpha else CLEAN, p_value=p, target=evidence.classes[best],

@@ -72,6 +72,11 @@ class TwoScanReport:
     context: ScanContext
     combination: str = attrs.field(default="bonferroni", validator=attrs.validators.in_(COMBINE_RULES))
 
+    @property
+    def read_as_pair(self) -> bool:
+        """The paired test decided (both scans measured the model; otherwise the Bonferroni rule did)."""
+        return self.combination == "paired" and all(s.verdict != UNSCANNABLE for s in self.scans)
+
     @classmethod
     def build(cls, reports: Sequence[tuple[str, ScanReport]], *, alpha: float, context: ScanContext,
               combination: str = "bonferroni") -> "TwoScanReport":
@@ -88,8 +93,7 @@ class TwoScanReport:
                        for s, (_, report) in zip(summaries, reports)]
             paired = paired_verdict(class_p, p_values, alpha=alpha, label=label)
             if paired.fallback is None:
-                z, at = paired.evidence.z, paired.evidence.classes.index(paired.target)
-                deciding = summaries[0] if z[0][at] >= z[1][at] else summaries[1]
+                deciding = summaries[paired.evidence.stronger_scan(paired.target)]
                 return cls(verdict=paired.verdict, p_value=paired.p_value, alpha=alpha, rule=paired.rule,
                            target=paired.target, deciding=deciding.name, scans=summaries, context=context,
                            combination=combination)

@@ -123,17 +123,11 @@ def _paired(label: str, scans: Sequence[ScoredScan]) -> ScoredScan:
     if verdict.fallback is not None:
         return attrs.evolve(_combined(label, scans), rule=rule)  # the Bonferroni rule, failing closed
     evidence = verdict.evidence
-    target = evidence.classes.index(verdict.target)
-    stands = scans[0] if evidence.z[0][target] >= evidence.z[1][target] else scans[1]
-    m = len(evidence.classes)
-    flagged = tuple(name for name, z in zip(evidence.classes, evidence.combined)
-                    if verdict.verdict == BACKDOORED and min(1.0, m * _normal_tail(z)) <= alpha)
+    stands = scans[evidence.stronger_scan(verdict.target)]
+    flagged = tuple(name for name, p in zip(evidence.classes, evidence.p_values)
+                    if verdict.verdict == BACKDOORED and p <= alpha)
     return attrs.evolve(
         stands, scorer=f"{REFERENCE_SCORER} over {label}", verdict=verdict.verdict,
         backdoored=verdict.verdict != CLEAN, s_max=-math.log10(max(verdict.p_value, 1e-300)),  # ranks as p does
         p_value=verdict.p_value, predicted_target=verdict.target, flagged=flagged, combined=label, rule=rule,
         class_p=None)
-
-
-def _normal_tail(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
