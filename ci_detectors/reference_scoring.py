@@ -91,6 +91,7 @@ from scipy import stats
 from ci_core.errors import ConfigError, PluginError
 from ci_core.interfaces import ClassEvidence, Scorer, Scores
 from ci_core.scanning.seen import line_design, seen_column
+from ci_core.scanning.variance_prior import VariancePrior
 from ci_detectors.mad import MADScorer
 from ci_detectors.scoring import CIScorer
 
@@ -108,9 +109,11 @@ def studentized_residuals(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     return studentized_residuals_on(line_design(x), y)
 
 
-def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarray:
+def studentized_residuals_on(design: np.ndarray, y: Sequence[float], prior: VariancePrior | None = None) -> np.ndarray:
     """Externally studentised residuals of the least-squares fit of y on the columns of ``design`` (n x p): each
-    follows Student's t with n - p - 1 degrees of freedom when no point is special.  Exact fits as above."""
+    follows Student's t with ``residual_df(n, p, prior)`` degrees of freedom when no point is special (n - p - 1
+    without a prior).  With a variance ``prior`` each leave-one-out variance is moderated by it
+    (``ci_core.scanning.variance_prior``).  Exact fits as above."""
     design = np.asarray(design, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n, p = design.shape
@@ -123,12 +126,34 @@ def studentized_residuals_on(design: np.ndarray, y: Sequence[float]) -> np.ndarr
     sse = float(resid @ resid)
     one_minus_h = np.maximum(1.0 - leverage, 1e-12)
     sse_without = np.maximum(sse - resid**2 / one_minus_h, 0.0)
-    s_without = np.sqrt(sse_without / (n - p - 1))
+    variance_without = sse_without / (n - p - 1)
+    if prior is not None:
+        variance_without = prior.moderate(variance_without, n - p - 1)[0]
+    s_without = np.sqrt(variance_without)
     scale = s_without * np.sqrt(one_minus_h)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(scale > 1e-12 * max(1.0, float(np.abs(y).max())), resid / scale,
                      np.sign(resid) * EXACT_FIT)
     return np.clip(np.nan_to_num(t, nan=0.0), -EXACT_FIT, EXACT_FIT)
+
+
+def residual_df(n: int, p: int, prior: VariancePrior | None = None) -> float:
+    """Degrees of freedom of the externally studentised residuals of a fit of n points on p columns (infinite: a
+    known variance)."""
+    return float(n - p - 1) if prior is None else prior.moderate(np.zeros(1), n - p - 1)[1]
+
+
+def residual_variance(design: np.ndarray, y: Sequence[float]) -> tuple[float, int]:
+    """(the residual variance of the least-squares fit of y on ``design``, its degrees of freedom n - p): what a
+    variance prior is fitted on."""
+    design = np.asarray(design, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, p = design.shape
+    if n - p < 1:
+        raise ConfigError(f"a residual variance needs more classes than the fit's {p} columns, got {n}")
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ coef
+    return float(resid @ resid) / (n - p), n - p
 
 
 def outlier_p_values(t: np.ndarray, df: int) -> np.ndarray:
@@ -232,6 +257,15 @@ def _compared(instance, attribute, value) -> None:
                          f"(e.g. cost+margin), got {value!r}")
 
 
+def _to_prior(value):
+    """A VariancePrior, or its JSON form (a scan report's scorer config read back)."""
+    if value is None or isinstance(value, VariancePrior):
+        return value
+    if isinstance(value, dict):
+        return VariancePrior.from_json(value, "variance_prior")
+    raise ValueError(f"variance_prior must be a variance prior (ci-bench prior), got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ReferenceOutlierConfig:
     alpha: float = attrs.field(default=0.05, validator=_unit_interval_open)  # docs/verdicts.md, the second freeze
@@ -249,11 +283,23 @@ class ReferenceOutlierConfig:
     # at least seen.MIN_GROUP of each: tuning makes its own classes easier to reach as a group, a shift the backbone's
     # line does not have (docs/verdicts.md, "A third freeze").  Least squares only.
     seen_intercept: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    # How far clean tuned models of this scan's setting scatter around the line (ci_core.scanning.variance_prior):
+    # each class's residual variance is moderated by it (docs/verdicts.md, "A sixth freeze").  None: the model's
+    # own classes alone.  Least squares and one statistic only.
+    variance_prior: VariancePrior | None = attrs.field(default=None, converter=_to_prior)
 
     def __attrs_post_init__(self):
         if self.fit == "robust" and self.seen_intercept:
             raise ValueError("fit='robust' has no seen-class intercept (its Monte Carlo null is of the line alone); "
                              "give seen_intercept=false with it")
+        if self.variance_prior is not None and (self.fit != "ols" or "+" in self.compare):
+            raise ValueError(f"variance_prior moderates the least-squares residuals of one statistic; got fit="
+                             f"{self.fit!r}, compare={self.compare!r}")
+
+    def statistic(self) -> dict:
+        """What a variance prior must have been fitted on to be this config's (``variance_prior.prior_setting``)."""
+        return {"scorer": "ref-outlier", "compare": self.compare, "fit": self.fit, "seen_intercept": self.seen_intercept,
+                "base": self.base}
 
 
 def _per_class_scorer(name: str, owner: str) -> Scorer:
@@ -321,6 +367,18 @@ class ReferenceOutlierScorer(Scorer):
         return (np.asarray([e.transfer_margin for e in evidence], dtype=np.float64),
                 np.asarray([e.margin for e in evidence], dtype=np.float64))
 
+    def residual_variance(self, evidence: Sequence[ClassEvidence],
+                          reference: Sequence[ClassEvidence]) -> tuple[float, int]:
+        """(residual variance, degrees of freedom) of this config's least-squares fit of a scan on its reference: a
+        clean tuned model's is one sample of what a variance prior is fitted on (``ci-bench prior``)."""
+        if self.config.fit != "ols" or "+" in self.config.compare:
+            raise ConfigError(f"{self.name}: a variance prior is fitted for one statistic by least squares; got fit="
+                              f"{self.config.fit!r}, compare={self.config.compare!r}")
+        self.check_inputs(classes=len(evidence), reference=True)
+        seen = seen_column(evidence) if self.config.seen_intercept else None
+        x, y = self.against(evidence, reference, self.config.compare)
+        return residual_variance(line_design(x, seen), y)
+
     def score(self, evidence: Sequence[ClassEvidence], reference: Sequence[ClassEvidence] | None = None) -> Scores:
         self.check_inputs(classes=len(evidence), reference=reference is not None)
         names = [e.name for e in evidence]
@@ -334,14 +392,17 @@ class ReferenceOutlierScorer(Scorer):
             # is that of its largest residual: its score is that t; Bonferroni over k statistics multiplies by k.
             seen = seen_column(evidence) if self.config.seen_intercept else None
             pairs = [self.against(evidence, reference, what) for what in statistics]
-            t = np.max([studentized_residuals_on(line_design(x, seen), y) for x, y in pairs], axis=0)
-            df = len(names) - 3 - (seen is not None)  # n - 3 for the line, as before
+            prior = self.config.variance_prior
+            t = np.max([studentized_residuals_on(line_design(x, seen), y, prior) for x, y in pairs], axis=0)
+            df = residual_df(len(names), 2 + (seen is not None), prior)  # n - 3 for the line, as before
             p = outlier_p_values(t, df)
             # Each class's own p before the correction over the classes: what a test pairing this scan's classes
             # with another scan's reads (ci_core.scanning.combined.paired_verdict).
             per_class["p_class"] = tuple(float(v) for v in np.minimum(1.0, len(statistics) * stats.t.sf(t, df)))
-            over = f"Bonferroni over {len(names)} classes" + (", seen classes' own intercept" if seen is not None
-                                                                else "")
+            over = (f"Bonferroni over {len(names)} classes" + (", seen classes' own intercept" if seen is not None
+                                                                 else "")
+                    + (f", residual variance moderated by the prior of {prior.models} clean tuned models"
+                       if prior is not None else ""))
         else:
             # Each statistic's null depends on its reference values: per class the smallest p over statistics.
             fits = []

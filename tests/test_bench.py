@@ -382,6 +382,7 @@ class FakeBackdoor(Attack):
 @attrs.frozen(kw_only=True)
 class FakeDetectorConfig:
     epsilon: float = 0.03
+    jitter: float = 0.0  # a model-dependent noise on each class's loss: clean models of other seeds then differ
 
 
 class FakeDetector(Detector):
@@ -394,7 +395,12 @@ class FakeDetector(Detector):
 
     def invert(self, *, model, images, classnames, target, generator):
         delta = (torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * self.config.epsilon
-        return Inversion(trigger=AdditiveTrigger(delta), loss=float(target % 3))
+        loss = float(target % 3)
+        if self.config.jitter:
+            weights = float(sum(p.detach().double().sum() for p in model.parameters()))
+            noise = torch.Generator().manual_seed(int(abs(weights) * 1e6) % 2**31 + target)
+            loss += self.config.jitter * float(torch.randn((), generator=noise))
+        return Inversion(trigger=AdditiveTrigger(delta), loss=loss)
 
 
 @hookimpl
@@ -553,6 +559,46 @@ def test_report_combines_each_models_scans_bonferroni_or_paired(tmp_path, fake_p
         assert got["verdict"] == expected.verdict
     result = run_bench(["report", out, "--combine", "fisher:ood/all+id-only/all", "--quiet"])
     assert result.exit_code != 0 and "'fisher' is not a rule; expected one of bonferroni, paired" in result.output
+
+
+def test_a_variance_prior_from_the_stores_clean_models_moderates_the_report(tmp_path, fake_plugins):
+    """ci-bench prior fits one prior per scan setting on the clean models; ci-bench report --variance-prior reads
+    every calibrated scan with its setting's prior, and a setting the book lacks is an error naming it."""
+    from ci_core.harness.report import scored_scans
+    from ci_core.scanning.variance_prior import PriorBook, prior_setting
+
+    out, book = tmp_path / "store", tmp_path / "prior.json"
+    sweep = [*FAKE_SWEEP, "--clean-seeds", "2-7", "--detector-option", "fake-detector.jitter=0.1", "--out", out,
+             "--quiet"]
+    assert run_bench(sweep).exit_code == 0
+    result = run_bench(["prior", out, "--out", book])
+    assert result.exit_code == 0, result.output
+    assert "4 classes (red circle, blue square, green star, ...)" in result.output
+    assert "from 7 clean models" in result.output and "1 settings" in result.output
+    priors = PriorBook.read(book)
+    ((setting, prior, models),) = priors.entries.values()
+    assert prior.models == 7 and len(models) == 7 and setting["pool_kind"] == "ood"
+    store = Store.open(out)
+    _, plain = scored_scans(store)
+    _, moderated = scored_scans(store, priors=priors)
+    plain = {r.key: r for r in plain if r.scorer == "ref-outlier"}
+    for row in (r for r in moderated if r.scorer == "ref-outlier"):
+        assert "moderated by the prior of 7 clean tuned models" in row.rule
+        assert row.scorer_config["variance_prior"] == prior.to_json()
+        assert row.p_value != plain[row.key].p_value  # the same residuals on another scale
+    result = run_bench(["report", out, "--variance-prior", book])
+    assert result.exit_code == 0, result.output
+    assert f"with the variance prior of its setting from {book}" in result.output
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["variance_prior"] == {"book": str(book), "settings": 1}
+    # A book for another setting (the own-images pool kind) names what it lacks.
+    PriorBook({"x": ({**setting, "pool_kind": "own"}, prior, models)}, source=str(book)).write(book)
+    result = run_bench(["report", out, "--variance-prior", book, "--quiet"])
+    assert result.exit_code != 0 and "holds no variance prior for this scan's setting (4 classes" in result.output
+    assert "ood pool" in result.output and "Fit one with ci-bench prior" in result.output
+    assert prior_setting(setting, "ood", setting["statistic"])["pool_kind"] == "ood"
+    result = run_bench(["prior", tmp_path / "empty-store", "--out", book])
+    assert result.exit_code != 0
 
 
 def test_report_reads_a_scan_that_stopped_before_the_targets_class(tmp_path, fake_plugins, monkeypatch):

@@ -245,6 +245,42 @@ def test_ci_scan_reads_both_scans_by_the_paired_test(tmp_path, bundle):
     assert robust.exit_code == 2 and "fit=ols only (got fit=robust)" in robust.output
 
 
+def test_ci_scan_reads_each_scan_with_its_settings_variance_prior(tmp_path, bundle):
+    """--variance-prior: each scan is read with the prior of its own setting (the OOD pool, the own images); a
+    book that lacks a scan's setting is an error before any work."""
+    from ci_core.scanning.variance_prior import PriorBook, VariancePrior, prior_setting
+    from ci_detectors.reference_scoring import ReferenceOutlierConfig
+
+    own = own_folder(tmp_path / "own")
+    first = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--out", tmp_path / "plain")
+    assert first.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), first.output
+    statistic = ReferenceOutlierConfig().statistic()
+    specs = [json.loads(f.read_text())["spec"] for f in sorted((tmp_path / "references").glob("*.json"))]
+    settings = {("own" if spec["classnames"] == list(DEPLOYED) else "ood"): spec for spec in specs}
+    priors = {"ood": VariancePrior(variance=1e-4, df=20.0, models=6),
+              "own": VariancePrior(variance=2e-4, df=None, models=5)}
+    book = tmp_path / "prior.json"
+    PriorBook({kind: (prior_setting(settings[kind], kind, statistic), prior, tuple(f"m{i}" for i in range(prior.models)))
+               for kind, prior in priors.items()}).write(book)
+    out = tmp_path / "moderated"
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--variance-prior", book, "--out", out)
+    assert done.exit_code in (EXIT_CLEAN, EXIT_BACKDOORED), done.output
+    for kind in ("ood", "own"):
+        report = json.loads((out / kind / "report.json").read_text())
+        assert report["scorer_config"]["variance_prior"] == priors[kind].to_json()
+        assert f"moderated by the prior of {priors[kind].models} clean tuned models" in report["rule"]
+    assert "--variance-prior" in json.loads((out / "verdict.json").read_text())["command"]
+    # A book without the own-images scan's setting: named, before any scan, nothing written.
+    PriorBook({"ood": (prior_setting(settings["ood"], "ood", statistic), priors["ood"],
+                       tuple(f"m{i}" for i in range(6)))}).write(book)
+    done = run_scan(bundle(), *common(tmp_path), "--own-images", own, "--variance-prior", book,
+                    "--out", tmp_path / "lacking")
+    assert done.exit_code == 1 and "holds no variance prior for this scan's setting (4 classes" in done.output
+    assert "own pool |D|=8 |T|=4" in done.output and not (tmp_path / "lacking").exists()
+    done = run_scan(bundle(), "--ood", "builtin", "--no-reference", "--variance-prior", book)
+    assert done.exit_code == 2 and "drop --no-reference" in done.output
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--no-reference"], "--own-images judges the model by the p-values of its two scans"),
     (["--scorer", "ci"], "drop --scorer ci"),

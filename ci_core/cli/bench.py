@@ -1,4 +1,4 @@
-"""``ci-bench``: the researcher's entry point (plugins, attack, demo, images, run, report)."""
+"""``ci-bench``: the researcher's entry point (plugins, attack, demo, images, run, report, prior)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import attrs
 import click
 
 from ci_core.harness import CellOptions, LocalExecutor, RayExecutor, Store, SweepSettings, plan_sweep, run_sweep, write_report
+from ci_core.harness.priors import book_from_scans
 from ci_core.harness.report import parse_combination
+from ci_core.harness.report.scored import stored_scans
 from ci_core.harness.plan import REPAIR_DETECTOR, variant_label
 from ci_core.cli.common import (StderrProgress, backbone_options, choose_backbone, configure_threads, data_root_option,
                                 echo_table, parse_options, report_errors, resolve_device, resolve_runtime,
@@ -27,12 +29,13 @@ from ci_core.plugins import KINDS, open_dataset, registry
 from ci_core.scanning.combined import COMBINATION_SUMMARY, DEFAULT_COMBINATION
 from ci_core.scanning.reference import ReferenceCache, default_cache_dir, run_reference
 from ci_core.scanning.scan import CLEAN, scan
+from ci_core.scanning.variance_prior import MIN_PRIOR_MODELS, PriorBook, describe_setting
 from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN
 from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
 from ci_core.learning.protocol import (MAX_POOL, MIN_OWN_PER_CLASS, MODEL_BUNDLE, POOL_SIZES, SCAN_SEED, choose_scorers,
                                        choose_target, load_task, own_images_per_class, pool_sizes, preset_for,
-                                       sample_candidates, train_and_save)
+                                       REFERENCE_SCORER, sample_candidates, train_and_save)
 
 DEMO_MARKER = "demo.json"
 DEMO_OUTPUT = "demo"
@@ -514,16 +517,48 @@ def run(out, attacks, detectors, datasets, seeds, shots, test_per_class, data_ro
                    "scorer's p-values Bonferroni over them, e.g. ood/all+task/base: the OOD scan of every class and "
                    "the base classes on the dataset's own images; with 'paired:' two scans are read by the paired "
                    "test, the same class easy to reach in both (docs/verdicts.md).")
+@click.option("--variance-prior", "prior_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A variance prior book (ci-bench prior): the calibrated scorer moderates each scan's residual "
+                   "spread by the spread of clean tuned models of the same setting (docs/verdicts.md).")
 @click.option("--quiet", is_flag=True, help="Do not print the Markdown.")
 @report_errors
-def report(store_dir, out, scorer_options, combinations, quiet):
+def report(store_dir, out, scorer_options, combinations, prior_file, quiet):
     """Tables and figures (Markdown, JSON, PNG) from the finished cells of the store STORE_DIR."""
     combine = [parse_combination(text) for text in combinations]
+    priors = PriorBook.read(prior_file) if prior_file is not None else None
     folder, markdown = write_report(Store.open(store_dir), out, _plugin_options(scorer_options, "--scorer-option"),
-                                    combine)
+                                    combine, priors)
     if not quiet:
         click.echo(markdown)
     click.echo(f"report written to {folder}")
+
+
+@main.command()
+@click.argument("store_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The variance prior book to write (JSON).")
+@click.option("--scorer-option", "scorer_options", multiple=True, metavar="KEY=VALUE",
+              help=f"Option of the calibrated scorer ({REFERENCE_SCORER}) the prior is for (default: its defaults); "
+                   "the book records them, and a scorer configured otherwise cannot read it.")
+@report_errors
+def prior(store_dirs, out, scorer_options):
+    """Fit a variance prior per scan setting on the clean tuned models of the stores STORE_DIRS.
+
+    Each clean model (attack 'clean', not a control) scanned with a reference gives the residual variance of the
+    calibrated scorer's fit; the scans of one setting (backbone, classes, pool sizes and kind, seed, detector and
+    its config, the scorer's statistic) fit one scaled inverse chi-square prior (limma's moments).  Tune and scan
+    at least five clean models per setting, with seeds no provider's model uses: `ci-bench run --attacks clean
+    --clean-seeds ...` (docs/verdicts.md, "A sixth freeze")."""
+    scorer = registry().get("scorer", REFERENCE_SCORER).from_options(parse_options(scorer_options, "--scorer-option"))
+    scans = [stored for root in store_dirs for stored in stored_scans(Store.open(root))[1]]
+    book, short = book_from_scans(scans, scorer)
+    book.write(out)
+    for line in short:
+        click.echo(f"left out (fewer than {MIN_PRIOR_MODELS}): {line}")
+    for setting, fitted, models in book.entries.values():
+        df = "a known variance (d0 infinite)" if fitted.df is None else f"d0 {fitted.df:.1f}"
+        click.echo(f"{describe_setting(setting)}: s0^2 {fitted.variance:.3g}, {df}, from {len(models)} clean models")
+    click.echo(f"variance prior book written to {out} ({len(book.entries)} settings)")
 
 
 if __name__ == "__main__":

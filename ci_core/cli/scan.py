@@ -17,7 +17,8 @@ from ci_core.files import check_output_folder
 from ci_core.models.bundle import load_bundle, read_meta
 from ci_core.models.coop import POSITIONS
 from ci_core.plugins import registry
-from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_dir, run_reference
+from ci_core.scanning.reference import CACHE_ENV, ReferenceCache, default_cache_dir, reference_spec, run_reference
+from ci_core.scanning.variance_prior import PriorBook, prior_setting, statistic_of, with_prior
 from ci_core.scanning.scan import BACKDOORED, CLEAN, SCAN_OUTPUT, UNSCANNABLE, check_scorers, scan, stored_problems
 from ci_core.pages.scan_output import write_scan, write_two_scans
 from ci_core.scanning.scan_report import PAGE_FILE, BackboneIdentity, BundleIdentity, ScanContext
@@ -70,6 +71,10 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
               show_default=True,
               help="With --own-images: how the two scans make one verdict: bonferroni, min(1, 2 min p) over the "
                    "scans; paired, the same deployed class easy to reach in both scans (docs/verdicts.md).")
+@click.option("--variance-prior", "prior_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A variance prior book (ci-bench prior, from clean prompts you tuned and scanned in this setting): "
+                   "the calibrated scorer moderates each scan's residual spread by theirs (docs/verdicts.md, "
+                   "\"A sixth freeze\"). A scan whose setting the book lacks is an error.")
 @click.option("--own-pool-size", type=click.IntRange(1, MAX_POOL),
               help="With --own-images: its inversion images |D| (default: as --pool-size's default).")
 @click.option("--own-holdout", type=click.IntRange(1, MAX_POOL),
@@ -109,7 +114,8 @@ EXIT_CODES = {CLEAN: EXIT_CLEAN, BACKDOORED: EXIT_BACKDOORED, UNSCANNABLE: EXIT_
 @runtime_options
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @report_errors
-def main(bundle, ood, inversion_images, own_images, combination, own_pool_size, own_holdout, classes_file, class_token_position,
+def main(bundle, ood, inversion_images, own_images, combination, prior_file, own_pool_size, own_holdout, classes_file,
+         class_token_position,
          load_epoch, out, detector, scorer, no_reference, reference_cache, options, scorer_options, pool_size, holdout,
          seed, backbone, pretrained, device, max_text_batch, bf16, quiet):
     """Scan the prompt-tuned model BUNDLE for a backdoor; writes OUT/report.html, OUT/report.json and OUT/triggers/.
@@ -158,6 +164,13 @@ def main(bundle, ood, inversion_images, own_images, combination, own_pool_size, 
     if combination == "paired" and getattr(decider.config, "fit", "ols") != "ols":
         raise click.UsageError(f"--combine paired reads each class's p-value before the correction over the classes, "
                                f"which {REFERENCE_SCORER} gives with fit=ols only (got fit={decider.config.fit})")
+    priors = None
+    if prior_file is not None:
+        if no_reference:
+            raise click.UsageError("--variance-prior moderates the calibrated scorer against the backbone's reference; "
+                                   "drop --no-reference")
+        priors = PriorBook.read(prior_file)
+        statistic_of(decider)  # a scorer that takes no prior fails now
     if not delivery:  # a delivery's classes are known once it is opened
         check_own_folders(inversion_images, own_images, classnames, decider, also, no_reference)
     out = check_output_folder(out or Path(f"scan-{Path(bundle).resolve().name}"), SCAN_OUTPUT)
@@ -192,8 +205,15 @@ def main(bundle, ood, inversion_images, own_images, combination, own_pool_size, 
                                                 holdout=own_holdout or default_holdout,
                                                 image_size=model.backbone.image_size, seed=seed, progress=progress)
     check_scorers((decider, *also), classes=len(classnames), reference=not no_reference)  # before minutes of work
+    ood_kind = "id" if inversion_images is not None else "ood"
+    deciders = {ood_kind: decider, "own": decider}
+    if priors is not None:  # each scan's setting must be in the book: checked before minutes of work
+        for kind, (scan_pool, scan_classes) in {ood_kind: (pool, classnames), "own": (own_pool, own_classes)}.items():
+            if scan_pool is not None:
+                spec = reference_spec(model.backbone, meta["template"], scan_classes, scan_pool, seed, det)
+                deciders[kind] = with_prior(decider, priors.lookup(prior_setting(spec, kind, statistic_of(decider))))
 
-    def run_scan(scan_pool, scan_classes, what: str):
+    def run_scan(scan_pool, scan_classes, what: str, kind: str):
         progress(f"scanning {bundle} with {det.name}{what}: {len(scan_classes)} candidate classes, "
                  f"|D|={len(scan_pool.inversion)}, |T|={len(scan_pool.holdout)}"
                  f"{f', {len(scan_pool.skipped)} unreadable files skipped' if scan_pool.skipped else ''}")
@@ -201,17 +221,18 @@ def main(bundle, ood, inversion_images, own_images, combination, own_pool_size, 
         if cache is not None:
             reference = run_reference(model.backbone, meta["template"], det, scan_pool, scan_classes, seed=seed,
                                       cache=cache, progress=progress)
-        return scan(model, det, decider, scan_pool, scan_classes, seed=seed, reference=reference, also=also,
+        return scan(model, det, deciders[kind], scan_pool, scan_classes, seed=seed, reference=reference, also=also,
                     known_problems=stored_problems(meta), base_classes=meta.get("base_classes"), progress=progress)
 
-    result = run_scan(pool, classnames, " on the OOD pool" if own_images is not None else "")
-    own_result = run_scan(own_pool, own_classes, f" on {own_images}") if own_images is not None else None
+    result = run_scan(pool, classnames, " on the OOD pool" if own_images is not None else "", ood_kind)
+    own_result = run_scan(own_pool, own_classes, f" on {own_images}", "own") if own_images is not None else None
     command = shlex.join(
         ["ci-scan", str(bundle), "--ood", str(ood)]
         + (["--inversion-images", str(inversion_images)] if inversion_images is not None else [])
         + (["--own-images", str(own_images), "--own-pool-size", str(own_pool_size or default_pool),
             "--own-holdout", str(own_holdout or default_holdout), "--combine", combination]
            if own_images is not None else [])
+        + (["--variance-prior", str(prior_file)] if prior_file is not None else [])
         + (["--classes", str(classes_file)] if classes_file else [])
         + (["--class-token-position", class_token_position] if delivery else [])
         + ["--out", str(out), "--detector", det.name, "--scorer", decider.name]

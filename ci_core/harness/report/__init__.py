@@ -40,6 +40,7 @@ from ci_core.harness.report.markdown import md_table, to_markdown
 from ci_core.harness.report.scored import ScoredScan, scored_scans
 from ci_core.harness.report.tables import DEFINITIONS, IMPLANT_LEVELS, _finite, build_report, implanted_model_level
 from ci_core.harness.store import Store
+from ci_core.scanning.variance_prior import PriorBook
 
 __all__ = ["DEFINITIONS", "IMPLANT_LEVELS", "ScanKind", "ScoredScan", "build_report", "implanted_model_level",
            "md_table", "parse_combination", "scored_scans", "to_markdown", "write_report"]
@@ -59,10 +60,10 @@ def _json_ready(value: Any) -> Any:
 
 
 def write_report(store: Store, out: Path | None = None, scorer_options: dict[str, dict] | None = None,
-                 combine: Sequence[Combination] = ()) -> tuple[Path, str]:
+                 combine: Sequence[Combination] = (), priors: PriorBook | None = None) -> tuple[Path, str]:
     """Write report.md, report.json, report.html and the PNG figures to ``out`` (default STORE/report) atomically."""
     out = Path(out) if out is not None else store.root / "report"
-    report = build_report(store, scorer_options, combine)
+    report = build_report(store, scorer_options, combine, priors)
     with publishing(out, REPORT_OUTPUT) as work:
         figures = [name for name, plot in (("roc.png", plot_roc), ("anomaly_scores.png", plot_anomaly_scores))
                    if plot(report, work / name)]

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from ci_core.harness.plan import variant_label
 from ci_core.harness.report.tables import DEFINITIONS
+from ci_core.learning.protocol import REFERENCE_SCORER
 
 
 def _fmt(value: Any) -> str:
@@ -87,6 +88,10 @@ def to_markdown(report: dict, figures: Sequence[str] = ()) -> str:
     out = [f"# ci-bench report: {report['store']}", "",
            f"{counts['models']} models, {counts['scans']} scans, {repairs}{counts['failed']} failed cells, "
            f"{len(report['pending'])} planned cells not run yet.", ""]
+    prior = report.get("variance_prior")
+    if prior:
+        out += [f"The calibrated scorer ({REFERENCE_SCORER}) reads every scan with the variance prior of its setting "
+                f"from {prior['book']} ({prior['settings']} settings; docs/verdicts.md, \"A sixth freeze\").", ""]
     groups = report["detectors"]
 
     out += ["## Verdicts", "", DEFINITIONS["verdict"], ""]

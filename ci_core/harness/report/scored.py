@@ -17,6 +17,7 @@ import attrs
 from ci_core.errors import ConfigError, DataError
 from ci_core.harness.cells import read_reference
 from ci_core.harness.plan import CLEAN_ATTACK
+from ci_core.harness.priors import scan_setting
 from ci_core.harness.records import ModelRecord, ScanRecord
 from ci_core.harness.store import Store
 from ci_core.interfaces import to_json
@@ -25,6 +26,7 @@ from ci_core.learning.protocol import REFERENCE_SCORER
 from ci_core.scanning.scan import UNSCANNABLE, apply_scorer
 from ci_core.scanning.seen import mark_seen
 from ci_core.scanning.scan_report import REPORT_FILE, read_scan_report
+from ci_core.scanning.variance_prior import PriorBook, with_prior
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -94,14 +96,23 @@ def scorers(options: dict[str, dict] | None) -> dict[str, Any]:
     return {name: plugins.get("scorer", name).from_options(options.get(name)) for name in plugins.names("scorer")}
 
 
-def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) -> tuple[list[ModelRecord],
-                                                                                       list[ScoredScan]]:
-    """(model records, one ScoredScan per scan and scorer that applies to it)."""
+@attrs.frozen(kw_only=True, eq=False)
+class StoredScan:
+    """One scan of a store as the report reads it: its records, its evidence (seen flags marked), its reference
+    scan (None: none) and why the model could not be measured (empty when it could)."""
+
+    scan: ScanRecord
+    model: ModelRecord
+    evidence: tuple
+    reference: Any
+    problems: tuple[str, ...]
+
+
+def stored_scans(store: Store) -> tuple[list[ModelRecord], list[StoredScan]]:
+    """(model records, every scan of the store with its evidence and reference), each file checked as it is read."""
     models = {record.key: record for record in store.cells("model")}
     references: dict[str, Any] = {record.key: None for record in store.cells("reference")}
-    by_name = scorers(scorer_options)
-    plugins = registry()
-    rows = []
+    found = []
     for scan in store.cells("scan"):
         model = models.get(scan.model)
         if model is None:
@@ -112,7 +123,6 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
         except DataError as exc:
             raise ConfigError(str(exc)) from None
         evidence = mark_seen(report.evidence(), model.base_classes or None)  # older reports: the bundle says
-        classes = [to_json(e) for e in evidence]
         reference = None
         if scan.reference:
             if scan.reference not in references:
@@ -124,10 +134,28 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
         problems = report.unscannable_reasons
         if not problems and reference is not None:
             problems = report.pool_health.problems(reference.health)
+        found.append(StoredScan(scan=scan, model=model, evidence=evidence, reference=reference,
+                                problems=tuple(problems)))
+    return list(models.values()), found
+
+
+def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None,
+                 priors: PriorBook | None = None) -> tuple[list[ModelRecord], list[ScoredScan]]:
+    """(model records, one ScoredScan per scan and scorer that applies to it).  With ``priors`` the calibrated
+    scorer reads each scan with its setting's variance prior (a setting the book lacks is an error)."""
+    by_name = scorers(scorer_options)
+    plugins = registry()
+    models, scans = stored_scans(store)
+    rows = []
+    for stored in scans:
+        scan, evidence, reference, problems = stored.scan, stored.evidence, stored.reference, stored.problems
+        classes = [to_json(e) for e in evidence]
         own = plugins.get("detector", scan.detector).default_scorer
         for name in ([REFERENCE_SCORER] if reference is not None else []) + [own]:
             scorer = by_name[name]
-            common = dict(scan=scan, model=model, classes=classes, scorer=name,
+            if priors is not None and name == REFERENCE_SCORER:
+                scorer = with_prior(scorer, priors.lookup(scan_setting(scan, reference, scorer)))
+            common = dict(scan=scan, model=stored.model, classes=classes, scorer=name,
                           scorer_config=to_json(scorer.config), problems=problems)
             if problems:
                 rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
@@ -140,7 +168,7 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None) ->
                                    predicted_target=scores.target, flagged=scores.flagged, rule=scores.rule,
                                    class_p=None if class_p is None else dict(zip((e.name for e in evidence),
                                                                                  map(float, class_p)))))
-    return list(models.values()), rows
+    return models, rows
 
 
 def pending(store: Store, failed_keys: set[str]) -> list[dict]:

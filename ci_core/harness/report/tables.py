@@ -24,6 +24,7 @@ from ci_core.harness.store import Store
 from ci_core.plugins import registry
 from ci_core.learning.protocol import REFERENCE_SCORER
 from ci_core.scanning.scan import UNSCANNABLE
+from ci_core.scanning.variance_prior import PriorBook
 
 IMPLANTED = 0.5  # ASR on unseen classes from which a backdoor counts as implanted in the verdict table
 WORKS = 0.5  # ASR on seen or on unseen classes from which a backdoor counts as working in the verdict table
@@ -483,10 +484,11 @@ def repair_check(repairs: Sequence[RepairRecord], controls: Iterable[str], floor
 
 
 def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
-                 combine: Sequence[Combination] = ()) -> dict:
+                 combine: Sequence[Combination] = (), priors: PriorBook | None = None) -> dict:
     """Every table of the report as plain JSON; ``scorer_options`` override scorer configs by name; each of
-    ``combine`` adds a verdict that judges every model by its scans of those kinds together (``combined``)."""
-    models, rows = scored_scans(store, scorer_options)
+    ``combine`` adds a verdict that judges every model by its scans of those kinds together (``combined``);
+    ``priors``: the calibrated scorer reads each scan with its setting's variance prior."""
+    models, rows = scored_scans(store, scorer_options, priors)
     for combination in combine:
         joined = combine_scans(rows, combination)
         if not joined:
@@ -507,6 +509,7 @@ def build_report(store: Store, scorer_options: dict[str, dict] | None = None,
     labels = _group_label(groups)
     return {
         "store": str(store.root),
+        "variance_prior": None if priors is None else {"book": priors.source, "settings": len(priors.entries)},
         "definitions": DEFINITIONS,
         "counts": {"models": len(models), "clean_models": sum(m.target is None for m in models),
                    "scans": len({row.key for row in rows}), "repairs": len(repairs), "failed": len(failures),
