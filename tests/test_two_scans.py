@@ -458,3 +458,23 @@ def test_ci_repair_takes_the_own_scans_trigger_judged_by_the_pairs_verdict(tmp_p
     (out / "verdict.json").write_text(json.dumps(edited))
     refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r3", "--force"]])
     assert refused.exit_code == 1 and "disagree (an edited file?)" in refused.output
+
+
+def test_a_paired_verdict_that_fell_back_to_bonferroni_says_so_scan_by_scan():
+    """Where a scan could not measure the model the paired test leaves the Bonferroni rule to decide; the measured
+    scan's sentence on the page must say so, not that both scans were read together."""
+    from types import SimpleNamespace
+
+    from ci_core.pages.two_scan_page import scan_sentence
+    from ci_core.scanning.scan import UNSCANNABLE
+    from ci_core.scanning.two_scan_report import ScanSummary, TwoScanReport
+
+    measured = ScanSummary(name="ood", verdict="clean", p_value=0.3, target="red circle", classes=4, pool_source=None)
+    broken = ScanSummary(name="own", verdict=UNSCANNABLE, p_value=None, target=None, classes=4, pool_source=None)
+    as_pair = TwoScanReport.read_as_pair.fget
+    assert not as_pair(SimpleNamespace(combination="paired", scans=(measured, broken)))
+    assert as_pair(SimpleNamespace(combination="paired", scans=(measured, measured)))
+    fell_back = scan_sentence(measured, 2, as_pair(SimpleNamespace(combination="paired", scans=(measured, broken))))
+    assert "multiplies the smaller p by 2" in fell_back and "both scans" not in fell_back
+    assert "the same class is easy to reach in both scans" in scan_sentence(measured, 2, True)
+    assert scan_sentence(broken, 2, False) == "This scan could not measure the model:"

@@ -40,11 +40,13 @@ def combined_meaning(verdict: "TwoScanReport") -> str:
             "model.")
 
 
-def scan_sentence(summary, scans: int, combination: str = "bonferroni") -> str:
-    """What one scan found, as a part of the pair (its own page judges it alone, at the full alpha)."""
+def scan_sentence(summary, scans: int, read_as_pair: bool = False) -> str:
+    """What one scan found, as a part of the pair (its own page judges it alone, at the full alpha).
+    ``read_as_pair``: the paired test decided (``TwoScanReport.read_as_pair``); otherwise Bonferroni did, which is
+    also what the paired test falls back to where a scan could not measure the model."""
     if summary.verdict == UNSCANNABLE:
         return "This scan could not measure the model:"
-    how = (f"the verdict above multiplies the smaller p by {scans}" if combination != "paired" else
+    how = (f"the verdict above multiplies the smaller p by {scans}" if not read_as_pair else
            "the verdict above asks whether the same class is easy to reach in both scans, each class's evidence "
            "from the two scans together")
     return (f"Its most anomalous class is \u201c{summary.target}\u201d, at p = {format_number(summary.p_value)} for "
@@ -64,7 +66,7 @@ def write_two_scan_page(verdict: "TwoScanReport", reports: dict[str, "ScanReport
                       "p": format_number(summary.p_value),
                       "target": summary.target or "n/a", "deciding": summary.name == verdict.deciding,
                       "flagged": summary.name == verdict.deciding and verdict.verdict == BACKDOORED,
-                      "page": f"{summary.name}/{PAGE_FILE}", "meaning": scan_sentence(summary, len(verdict.scans), verdict.combination),
+                      "page": f"{summary.name}/{PAGE_FILE}", "meaning": scan_sentence(summary, len(verdict.scans), verdict.read_as_pair),
                       "reasons": list(report.unscannable_reasons), "pool": summary.pool_source or "n/a",
                       "evidence": evidence_figure(report) if scannable else None})
     smaller = next((s.title for s in verdict.scans if s.name == verdict.deciding), "neither scan")
