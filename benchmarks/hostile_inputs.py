@@ -1431,7 +1431,28 @@ def group7() -> list[Case]:
                          (["--scorer-option", "ci.k=NaN"], ("k",)), (["--detector-option", "ci.epsilon=Infinity"],
                                                                     ("epsilon",))):
         cases.append(value_case("run", extra, names))
+    cases += prior_cases()
     return cases
+
+
+def prior_cases() -> list[Case]:
+    """ci-scan --variance-prior with books that are not one: each named by file, before any work."""
+    good = {"variance": 0.001, "df": 12.0, "models": 5, "model_keys": ["a", "b", "c", "d", "e"], "setting": {}}
+    books = {"missing": None, "not JSON": "{", "another kind": {"kind": "scan-report", "version": 1, "priors": []},
+             "NaN variance": {"kind": "variance-prior", "version": 1, "priors": [{**good, "variance": "NaN"}]},
+             "negative df": {"kind": "variance-prior", "version": 1, "priors": [{**good, "df": -3}]},
+             "models and keys disagree": {"kind": "variance-prior", "version": 1, "priors": [{**good, "models": 9}]}}
+
+    def case(label, content):
+        def prepare(work):
+            book = work / "prior.json"
+            if content is not None:
+                book.write_text(content if isinstance(content, str) else json.dumps(content).replace('"NaN"', "NaN"))
+            args = scan_args(make_bundle(work / "bundle"), work, reference=True, extra=("--variance-prior", book))
+            return Run("scan", args, names=("prior.json",), time_limit=120)
+        return Case(7, f"ci-scan --variance-prior: {label}", prepare)
+
+    return [case(label, content) for label, content in books.items()] if scan_supports("--variance-prior") else []
 
 
 # --------------------------------------------------------------------------- group 8: one reading, class lists, work
