@@ -612,8 +612,8 @@ def test_report_reads_a_scan_that_stopped_before_the_targets_class(tmp_path, fak
     assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0
     read = tables.scored_scans
 
-    def stopped_partway(store, options=None):
-        models, rows = read(store, options)
+    def stopped_partway(store, options=None, priors=None):
+        models, rows = read(store, options, priors)
         return models, [attrs.evolve(r, verdict=UNSCANNABLE, backdoored=True, p_value=None, predicted_target=None,
                                      flagged=(), classes=[c for c in r.classes if c["name"] != r.true_target][:1])
                         if r.true_target is not None else r for r in rows]
