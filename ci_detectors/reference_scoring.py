@@ -58,6 +58,11 @@ models the Student-t null proved conservative (4 of 21 development clean
 p-values below 0.5, 10.5 expected), so 0.01 cost power for an FPR far below
 the aim.
 
+With a variance prior (``variance_prior``: ``ci-bench prior`` fits one from clean tuned models scanned in the same
+setting; ``ci_core.scanning.variance_prior``) each s_(c)^2 is pooled with the prior's, (d0 s0^2 + d s_(c)^2) / (d0
++ d), and t follows Student's t on d0 + d degrees of freedom: the spread is no longer estimated from the model's
+own 12-36 classes alone, which a backdoor's cluster of moved classes swells (docs/verdicts.md, "A sixth freeze").
+
 Measured options (docs/verdicts.md, issue 21), none the default: ``compare``
 may name the finished trigger's held-out margin or its logit ASR instead of
 the cost, or several joined by '+' (one family-wise test, Bonferroni over the
