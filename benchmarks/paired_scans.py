@@ -63,8 +63,39 @@ RULES = ("bonferroni (frozen two-scan verdict)", "paired, leave-one-out correlat
          "mean of the two normal scores", "paired + first scan (x 2)")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_rules(models: list, alpha: float, show: bool, kind: str = "") -> None:
+    """The rules' table (FPR with its interval, TPR and target named over the working backdoors, AUROC, the smallest
+    clean p) over ``models``: (store name, model record, works, {rule: (p, class named)}); ``show`` adds each
+    working backdoor's and each flagged clean model's p under every rule.  ``kind`` ends the headline."""
+    clean = [m for m in models if m[1].target is None]
+    working = [m for m in models if m[2]]
+    print(f"{len(models)} models: {len(clean)} clean, {len(working)} whose trigger works (ASR seen or unseen >= "
+          f"{WORKS}); alpha {alpha:g}{kind}\n")
+    print("| rule | FPR (95% CI) | TPR works | target named | AUROC works | smallest clean p |\n|---|---|---|---|---|---|")
+    for rule in models[0][3] if models else ():
+        fp = sum(m[3][rule][0] <= alpha for m in clean)
+        low, high = clopper_pearson(fp, len(clean)) if clean else (math.nan, math.nan)
+        tp = sum(m[3][rule][0] <= alpha for m in working)
+        named = sum(m[3][rule][1] == m[1].target for m in working)
+        kept = clean + working
+        truth = [m[1].target is not None for m in kept]
+        score = [-math.log10(max(m[3][rule][0], 1e-300)) for m in kept]
+        area = f"{auroc(truth, score):.3f}" if has_both_classes(truth) else "n/a"
+        smallest = f"{min(m[3][rule][0] for m in clean):.2g}" if clean else "n/a"
+        print(f"| {rule} | {fp}/{len(clean)} ({low:.3f}-{high:.3f}) | {tp}/{len(working)} | {named}/{len(working)} "
+              f"| {area} | {smallest} |")
+    if show:
+        print()
+        for store, model, works, by_rule in sorted(models, key=lambda m: (m[1].attack, m[1].dataset, m[1].seed)):
+            if works or (model.target is None and min(p for p, _ in by_rule.values()) <= alpha):
+                cells = "  ".join(f"{p:.2g} {named or '-'}" for p, named in by_rule.values())
+                print(f"{store} {model.attack:17s} {model.dataset:17s} {model.seed:4d} target {model.target or '-'}: "
+                      f"{cells}")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, tuple]:
+    """The arguments every rules' table takes (stores, --combine, --alpha, --show) beside ``parser``'s own, and the
+    two scan kinds --combine names."""
     parser.add_argument("stores", type=Path, nargs="+")
     parser.add_argument("--combine", default="ood/all+task/base", help="the two scan kinds (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.05)
@@ -74,6 +105,12 @@ def main(argv=None) -> int:
     kinds = parse_combination(args.combine).kinds
     if len(kinds) != 2:
         parser.error(f"--combine {args.combine}: name exactly two scan kinds")
+    return args, kinds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args, kinds = parse_arguments(parser, argv)
     models = []  # (store, model record, works, {rule: (p, named)})
     for root in args.stores:
         _, rows = scored_scans(Store.open(root))
@@ -86,30 +123,7 @@ def main(argv=None) -> int:
                 continue
             first, second = pair[kinds[0]], pair[kinds[1]]
             models.append((root.name, first.model, first.works(WORKS), judged(first, second)))
-    clean = [m for m in models if m[1].target is None]
-    working = [m for m in models if m[2]]
-    print(f"{len(models)} models: {len(clean)} clean, {len(working)} whose trigger works (ASR seen or unseen >= "
-          f"{WORKS}); alpha {args.alpha:g}\n")
-    print("| rule | FPR (95% CI) | TPR works | target named | AUROC works | smallest clean p |\n|---|---|---|---|---|---|")
-    for rule in RULES:
-        fp = sum(m[3][rule][0] <= args.alpha for m in clean)
-        low, high = clopper_pearson(fp, len(clean)) if clean else (math.nan, math.nan)
-        tp = sum(m[3][rule][0] <= args.alpha for m in working)
-        named = sum(m[3][rule][1] == m[1].target for m in working)
-        kept = clean + working
-        truth = [m[1].target is not None for m in kept]
-        score = [-math.log10(max(m[3][rule][0], 1e-300)) for m in kept]
-        area = f"{auroc(truth, score):.3f}" if has_both_classes(truth) else "n/a"
-        smallest = f"{min(m[3][rule][0] for m in clean):.2g}" if clean else "n/a"
-        print(f"| {rule} | {fp}/{len(clean)} ({low:.3f}-{high:.3f}) | {tp}/{len(working)} | {named}/{len(working)} "
-              f"| {area} | {smallest} |")
-    if args.show:
-        print()
-        for store, model, works, by_rule in sorted(models, key=lambda m: (m[1].attack, m[1].dataset, m[1].seed)):
-            if works or (model.target is None and min(p for p, _ in by_rule.values()) <= args.alpha):
-                cells = "  ".join(f"{p:.2g} {named or '-'}" for p, named in by_rule.values())
-                print(f"{store} {model.attack:17s} {model.dataset:17s} {model.seed:4d} target {model.target or '-'}: "
-                      f"{cells}")
+    print_rules(models, args.alpha, args.show)
     return 0
 
 

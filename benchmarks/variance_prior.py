@@ -12,24 +12,21 @@ The development figures of docs/verdicts.md ("A tuned null for the residual spre
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from ci_core.harness.priors import book_from_scans
-from ci_core.harness.report import parse_combination, scored_scans
+from ci_core.harness.report import scored_scans
 from ci_core.harness.report.combined import ScanKind
 from ci_core.harness.report.scored import scorers, stored_scans
-from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_core.learning.protocol import REFERENCE_SCORER
 from ci_core.scanning.combined import paired_evidence
 from ci_core.scanning.scan import UNSCANNABLE
 from ci_core.scanning.variance_prior import PriorBook
-
-WORKS = 0.5
+from paired_scans import WORKS, parse_arguments, print_rules  # benchmarks/, beside this script
 
 
 def pairs(store: Store, kinds, priors) -> dict[str, tuple]:
@@ -56,17 +53,9 @@ def judged(first, second) -> dict[str, tuple[float, str | None]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stores", type=Path, nargs="+")
     parser.add_argument("--book", type=Path, help="read every store with this prior book (ci-bench prior) instead "
                                                   "of one fitted on the other stores")
-    parser.add_argument("--combine", default="ood/all+task/base", help="the two scan kinds (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--show", action="store_true", help="print each working backdoor's and each flagged clean "
-                                                            "model's p under every rule")
-    args = parser.parse_args(argv)
-    kinds = parse_combination(args.combine).kinds
-    if len(kinds) != 2:
-        parser.error(f"--combine {args.combine}: name exactly two scan kinds")
+    args, kinds = parse_arguments(parser, argv)
     if args.book is None and len(args.stores) < 2:
         parser.error("give two or more stores (each read with a prior fitted on the others), or --book")
     scorer = scorers(None)[REFERENCE_SCORER]
@@ -81,30 +70,8 @@ def main(argv=None) -> int:
             rules = {f"own spread, {rule}": value for rule, value in judged(first, second).items()}
             rules.update({f"variance prior, {rule}": value for rule, value in judged(*moderated[key]).items()})
             models.append((root.name, first.model, first.works(WORKS), rules))
-    clean = [m for m in models if m[1].target is None]
-    working = [m for m in models if m[2]]
-    print(f"{len(models)} models: {len(clean)} clean, {len(working)} whose trigger works (ASR seen or unseen >= "
-          f"{WORKS}); alpha {args.alpha:g}; prior {'from ' + str(args.book) if fixed else 'from the other stores'}\n")
-    print("| rule | FPR (95% CI) | TPR works | target named | AUROC works | smallest clean p |\n|---|---|---|---|---|---|")
-    for rule in models[0][3] if models else ():
-        fp = sum(m[3][rule][0] <= args.alpha for m in clean)
-        low, high = clopper_pearson(fp, len(clean)) if clean else (math.nan, math.nan)
-        tp = sum(m[3][rule][0] <= args.alpha for m in working)
-        named = sum(m[3][rule][1] == m[1].target for m in working)
-        kept = clean + working
-        truth = [m[1].target is not None for m in kept]
-        score = [-math.log10(max(m[3][rule][0], 1e-300)) for m in kept]
-        area = f"{auroc(truth, score):.3f}" if has_both_classes(truth) else "n/a"
-        smallest = f"{min(m[3][rule][0] for m in clean):.2g}" if clean else "n/a"
-        print(f"| {rule} | {fp}/{len(clean)} ({low:.3f}-{high:.3f}) | {tp}/{len(working)} | {named}/{len(working)} "
-              f"| {area} | {smallest} |")
-    if args.show:
-        print()
-        for store, model, works, by_rule in sorted(models, key=lambda m: (m[1].attack, m[1].dataset, m[1].seed)):
-            if works or (model.target is None and min(p for p, _ in by_rule.values()) <= args.alpha):
-                cells = "  ".join(f"{p:.2g} {named or '-'}" for p, named in by_rule.values())
-                print(f"{store} {model.attack:17s} {model.dataset:17s} {model.seed:4d} target {model.target or '-'}: "
-                      f"{cells}")
+    print_rules(models, args.alpha, args.show,
+                kind=f"; prior {'from ' + str(args.book) if fixed else 'from the other stores'}")
     return 0
 
 
