@@ -399,7 +399,8 @@ class FakeDetector(Detector):
         if self.config.jitter:
             weights = float(sum(p.detach().double().sum() for p in model.parameters()))
             noise = torch.Generator().manual_seed(int(abs(weights) * 1e6) % 2**31 + target)
-            loss += self.config.jitter * float(torch.randn((), generator=noise))
+            image = float(images[target % len(images)].mean())  # and on the pool: each setting its own spread
+            loss += self.config.jitter * (float(torch.randn((), generator=noise)) + image)
         return Inversion(trigger=AdditiveTrigger(delta), loss=loss)
 
 
@@ -564,35 +565,42 @@ def test_report_combines_each_models_scans_bonferroni_or_paired(tmp_path, fake_p
 def test_a_variance_prior_from_the_stores_clean_models_moderates_the_report(tmp_path, fake_plugins):
     """ci-bench prior fits one prior per scan setting on the clean models; ci-bench report --variance-prior reads
     every calibrated scan with its setting's prior, and a setting the book lacks is an error naming it."""
-    from ci_core.harness.report import scored_scans
+    from ci_core.harness.report import build_report, parse_combination, scored_scans
     from ci_core.scanning.variance_prior import PriorBook, prior_setting
 
     out, book = tmp_path / "store", tmp_path / "prior.json"
-    sweep = [*FAKE_SWEEP, "--clean-seeds", "2-7", "--detector-option", "fake-detector.jitter=0.1", "--out", out,
-             "--quiet"]
+    sweep = [*FAKE_SWEEP, "--clean-seeds", "2-7", "--detector-option", "fake-detector.jitter=0.1", "--inversion-data",
+             "ood,id-only", "--out", out, "--quiet"]
     assert run_bench(sweep).exit_code == 0
     result = run_bench(["prior", out, "--out", book])
     assert result.exit_code == 0, result.output
     assert "4 classes (red circle, blue square, green star, ...)" in result.output
-    assert "from 7 clean models" in result.output and "1 settings" in result.output
+    assert "from 7 clean models" in result.output and "2 settings" in result.output
     priors = PriorBook.read(book)
-    ((setting, prior, models),) = priors.entries.values()
-    assert prior.models == 7 and len(models) == 7 and setting["pool_kind"] == "ood"
+    by_kind = {setting["pool_kind"]: (setting, prior, models) for setting, prior, models in priors.entries.values()}
+    assert sorted(by_kind) == ["ood", "own"]  # id-only: D and T from the dataset's own images
+    setting, prior, models = by_kind["ood"]
+    assert prior.models == 7 and len(models) == 7 and by_kind["own"][1] != prior  # other images, another spread
     store = Store.open(out)
     _, plain = scored_scans(store)
     _, moderated = scored_scans(store, priors=priors)
     plain = {r.key: r for r in plain if r.scorer == "ref-outlier"}
     for row in (r for r in moderated if r.scorer == "ref-outlier"):
+        kind = "ood" if row.scan.spec.pool.inversion_data == "ood" else "own"
         assert "moderated by the prior of 7 clean tuned models" in row.rule
-        assert row.scorer_config["variance_prior"] == prior.to_json()
+        assert row.scorer_config["variance_prior"] == by_kind[kind][1].to_json()
         assert row.p_value != plain[row.key].p_value  # the same residuals on another scale
-    result = run_bench(["report", out, "--variance-prior", book])
+    # Each scan has its own setting's prior, yet the scans still group, and combine, as one scorer setting.
+    result = run_bench(["report", out, "--variance-prior", book, "--combine", "ood/all+id-only/all"])
     assert result.exit_code == 0, result.output
     assert f"with the variance prior of its setting from {book}" in result.output
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["variance_prior"] == {"book": str(book), "settings": 1}
+    assert report["variance_prior"] == {"book": str(book), "settings": 2}
+    unmoderated = build_report(store, combine=[parse_combination("ood/all+id-only/all")])
+    assert [g["label"] for g in report["detectors"]] == [g["label"] for g in unmoderated["detectors"]]
+    assert "fake-detector / ref-outlier over ood/all+id-only/all" in [g["label"] for g in report["detectors"]]
     # A book for another setting (the own-images pool kind) names what it lacks.
-    PriorBook({"x": ({**setting, "pool_kind": "own"}, prior, models)}, source=str(book)).write(book)
+    PriorBook({"x": by_kind["own"]}, source=str(book)).write(book)
     result = run_bench(["report", out, "--variance-prior", book, "--quiet"])
     assert result.exit_code != 0 and "holds no variance prior for this scan's setting (4 classes" in result.output
     assert "ood pool" in result.output and "Fit one with ci-bench prior" in result.output

@@ -90,7 +90,7 @@ def combine_scans(rows: Sequence[ScoredScan], combination: Combination) -> list[
         kind = ScanKind.of(row.scan)
         if row.scorer != REFERENCE_SCORER or kind not in kinds:
             continue
-        setting = (row.model.key, row.detector, spec_hash(row.scan.spec.detector_config), spec_hash(row.scorer_config))
+        setting = (row.model.key, row.detector, spec_hash(row.scan.spec.detector_config), spec_hash(row.scorer_setting))
         per_model.setdefault(setting, {})[kind] = row
     read = _paired if combination.rule == "paired" else _combined
     return [read(label, [scans[kind] for kind in kinds]) for scans in per_model.values() if len(scans) == len(kinds)]

@@ -56,6 +56,12 @@ class ScoredScan:
         return self.scan.key
 
     @property
+    def scorer_setting(self) -> dict:
+        """The scorer's config without its variance prior, which belongs to each scan's setting (one per dataset and
+        scan kind): rows read with their own priors still group, and combine, as one scorer setting."""
+        return {k: v for k, v in self.scorer_config.items() if k != "variance_prior"}
+
+    @property
     def true_target(self) -> str | None:
         return self.scan.true_target
 

@@ -148,9 +148,9 @@ def _group_key(row: ScoredScan) -> str:
     spec = row.scan.spec
     if row.combined is not None:  # several scans of each model: the same kinds, detector and scorer setting
         return spec_hash({"combined": row.combined, "detector": spec.detector,
-                          "detector_config": spec.detector_config, "scorer_config": row.scorer_config})
+                          "detector_config": spec.detector_config, "scorer_config": row.scorer_setting})
     return spec_hash({"detector": spec.detector, "detector_config": spec.detector_config, "pool": spec.pool.to_json(),
-                      "scorer": row.scorer, "scorer_config": row.scorer_config,
+                      "scorer": row.scorer, "scorer_config": row.scorer_setting,
                       **({"classes": spec.classes} if spec.classes != "all" else {})})
 
 
@@ -318,7 +318,7 @@ def _group_summary(label: str, rows: list[ScoredScan]) -> dict:
     return {
         "label": label, "detector": first.detector, "scorer": first.scorer,
         "variant": first.combined if combined else first.variant,
-        "detector_config": first.scan.spec.detector_config, "scorer_config": first.scorer_config,
+        "detector_config": first.scan.spec.detector_config, "scorer_config": first.scorer_setting,
         **({} if combined else {"pool": first.scan.spec.pool.to_json()}),
         "verdict": verdict_summary(rows),
         "model_level": model_level, "class_level": class_level, "anomaly_by_attack": anomaly,
