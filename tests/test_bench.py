@@ -596,6 +596,8 @@ def test_a_variance_prior_from_the_stores_clean_models_moderates_the_report(tmp_
     assert f"with the variance prior of its setting from {book}" in result.output
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["variance_prior"] == {"book": str(book), "settings": 2}
+    page = (out / "report" / "report.html").read_text()
+    assert "<dt>variance prior</dt><dd>" + str(book) + " (2 settings)</dd>" in page
     unmoderated = build_report(store, combine=[parse_combination("ood/all+id-only/all")])
     assert [g["label"] for g in report["detectors"]] == [g["label"] for g in unmoderated["detectors"]]
     assert "fake-detector / ref-outlier over ood/all+id-only/all" in [g["label"] for g in report["detectors"]]

@@ -170,7 +170,11 @@ def page_values(report: dict, figures: dict[str, str]) -> dict:
             sections.append({**_section(key, definitions, [], figures), "empty": "None."})
     placed = {f["name"] for s in sections for f in s["figures"]}
     extra = [{"name": name, "uri": uri} for name, uri in figures.items() if name not in placed]
-    return {"store": report.get("store", ""), "counts": [(_header(k), _fmt(v)) for k, v in report.get("counts", {}).items()],
+    counts = [(_header(k), _fmt(v)) for k, v in report.get("counts", {}).items()]
+    prior = report.get("variance_prior")
+    if prior:  # the calibrated scorer read every scan with its setting's prior from this book
+        counts.append(("variance prior", f"{prior['book']} ({prior['settings']} settings)"))
+    return {"store": report.get("store", ""), "counts": counts,
             "overview": {"caption": None, **overview}, "sections": sections, "extra_figures": extra,
             "statistics": definitions.get("statistics")}
 
