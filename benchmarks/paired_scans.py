@@ -34,6 +34,17 @@ from ci_core.scanning.scan import UNSCANNABLE
 WORKS = 0.5
 
 
+def scan_pairs(store: Store, kinds, priors=None) -> dict[str, tuple]:
+    """model key -> (its ``kinds[0]`` scan's row, its ``kinds[1]``'s) read by the calibrated scorer, with the variance
+    prior book ``priors`` where given; models without both scans are left out."""
+    _, rows = scored_scans(store, None, priors)
+    scans: dict[str, dict] = {}
+    for row in rows:
+        if row.scorer == REFERENCE_SCORER and ScanKind.of(row.scan) in kinds:
+            scans.setdefault(row.model.key, {})[ScanKind.of(row.scan)] = row
+    return {key: (pair[kinds[0]], pair[kinds[1]]) for key, pair in scans.items() if len(pair) == 2}
+
+
 def read_pair(first: dict, second: dict, correlation: float | None = None) -> tuple[float, str]:
     """(p, class named) of the paired test, its correlation estimated (None) or fixed."""
     evidence = paired_evidence(first, second, correlation=correlation)
@@ -111,18 +122,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv=None) -> tuple[argpars
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args, kinds = parse_arguments(parser, argv)
-    models = []  # (store, model record, works, {rule: (p, named)})
-    for root in args.stores:
-        _, rows = scored_scans(Store.open(root))
-        scans: dict[str, dict] = {}
-        for row in rows:
-            if row.scorer == REFERENCE_SCORER and ScanKind.of(row.scan) in kinds:
-                scans.setdefault(row.model.key, {})[ScanKind.of(row.scan)] = row
-        for pair in scans.values():
-            if len(pair) != 2:
-                continue
-            first, second = pair[kinds[0]], pair[kinds[1]]
-            models.append((root.name, first.model, first.works(WORKS), judged(first, second)))
+    models = [(root.name, first.model, first.works(WORKS), judged(first, second))  # (store, model, works, rules)
+              for root in args.stores for first, second in scan_pairs(Store.open(root), kinds).values()]
     print_rules(models, args.alpha, args.show)
     return 0
 

@@ -15,40 +15,21 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ci_core.harness.priors import book_from_scans
-from ci_core.harness.report import scored_scans
-from ci_core.harness.report.combined import ScanKind
 from ci_core.harness.report.scored import scorers, stored_scans
 from ci_core.harness.store import Store
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.combined import paired_evidence
-from ci_core.scanning.scan import UNSCANNABLE
 from ci_core.scanning.variance_prior import PriorBook
-from paired_scans import WORKS, parse_arguments, print_rules  # benchmarks/, beside this script
+from paired_scans import WORKS, judged, parse_arguments, print_rules, scan_pairs  # benchmarks/, beside this script
+
+# The two rules of paired_scans.judged read with and without the prior.
+RULES = {"bonferroni": "bonferroni (frozen two-scan verdict)", "paired": "paired, leave-one-out correlation"}
 
 
-def pairs(store: Store, kinds, priors) -> dict[str, tuple]:
-    """model key -> (first scan's row, second's) of the calibrated scorer, read with ``priors`` (None: none)."""
-    _, rows = scored_scans(store, None, priors)
-    scans: dict[str, dict] = {}
-    for row in rows:
-        if row.scorer == REFERENCE_SCORER and ScanKind.of(row.scan) in kinds:
-            scans.setdefault(row.model.key, {})[ScanKind.of(row.scan)] = row
-    return {key: (pair[kinds[0]], pair[kinds[1]]) for key, pair in scans.items() if len(pair) == 2}
-
-
-def judged(first, second) -> dict[str, tuple[float, str | None]]:
+def two_rules(first, second) -> dict[str, tuple[float, str | None]]:
     """{'bonferroni': (p, class named), 'paired': (p, class named)} of one model's two scans."""
-    if UNSCANNABLE in (first.verdict, second.verdict):
-        measured = [s for s in (first, second) if s.verdict != UNSCANNABLE]
-        named = measured[0].predicted_target if measured else None
-        return {"bonferroni": (0.0, named), "paired": (0.0, named)}
-    best = min((first.p_value, first.predicted_target), (second.p_value, second.predicted_target))
-    evidence = paired_evidence(first.class_p, second.class_p)
-    top = int(np.argmax(evidence.combined))
-    return {"bonferroni": (min(1.0, 2 * best[0]), best[1]), "paired": (evidence.p_values[top], evidence.classes[top])}
+    every = judged(first, second)
+    return {short: every[rule] for short, rule in RULES.items()}
 
 
 def main(argv=None) -> int:
@@ -65,10 +46,11 @@ def main(argv=None) -> int:
     for root in args.stores:
         book = fixed or book_from_scans([s for other, rows in stored.items() if other != root for s in rows],
                                         scorer)[0]
-        own, moderated = pairs(Store.open(root), kinds, None), pairs(Store.open(root), kinds, book)
+        store = Store.open(root)
+        own, moderated = scan_pairs(store, kinds), scan_pairs(store, kinds, book)
         for key, (first, second) in own.items():
-            rules = {f"own spread, {rule}": value for rule, value in judged(first, second).items()}
-            rules.update({f"variance prior, {rule}": value for rule, value in judged(*moderated[key]).items()})
+            rules = {f"own spread, {rule}": value for rule, value in two_rules(first, second).items()}
+            rules.update({f"variance prior, {rule}": value for rule, value in two_rules(*moderated[key]).items()})
             models.append((root.name, first.model, first.works(WORKS), rules))
     print_rules(models, args.alpha, args.show,
                 kind=f"; prior {'from ' + str(args.book) if fixed else 'from the other stores'}")

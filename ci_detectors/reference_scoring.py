@@ -145,7 +145,7 @@ def studentized_residuals_on(design: np.ndarray, y: Sequence[float], prior: Vari
 def residual_df(n: int, p: int, prior: VariancePrior | None = None) -> float:
     """Degrees of freedom of the externally studentised residuals of a fit of n points on p columns (infinite: a
     known variance)."""
-    return float(n - p - 1) if prior is None else prior.moderate(np.zeros(1), n - p - 1)[1]
+    return float(n - p - 1) if prior is None else prior.pooled_df(n - p - 1)
 
 
 def residual_variance(design: np.ndarray, y: Sequence[float]) -> tuple[float, int]:

@@ -152,11 +152,13 @@ def test_the_book_round_trips_and_names_what_it_lacks_and_what_is_wrong(tmp_path
     statistic = ReferenceOutlierScorer().config.statistic()
     setting = prior_setting(SPEC, "ood", statistic)
     rows = [(f"clean-{i}", 0.01 * (1 + 0.1 * i), 9) for i in range(6)]
-    book = build_book({spec_hash(setting): (setting, rows)})
+    book, left_out = build_book({spec_hash(setting): (setting, rows),
+                                 "short": (prior_setting(SPEC, "own", statistic), rows[:4])})
+    assert left_out == [(prior_setting(SPEC, "own", statistic), 4)] and len(book.entries) == 1
     path = tmp_path / "prior.json"
     book.write(path)
     read = PriorBook.read(path)
-    assert read.lookup(setting) == book.lookup(setting) and read.models(setting) == tuple(k for k, _, _ in rows)
+    assert read.lookup(setting) == book.lookup(setting) and read.entries[spec_hash(setting)][2] == tuple(k for k, _, _ in rows)
     with pytest.raises(ConfigError, match=r"holds no variance prior for this scan's setting \(5 classes .* own pool"):
         read.lookup(prior_setting(SPEC, "own", statistic))
     data = json.loads(path.read_text())

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from ci_core.harness.plan import CLEAN_ATTACK
 from ci_core.keys import spec_hash
-from ci_core.scanning.variance_prior import MIN_PRIOR_MODELS, PriorBook, build_book, prior_setting, statistic_of
+from ci_core.scanning.variance_prior import PriorBook, build_book, describe_setting, prior_setting, statistic_of
 
 # How a harness scan's images map to a prior's pool kind: OOD for D and T; the task's images for D, OOD for T; the
 # task's images for both (as ci-scan --own-images, or an --ood folder of one's own images).
@@ -35,7 +35,5 @@ def book_from_scans(scans: Iterable[Any], scorer: Any) -> tuple[PriorBook, list[
         setting = scan_setting(stored.scan, stored.reference, scorer)
         variance, df = scorer.residual_variance(stored.evidence, stored.reference.classes)
         samples.setdefault(spec_hash(setting), (setting, {}))[1][model.key] = (model.key, variance, df)
-    short = [f"{len(rows)} clean models for {setting.get('detector')} on {len(setting.get('classnames') or [])} "
-             f"classes ({setting['pool_kind']} pool)" for setting, rows in samples.values() if len(rows) < MIN_PRIOR_MODELS]
-    book = build_book({key: (setting, sorted(rows.values())) for key, (setting, rows) in samples.items()})
-    return book, short
+    book, left_out = build_book({key: (setting, sorted(rows.values())) for key, (setting, rows) in samples.items()})
+    return book, [f"{count} clean models for {describe_setting(setting)}" for setting, count in left_out]

@@ -67,12 +67,16 @@ class VariancePrior:
     models: int = attrs.field(validator=attrs.validators.and_(attrs.validators.instance_of(int),
                                                                attrs.validators.ge(1)))
 
+    def pooled_df(self, df: int) -> float:
+        """The degrees of freedom of a variance on ``df`` moderated by this prior (infinite for a known variance)."""
+        return math.inf if self.df is None else self.df + df
+
     def moderate(self, variance: np.ndarray, df: int) -> tuple[np.ndarray, float]:
         """(moderated variances, their degrees of freedom) of residual variances ``variance`` on ``df`` each."""
         variance = np.asarray(variance, dtype=np.float64)
         if self.df is None:
-            return np.full_like(variance, self.variance), math.inf
-        return (self.df * self.variance + df * variance) / (self.df + df), self.df + df
+            return np.full_like(variance, self.variance), self.pooled_df(df)
+        return (self.df * self.variance + df * variance) / (self.df + df), self.pooled_df(df)
 
     def to_json(self) -> dict:
         return {"variance": self.variance, "df": self.df, "models": self.models}
@@ -122,11 +126,10 @@ def prior_setting(reference_spec: Mapping[str, Any], pool_kind: str, statistic: 
 
 def statistic_of(scorer: Any) -> dict:
     """What a prior for ``scorer`` must have been fitted on; a scorer that takes no prior is an error naming it."""
-    statistic = getattr(scorer.config, "statistic", None)
-    if statistic is None or not attrs.has(type(scorer.config)) or "variance_prior" not in attrs.fields_dict(
-            type(scorer.config)):
+    config = type(scorer.config)
+    if not (attrs.has(config) and "variance_prior" in attrs.fields_dict(config)):
         raise ConfigError(f"scorer {scorer.name!r} takes no variance prior")
-    return statistic()
+    return scorer.config.statistic()
 
 
 def with_prior(scorer: Any, prior: VariancePrior) -> Any:
@@ -163,10 +166,6 @@ class PriorBook:
                               "scanned in this setting")
         return entry[1]
 
-    def models(self, setting: Mapping[str, Any]) -> tuple[str, ...]:
-        entry = self.entries.get(spec_hash(setting))
-        return () if entry is None else entry[2]
-
     def write(self, path: str | Path) -> None:
         write_json_atomic(path, {"kind": BOOK_KIND, "version": BOOK_VERSION, "priors": [
             {"setting": setting, **prior.to_json(), "model_keys": list(models)}
@@ -192,16 +191,18 @@ class PriorBook:
         return cls(entries, source=str(path))
 
 
-def build_book(samples: Mapping[str, tuple[dict, Sequence[tuple[str, float, int]]]]) -> PriorBook:
-    """A book from (setting, [(clean model key, residual variance, its df), ...]) per setting hash; settings with
-    fewer than MIN_PRIOR_MODELS clean models are left out (``ci-bench prior`` says which)."""
-    entries = {}
+def build_book(samples: Mapping[str, tuple[dict, Sequence[tuple[str, float, int]]]]
+               ) -> tuple[PriorBook, list[tuple[dict, int]]]:
+    """(a book from (setting, [(clean model key, residual variance, its df), ...]) per setting hash, the (setting,
+    clean models) left out for having fewer than MIN_PRIOR_MODELS: ``ci-bench prior`` says which)."""
+    entries, left_out = {}, []
     for key, (setting, rows) in samples.items():
         if len(rows) < MIN_PRIOR_MODELS:
+            left_out.append((setting, len(rows)))
             continue
         prior = fit_variance_prior([v for _, v, _ in rows], [d for _, _, d in rows])
         entries[key] = (setting, prior, tuple(k for k, _, _ in rows))
     if not entries:
         raise DataError(f"no scan setting has the scans of {MIN_PRIOR_MODELS} or more clean models to fit a variance "
                         "prior on")
-    return PriorBook(entries)
+    return PriorBook(entries), left_out
