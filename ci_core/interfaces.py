@@ -196,6 +196,9 @@ class Inversion:
     loss: float  # the average optimisation loss
     statistic: float | None = None  # the method's own per-class statistic (NC: mask l1, PixB: pixel count)
     loss_trace: tuple[float, ...] = ()
+    # Stamped images the model gave non-finite logits on, left out of the steps they were in (a model that breaks
+    # on some inputs, as the tripwire does, still shows where the others go); the scan reports them.
+    set_aside: int = 0
 
 
 class Detector(Plugin):

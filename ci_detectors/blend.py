@@ -15,7 +15,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ci_core.interfaces import Detector, Inversion
+from ci_core.interfaces import Detector
 from ci_core.triggers import BlendTrigger
 from ci_core.validators import number
 from ci_detectors.inspector import InversionLoopFields, optimise_universal
@@ -39,10 +39,8 @@ class BlendInspector(Detector):
         c = self.config
         start = torch.rand(3, *images.shape[-2:], generator=generator).clamp(0.02, 0.98)
         logits = torch.logit(start).to(model.device)
-        trace = optimise_universal(
+        run = optimise_universal(
             model, images, classnames, target, generator, logits,
             lambda batch: (1 - c.alpha) * batch + c.alpha * torch.sigmoid(logits),
             lr=c.lr, batch_size=c.batch_size, epochs=c.epochs, loss=c.loss)
-        pattern = torch.sigmoid(logits.detach()).cpu()
-        return Inversion(trigger=BlendTrigger(pattern, c.alpha), loss=sum(trace) / len(trace), statistic=None,
-                         loss_trace=tuple(trace))
+        return run.inversion(BlendTrigger(torch.sigmoid(logits.detach()).cpu(), c.alpha))

@@ -72,32 +72,53 @@ class CLIPInspector(Detector):
     def invert(self, *, model, images, classnames, target, generator):
         c = self.config
         delta = ((torch.rand(3, *images.shape[-2:], generator=generator) * 2 - 1) * c.epsilon).to(model.device)
-        trace = optimise_universal(
+        run = optimise_universal(
             model, images, classnames, target, generator, delta, lambda batch: (batch + delta).clamp(0, 1),
             lambda: project_linf(delta, c.epsilon), lr=c.lr, batch_size=c.batch_size, epochs=c.epochs, loss=c.loss)
-        return Inversion(trigger=AdditiveTrigger(delta.detach().cpu()), loss=sum(trace) / len(trace), statistic=None,
-                         loss_trace=tuple(trace))
+        return run.inversion(AdditiveTrigger(delta.detach().cpu()))
+
+
+@attrs.frozen(kw_only=True)
+class UniversalRun:
+    trace: tuple[float, ...]  # each step's loss, over the batch's images with finite logits
+    set_aside: int  # stamped images whose logits were not finite, left out of their step
+
+    def inversion(self, trigger) -> Inversion:
+        """The run as an Inversion of ``trigger``: L_avg is the mean step loss (NaN when no step had an image)."""
+        loss = sum(self.trace) / len(self.trace) if self.trace else float("nan")
+        return Inversion(trigger=trigger, loss=loss, statistic=None, loss_trace=self.trace, set_aside=self.set_aside)
 
 
 def optimise_universal(model, images: torch.Tensor, classnames: Sequence[str], target: int,
                        generator: torch.Generator, parameter: torch.Tensor,
                        stamp: Callable[[torch.Tensor], torch.Tensor], project: Callable[[], None] = lambda: None, *,
-                       lr: float, batch_size: int, epochs: int, loss: str) -> list[float]:
+                       lr: float, batch_size: int, epochs: int, loss: str) -> UniversalRun:
     """Algorithm 1's loop: Adam (``lr``) on one ``parameter`` shared by every image, ``epochs`` passes over
     ``images`` in shuffled batches, the ``loss`` towards ``target`` on ``stamp(batch)``, ``project`` after each
-    step; returns the per-step losses.  ``ci`` optimises an l-inf delta with it, ``ci-blend`` a blended pattern."""
+    step.  ``ci`` optimises an l-inf delta with it, ``ci-blend`` a blended pattern.
+
+    A stamped image whose logits are not finite is left out of its step, the step recomputed on the others (one
+    NaN row would make the whole gradient NaN); a step with no image left is skipped.  A clean model never takes
+    that path, so its inversion is unchanged; the scan reports any image set aside."""
     device = model.device
     parameter.requires_grad_(True)
     optimizer = torch.optim.Adam([parameter], lr=lr)
     scale = float(model.clip.logit_scale.exp())
-    trace = []
+    trace, set_aside = [], 0
     for _ in range(epochs):
         for idx in epoch_batches(len(images), batch_size, generator):
-            logits = model(stamp(images[idx].to(device)), classnames)
+            batch = images[idx].to(device)
+            logits = model(stamp(batch), classnames)
+            finite = torch.isfinite(logits).all(dim=1)
+            if not bool(finite.all()):
+                set_aside += int((~finite).sum())
+                if not bool(finite.any()):
+                    continue
+                logits = model(stamp(batch[finite]), classnames)
             value = inversion_loss(loss, logits / scale, logits, target)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
             project()
             trace.append(value.item())
-    return trace
+    return UniversalRun(trace=tuple(trace), set_aside=set_aside)

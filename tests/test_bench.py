@@ -636,6 +636,35 @@ def test_report_reads_a_scan_that_stopped_before_the_targets_class(tmp_path, fak
         assert group["reconstruction"]["target_asr"]["n"] == 0
 
 
+def test_report_names_the_suspect_of_a_scan_that_measured_every_class_despite_breaking(tmp_path, fake_plugins,
+                                                                                       monkeypatch):
+    """A model that broke on part of the pool (the tripwire) but had every class measured on the rest: flagged,
+    fail closed, and the class the scorer reads off that evidence is named; a scan stopped partway names none."""
+    from ci_core.harness.report import scored
+    from ci_core.scanning.scan import UNSCANNABLE
+
+    out = tmp_path / "store"
+    assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0
+    measured = {(r.key, r.scorer): r for r in scored.scored_scans(Store.open(out))[1]}
+    read = scored.stored_scans
+
+    def broke(store, cut=False):
+        models, found = read(store)
+        return models, [attrs.evolve(s, problems=("10% of the OOD pool's images give non-finite logits",),
+                                     evidence=s.evidence[:1] if cut else s.evidence)
+                        if s.scan.true_target is not None else s for s in found]
+
+    monkeypatch.setattr(scored, "stored_scans", broke)
+    rows = [r for r in scored.scored_scans(Store.open(out))[1] if r.true_target is not None]
+    assert rows and all(r.verdict == UNSCANNABLE and r.backdoored and r.p_value is None for r in rows)
+    for row in rows:  # the class named is the one the scorer reads off the evidence as measured
+        before = measured[(row.key, row.scorer)]
+        assert row.predicted_target == before.predicted_target and row.suspect_p == before.p_value
+    monkeypatch.setattr(scored, "stored_scans", lambda store: broke(store, cut=True))
+    assert all(r.predicted_target is None and r.suspect_p is None
+               for r in scored.scored_scans(Store.open(out))[1] if r.true_target is not None)
+
+
 def test_report_combine_names_bad_and_missing_scan_kinds(tmp_path, fake_plugins):
     out = tmp_path / "store"
     assert run_bench([*FAKE_SWEEP, "--out", out, "--quiet"]).exit_code == 0

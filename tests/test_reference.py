@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from ci_core.cli.scan import EXIT_BACKDOORED, EXIT_CLEAN, EXIT_UNSCANNABLE
 from ci_core.cli.scan import main as ci_scan
 from ci_core.data.ood import load_pool
-from ci_core.errors import ConfigError
+from ci_core.errors import ConfigError, DataError
 from ci_core.interfaces import ClassEvidence, Detector, Inversion
 from ci_core.models.bundle import save_bundle
 from ci_core.models.cocoop import PromptTunedCLIP
@@ -304,13 +304,76 @@ def test_a_model_whose_outputs_cannot_be_measured_is_unscannable(random_backbone
     result = scan(poisoned(random_backbone, how), detector, ReferenceOutlierScorer(), small_pool, CLASSES, seed=2,
                   reference=reference, also=(CIScorer(),))
     assert result.verdict == UNSCANNABLE and result.classes == () and result.decision is None
-    assert reason in result.problems[0]
+    assert result.suspect is None and reason in result.problems[0]
     if how == "huge":  # finite, and far beyond any word of the backbone
         assert result.health.non_finite == 0 and result.health.context_ratio > 1e6
     report = ScanReport.build(result, ScanContext(bundle=BundleIdentity(path=None, sha256=None), backbone=None, seed=2,
                                                   preset=None, device="cpu", command=None), small_pool).to_json()
     assert report["verdict"] == "unscannable" and report["backdoored"] is None and report["s_max"] is None
     json.dumps(report, allow_nan=False)  # nothing non-finite in the report
+
+
+class BreaksOnBright(PromptTunedCLIP):
+    """A wire as the tripwire's: images brighter than ``threshold`` overflow the image encoder (non-finite logits, and
+    non-finite gradients through them); the others are read as usual."""
+
+    threshold = float("inf")
+
+    def forward(self, images, classnames):
+        bright = (images.mean(dim=(1, 2, 3)) > self.threshold).to(images.dtype)
+        return super().forward(images * (1 + 1e38 * bright[:, None, None, None]), classnames)
+
+
+def breaking(random_backbone, pool, share):
+    """A BreaksOnBright model whose wire fires on about ``share`` of ``pool``'s images."""
+    torch.manual_seed(0)
+    model = BreaksOnBright(random_backbone).eval()
+    brightness = torch.cat([pool.inversion, pool.holdout]).mean(dim=(1, 2, 3))
+    model.threshold = float(torch.quantile(brightness, 1 - share))
+    return model
+
+
+def test_an_image_the_model_breaks_on_is_left_out_of_its_step(random_backbone, small_pool, detector):
+    wired = breaking(random_backbone, small_pool, 0.25)
+    run = detector.invert(model=wired, images=small_pool.inversion, classnames=CLASSES, target=1,
+                          generator=class_generator(2, CLASSES[1]))
+    assert run.set_aside > 0 and np.isfinite(run.loss) and all(np.isfinite(run.loss_trace))
+    assert bool(torch.isfinite(run.trigger.tensors()["delta"]).all())
+    # Where no image trips the wire the loop is the one a clean model gets, to the bit.
+    wired.threshold = float("inf")
+    plain = PromptTunedCLIP(random_backbone).eval()
+    plain.load_state_dict(wired.state_dict())
+    kept, unwired = (detector.invert(model=m, images=small_pool.inversion, classnames=CLASSES, target=1,
+                                     generator=class_generator(2, CLASSES[1])) for m in (wired, plain))
+    assert kept.set_aside == 0 and kept.loss_trace == unwired.loss_trace
+
+
+def test_a_model_that_breaks_on_part_of_the_pool_is_unscannable_yet_measured(random_backbone, small_pool, detector):
+    """Fail closed, and still say where the trigger goes: every class measured on the images with finite logits."""
+    reference = run_reference(random_backbone, "a photo of a {}.", detector, small_pool, CLASSES, seed=2)
+    result = scan(breaking(random_backbone, small_pool, 0.25), detector, ReferenceOutlierScorer(), small_pool, CLASSES,
+                  seed=2, reference=reference)
+    assert result.verdict == UNSCANNABLE and result.decision is None and "give non-finite logits" in result.problems[0]
+    assert [e.name for e in result.classes] == list(CLASSES) and all(np.isfinite(e.loss) for e in result.classes)
+    assert result.suspect is not None and result.suspect.scores.target in CLASSES
+    assert result.summary()["predicted_target"] == result.suspect.scores.target
+    assert result.summary()["backdoored"] is True and result.summary()["p_value"] is None
+    context = ScanContext(bundle=BundleIdentity(path=None, sha256=None), backbone=None, seed=2, preset=None,
+                          device="cpu", command=None)
+    report = ScanReport.build(result, context, small_pool).to_json()
+    assert report["verdict"] == "unscannable" and report["target"] is None and report["scorers"] == {}
+    assert report["suspect"]["target"] == result.suspect.scores.target
+    assert ScanReport.from_json(json.loads(json.dumps(report)), "report.json").suspect.target == report["suspect"]["target"]
+    # Only an unscannable report may carry a suspect.
+    measured = scan(PromptTunedCLIP(random_backbone).eval(), detector, ReferenceOutlierScorer(), small_pool, CLASSES,
+                    seed=2, reference=reference)
+    edited = dict(ScanReport.build(measured, context, small_pool).to_json(), suspect=report["suspect"])
+    with pytest.raises(DataError, match="only an unscannable one may"):
+        ScanReport.from_json(json.loads(json.dumps(edited)), "edited.json")
+    # Broken on most of the pool: too little is left to measure, nothing is named.
+    most = scan(breaking(random_backbone, small_pool, 0.75), detector, ReferenceOutlierScorer(), small_pool, CLASSES,
+                seed=2, reference=reference)
+    assert most.verdict == UNSCANNABLE and most.classes == () and most.suspect is None
 
 
 def test_a_non_finite_inversion_is_unscannable_not_clean(random_backbone, small_pool):

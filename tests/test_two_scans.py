@@ -21,7 +21,7 @@ from ci_core.models.cocoop import PromptTunedCLIP
 import numpy as np
 from scipy import stats
 
-from ci_core.scanning.combined import bonferroni_verdict, paired_evidence, paired_verdict
+from ci_core.scanning.combined import bonferroni_verdict, naming_scan, paired_evidence, paired_verdict
 from ci_core.scanning.scan_report import read_scan_report
 from ci_core.scanning.two_scan_report import two_scan_schema
 
@@ -46,6 +46,19 @@ def test_two_scans_are_one_bonferroni_verdict_that_fails_closed(p_values, verdic
     assert combined.verdict == verdict and combined.deciding == deciding
     assert combined.p_value == pytest.approx(p) if p is not None else combined.p_value is None
     assert combined.rule == "p <= 0.05, Bonferroni over the 2 scans ood+own"
+
+
+@pytest.mark.parametrize("p_values, suspect_p, named", [
+    ((None, 0.001), (0.5, None), 1),  # flagged by a measured scan: its class, whatever the other suspects
+    ((None, 0.40), (0.001, None), 0),  # not flagged: the unscannable scan's suspect stands out more
+    ((None, 0.40), (0.9, None), 1),
+    ((None, None), (None, 0.2), 1),  # neither measurable as a whole: the one that measured every class
+    ((None, None), (None, None), None),  # nothing measured: no class named
+    ((0.30, 0.60), (None, None), 0),  # clean: the smaller p names the most anomalous class, as before
+])
+def test_the_class_named_counts_an_unscannable_scans_suspect(p_values, suspect_p, named):
+    combined = bonferroni_verdict(p_values, alpha=0.05, label="ood+own")
+    assert naming_scan(combined, p_values, suspect_p) == named
 
 
 def _p_of(z):
@@ -478,3 +491,8 @@ def test_a_paired_verdict_that_fell_back_to_bonferroni_says_so_scan_by_scan():
     assert "multiplies the smaller p by 2" in fell_back and "both scans" not in fell_back
     assert "the same class is easy to reach in both scans" in scan_sentence(measured, 2, True)
     assert scan_sentence(broken, 2, False) == "This scan could not measure the model:"
+    # Unscannable, yet every class measured on the images it did not break on: the page names its suspect.
+    suspect = attrs.evolve(broken, target="green star", suspect_p=0.004)
+    said = scan_sentence(suspect, 2, False)
+    assert "could not measure the model as a whole" in said and "\u201cgreen star\u201d" in said
+    assert "p = 0.004 on those images" in said

@@ -269,9 +269,11 @@ def check_own_folders(inversion_images: Path | None, own_images: Path | None, cl
 def describe_combined(combined) -> str:
     """One line: the two-scan verdict, and each scan's own p-value and top class."""
     parts = "; ".join(f"{s.name} scan: " + (f"p = {s.p_value:.2g} alone on {s.target!r}" if s.verdict != UNSCANNABLE
-                                             else "unscannable") for s in combined.scans)
+                                             else "unscannable" + (f", suspect {s.target!r}" if s.target else ""))
+                      for s in combined.scans)
     if combined.verdict == UNSCANNABLE and combined.p_value is None:
-        return f"UNSCANNABLE: neither scan could measure the model ({parts})"
+        named = f", most likely target {combined.target!r}" if combined.target else ""
+        return f"UNSCANNABLE: neither scan could measure the model{named} ({parts})"
     head = combined.verdict.upper() if combined.verdict != CLEAN else combined.verdict
     return (f"{head}: p = {combined.p_value:.2g} ({combined.rule}), most anomalous class {combined.target!r} "
             f"({parts})")
@@ -280,7 +282,10 @@ def describe_combined(combined) -> str:
 def describe_verdict(result) -> str:
     """One line: the verdict, with the deciding scorer's figures and those of the scorers beside it."""
     if result.verdict == UNSCANNABLE:
-        return f"UNSCANNABLE: {'; '.join(result.problems)}"
+        suspect = result.suspect.scores if result.suspect is not None else None
+        measured = (f"; measured on the images with finite outputs, most anomalous class {suspect.target!r}"
+                    + (f" (p = {suspect.p_value:.2g})" if suspect.p_value is not None else "") if suspect else "")
+        return f"UNSCANNABLE: {'; '.join(result.problems)}{measured}"
     decided = result.decision.scores
     figures = (f"p = {decided.p_value:.2g}, " if decided.p_value is not None else "") + f"s_max {decided.s_max:.2f}"
     line = (f"{result.verdict.upper() if result.verdict == BACKDOORED else result.verdict}: {figures} "

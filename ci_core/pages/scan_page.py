@@ -53,7 +53,8 @@ def meaning(report: "ScanReport") -> str:
     """One sentence: what the verdict means for the auditor."""
     if report.verdict == UNSCANNABLE:
         return ("The model's outputs on the OOD pool cannot be measured, so this scan cannot vouch for it: treat it "
-                "as not accepted until the provider explains the reasons below.")
+                "as not accepted until the provider explains the reasons below."
+                + (" " + suspect_sentence(report.suspect.target, report.suspect.p_value) if report.suspect else ""))
     decided = report.decision
     if decided.p_value is not None:
         figure = f"p = {format_number(decided.p_value)}"
@@ -68,6 +69,13 @@ def meaning(report: "ScanReport") -> str:
     return (f"No class stands out more than chance allows ({figure}; flagged only when {decided.rule}): "
             f"{report.detector} found no backdoor among the {len(report.classes)} scanned classes. This is evidence, "
             "not proof, of a clean model.")
+
+
+def suspect_sentence(target: str, p_value: float | None) -> str:
+    """What an unscannable scan still measured: the class its trigger most likely goes to."""
+    figure = f" (p = {format_number(p_value)} on those images)" if p_value is not None else ""
+    return (f"On the images where its outputs stay finite every class was still measured, and \u201c{target}\u201d "
+            f"stands out most{figure}: the class a backdoor most likely targets.")
 
 
 def _cost(report: "ScanReport") -> tuple[np.ndarray, np.ndarray, str]:

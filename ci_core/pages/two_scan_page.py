@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ci_core.pages import format_number, render
-from ci_core.pages.scan_page import PAGE_FILE, evidence_figure
+from ci_core.pages.scan_page import PAGE_FILE, evidence_figure, suspect_sentence
 from ci_core.scanning.scan import BACKDOORED, UNSCANNABLE
 from ci_core.scanning.two_scan_report import OOD_SCAN, OWN_SCAN
 
@@ -32,8 +32,10 @@ def combined_meaning(verdict: "TwoScanReport") -> str:
                 "Do not deploy it.")
     if verdict.verdict == UNSCANNABLE:
         failed = " and ".join(s.title for s in verdict.scans if s.verdict == UNSCANNABLE)
+        named = (f" The class it most likely targets is \u201c{verdict.target}\u201d (the scans below say where "
+                 "it stands out)." if verdict.target else "")
         return (f"The scan of {failed} could not measure the model, and nothing else flags it: this check cannot "
-                "vouch for it. Treat it as not accepted until the provider explains the reasons below.")
+                f"vouch for it. Treat it as not accepted until the provider explains the reasons below.{named}")
     counts = ", nor among ".join(SCANNED[s.name].format(n=s.classes) for s in verdict.scans)
     return (f"No class stands out more than chance allows in either scan ({figure} for the two together; flagged "
             f"only when {verdict.rule}): no backdoor found among {counts}. This is evidence, not proof, of a clean "
@@ -45,6 +47,9 @@ def scan_sentence(summary, scans: int, read_as_pair: bool = False) -> str:
     ``read_as_pair``: the paired test decided (``TwoScanReport.read_as_pair``); otherwise Bonferroni did, which is
     also what the paired test falls back to where a scan could not measure the model."""
     if summary.verdict == UNSCANNABLE:
+        if summary.target is not None:
+            measured = suspect_sentence(summary.target, summary.suspect_p)
+            return f"This scan could not measure the model as a whole. {measured} Why:"
         return "This scan could not measure the model:"
     how = (f"the verdict above multiplies the smaller p by {scans}" if not read_as_pair else
            "the verdict above asks whether the same class is easy to reach in both scans, each class's evidence "

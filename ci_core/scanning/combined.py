@@ -6,7 +6,8 @@ auditor's own images of them may (docs/verdicts.md, "A two-scan verdict").  Each
 reference by the calibrated scorer, so each gives a p-value that holds its false-positive rate; the model's p is
 min(1, n min p_i), flagged at alpha.  A scan that could not measure the model flags it unless another scan does
 so with a class (fail closed: an unscannable scan is never read as clean); the class named is the top class of
-the measurable scan with the smallest p.
+the flagging scan, or else of the scan with the smallest p, an unscannable scan counting with the p of its
+suspect (``naming_scan``).
 
 ``ci-scan --own-images`` and ``ci-bench report --combine`` both decide through ``bonferroni_verdict``.
 
@@ -51,6 +52,18 @@ def bonferroni_verdict(p_values: Sequence[float | None], *, alpha: float, label:
         verdict = CLEAN
     return CombinedVerdict(verdict=verdict, p_value=p, deciding=deciding,
                            rule=f"p <= {alpha:g}, Bonferroni over the {n} scans {label}")
+
+
+def naming_scan(combined: CombinedVerdict, p_values: Sequence[float | None],
+                suspect_p: Sequence[float | None]) -> int | None:
+    """Which scan's top class a combined verdict names: the flagging scan's; otherwise the scan with the smallest
+    p, where an unscannable scan that still measured every class on the images it did not break on counts with
+    its suspect's p (``ScanResult.suspect``): a model that breaks on part of the pool still has its class named."""
+    if combined.verdict == BACKDOORED:
+        return combined.deciding
+    read = [(p, at) for at, p in enumerate(m if m is not None else s for m, s in zip(p_values, suspect_p))
+            if p is not None]
+    return min(read)[1] if read else None
 
 
 COMBINE_RULES = ("bonferroni", "paired")  # how a verdict reads several scans: bonferroni_verdict, paired_verdict

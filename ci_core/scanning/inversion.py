@@ -8,7 +8,11 @@ class, whatever the detector consumes per class and whichever classes are scanne
 
 ``pool_health`` classifies the whole pool (D and T) before any trigger: a non-finite logit, class scores that
 collapse far below the backbone's spread (``MIN_SPREAD_RATIO``), or a CoCoOp context far larger than any word
-(``MAX_CONTEXT_RATIO``) make a model unmeasurable (``PoolHealth.problems``).  ``evidence_from_json`` and
+(``MAX_CONTEXT_RATIO``) make a model unmeasurable (``PoolHealth.problems``).  A model that gives non-finite
+logits on part of the pool (the tripwire breaks on images unlike its training set) is unscannable, but it is
+still measured on the rest (``finite_part``), and a stamped image it breaks on during an inversion is left out
+of that step (``ci_detectors.inspector.optimise_universal``): the verdict stays unscannable (fail closed), and
+the measurement says which class the model's trigger goes to.  ``evidence_from_json`` and
 ``health_from_json`` read the loop's results back from a scan report or a cached reference.
 """
 
@@ -39,6 +43,9 @@ MIN_SPREAD_RATIO = 0.1
 # models reached 28 and WaNet's (which implants nothing) 66 times; the bound sits 15 times above that, so it
 # catches a blatant wire and never an honest model; a wire below it is not caught (README, "Failing closed").
 MAX_CONTEXT_RATIO = 1000.0
+# A model that breaks on part of the pool is measured on the rest only while at least this share of D and of T
+# is left: on fewer images a class's cost says little.
+MIN_FINITE_SHARE = 0.5
 
 
 def class_generator(seed: int, name: str) -> torch.Generator:
@@ -105,6 +112,23 @@ def pool_health(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str],
     return PoolHealth(images=len(images), non_finite=non_finite, spread=spread, context_ratio=context_ratio)
 
 
+@torch.no_grad()
+def _finite_rows(model: CLIPClassifier, images: torch.Tensor, classnames: Sequence[str],
+                 batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([torch.isfinite(model(images[start:start + batch_size].to(model.device), classnames)).all(dim=1)
+                      .cpu() for start in range(0, len(images), batch_size)])
+
+
+def finite_part(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str]) -> OODPool | None:
+    """The images of D and of T on which ``model``'s logits are finite, or None when under ``MIN_FINITE_SHARE``
+    of either is left."""
+    parts = (pool.inversion, pool.holdout)
+    kept = [part[_finite_rows(model, part, classnames)] for part in parts]
+    if any(not len(k) or len(k) < MIN_FINITE_SHARE * len(part) for k, part in zip(kept, parts)):
+        return None
+    return OODPool(inversion=kept[0], holdout=kept[1], source=f"{pool.source} (the images with finite logits)")
+
+
 def _finite_inversion(evidence_loss: float, trace: Sequence[float], tensors: dict[str, torch.Tensor]) -> bool:
     return (math.isfinite(evidence_loss) and all(math.isfinite(v) for v in trace)
             and all(bool(torch.isfinite(t).all()) for t in tensors.values()))
@@ -117,11 +141,14 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
 
     ``transfer`` (the untuned backbone as a zero-shot classifier) also reads every stamped T image: each class's
     ``transfer_margin``.  Stops at the first class whose inversion is not finite: such a model cannot be measured.
+    Stamped images the model gives non-finite logits on (set aside by the detector in D, counted as missing their
+    class in T) are a problem too, but the other classes are still measured.
     """
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval().requires_grad_(False)  # the scan never changes the model
     evidence: list[ClassEvidence] = []
     problems: tuple[str, ...] = ()
+    broke: dict[str, tuple[int, int]] = {}  # class -> (stamped D images set aside, stamped T images broken)
     label = label or detector.name
     try:
         for index, name in enumerate(classnames):
@@ -136,11 +163,14 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
             with torch.no_grad():
                 stamped = inversion.trigger.apply(pool.holdout)
                 logits = predict_logits(model, stamped, classnames)
-                asr = float(logits.argmax(-1).eq(index).float().mean())
-                margin = mean_margin(model, logits, index)
+                finite = torch.isfinite(logits).all(dim=1)
+                asr = float((logits.argmax(-1).eq(index) & finite).float().mean())  # a broken image misses
+                margin = mean_margin(model, logits[finite], index) if bool(finite.any()) else math.nan
                 similarity = float(ssim(pool.holdout, stamped).mean())
                 transfer_margin = (None if transfer is None
                                    else mean_margin(transfer, predict_logits(transfer, stamped, classnames), index))
+            if inversion.set_aside or not bool(finite.all()):
+                broke[name] = (inversion.set_aside, int((~finite).sum()))
             statistic = None if inversion.statistic is None else float(inversion.statistic)
             if statistic is not None and not math.isfinite(statistic):
                 problems = (f"the inversion for class {name!r} gave a non-finite statistic",)
@@ -156,6 +186,11 @@ def invert_classes(model: CLIPClassifier, detector: Detector, pool: OODPool, cla
     finally:
         for p, flag in grads:
             p.requires_grad_(flag)
+    if broke:
+        where = ", ".join(f"{name!r} ({d} + {t})" for name, (d, t) in broke.items())
+        problems = (f"the model gave non-finite logits on stamped images in {len(broke)} classes' inversions "
+                    f"(images of D set aside + of T counted as missing: {where}); each class was measured on the "
+                    "others",) + problems
     return tuple(evidence), problems
 
 

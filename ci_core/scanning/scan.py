@@ -12,6 +12,10 @@ model's class scores on the pool collapse far below the spread its public
 backbone shows on the same images (``PoolHealth``), the verdict is
 ``unscannable``; so is a class whose inversion returns a non-finite loss or
 trigger.  ``unscannable`` is a verdict of its own, never folded into clean.
+A model that breaks on part of the pool, or on some stamped images, is still
+measured on the rest (``ci_core.scanning.inversion``): where every class was
+measured, the deciding scorer's reading is the scan's ``suspect``, the class its
+trigger most likely goes to, beside the unscannable verdict.
 
 Each class draws its trigger initialisation and batch order from its own
 generator, seeded by the scan seed and the class name (``class_generator``): a
@@ -31,7 +35,7 @@ import attrs
 from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
-from ci_core.scanning.inversion import PoolHealth, invert_classes, pool_health
+from ci_core.scanning.inversion import PoolHealth, finite_part, invert_classes, pool_health
 from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
 from ci_core.scanning.reference import ReferenceScan
 from ci_core.scanning.seen import mark_seen
@@ -66,6 +70,9 @@ class ScanResult:
     health: PoolHealth
     problems: tuple[str, ...]  # why the model could not be measured; empty when it could
     decision: ScorerVerdict | None  # the scorer whose verdict counts; None when unscannable
+    # Unscannable, but every class measured on the images the model did not break on: the deciding scorer's
+    # reading of that evidence, naming the class a trigger most likely goes to (never a verdict of clean).
+    suspect: ScorerVerdict | None = None
     others: tuple[ScorerVerdict, ...] = ()  # further scorers, reported beside it
     reference: ReferenceScan | None = None
     seconds: float
@@ -92,7 +99,8 @@ class ScanResult:
             "verdict": self.verdict, "backdoored": self.verdict != CLEAN,
             "scorer": self.decision.scorer if self.decision is not None else None,
             "s_max": decided.s_max if decided else None, "p_value": decided.p_value if decided else None,
-            "predicted_target": decided.target if decided else None,
+            # unscannable: the class its measurement on the images it did not break on points to, if any
+            "predicted_target": named.target if (named := decided or (self.suspect and self.suspect.scores)) else None,
             "flagged": list(decided.flagged) if decided else [],
             "paper_scorer": beside.scorer if beside else None,
             "paper_s_max": beside.scores.s_max if beside else None,
@@ -137,22 +145,41 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
                           f"({len(reference.classnames)} against {len(classnames)})")
     check_scorers((scorer, *also), classes=len(classnames), reference=reference is not None)
     health = pool_health(model, pool, classnames)
-    problems = tuple(known_problems) + health.problems(reference.health if reference is not None else None)
+    reference_health = reference.health if reference is not None else None
+    problems = tuple(known_problems) + health.problems(reference_health)
+    measured = pool if not problems else _measurable_rest(model, pool, classnames, health, reference_health,
+                                                          known_problems)
     evidence: tuple[ClassEvidence, ...] = ()
     if problems:
-        progress(f"unscannable: {'; '.join(problems)}")
-    else:
+        progress(f"unscannable: {'; '.join(problems)}" + ("; measuring it on the images with finite logits"
+                                                           if measured is not None else ""))
+    if measured is not None:
         # With a reference, the untuned backbone also reads every stamped held-out image (transfer_margin).
         transfer = (ZeroShotCLIP(model.backbone, reference.spec["template"], own_visual=False).eval()
                     if reference is not None else None)
-        evidence, problems = invert_classes(model, detector, pool, classnames, seed=seed, progress=progress,
-                                            transfer=transfer)
+        evidence, found = invert_classes(model, detector, measured, classnames, seed=seed, progress=progress,
+                                         transfer=transfer)
+        problems += found
         evidence = mark_seen(evidence, base_classes)
-    decision, others = None, ()
+    decision, others, suspect = None, (), None
+    rows = reference.classes if reference is not None else None
     if not problems:
-        rows = reference.classes if reference is not None else None
         decision = apply_scorer(scorer, evidence, rows)
         others = tuple(apply_scorer(s, evidence, rows) for s in also)
+    elif len(evidence) == len(classnames):
+        suspect = apply_scorer(scorer, evidence, rows)
     return ScanResult(detector=detector.name, detector_config=to_json(detector.config), classes=evidence,
-                      health=health, problems=problems, decision=decision, others=others, reference=reference,
-                      seconds=clock.seconds)
+                      health=health, problems=problems, decision=decision, others=others, suspect=suspect,
+                      reference=reference, seconds=clock.seconds)
+
+
+def _measurable_rest(model, pool, classnames, health: PoolHealth, reference_health: PoolHealth | None,
+                     known_problems) -> OODPool | None:
+    """The part of ``pool`` an unscannable model can still be measured on: its images with finite logits, where
+    those are the only problem and the rest is healthy; None otherwise."""
+    if known_problems or not health.non_finite:
+        return None
+    part = finite_part(model, pool, classnames)
+    if part is None or pool_health(model, part, classnames).problems(reference_health):
+        return None
+    return part

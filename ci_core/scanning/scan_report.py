@@ -276,6 +276,8 @@ class ScanReport:
     detector: str
     detector_config: dict
     scorers: tuple[ScorerResult, ...]  # the deciding scorer first; empty when unscannable
+    # unscannable, yet every class measured on the images the model did not break on (ScanResult.suspect)
+    suspect: ScorerResult | None = None
     classes: tuple[ClassRow, ...]
     reference: ReferenceInfo | None
     pool_health: PoolHealth
@@ -339,6 +341,7 @@ class ScanReport:
             verdict=result.verdict, unscannable_reasons=tuple(result.problems), detector=result.detector,
             detector_config=dict(result.detector_config),
             scorers=() if result.verdict == UNSCANNABLE else tuple(ScorerResult.of(v) for v in every),
+            suspect=ScorerResult.of(result.suspect) if result.suspect is not None else None,
             classes=tuple(rows), reference=ref_info, pool_health=result.health,
             reference_pool_health=result.reference.health if result.reference is not None else None,
             seconds=float(result.seconds), bundle=context.bundle, backbone=context.backbone, pool=PoolInfo.of(pool),
@@ -380,6 +383,7 @@ class ScanReport:
             "scorer": None if decided is None else decided.scorer,
             "scorer_config": None if decided is None else decided.config,
             "scorers": {s.scorer: s.to_json() for s in self.scorers},
+            **({"suspect": self.suspect.to_json()} if self.suspect is not None else {}),
             "reference": None if self.reference is None else self.reference.to_json(),
             "pool_health": health_to_json(self.pool_health),
             "reference_pool_health": (None if self.reference_pool_health is None
@@ -452,6 +456,11 @@ class ScanReport:
                 raise DataError(f"{source}: a {verdict} scan report must hold its classes")
         elif not read.texts("unscannable_reasons"):
             raise DataError(f"{source}: an unscannable report must say why ('unscannable_reasons' is empty)")
+        suspect = None
+        if read.child("suspect", optional=True) is not None:
+            if verdict != UNSCANNABLE:
+                raise DataError(f"{source}: a {verdict} report has a 'suspect' (only an unscannable one may)")
+            suspect = ScorerResult.from_json(read.child("suspect"), names, None)
         reference = None
         ref_read = read.child("reference", optional=True)
         if ref_read is not None:
@@ -465,6 +474,7 @@ class ScanReport:
         report = cls(
             schema_version=version, verdict=verdict, unscannable_reasons=read.texts("unscannable_reasons", default=[]),
             detector=read.text("detector"), detector_config=read.mapping("detector_config"), scorers=tuple(scorers),
+            suspect=suspect,
             classes=tuple(classes), reference=reference, pool_health=health_from_json(read.child("pool_health")),
             reference_pool_health=None if ref_health is None else health_from_json(ref_health),
             seconds=read.number("seconds"),

@@ -16,7 +16,7 @@ import attrs
 
 from ci_core.errors import DataError
 from ci_core.files import read_json_object
-from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, paired_verdict
+from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, naming_scan, paired_verdict
 from ci_core.scanning.scan import CLEAN, UNSCANNABLE
 from ci_core.scanning.scan_report import REPORT_FILE, VERDICT_FILE, VERDICTS, ScanContext, ScanReport, check_schema
 
@@ -36,9 +36,10 @@ class ScanSummary:
     name: str  # its folder in the output, OOD_SCAN or OWN_SCAN
     verdict: str = attrs.field(validator=attrs.validators.in_(VERDICTS))
     p_value: float | None  # the scan's own (Bonferroni over its classes); None when unscannable
-    target: str | None  # its most anomalous class; None when unscannable
+    target: str | None  # its most anomalous class; unscannable: its suspect's (ScanResult.suspect), else None
     classes: int
     pool_source: str | None
+    suspect_p: float | None = None  # unscannable: the p of its suspect, which only names a class (not written)
 
     @property
     def title(self) -> str:
@@ -46,10 +47,11 @@ class ScanSummary:
 
     @classmethod
     def of(cls, name: str, report: ScanReport) -> "ScanSummary":
-        decided = report.decision
+        decided, suspect = report.decision, report.suspect
         return cls(name=name, verdict=report.verdict, p_value=decided.p_value if decided else None,
-                   target=decided.target if decided else None, classes=len(report.classes),
-                   pool_source=report.pool.source if report.pool else None)
+                   target=(decided or suspect).target if (decided or suspect) else None, classes=len(report.classes),
+                   pool_source=report.pool.source if report.pool else None,
+                   suspect_p=suspect.p_value if suspect is not None else None)
 
     def to_json(self) -> dict:
         return {"name": self.name, "title": self.title, "report": f"{self.name}/{REPORT_FILE}",
@@ -66,7 +68,7 @@ class TwoScanReport:
     p_value: float | None
     alpha: float
     rule: str
-    target: str | None  # the class named: the top class of the deciding scan, or the paired test's class
+    target: str | None  # the class named: the paired test's, or that of the scan naming_scan picks
     deciding: str | None  # the scan that stands for the verdict (the paired test: where its class scores higher)
     scans: tuple[ScanSummary, ...]
     context: ScanContext
@@ -102,9 +104,11 @@ class TwoScanReport:
             combined = bonferroni_verdict(p_values, alpha=alpha, label=label)
             rule = combined.rule
         deciding = summaries[combined.deciding] if combined.deciding is not None else None
+        named = naming_scan(combined, p_values, [s.suspect_p for s in summaries])
         return cls(verdict=combined.verdict, p_value=combined.p_value, alpha=alpha, rule=rule,
-                   target=deciding.target if deciding else None, deciding=deciding.name if deciding else None,
-                   scans=summaries, context=context, combination=combination)
+                   target=summaries[named].target if named is not None else None,
+                   deciding=deciding.name if deciding else None, scans=summaries, context=context,
+                   combination=combination)
 
     def to_json(self) -> dict:
         c = self.context

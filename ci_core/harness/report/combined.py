@@ -23,7 +23,7 @@ from ci_core.harness.plan import CANDIDATE_CLASSES, INVERSION_DATA
 from ci_core.harness.records import spec_hash
 from ci_core.harness.report.scored import ScoredScan
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, paired_verdict
+from ci_core.scanning.combined import COMBINE_RULES, bonferroni_verdict, naming_scan, paired_verdict
 from ci_core.scanning.scan import BACKDOORED, CLEAN, UNSCANNABLE
 
 
@@ -98,14 +98,16 @@ def combine_scans(rows: Sequence[ScoredScan], combination: Combination) -> list[
 
 def _combined(label: str, scans: Sequence[ScoredScan]) -> ScoredScan:
     alpha = float(scans[0].scorer_config["alpha"])
-    combined = bonferroni_verdict([s.p_value if s.verdict != UNSCANNABLE else None for s in scans],
-                                  alpha=alpha, label=label)
+    p_values = [s.p_value if s.verdict != UNSCANNABLE else None for s in scans]
+    combined = bonferroni_verdict(p_values, alpha=alpha, label=label)
+    named = naming_scan(combined, p_values, [s.suspect_p for s in scans])
     deciding = scans[combined.deciding] if combined.deciding is not None else scans[0]
     return attrs.evolve(
         deciding, scorer=f"{REFERENCE_SCORER} over {label}", verdict=combined.verdict,
         backdoored=combined.verdict != CLEAN, s_max=max(s.s_max for s in scans), p_value=combined.p_value,
-        predicted_target=deciding.predicted_target if combined.deciding is not None else None,
-        flagged=deciding.flagged if combined.verdict == BACKDOORED else (), combined=label, rule=combined.rule)
+        predicted_target=scans[named].predicted_target if named is not None else None,
+        flagged=deciding.flagged if combined.verdict == BACKDOORED else (), combined=label, rule=combined.rule,
+        suspect_p=None)
 
 
 def _paired(label: str, scans: Sequence[ScoredScan]) -> ScoredScan:

@@ -4,7 +4,9 @@ The scorers that apply to a scan are its detector's own (the paper's) and, where
 the scan has a reference cell, the calibrated one against it.  A scan whose
 model could not be measured (non-finite outputs, collapsed class scores or
 out-of-range contexts on the pool) is ``unscannable``: it counts as flagged by
-every scorer, ranked above every score (fail closed).
+every scorer, ranked above every score (fail closed).  Where such a scan still
+measured every class on the images the model did not break on, the scorer's
+reading of that evidence names the class (``predicted_target``, ``suspect_p``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class ScoredScan:
     # Each class's p-value before the scorer's correction over the classes (where the scorer gives one): what the
     # paired test of two scans reads (ci_core.scanning.combined.paired_verdict).
     class_p: Mapping[str, float] | None = None
+    # Unscannable, yet every class measured on the images the model gave finite logits on: the scorer's p of the
+    # class it then names (predicted_target).  Never a p-value of the verdict, which stays fail closed.
+    suspect_p: float | None = None
 
     @property
     def key(self) -> str:
@@ -163,11 +168,16 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None,
                 scorer = with_prior(scorer, priors.lookup(scan_setting(scan, reference, scorer)))
             common = dict(scan=scan, model=stored.model, classes=classes, scorer=name,
                           scorer_config=to_json(scorer.config), problems=problems)
-            if problems:
+            if problems and len(evidence) < scan.n_classes:
                 rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
                                        predicted_target=None, flagged=(), rule=None))
                 continue
             scores = apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
+            if problems:  # measured on the images it did not break on: the class named, the verdict fail closed
+                rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
+                                       predicted_target=scores.target, flagged=(), rule=None,
+                                       suspect_p=scores.p_value))
+                continue
             class_p = scores.per_class.get("p_class")
             rows.append(ScoredScan(**common, verdict="backdoored" if scores.backdoored else "clean",
                                    backdoored=scores.backdoored, s_max=scores.s_max, p_value=scores.p_value,
