@@ -363,6 +363,9 @@ def test_a_model_that_breaks_on_part_of_the_pool_is_unscannable_yet_measured(ran
     report = ScanReport.build(result, context, small_pool).to_json()
     assert report["verdict"] == "unscannable" and report["target"] is None and report["scorers"] == {}
     assert report["suspect"]["target"] == result.suspect.scores.target
+    from ci_core.pages.scan_page import meaning  # the page's verdict sentence names it
+    said = meaning(ScanReport.build(result, context, small_pool))
+    assert "cannot vouch for it" in said and f"\u201c{result.suspect.scores.target}\u201d stands out most" in said
     assert ScanReport.from_json(json.loads(json.dumps(report)), "report.json").suspect.target == report["suspect"]["target"]
     # Only an unscannable report may carry a suspect.
     measured = scan(PromptTunedCLIP(random_backbone).eval(), detector, ReferenceOutlierScorer(), small_pool, CLASSES,
