@@ -28,7 +28,7 @@ from ci_core.harness.report.combined import ScanKind
 from ci_core.harness.statistics import auroc, clopper_pearson, has_both_classes
 from ci_core.harness.store import Store
 from ci_core.learning.protocol import REFERENCE_SCORER
-from ci_core.scanning.combined import paired_evidence
+from ci_core.scanning.combined import bonferroni_verdict, naming_scan, paired_evidence
 from ci_core.scanning.scan import UNSCANNABLE
 
 WORKS = 0.5
@@ -52,12 +52,16 @@ def read_pair(first: dict, second: dict, correlation: float | None = None) -> tu
     return evidence.p_values[best], evidence.classes[best]
 
 
-def judged(first, second) -> dict[str, tuple[float, str | None]]:
-    """Rule -> (p, class named) for one model's two scans (ScoredScan rows of the calibrated scorer)."""
+def judged(first, second, alpha: float = 0.05) -> dict[str, tuple[float, str | None]]:
+    """Rule -> (p, class named) for one model's two scans (ScoredScan rows of the calibrated scorer); ``alpha`` only
+    decides which scan names the class of a pair with an unscannable scan."""
     if UNSCANNABLE in (first.verdict, second.verdict):
-        # Fail closed, as the report does: flagged and ranked highest; the class named is the measurable scan's.
-        measured = [s for s in (first, second) if s.verdict != UNSCANNABLE]
-        return {rule: (0.0, measured[0].predicted_target if measured else None) for rule in RULES}
+        # Fail closed, as the report does: flagged and ranked highest, the class named as the report names it.
+        pair = (first, second)
+        p_values = [None if s.verdict == UNSCANNABLE else s.p_value for s in pair]
+        named = naming_scan(bonferroni_verdict(p_values, alpha=alpha, label="pair"), p_values,
+                            [s.suspect_p for s in pair])
+        return {rule: (0.0, pair[named].predicted_target if named is not None else None) for rule in RULES}
     bonferroni = min((first.p_value, first.predicted_target), (second.p_value, second.predicted_target))
     paired = read_pair(first.class_p, second.class_p)
     return {
@@ -122,7 +126,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv=None) -> tuple[argpars
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args, kinds = parse_arguments(parser, argv)
-    models = [(root.name, first.model, first.works(WORKS), judged(first, second))  # (store, model, works, rules)
+    # (store, model, works, rules)
+    models = [(root.name, first.model, first.works(WORKS), judged(first, second, args.alpha))
               for root in args.stores for first, second in scan_pairs(Store.open(root), kinds).values()]
     print_rules(models, args.alpha, args.show)
     return 0

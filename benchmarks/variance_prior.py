@@ -26,9 +26,9 @@ from paired_scans import WORKS, judged, parse_arguments, print_rules, scan_pairs
 RULES = {"bonferroni": "bonferroni (frozen two-scan verdict)", "paired": "paired, leave-one-out correlation"}
 
 
-def two_rules(first, second) -> dict[str, tuple[float, str | None]]:
+def two_rules(first, second, alpha: float) -> dict[str, tuple[float, str | None]]:
     """{'bonferroni': (p, class named), 'paired': (p, class named)} of one model's two scans."""
-    every = judged(first, second)
+    every = judged(first, second, alpha)
     return {short: every[rule] for short, rule in RULES.items()}
 
 
@@ -49,8 +49,9 @@ def main(argv=None) -> int:
         store = Store.open(root)
         own, moderated = scan_pairs(store, kinds), scan_pairs(store, kinds, book)
         for key, (first, second) in own.items():
-            rules = {f"own spread, {rule}": value for rule, value in two_rules(first, second).items()}
-            rules.update({f"variance prior, {rule}": value for rule, value in two_rules(*moderated[key]).items()})
+            rules = {f"own spread, {rule}": value for rule, value in two_rules(first, second, args.alpha).items()}
+            rules.update({f"variance prior, {rule}": value
+                          for rule, value in two_rules(*moderated[key], args.alpha).items()})
             models.append((root.name, first.model, first.works(WORKS), rules))
     print_rules(models, args.alpha, args.show,
                 kind=f"; prior {'from ' + str(args.book) if fixed else 'from the other stores'}")
