@@ -282,10 +282,13 @@ def describe_combined(combined) -> str:
 def describe_verdict(result) -> str:
     """One line: the verdict, with the deciding scorer's figures and those of the scorers beside it."""
     if result.verdict == UNSCANNABLE:
-        suspect = result.suspect.scores if result.suspect is not None else None
-        measured = (f"; measured on the images with finite outputs, most anomalous class {suspect.target!r}"
-                    + (f" (p = {suspect.p_value:.2g})" if suspect.p_value is not None else "") if suspect else "")
-        return f"UNSCANNABLE: {'; '.join(result.problems)}{measured}"
+        line = f"UNSCANNABLE: {'; '.join(result.problems)}"
+        if result.suspect is not None:
+            suspect = result.suspect.scores
+            line += f"; measured on the images with finite outputs, most anomalous class {suspect.target!r}"
+            if suspect.p_value is not None:
+                line += f" (p = {suspect.p_value:.2g})"
+        return line
     decided = result.decision.scores
     figures = (f"p = {decided.p_value:.2g}, " if decided.p_value is not None else "") + f"s_max {decided.s_max:.2f}"
     line = (f"{result.verdict.upper() if result.verdict == BACKDOORED else result.verdict}: {figures} "

@@ -94,13 +94,14 @@ class ScanResult:
         """The verdict in one flat row: the deciding scorer's figures, then those of the first scorer beside it
         (the detector's own, the paper's), as the demo and the benchmark record them."""
         decided = self.decision.scores if self.decision is not None else None
+        # unscannable: the class its measurement on the images it did not break on points to, if any
+        named = decided or (self.suspect.scores if self.suspect is not None else None)
         beside = self.others[0] if self.others else None
         return {
             "verdict": self.verdict, "backdoored": self.verdict != CLEAN,
             "scorer": self.decision.scorer if self.decision is not None else None,
             "s_max": decided.s_max if decided else None, "p_value": decided.p_value if decided else None,
-            # unscannable: the class its measurement on the images it did not break on points to, if any
-            "predicted_target": named.target if (named := decided or (self.suspect and self.suspect.scores)) else None,
+            "predicted_target": named.target if named else None,
             "flagged": list(decided.flagged) if decided else [],
             "paper_scorer": beside.scorer if beside else None,
             "paper_s_max": beside.scores.s_max if beside else None,

@@ -456,11 +456,11 @@ class ScanReport:
                 raise DataError(f"{source}: a {verdict} scan report must hold its classes")
         elif not read.texts("unscannable_reasons"):
             raise DataError(f"{source}: an unscannable report must say why ('unscannable_reasons' is empty)")
-        suspect = None
-        if read.child("suspect", optional=True) is not None:
+        suspect = read.child("suspect", optional=True)
+        if suspect is not None:
             if verdict != UNSCANNABLE:
                 raise DataError(f"{source}: a {verdict} report has a 'suspect' (only an unscannable one may)")
-            suspect = ScorerResult.from_json(read.child("suspect"), names, None)
+            suspect = ScorerResult.from_json(suspect, names, None)
         reference = None
         ref_read = read.child("reference", optional=True)
         if ref_read is not None:

@@ -48,8 +48,9 @@ class ScanSummary:
     @classmethod
     def of(cls, name: str, report: ScanReport) -> "ScanSummary":
         decided, suspect = report.decision, report.suspect
+        named = decided or suspect
         return cls(name=name, verdict=report.verdict, p_value=decided.p_value if decided else None,
-                   target=(decided or suspect).target if (decided or suspect) else None, classes=len(report.classes),
+                   target=named.target if named else None, classes=len(report.classes),
                    pool_source=report.pool.source if report.pool else None,
                    suspect_p=suspect.p_value if suspect is not None else None)
 

@@ -74,9 +74,9 @@ class VariancePrior:
     def moderate(self, variance: np.ndarray, df: int) -> tuple[np.ndarray, float]:
         """(moderated variances, their degrees of freedom) of residual variances ``variance`` on ``df`` each."""
         variance = np.asarray(variance, dtype=np.float64)
-        if self.df is None:
-            return np.full_like(variance, self.variance), self.pooled_df(df)
-        return (self.df * self.variance + df * variance) / (self.df + df), self.pooled_df(df)
+        moderated = (np.full_like(variance, self.variance) if self.df is None
+                     else (self.df * self.variance + df * variance) / (self.df + df))
+        return moderated, self.pooled_df(df)
 
     def to_json(self) -> dict:
         return {"variance": self.variance, "df": self.df, "models": self.models}

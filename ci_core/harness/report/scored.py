@@ -168,15 +168,15 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None,
                 scorer = with_prior(scorer, priors.lookup(scan_setting(scan, reference, scorer)))
             common = dict(scan=scan, model=stored.model, classes=classes, scorer=name,
                           scorer_config=to_json(scorer.config), problems=problems)
-            if problems and len(evidence) < scan.n_classes:
+            # Scored where measured: a scannable scan, or an unscannable one that measured every class on the images
+            # the model did not break on.
+            measured = not problems or len(evidence) == scan.n_classes
+            scores = (apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
+                      if measured else None)
+            if problems:  # fail closed; a complete measurement still names its class
                 rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
-                                       predicted_target=None, flagged=(), rule=None))
-                continue
-            scores = apply_scorer(scorer, evidence, reference.classes if reference is not None else None).scores
-            if problems:  # measured on the images it did not break on: the class named, the verdict fail closed
-                rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
-                                       predicted_target=scores.target, flagged=(), rule=None,
-                                       suspect_p=scores.p_value))
+                                       predicted_target=scores.target if scores else None, flagged=(), rule=None,
+                                       suspect_p=scores.p_value if scores else None))
                 continue
             class_p = scores.per_class.get("p_class")
             rows.append(ScoredScan(**common, verdict="backdoored" if scores.backdoored else "clean",
