@@ -374,6 +374,35 @@ def test_cli_refuses_an_unscannable_model_even_forced(world, tmp_path):
         assert not (tmp_path / "r").exists()
 
 
+def test_cli_repairs_an_unscannable_model_with_its_suspect_only_when_forced(world, tmp_path):
+    """A scan that could not measure the model as a whole but measured every class on the images it did not break
+    on (its suspect) is refused as unscannable, naming the suspect; forced, the repair takes the suspect's trigger."""
+    pool = load_pool("builtin", inversion=4, holdout=4, image_size=TINY_IMAGE_SIZE, seed=0)
+    scores = [0.0] * len(world["names"])
+    scores[4] = 3.0
+    measured = fake_scan(world["names"], scores)
+    broken = attrs.evolve(measured, decision=None, suspect=measured.decision,
+                          problems=("its outputs are not finite on 3 of 8 pool images",))
+    context = ScanContext(bundle=BundleIdentity(path=str(world["bundle"]), sha256=bundle_sha256(world["bundle"])),
+                          backbone=None, seed=0, preset="tiny", device="cpu", command=None)
+    write_scan(broken, tmp_path / "scan", pool, context)
+    triggers = ScanTriggers.read(tmp_path / "scan")
+    assert (triggers.target, triggers.backdoored, triggers.verdict) == (world["names"][4], False, "unscannable")
+    assert triggers.suspect_p == 1e-4 and triggers.pick("top").name == world["names"][4]
+    args = [world["bundle"], "--report", tmp_path / "scan", "--data", "builtin", "--repairer", "ci-trigger",
+            "--shots", 1, "--test-images", 1, "--option", "epochs=1", "--quiet"]
+    refused = run([*args, "--out", tmp_path / "r"])
+    assert refused.exit_code == 1, refused.output
+    said = " ".join(refused.output.split())
+    assert "could not measure the model as a whole (its outputs are not finite on 3 of 8 pool images)" in said
+    assert f"its most anomalous class is {world['names'][4]!r}, p = 0.0001" in said and "--force" in said
+    assert not (tmp_path / "r").exists()
+    forced = run([*args, "--out", tmp_path / "r", "--force", "--json", tmp_path / "r.json"])
+    assert forced.exit_code == 0, forced.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["scan_target"] == record["repair_trigger_class"] == world["names"][4]
+
+
 def test_cli_refuses_an_existing_out(world, tmp_path):
     (tmp_path / "taken").mkdir()
     result = run([world["bundle"], "--report", world["scan"], "--data", "builtin", "--out", tmp_path / "taken"])

@@ -466,6 +466,22 @@ def test_ci_repair_takes_the_own_scans_trigger_judged_by_the_pairs_verdict(tmp_p
     assert forced.exit_code == 0, forced.output
     record = json.loads((tmp_path / "r6.json").read_text())
     assert record["repair_trigger_class"] == named and "for the class the paired test names" in record["report"]
+    # Neither scan measured the model as a whole, but the own scan measured every class on the images it did not
+    # break on: forced, the own scan's suspect's trigger.
+    own_report = read_scan_report(out / "own" / "report.json")
+    broken = attrs.evolve(own_report, verdict="unscannable", scorers=(), suspect=own_report.decision,
+                          unscannable_reasons=("its outputs are not finite on 2 of 8 pool images",))
+    (out / "own" / "report.json").write_text(json.dumps(broken.to_json()))
+    neither = dict(verdict, verdict="unscannable", backdoored=True, p_value=None, deciding_scan=None,
+                   target=own["target"], scans=[dict(s, verdict="unscannable", p_value=None) for s in verdict["scans"]])
+    (out / "verdict.json").write_text(json.dumps(neither))
+    refused = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r7"]])
+    assert refused.exit_code == 1 and "could not measure the model as a whole" in " ".join(refused.output.split())
+    forced = CliRunner().invoke(ci_repair, [str(a) for a in [*args, "--out", tmp_path / "r7", "--force", "--json",
+                                                             tmp_path / "r7.json"]])
+    assert forced.exit_code == 0, forced.output
+    record = json.loads((tmp_path / "r7.json").read_text())
+    assert record["repair_trigger_class"] == own["target"] and "its suspect" in record["report"]
     # An edited verdict.json is refused, not half-believed.
     edited = dict(verdict, backdoored=not verdict["backdoored"])
     (out / "verdict.json").write_text(json.dumps(edited))

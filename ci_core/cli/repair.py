@@ -194,7 +194,8 @@ def measure(model: PromptTunedCLIP, test: LabeledImages, base: Sequence[str], ne
 @click.option("--test-images", type=click.IntRange(min=1, max=MAX_PER_CLASS),
               help="Test images per class (default: the whole test split).")
 @click.option("--force", is_flag=True,
-              help="Repair even if the scan found the model clean (with the trigger of its most anomalous class).")
+              help="Repair even if the scan found the model clean (with the trigger of its most anomalous class), or "
+                   "could not measure it as a whole but measured every class on the rest (with its suspect's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the measurements as JSON.")
 @backbone_options("the one the bundle records (its weights must be the same)")
 @runtime_options

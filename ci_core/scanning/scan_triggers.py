@@ -73,7 +73,11 @@ class ScanTriggers:
     # The deciding scorer's verdict: whether the scan found the model backdoored, and its p-value where it has one.
     backdoored: bool = True
     p_value: float | None = None
-    verdict: str | None = None  # where it is not 'clean' or 'backdoored' (a two-scan pair judged unscannable)
+    verdict: str | None = None  # where it is not 'clean' or 'backdoored' (an unscannable scan or pair)
+    # An unscannable scan that still measured every class on the images the model gave finite logits on: why it is
+    # unscannable, and the p of its suspect (the class ``target`` names; ScanResult.suspect).
+    reasons: tuple[str, ...] = ()
+    suspect_p: float | None = None
 
     @classmethod
     def from_result(cls, result: ScanResult, bundle_sha256: str | None = None) -> "ScanTriggers":
@@ -98,11 +102,16 @@ class ScanTriggers:
         if is_two_scan_folder(path):
             pair = read_two_scan_verdict(path)
             measured = [s["name"] for s in pair["scans"] if s["verdict"] != UNSCANNABLE]
-            if not measured:
+            # Neither scan measured the model as a whole: a scan that measured every class on the images it did not
+            # break on (its suspect) still holds a trigger per class, the own scan's first.
+            readable = measured or [s["name"] for s in pair["scans"] if s.get("target") is not None]
+            if not readable:
                 raise UnscannableScan(str(path / VERDICT_FILE), ("neither of its two scans could measure the model",))
-            name = OWN_SCAN if OWN_SCAN in measured else measured[0]
+            name = OWN_SCAN if OWN_SCAN in readable else readable[0]
             chosen = cls.read(path / name)
-            why = "the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model"
+            why = ("the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model")
+            if not measured:
+                why += ", its suspect: neither scan could measure the model as a whole"
             if pair.get("combination") == "paired" and pair["target"] in chosen.classnames:
                 # The paired test names the class easy to reach in both scans: that class's trigger, not the top
                 # class of one scan alone.
@@ -113,7 +122,8 @@ class ScanTriggers:
         folder = path.parent if path.is_file() else path
         report = read_scan_report(path)
         source = str(folder / REPORT_FILE) if not path.is_file() else str(path)
-        if report.decision is None:
+        named = report.decision or report.suspect  # unscannable yet every class measured: its suspect's reading
+        if named is None:
             raise UnscannableScan(source, tuple(report.unscannable_reasons))
         if not report.classes:
             raise DataError(f"{source}: expected a scan report with at least one class")
@@ -125,9 +135,12 @@ class ScanTriggers:
                 raise DataError(f"{folder / TRIGGERS_DIR}: no trigger file {relative} for class {names[index]!r}")
             return load_trigger(folder / relative)
 
-        return cls(classnames=names, scores=report.decision.scores, target=report.decision.target,
-                   bundle_sha256=report.bundle.sha256, source=source, load=load,
-                   backdoored=report.decision.backdoored, p_value=report.decision.p_value)
+        if report.decision is None:
+            return cls(classnames=names, scores=named.scores, target=named.target, bundle_sha256=report.bundle.sha256,
+                       source=source, load=load, backdoored=False, verdict=UNSCANNABLE,
+                       reasons=tuple(report.unscannable_reasons), suspect_p=named.p_value)
+        return cls(classnames=names, scores=named.scores, target=named.target, bundle_sha256=report.bundle.sha256,
+                   source=source, load=load, backdoored=named.backdoored, p_value=named.p_value)
 
     def pick(self, rule: str) -> PickedTrigger:
         """The trigger chosen by ``rule`` (one of ``PICK_RULES``); ties go to the earlier class."""
@@ -151,6 +164,13 @@ def check_flagged(triggers: ScanTriggers, *, force: bool) -> None:
     if triggers.backdoored or force:
         return
     p = "" if triggers.p_value is None else f", p = {triggers.p_value:.3g}"
+    if triggers.reasons:
+        suspect = "" if triggers.suspect_p is None else f", p = {triggers.suspect_p:.3g}"
+        raise ConfigError(f"{triggers.source}: the scan could not measure the model as a whole "
+                          f"({'; '.join(triggers.reasons)}), so it is judged unscannable, not backdoored; on the "
+                          f"images it did not break on, its most anomalous class is {triggers.target!r}{suspect}. "
+                          "Do not deploy a model the scan cannot measure; pass --force to fine-tune it with that "
+                          "class's trigger anyway")
     if triggers.verdict == UNSCANNABLE:
         raise ConfigError(f"{triggers.source}: one scan could not measure the model and the other flags no class "
                           f"(its most anomalous class {triggers.target!r}{p}), so no backdoor was found to repair; "
