@@ -10,7 +10,7 @@ class, whatever the detector consumes per class and whichever classes are scanne
 collapse far below the backbone's spread (``MIN_SPREAD_RATIO``), or a CoCoOp context far larger than any word
 (``MAX_CONTEXT_RATIO``) make a model unmeasurable (``PoolHealth.problems``).  A model that gives non-finite
 logits on part of the pool (the tripwire breaks on images unlike its training set) is unscannable, but it is
-still measured on the rest (``finite_part``), and a stamped image it breaks on during an inversion is left out
+still measured on the rest (``PoolReading.finite_part``), and a stamped image it breaks on during an inversion is left out
 of that step (``ci_detectors.inspector.optimise_universal``): the verdict stays unscannable (fail closed), and
 the measurement says which class the model's trigger goes to.  ``evidence_from_json`` and
 ``health_from_json`` read the loop's results back from a scan report or a cached reference.
@@ -86,47 +86,67 @@ class PoolHealth:
         return tuple(found)
 
 
+@attrs.frozen(eq=False)
+class PoolReading:
+    """One pass of a model over the pool (D, then T), per image: whether its logits are all finite, the spread of its
+    class scores (NaN where not finite) and the largest norm of its context vectors (None for a model without an
+    image-conditioned context).  The pool's health, and that of any part of it, are read off it without another
+    pass (an unscannable model is read once, not once per question)."""
+
+    inversion: int  # the first ``inversion`` images are D's
+    finite: torch.Tensor  # (N,) bool
+    spreads: torch.Tensor  # (N,) float
+    contexts: torch.Tensor | None  # (N,) float, or None
+    token_scale: float | None  # the backbone's largest token-embedding norm (the contexts' unit)
+
+    def health(self, keep: torch.Tensor | None = None) -> PoolHealth:
+        """The health of the images ``keep`` marks (all of them when None)."""
+        keep = torch.ones_like(self.finite) if keep is None else keep
+        finite = self.finite[keep]
+        spreads = self.spreads[keep][finite]
+        spread = float(spreads.median()) if len(spreads) else None
+        if spread is not None and not math.isfinite(spread):
+            spread = None
+        context_ratio = None
+        if self.contexts is not None:
+            # NaN compares false everywhere: an overflowed context counts as infinitely large (JSON keeps a large
+            # float)
+            largest = self.contexts[keep].nan_to_num(nan=float("inf")).max()
+            context_ratio = min(float(largest) / self.token_scale, 1e300)
+        return PoolHealth(images=int(keep.sum()), non_finite=int((~finite).sum()), spread=spread,
+                          context_ratio=context_ratio)
+
+    def finite_part(self, pool: OODPool) -> OODPool | None:
+        """The images of D and of T on which the logits are finite, or None when under ``MIN_FINITE_SHARE`` of
+        either is left."""
+        marks = (self.finite[:self.inversion], self.finite[self.inversion:])
+        parts = (pool.inversion, pool.holdout)
+        kept = [part[mark] for part, mark in zip(parts, marks)]
+        if any(not len(k) or len(k) < MIN_FINITE_SHARE * len(part) for k, part in zip(kept, parts)):
+            return None
+        return OODPool(inversion=kept[0], holdout=kept[1], source=f"{pool.source} (the images with finite logits)")
+
+
 @torch.no_grad()
-def pool_health(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str], batch_size: int = 64) -> PoolHealth:
+def read_pool(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str], batch_size: int = 64) -> PoolReading:
     images = torch.cat([pool.inversion, pool.holdout])
     scale = float(model.clip.logit_scale.exp())
     conditioned = hasattr(model, "context_norms")
-    non_finite, spreads, contexts = 0, [], []
+    finite, spreads, contexts = [], [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(model.device)
         logits = model(batch, classnames).float().cpu()
-        finite = torch.isfinite(logits).all(dim=1)
-        non_finite += int((~finite).sum())
-        if finite.any():
-            spreads.append((logits[finite] / scale).std(dim=1, unbiased=False))
+        finite.append(torch.isfinite(logits).all(dim=1))
+        spreads.append((logits / scale).std(dim=1, unbiased=False))
         if conditioned:
             contexts.append(model.context_norms(batch).cpu())
-    spread = float(torch.cat(spreads).median()) if spreads else None
-    if spread is not None and not math.isfinite(spread):
-        spread = None
-    context_ratio = None
-    if conditioned:
-        # NaN compares false everywhere: an overflowed context counts as infinitely large (JSON keeps a large float)
-        largest = torch.cat(contexts).nan_to_num(nan=float("inf")).max()
-        context_ratio = min(float(largest) / model.backbone.token_embedding_scale, 1e300)
-    return PoolHealth(images=len(images), non_finite=non_finite, spread=spread, context_ratio=context_ratio)
+    return PoolReading(inversion=len(pool.inversion), finite=torch.cat(finite), spreads=torch.cat(spreads),
+                       contexts=torch.cat(contexts) if conditioned else None,
+                       token_scale=model.backbone.token_embedding_scale if conditioned else None)
 
 
-@torch.no_grad()
-def _finite_rows(model: CLIPClassifier, images: torch.Tensor, classnames: Sequence[str],
-                 batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([torch.isfinite(model(images[start:start + batch_size].to(model.device), classnames)).all(dim=1)
-                      .cpu() for start in range(0, len(images), batch_size)])
-
-
-def finite_part(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str]) -> OODPool | None:
-    """The images of D and of T on which ``model``'s logits are finite, or None when under ``MIN_FINITE_SHARE``
-    of either is left."""
-    parts = (pool.inversion, pool.holdout)
-    kept = [part[_finite_rows(model, part, classnames)] for part in parts]
-    if any(not len(k) or len(k) < MIN_FINITE_SHARE * len(part) for k, part in zip(kept, parts)):
-        return None
-    return OODPool(inversion=kept[0], holdout=kept[1], source=f"{pool.source} (the images with finite logits)")
+def pool_health(model: CLIPClassifier, pool: OODPool, classnames: Sequence[str], batch_size: int = 64) -> PoolHealth:
+    return read_pool(model, pool, classnames, batch_size).health()
 
 
 def _finite_inversion(evidence_loss: float, trace: Sequence[float], tensors: dict[str, torch.Tensor]) -> bool:

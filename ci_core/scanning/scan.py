@@ -35,7 +35,7 @@ import attrs
 from ci_core.data.ood import OODPool
 from ci_core.errors import ConfigError
 from ci_core.interfaces import ClassEvidence, Detector, Progress, Scorer, Scores, Stopwatch, silent, to_json
-from ci_core.scanning.inversion import PoolHealth, finite_part, invert_classes, pool_health
+from ci_core.scanning.inversion import PoolHealth, PoolReading, invert_classes, read_pool
 from ci_core.models.zeroshot import CLIPClassifier, ZeroShotCLIP
 from ci_core.scanning.reference import ReferenceScan
 from ci_core.scanning.seen import mark_seen
@@ -145,11 +145,11 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
         raise ConfigError("the reference scan covers other classes than the scan "
                           f"({len(reference.classnames)} against {len(classnames)})")
     check_scorers((scorer, *also), classes=len(classnames), reference=reference is not None)
-    health = pool_health(model, pool, classnames)
+    reading = read_pool(model, pool, classnames)
+    health = reading.health()
     reference_health = reference.health if reference is not None else None
     problems = tuple(known_problems) + health.problems(reference_health)
-    measured = pool if not problems else _measurable_rest(model, pool, classnames, health, reference_health,
-                                                          known_problems)
+    measured = pool if not problems else _measurable_rest(pool, reading, reference_health, known_problems)
     evidence: tuple[ClassEvidence, ...] = ()
     if problems:
         progress(f"unscannable: {'; '.join(problems)}" + ("; measuring it on the images with finite logits"
@@ -174,13 +174,13 @@ def scan(model: CLIPClassifier, detector: Detector, scorer: Scorer, pool: OODPoo
                       reference=reference, seconds=clock.seconds)
 
 
-def _measurable_rest(model, pool, classnames, health: PoolHealth, reference_health: PoolHealth | None,
+def _measurable_rest(pool: OODPool, reading: PoolReading, reference_health: PoolHealth | None,
                      known_problems) -> OODPool | None:
     """The part of ``pool`` an unscannable model can still be measured on: its images with finite logits, where
     those are the only problem and the rest is healthy; None otherwise."""
-    if known_problems or not health.non_finite:
+    if known_problems or bool(reading.finite.all()):
         return None
-    part = finite_part(model, pool, classnames)
-    if part is None or pool_health(model, part, classnames).problems(reference_health):
+    part = reading.finite_part(pool)
+    if part is None or reading.health(reading.finite).problems(reference_health):
         return None
     return part
