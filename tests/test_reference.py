@@ -333,6 +333,29 @@ def breaking(random_backbone, pool, share):
     return model
 
 
+def test_one_reading_of_the_pool_gives_its_health_and_its_finite_part(random_backbone, small_pool):
+    from ci_core.scanning.inversion import read_pool
+
+    wired = breaking(random_backbone, small_pool, 0.25)
+    reading = read_pool(wired, small_pool, CLASSES)
+    with torch.no_grad():  # the images the model breaks on, one at a time
+        finite = lambda images: torch.stack([torch.isfinite(wired(x[None], CLASSES)).all() for x in images])  # noqa: E731
+        kept_d, kept_t = finite(small_pool.inversion), finite(small_pool.holdout)
+    broken = int((~kept_d).sum() + (~kept_t).sum())
+    whole = reading.health()
+    assert 0 < broken and whole.images == len(reading.finite) and whole.non_finite == broken
+    part = reading.finite_part(small_pool)  # D's and T's own finite images, each in its place
+    assert torch.equal(part.inversion, small_pool.inversion[kept_d])
+    assert torch.equal(part.holdout, small_pool.holdout[kept_t])
+    rest = reading.health(reading.finite)
+    assert (rest.images, rest.non_finite, rest.spread) == (whole.images - broken, 0, whole.spread)
+    # Under MIN_FINITE_SHARE of D or of T left: nothing to measure on.
+    d = len(small_pool.inversion)
+    few = torch.arange(len(reading.finite)) >= d - (d // 2 - 1)  # fewer than half of D, every image of T
+    assert attrs.evolve(reading, finite=few).finite_part(small_pool) is None
+    assert attrs.evolve(reading, finite=torch.arange(len(reading.finite)) >= d // 2).finite_part(small_pool) is not None
+
+
 def test_an_image_the_model_breaks_on_is_left_out_of_its_step(random_backbone, small_pool, detector):
     wired = breaking(random_backbone, small_pool, 0.25)
     run = detector.invert(model=wired, images=small_pool.inversion, classnames=CLASSES, target=1,
