@@ -109,7 +109,7 @@ class ScanTriggers:
                 raise UnscannableScan(str(path / VERDICT_FILE), ("neither of its two scans could measure the model",))
             name = OWN_SCAN if OWN_SCAN in readable else readable[0]
             chosen = cls.read(path / name)
-            why = ("the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model")
+            why = "the scan on your own images" if name == OWN_SCAN else "the own scan could not measure the model"
             if not measured:
                 why += ", its suspect: neither scan could measure the model as a whole"
             if pair.get("combination") == "paired" and pair["target"] in chosen.classnames:
