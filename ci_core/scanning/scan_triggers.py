@@ -135,12 +135,11 @@ class ScanTriggers:
                 raise DataError(f"{folder / TRIGGERS_DIR}: no trigger file {relative} for class {names[index]!r}")
             return load_trigger(folder / relative)
 
-        if report.decision is None:
-            return cls(classnames=names, scores=named.scores, target=named.target, bundle_sha256=report.bundle.sha256,
-                       source=source, load=load, backdoored=False, verdict=UNSCANNABLE,
-                       reasons=tuple(report.unscannable_reasons), suspect_p=named.p_value)
+        judged = (dict(backdoored=named.backdoored, p_value=named.p_value) if report.decision is not None else
+                  dict(backdoored=False, verdict=UNSCANNABLE, reasons=tuple(report.unscannable_reasons),
+                       suspect_p=named.p_value))
         return cls(classnames=names, scores=named.scores, target=named.target, bundle_sha256=report.bundle.sha256,
-                   source=source, load=load, backdoored=named.backdoored, p_value=named.p_value)
+                   source=source, load=load, **judged)
 
     def pick(self, rule: str) -> PickedTrigger:
         """The trigger chosen by ``rule`` (one of ``PICK_RULES``); ties go to the earlier class."""

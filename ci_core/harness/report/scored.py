@@ -175,8 +175,8 @@ def scored_scans(store: Store, scorer_options: dict[str, dict] | None = None,
                       if measured else None)
             if problems:  # fail closed; a complete measurement still names its class
                 rows.append(ScoredScan(**common, verdict=UNSCANNABLE, backdoored=True, s_max=math.inf, p_value=None,
-                                       predicted_target=scores.target if scores else None, flagged=(), rule=None,
-                                       suspect_p=scores.p_value if scores else None))
+                                       predicted_target=scores.target if scores is not None else None, flagged=(),
+                                       rule=None, suspect_p=scores.p_value if scores is not None else None))
                 continue
             class_p = scores.per_class.get("p_class")
             rows.append(ScoredScan(**common, verdict="backdoored" if scores.backdoored else "clean",
